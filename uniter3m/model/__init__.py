@@ -1,0 +1,1 @@
+"""The single-stream transformer: embeddings, encoder, heads (never imports train/)."""

@@ -1,0 +1,1 @@
+"""One module per pretraining objective: how it masks, which head, which loss."""

@@ -1,0 +1,1 @@
+"""Distributed backend, mixed precision, optimiser and schedule, checkpoints, the loop."""
