@@ -1,0 +1,115 @@
+"""Typed JSON configs: load, apply `--set key=value` overrides, validate with pydantic.
+
+Every config class is a pydantic model with `extra="forbid"`. A config with several mistakes
+raises ONE `ConfigError` that lists every bad key with its dotted path, so a user fixes them
+all in one go instead of one per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from uniter3m.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as JSON when it can be."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=5e-5")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` set (list items by integer index)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[_index(part, path, i, len(node))]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict | list):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            node[_index(last, path, len(path) - 1, len(node))] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(part: str, path: list[str], i: int, size: int) -> int:
+    if not part.lstrip("-").isdigit() or not -size <= int(part) < size:
+        raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not an index of a list of {size}")
+    return int(part)
+
+
+def format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    """One ConfigError listing every bad key with its dotted path and what is wrong."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        given = e.get("input")
+        shown = (
+            ""
+            if e["type"] in {"missing", "extra_forbidden"} or isinstance(given, dict)
+            else f" (got {given!r})"
+        )
+        lines.append(f"  {loc}: {msg}{shown}")
+    return ConfigError(f"{source}: {len(lines)} bad key(s):\n" + "\n".join(lines))
+
+
+def load_config(
+    cls: type[T],
+    source: str | os.PathLike | Mapping[str, Any],
+    overrides: Iterable[str] = (),
+) -> T:
+    """Read (a path or a dict), apply overrides, validate; raises one ConfigError for all problems."""
+    if isinstance(source, Mapping):
+        data, name = dict(source), f"{cls.__name__} config"
+    else:
+        data, name = read_json(source), str(source)
+    data = apply_overrides(data, overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise format_validation_error(err, name) from None
