@@ -69,6 +69,17 @@ def is_database(path: str | os.PathLike) -> bool:
     return (path / META_FILE).is_file() or (path / "data.mdb").exists()
 
 
+def _close_inherited(path: str) -> None:
+    """Close environments of `path` that this (forked) process inherited from its parent.
+
+    py-lmdb refuses to open files that an environment in the process still holds, and a
+    forked DataLoader worker inherits the parent's handles (unusable there: LMDB environments
+    must not cross a fork). Closing the child's copy releases only the child's mmap and fds.
+    """
+    for key in [k for k in _READ_ENVS if k[1] == path and k[0] != os.getpid()]:
+        _READ_ENVS.pop(key).close()
+
+
 class DbWriter:
     """Write records in batched transactions; `finish(meta)` writes the index, then meta.json.
 
@@ -150,6 +161,7 @@ class DbReader:
             raise DatabaseError(
                 f"database {self.path} does not exist; build it with `uniter3m build-*-db --out {self.path}`"
             )
+        self._env_path = str(self.path.resolve())  # once: a realpath per read costs a third of a read
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
             raise DatabaseError(
@@ -191,9 +203,10 @@ class DbReader:
         return str(self.meta["kind"])
 
     def _txn_env(self) -> lmdb.Environment:
-        key = (os.getpid(), str(self.path.resolve()))
+        key = (os.getpid(), self._env_path)
         env = _READ_ENVS.get(key)
         if env is None:
+            _close_inherited(key[1])
             try:
                 env = lmdb.open(
                     key[1], readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024
@@ -237,6 +250,6 @@ class DbReader:
 
     def close(self) -> None:
         """Close this process's environment for the folder (other readers of it reopen lazily)."""
-        env = _READ_ENVS.pop((os.getpid(), str(self.path.resolve())), None)
+        env = _READ_ENVS.pop((os.getpid(), self._env_path), None)
         if env is not None:
             env.close()
