@@ -1,0 +1,161 @@
+"""`UniterConfig`: the size and layout of the model, typed and saved as JSON next to the weights.
+
+The text side uses the HF BERT field names and meanings, so an HF `config.json` maps onto it
+(`from_hf_bert`) and an HF checkpoint loads without renaming. Each frame stream (face, speech)
+has its own section; `feat_dim = 0` means the model has no such stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from uniter3m.config import StrictModel, format_validation_error, read_json
+from uniter3m.errors import ConfigError
+from uniter3m.fileio import atomic_write_json
+
+MODEL_TYPE = "uniter3m"
+CONFIG_NAME = "config.json"
+HiddenAct = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish"]
+
+
+class FrameStreamConfig(StrictModel):
+    """One stream of per-frame features (face or speech)."""
+
+    feat_dim: int = Field(0, ge=0, description="input feature size; 0 = the model has no such stream")
+    max_frames: int = Field(512, ge=1, description="rows of the learned position table")
+    position: Literal["learned", "sinusoidal"] = Field(
+        "learned", description="sinusoidal positions are fixed and work for any frame count"
+    )
+    projection: bool = Field(False, description="extra Linear+GELU after the input linear and its LayerNorm")
+    soft_label_dim: int = Field(
+        0, ge=0, description="classes of the per-frame soft labels (frame classification); 0 = none"
+    )
+
+    @property
+    def present(self) -> bool:
+        return self.feat_dim > 0
+
+
+class UniterConfig(StrictModel):
+    model_type: Literal["uniter3m"] = MODEL_TYPE
+    vocab_size: int = Field(30522, ge=1)
+    hidden_size: int = Field(768, ge=1)
+    num_hidden_layers: int = Field(12, ge=1)
+    num_attention_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(3072, ge=1)
+    hidden_act: HiddenAct = "gelu"
+    hidden_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    max_position_embeddings: int = Field(512, ge=1)
+    type_vocab_size: int = Field(2, ge=1)
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+    initializer_range: float = Field(0.02, gt=0.0)
+    pad_token_id: int = Field(0, ge=0)
+    face: FrameStreamConfig = Field(default_factory=FrameStreamConfig)
+    speech: FrameStreamConfig = Field(default_factory=FrameStreamConfig)
+    speech_type: Literal["shared", "own"] = Field(
+        "shared",
+        description="'shared': speech frames use the face type id (1) of the text type table; "
+        "'own': speech has its own one-row type embedding (MEmoBERT's layout)",
+    )
+    face_type_id: int = Field(1, ge=0, description="row of embeddings.token_type_embeddings for face frames")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UniterConfig:
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"num_attention_heads: {self.num_attention_heads} does not divide hidden_size {self.hidden_size}"
+            )
+        if self.pad_token_id >= self.vocab_size:
+            problems.append(f"pad_token_id: {self.pad_token_id} is not below vocab_size {self.vocab_size}")
+        uses_type_row = self.face.present or (self.speech.present and self.speech_type == "shared")
+        if uses_type_row and self.face_type_id >= self.type_vocab_size:
+            problems.append(
+                f"face_type_id: frame streams use type row {self.face_type_id} but type_vocab_size is "
+                f"{self.type_vocab_size}; set type_vocab_size >= {self.face_type_id + 1}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def stream(self, name: str) -> FrameStreamConfig:
+        if name not in ("face", "speech"):
+            raise ConfigError(f"unknown frame stream {name!r}; the streams are 'face' and 'speech'")
+        return getattr(self, name)
+
+    # -- JSON ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "model config", **overrides: Any
+    ) -> UniterConfig:
+        """Validate `data` with `overrides` merged in (nested dicts merge key by key)."""
+        merged = _deep_merge(dict(data), overrides)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as err:
+            raise format_validation_error(err, source) from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> UniterConfig:
+        return cls.from_dict(read_json(path), str(path), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_hf_bert(
+        cls, config_dict: Mapping[str, Any], source: str = "HF config", **overrides: Any
+    ) -> UniterConfig:
+        """Our config for an HF BERT-family `config.json` (text side only unless overrides add streams)."""
+        kind = config_dict.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ConfigError(
+                f"{source}: position_embedding_type {kind!r} is not supported; only BERT's absolute positions are"
+            )
+        text_keys = set(cls.model_fields) - {"model_type", "face", "speech", "speech_type", "face_type_id"}
+        data = {k: v for k, v in config_dict.items() if k in text_keys}
+        if data.get("pad_token_id") is None:
+            data.pop("pad_token_id", None)
+        return cls.from_dict(data, source, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> UniterConfig:
+        """Read `config.json` from a directory (or the file itself): ours, or an HF BERT-family one."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(
+                f"{path}: no {CONFIG_NAME}; give a directory written by save_pretrained or an HF BERT model folder"
+            )
+        data = read_json(file)
+        if data.get("model_type") == MODEL_TYPE:
+            return cls.from_dict(data, str(file), **overrides)
+        return cls.from_hf_bert(data, str(file), **overrides)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        elif hasattr(value, "model_dump"):
+            out[key] = value.model_dump(mode="json")
+        else:
+            out[key] = value
+    return out

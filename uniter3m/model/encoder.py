@@ -1,0 +1,148 @@
+"""BERT encoder layers with HF parameter names, attention through `F.scaled_dot_product_attention`.
+
+Names match HF BertModel (`layer.N.attention.self.query`, `attention.output.dense`, ...), so BERT
+checkpoints load as they are. For speed the three projections run as one matmul over the
+concatenated weights, and the padding mask becomes an additive bias of the compute dtype once per
+forward (not once per layer); a batch without padding passes no mask, so SDPA may pick flash attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from uniter3m.model.config import UniterConfig
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str):
+    return _ACTIVATIONS[name]
+
+
+def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """(B, L) bool keep-mask -> additive (B, 1, 1, L) bias, or None when nothing is padded.
+
+    A row with no valid key at all (an utterance whose every stream is empty) would make softmax
+    divide 0 by 0; such rows attend to every position instead: finite, and the caller ignores them.
+    """
+    if bool(mask.all()):
+        return None
+    keep = mask | ~mask.any(dim=1, keepdim=True)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    bias.masked_fill_(~keep, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls produce for `x` here: the autocast dtype when autocast is on."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        b, n, h = x.shape
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        qkv_bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(x, weight, qkv_bias).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(b, n, h)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return self.output(self.self(x, bias), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        x = self.attention(x, bias)
+        return self.output(self.intermediate(x), x)
+
+
+class UniterEncoder(nn.Module):
+    """A stack of BERT layers; recomputes each layer in backward when gradient checkpointing is on."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """hidden (B, L, H), mask (B, L) bool (True = real position) -> (B, L, H)."""
+        bias = attention_bias(mask, compute_dtype(hidden))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layer:
+            if recompute:
+                hidden = checkpoint(layer, hidden, bias, use_reentrant=False)
+            else:
+                hidden = layer(hidden, bias)
+        return hidden

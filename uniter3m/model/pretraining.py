@@ -1,0 +1,150 @@
+"""`UniterForPretraining`: the backbone (`uniter`) plus the heads the objectives ask for.
+
+Head attributes (state-dict prefixes) and what MEmoBERT called them:
+
+| attribute | head | MEmoBERT |
+|---|---|---|
+| `cls.predictions` | MLM (HF names, decoder tied to word embeddings) | `cls.predictions` |
+| `face_regress`, `speech_regress` | frame regression (tied to the stream's `feat_linear`) | `feat_regress`, `speech_feat_regress` |
+| `face_classifier` | per-frame soft-label classes (`face.soft_label_dim`) | `region_classifier` |
+| `face_fom`, `speech_fom` | frame order (scores slots against position embeddings) | `vfom_output`, `sfom_output` |
+| `itm` | matching, Linear(H, 2) | `itm_output` |
+| `emo_classifier` | utterance emotion classes (`emo_classes`) | `emo_classifier` |
+
+`forward(**inputs)` runs the backbone (so DDP sees a forward); objectives apply heads to its output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from uniter3m.config import read_json
+from uniter3m.errors import ConfigError
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.heads import (
+    ClassificationHead,
+    FrameClassificationHead,
+    FrameOrderHead,
+    FrameRegressionHead,
+    ItmHead,
+    MlmHead,
+)
+from uniter3m.model.uniter import (
+    UniterModel,
+    UniterOutput,
+    init_bert_weights,
+    load_weights,
+    log_loading_info,
+    read_state_dict,
+    split_backbone,
+    write_pretrained,
+)
+
+HEADS = (
+    "mlm",
+    "face_regress",
+    "speech_regress",
+    "face_classifier",
+    "face_fom",
+    "speech_fom",
+    "itm",
+    "emo_classifier",
+)
+HEADS_FILE = "heads.json"
+
+
+class UniterForPretraining(nn.Module):
+    def __init__(self, config: UniterConfig, heads: Iterable[str] = ("mlm",), emo_classes: int = 0):
+        super().__init__()
+        heads = list(dict.fromkeys(heads))
+        unknown = [h for h in heads if h not in HEADS]
+        if unknown:
+            raise ConfigError(f"unknown head(s) {unknown}; the heads are {list(HEADS)}")
+        self.config = config
+        self.heads = heads
+        self.emo_classes = emo_classes
+        self.uniter = UniterModel(config)
+        h, eps = config.hidden_size, config.layer_norm_eps
+        for name in heads:
+            stream = name.split("_")[0]
+            if stream in ("face", "speech") and not config.stream(stream).present:
+                raise ConfigError(
+                    f"head {name!r} needs a {stream} stream: set {stream}.feat_dim in the model config"
+                )
+            if name == "mlm":
+                self.cls = nn.ModuleDict(
+                    {"predictions": MlmHead(self.uniter.embeddings.word_embeddings, config.hidden_act, eps)}
+                )
+            elif name.endswith("_regress"):
+                setattr(
+                    self,
+                    name,
+                    FrameRegressionHead(getattr(self.uniter, f"{stream}_embeddings").feat_linear, eps),
+                )
+            elif name == "face_classifier":
+                if not config.face.soft_label_dim:
+                    raise ConfigError(
+                        "head 'face_classifier' needs face.soft_label_dim > 0 in the model config"
+                    )
+                self.face_classifier = FrameClassificationHead(h, config.face.soft_label_dim, eps)
+            elif name.endswith("_fom"):
+                setattr(self, name, FrameOrderHead(h, eps))
+            elif name == "itm":
+                self.itm = ItmHead(h)
+            elif name == "emo_classifier":
+                if emo_classes < 1:
+                    raise ConfigError(
+                        "head 'emo_classifier' needs emo_classes >= 1 (the number of emotion classes)"
+                    )
+                self.emo_classifier = ClassificationHead(h, emo_classes, config.hidden_dropout_prob)
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        """BERT init for the heads, leaving alone the backbone weights they share (tied decoders)."""
+        backbone = {id(p) for p in self.uniter.parameters()}
+        for name, module in self.named_children():
+            for m in module.modules() if name != "uniter" else ():
+                if not any(id(p) in backbone for p in m.parameters(recurse=False)):
+                    init_bert_weights(m, self.config.initializer_range)
+
+    def forward(self, **inputs: Any) -> UniterOutput:
+        return self.uniter(**inputs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json + model.safetensors (+ heads.json); tied head weights are stored once."""
+        write_pretrained(
+            self, directory, {HEADS_FILE: {"heads": self.heads, "emo_classes": self.emo_classes}}
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        heads: Iterable[str] | None = None,
+        emo_classes: int | None = None,
+        output_loading_info: bool = False,
+        **config_overrides: Any,
+    ) -> UniterForPretraining | tuple[UniterForPretraining, dict[str, Any]]:
+        """Load ours, a UniterModel directory or an HF BERT one (its MLM head too, as `cls.predictions`).
+
+        `heads`/`emo_classes` default to those in heads.json (ours) or just MLM (other directories).
+        """
+        saved = read_json(Path(directory) / HEADS_FILE) if (Path(directory) / HEADS_FILE).is_file() else {}
+        heads = list(heads) if heads is not None else saved.get("heads", ["mlm"])
+        emo = emo_classes if emo_classes is not None else int(saved.get("emo_classes", 0))
+        config = UniterConfig.from_pretrained(directory, **config_overrides)
+        model = cls(config, heads, emo)
+        backbone, others = split_backbone(read_state_dict(directory))
+        state = {f"uniter.{k}": v for k, v in backbone.items()}
+        for key, tensor in others.items():
+            if key == "cls.predictions.decoder.bias":  # HF ties it to cls.predictions.bias
+                continue
+            state[key] = tensor
+        info = load_weights(model, state, directory)
+        log_loading_info(cls.__name__, directory, info)
+        return (model, info) if output_loading_info else model

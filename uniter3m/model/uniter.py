@@ -1,0 +1,300 @@
+"""`UniterModel`: one transformer over `[text | face | speech]` of each utterance.
+
+Any subset of the three streams may be given; the joint sequence is their concatenation in that
+order, and the joint mask tells attention which positions are real. A stream whose mask row is all
+False (an utterance with no face found) simply contributes no positions to that utterance.
+
+Checkpoints are directories with `config.json` + `model.safetensors`; `from_pretrained` also reads
+HF BERT-family directories (`model.safetensors` or `pytorch_model.bin`, keys with or without the
+`bert.` prefix, or our `uniter.` prefix of models with heads) with no renaming of the text side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uniter3m.errors import ConfigError, UserError
+from uniter3m.fileio import atomic_write_bytes, atomic_write_json
+from uniter3m.model.config import CONFIG_NAME, UniterConfig
+from uniter3m.model.embeddings import FrameEmbeddings, TextEmbeddings
+from uniter3m.model.encoder import UniterEncoder
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+STREAMS = ("face", "speech")
+BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.", "face_embeddings.", "speech_embeddings.")
+
+
+@dataclass
+class UniterOutput:
+    """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; segments name -> slice."""
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor
+    attention_mask: Tensor
+    segments: dict[str, slice] = field(default_factory=dict)
+
+
+class UniterPooler(nn.Module):
+    """tanh(dense(h)) of each utterance's first real position ([CLS] whenever text is present)."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        first = mask.int().argmax(dim=1)  # 0 for a row with no real position: finite, ignored
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        return torch.tanh(self.dense(picked))
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) weights, zero biases, LayerNorm 1/0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, FrameEmbeddings):
+        nn.init.normal_(module.mask_embedding, std=std)
+
+
+class UniterModel(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.face_embeddings = FrameEmbeddings(config.face, config) if config.face.present else None
+        self.speech_embeddings = (
+            FrameEmbeddings(config.speech, config, own_type=config.speech_type == "own")
+            if config.speech.present
+            else None
+        )
+        self.encoder = UniterEncoder(config)
+        self.pooler = UniterPooler(config)
+        self.apply(lambda m: init_bert_weights(m, config.initializer_range))
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        self.encoder.gradient_checkpointing = enable
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        face_feat: Tensor | None = None,
+        face_mask: Tensor | None = None,
+        speech_feat: Tensor | None = None,
+        speech_mask: Tensor | None = None,
+        face_frame_mask: Tensor | None = None,
+        speech_frame_mask: Tensor | None = None,
+    ) -> UniterOutput:
+        parts: list[Tensor] = []
+        masks: list[Tensor] = []
+        segments: dict[str, slice] = {}
+        start = 0
+
+        def add(name: str, emb: Tensor, mask: Tensor | None) -> None:
+            nonlocal start
+            if mask is None:
+                mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
+            elif mask.shape != emb.shape[:2]:
+                raise UserError(f"{name} mask has shape {tuple(mask.shape)}, expected {tuple(emb.shape[:2])}")
+            parts.append(emb)
+            masks.append(mask.to(device=emb.device, dtype=torch.bool))
+            segments[name] = slice(start, start + emb.shape[1])
+            start += emb.shape[1]
+
+        if input_ids is not None:
+            add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
+        frames = {
+            "face": (face_feat, face_mask, face_frame_mask),
+            "speech": (speech_feat, speech_mask, speech_frame_mask),
+        }
+        for name, (feat, mask, frame_mask) in frames.items():
+            if feat is None:
+                continue
+            module = getattr(self, f"{name}_embeddings")
+            if module is None:
+                raise UserError(
+                    f"the batch has a {name} stream but the model has none ({name}.feat_dim = 0 in its config); "
+                    f"set {name}.feat_dim in the model config or leave the {name} stream out of the data config"
+                )
+            add(name, module(feat, self._type_embedding(name), frame_mask), mask)
+        if not parts:
+            raise UserError("UniterModel needs at least one stream: input_ids, face_feat or speech_feat")
+
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
+        hidden = self.encoder(hidden, mask)
+        return UniterOutput(hidden, self.pooler(hidden, mask), mask, segments)
+
+    def _type_embedding(self, stream: str) -> Tensor | None:
+        """The shared frame type vector (row `face_type_id` of the text type table), or None for an own type."""
+        if stream == "speech" and self.config.speech_type == "own":
+            return None
+        return self.embeddings.token_type_embeddings.weight[self.config.face_type_id]
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors` atomically (weights first, config last)."""
+        write_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, output_loading_info: bool = False, **config_overrides: Any
+    ) -> UniterModel | tuple[UniterModel, dict[str, Any]]:
+        """Load ours or an HF BERT-family directory; report new (missing) and unused (unexpected) weights."""
+        config = UniterConfig.from_pretrained(directory, **config_overrides)
+        model = cls(config)
+        backbone, others = split_backbone(read_state_dict(directory))
+        info = load_weights(model, backbone, directory)
+        info["unexpected_keys"] |= set(others)
+        log_loading_info(type(model).__name__, directory, info)
+        return (model, info) if output_loading_info else model
+
+
+# -- reading and writing checkpoint directories ------------------------------------------------
+
+
+def write_pretrained(
+    model: nn.Module, directory: str | os.PathLike, extra_files: Mapping[str, Any] = ()
+) -> None:
+    """Save `model.config` and the weights; tied copies of a tensor are stored once (safetensors forbids twins)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    skip = tied_aliases(model)
+    state = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items() if k not in skip}
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+    for name, content in (extra_files or {}).items():
+        atomic_write_json(directory / name, content)
+    atomic_write_json(directory / CONFIG_NAME, model.config.to_dict())
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The weights of a checkpoint directory: safetensors (single or sharded) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return load_file(str(single))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for name in files:
+            state.update(load_file(str(directory / name)))
+        return state
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UserError(
+                f"{legacy}: cannot read the weights ({err}); re-save them as model.safetensors"
+            ) from err
+    raise UserError(
+        f"{directory}: no {WEIGHTS_NAME}, model.safetensors.index.json or pytorch_model.bin; "
+        "give a directory written by save_pretrained or an HF BERT model folder"
+    )
+
+
+def normalise_key(key: str) -> str | None:
+    """Old BERT LayerNorm names gamma/beta -> weight/bias; None for position_ids buffers (not weights)."""
+    if key.endswith("position_ids"):
+        return None
+    if key.endswith(".gamma"):
+        return key[: -len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[: -len("beta")] + "bias"
+    return key
+
+
+def split_backbone(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone weights in UniterModel names, everything else) from any supported layout.
+
+    Keys may carry `uniter.` (ours with heads) or `bert.` (HF BertFor*) or no prefix (UniterModel,
+    HF BertModel); heads (`cls.*`, `face_regress.*`, ...) land in the second dict unchanged.
+    """
+    backbone: dict[str, Tensor] = {}
+    others: dict[str, Tensor] = {}
+    for raw, tensor in state.items():
+        name = normalise_key(raw)
+        if name is None:
+            continue
+        key = name
+        for prefix in ("uniter.", "bert."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        if key.startswith(BACKBONE_PREFIXES):
+            backbone[key] = tensor
+        else:
+            others[name] = tensor
+    return backbone, others
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that are a second name of an already-named parameter (tied weights)."""
+    named = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - named
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, Any]:
+    """Copy `state` into `model`; a shape that does not fit is an error, never a silent skip."""
+    own = model.state_dict()
+    bad = [
+        f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(own[k].shape)}"
+        for k, t in state.items()
+        if k in own and own[k].shape != t.shape
+    ]
+    if bad:
+        raise ConfigError(
+            f"{source}: {len(bad)} weight(s) do not fit the model config:\n  "
+            + "\n  ".join(bad)
+            + "\nfix the config overrides (sizes, feat_dim, max_frames) to match the checkpoint"
+        )
+    result = model.load_state_dict(dict(state), strict=False)
+    aliases = tied_aliases(model)
+    return {
+        "missing_keys": set(result.missing_keys) - aliases,
+        "unexpected_keys": set(result.unexpected_keys),
+        "mismatched_keys": set(),
+        "error_msgs": [],
+    }
+
+
+def log_loading_info(model_name: str, source: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    for kind, verb in (
+        ("missing_keys", "newly initialised (not in the checkpoint)"),
+        ("unexpected_keys", "unused"),
+    ):
+        keys = sorted(info[kind])
+        if keys:
+            groups = sorted({".".join(k.split(".")[:2]) for k in keys})
+            log.info("%s from %s: %d weights %s: %s", model_name, source, len(keys), verb, ", ".join(groups))
