@@ -1,0 +1,766 @@
+"""Carry weights between uniter3m and other checkpoint formats (DESIGN.md §3 and §5).
+
+Every converter here is a pure function: a source state dict in, a state dict in our names and
+a `ConversionReport` out. Nothing is read from or written to disk except by the small loaders
+at the bottom, so each rule can be tested on tensors alone. The report is the contract with the
+user: every source key is either converted or listed as ignored with a reason, and every key of
+the target model that no source key filled is listed as new (freshly initialised). A tensor
+whose shape does not fit the target model is an error naming both keys, never a silent skip.
+
+Our names (the UniterForPretraining namespace): the backbone under `uniter.` with HF BERT names
+(`uniter.embeddings.*`, `uniter.encoder.layer.N.*`, `uniter.pooler.dense.*`), frame streams
+`uniter.face_embeddings.*` / `uniter.speech_embeddings.*`, heads at the top level
+(`cls.predictions.*`, `face_regress.*`, ...). `backbone_only` strips this to UniterModel names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uniter3m.errors import UserError
+
+StateDict = dict[str, torch.Tensor]
+
+BACKBONE = "uniter."
+TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+TF_INSTALL_HINT = "pip install 'uniter3m[tf]'"
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What happened to every key: converted (ours <- source), new (ours, no source), ignored."""
+
+    source_kind: str
+    converted: dict[str, str] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def convert(self, ours: str, source: str) -> None:
+        self.converted[ours] = source
+
+    def ignore(self, source: str, reason: str) -> None:
+        self.ignored[source] = reason
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_kind": self.source_kind,
+            "counts": {"converted": len(self.converted), "new": len(self.new), "ignored": len(self.ignored)},
+            "converted": dict(sorted(self.converted.items())),
+            "new": sorted(self.new),
+            "ignored": dict(sorted(self.ignored.items())),
+            "notes": list(self.notes),
+        }
+
+    def summary(self, limit: int = 12) -> str:
+        """A few lines for the terminal; the JSON file holds every key."""
+        lines = [
+            f"converted {len(self.converted)} tensors from {self.source_kind}; "
+            f"{len(self.new)} new (freshly initialised); {len(self.ignored)} source keys ignored"
+        ]
+        for title, keys in (("new", sorted(self.new)), ("ignored", sorted(self.ignored))):
+            if keys:
+                shown = [k if title == "new" else f"{k} ({self.ignored[k]})" for k in keys[:limit]]
+                more = f"  ... and {len(keys) - limit} more" if len(keys) > limit else ""
+                lines.append(f"{title}:\n  " + "\n  ".join(shown) + (f"\n{more}" if more else ""))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Small name rules shared by the converters
+# --------------------------------------------------------------------------------------------
+
+
+def rename_layer_norm(key: str) -> str:
+    """TF-era LayerNorm names `gamma`/`beta` -> `weight`/`bias` (only as the last name part)."""
+    head, _, last = key.rpartition(".")
+    last = {"gamma": "weight", "beta": "bias"}.get(last, last)
+    return f"{head}.{last}" if head else last
+
+
+def strip_prefix(key: str, prefixes: Iterable[str]) -> tuple[str, str]:
+    """Remove the first matching prefix; returns (prefix or '', rest)."""
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return prefix, key[len(prefix) :]
+    return "", key
+
+
+def backbone_only(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Our full (pretraining-namespace) state dict -> the keys of a bare UniterModel."""
+    return {k[len(BACKBONE) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE)}
+
+
+def to_full_namespace(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Accept either a UniterModel or a UniterForPretraining state dict; return the latter's names."""
+    if any(k.startswith(BACKBONE) for k in state_dict):
+        return dict(state_dict)
+    return {BACKBONE + k: v for k, v in state_dict.items()}
+
+
+def _is_position_ids(key: str) -> bool:
+    return key.endswith("position_ids")
+
+
+# --------------------------------------------------------------------------------------------
+# HF BERT family (BERT with or without `bert.`, RoBERTa) -> ours
+# --------------------------------------------------------------------------------------------
+
+ROBERTA_POSITION_OFFSET = 2  # RoBERTa numbers positions from padding_idx + 1 (= 2: its pad id is 1)
+
+
+def roberta_position_offset(config: Mapping[str, Any] | None) -> int:
+    """padding_idx + 1: the first row of a RoBERTa position table that a real token uses."""
+    pad = (config or {}).get("pad_token_id")
+    return ROBERTA_POSITION_OFFSET if pad is None else int(pad) + 1
+
+
+# HF MLM head names -> ours (ours keep BERT's `cls.predictions.*` names).
+_ROBERTA_LM_HEAD = {
+    "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+    "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+    "lm_head.layer_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "lm_head.layer_norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "lm_head.decoder.weight": "cls.predictions.decoder.weight",
+    "lm_head.bias": "cls.predictions.bias",
+    "lm_head.decoder.bias": "cls.predictions.bias",
+}
+
+
+def hf_family(state_dict: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
+    """'roberta' or 'bert', from the config's model_type or the key names."""
+    model_type = str((config or {}).get("model_type", "")).lower()
+    if model_type in {"roberta", "xlm-roberta", "camembert"}:
+        return "roberta"
+    if any(k.startswith("roberta.") or k.startswith("lm_head.") for k in state_dict):
+        return "roberta"
+    return "bert"
+
+
+def convert_hf_bert(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None
+) -> tuple[StateDict, ConversionReport]:
+    """An HF BERT-family state dict (BertModel, BertFor*, RobertaModel, RobertaFor*) -> ours.
+
+    RoBERTa's position table starts at row padding_idx + 1 = 2 (rows 0-1 are never used for
+    real tokens), so the first two rows are sliced off: our position i is RoBERTa's i + 2, which
+    gives identical embeddings for every real token of a right-padded sequence.
+    """
+    family = hf_family(state_dict, config)
+    offset = roberta_position_offset(config)
+    report = ConversionReport(source_kind=f"hf-{family}")
+    out: StateDict = {}
+    for key, tensor in state_dict.items():
+        name = rename_layer_norm(key)
+        _, name = strip_prefix(name, ("bert.", "roberta.", "model."))
+        if _is_position_ids(name):
+            report.ignore(key, "index buffer, not a weight (positions are computed)")
+        elif name.startswith(TEXT_BACKBONE_PREFIXES):
+            if family == "roberta" and name == "embeddings.position_embeddings.weight":
+                tensor = tensor[offset:]
+                report.note(
+                    f"RoBERTa position table: rows 0-{offset - 1} (padding offset) were dropped, "
+                    f"{tensor.shape[0]} positions kept"
+                )
+            _put(out, report, BACKBONE + name, key, tensor)
+        elif name.startswith("cls.predictions."):
+            ours = "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
+            _put(out, report, ours, key, tensor)
+        elif name in _ROBERTA_LM_HEAD:
+            _put(out, report, _ROBERTA_LM_HEAD[name], key, tensor)
+        elif name.startswith("cls.seq_relationship."):
+            report.ignore(key, "BERT next-sentence head: uniter3m has no NSP task")
+        else:
+            report.ignore(key, "not part of a BERT encoder or its MLM head")
+    resolve_tied(out, report)
+    return out, report
+
+
+def _put(out: StateDict, report: ConversionReport, ours: str, source: str, tensor: torch.Tensor) -> None:
+    if ours in out:
+        previous = report.converted[ours]
+        if torch.equal(out[ours], tensor):
+            report.ignore(source, f"duplicate of {previous} (same values)")
+            return
+        raise UserError(
+            f"source keys {previous!r} and {source!r} both map to {ours!r} with different values; "
+            "the checkpoint mixes two models: convert each separately"
+        )
+    out[ours] = tensor
+    report.convert(ours, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Original Google BERT TensorFlow checkpoints -> ours
+# --------------------------------------------------------------------------------------------
+
+_TF_OPTIMISER_PARTS = ("adam_m", "adam_v", "global_step", "Momentum", "RMSProp")
+_TF_EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+def tf_bert_name(variable: str) -> str | None:
+    """`bert/encoder/layer_3/attention/self/query/kernel` -> `encoder.layer.3.attention.self.query.weight`.
+
+    Returns None for optimiser slots and step counters (not weights). `cls/predictions/*` keeps
+    its `cls.predictions.` prefix; everything under `bert/` loses it.
+    """
+    parts = variable.split("/")
+    if any(p in _TF_OPTIMISER_PARTS for p in parts):
+        return None
+    if parts[0] == "bert":
+        parts = parts[1:]
+    renamed: list[str] = []
+    for part in parts:
+        layer = re.fullmatch(r"layer_(\d+)", part)
+        if layer:
+            renamed += ["layer", layer.group(1)]
+        elif part in ("kernel", "gamma", "output_weights"):
+            renamed.append("weight")
+        elif part in ("beta", "output_bias"):
+            renamed.append("bias")
+        else:
+            renamed.append(part)
+    if renamed and renamed[-1] in _TF_EMBEDDING_TABLES:
+        renamed.append("weight")
+    return ".".join(renamed)
+
+
+def convert_tf_bert(variables: Mapping[str, np.ndarray]) -> tuple[StateDict, ConversionReport]:
+    """Variables of a Google BERT checkpoint (name -> array) -> ours.
+
+    Dense kernels are stored (in, out) in TF and transposed to torch's (out, in). The MLM decoder
+    is tied to the word embeddings in that code, so it has no variable of its own.
+    """
+    report = ConversionReport(source_kind="tf-bert")
+    out: StateDict = {}
+    for variable in sorted(variables):
+        name = tf_bert_name(variable)
+        if name is None:
+            report.ignore(variable, "optimiser state or step counter, not a weight")
+            continue
+        tensor = torch.from_numpy(np.array(variables[variable], copy=True))
+        if variable.endswith("/kernel"):
+            tensor = tensor.t().contiguous()
+        if name.startswith(TEXT_BACKBONE_PREFIXES):
+            _put(out, report, BACKBONE + name, variable, tensor)
+        elif name.startswith("cls.predictions."):
+            _put(out, report, name, variable, tensor)
+        elif name.startswith("cls.seq_relationship."):
+            report.ignore(variable, "BERT next-sentence head: uniter3m has no NSP task")
+        else:
+            report.ignore(variable, "not part of a BERT encoder or its MLM head")
+    resolve_tied(out, report)
+    return out, report
+
+
+def read_tf_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every variable of a TF checkpoint (`.../bert_model.ckpt`, without `.index`)."""
+    try:
+        import tensorflow as tf  # noqa: PLC0415 - optional dependency
+    except ImportError as err:
+        raise UserError(
+            f"reading the TensorFlow checkpoint {prefix} needs TensorFlow, which is not installed: "
+            f"run `{TF_INSTALL_HINT}` (or convert it to an HF directory elsewhere and use --from hf-bert)"
+        ) from err
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except Exception as err:  # TF raises several types (NotFoundError, DataLossError, ...)
+        raise UserError(
+            f"cannot read the TensorFlow checkpoint {prefix}: {err}; give the prefix shared by "
+            "bert_model.ckpt.index and bert_model.ckpt.data-*"
+        ) from err
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+# --------------------------------------------------------------------------------------------
+# UNITER / MEmoBERT research checkpoints (model_step_N.pt) -> ours
+# --------------------------------------------------------------------------------------------
+
+# Their frame-stream module -> our stream; their part names -> ours.
+_STREAM_MODULES = {"img_embeddings.": "face", "speech_embeddings.": "speech"}
+_STREAM_PARTS = {
+    "img_linear.": "feat_linear.",
+    "speech_linear.": "feat_linear.",
+    "img_layer_norm.": "feat_layer_norm.",
+    "speech_layer_norm.": "feat_layer_norm.",
+    "position_embeddings.": "position_embeddings.",
+    "LayerNorm.": "LayerNorm.",
+    "token_type_embeddings.": "token_type_embeddings.",
+    # MEmoBERT: Sequential(Dropout, Linear, GELU, LayerNorm, Dropout); ours: Linear then GELU.
+    "projs_linear.1.": "projs_linear.",
+    "projs_linear.weight": "projs_linear.weight",  # a plain Linear, as ours
+    "projs_linear.bias": "projs_linear.bias",
+}
+_STREAM_IGNORED = {
+    "projs_linear.3.": "the LayerNorm closing MEmoBERT's extra projection has no counterpart in uniter3m's "
+    "projection (Linear+GELU): this stream's embeddings differ until fine-tuned",
+    "pos_linear.": "UNITER box-geometry input (7-d region boxes): uniter3m frames use slot positions instead",
+    "pos_layer_norm.": "UNITER box-geometry input (7-d region boxes): uniter3m frames use slot positions instead",
+}
+# Text-embedding extras of MEmoBERT's SentiLARE variant, which uniter3m does not have.
+_SENTILARE_EMBEDDINGS = ("word_senti_embedding", "pos_tag_embedding", "utt_senti_embedding")
+
+# Their head prefix -> ours, for heads whose layout is the same on both sides (see heads.py).
+HEAD_RENAMES = {
+    "cls.predictions.": "cls.predictions.",
+    "feat_regress.": "face_regress.",
+    "speech_feat_regress.": "speech_regress.",
+    "region_classifier.": "face_classifier.",
+    "itm_output.": "itm.linear.",
+}
+# Heads of theirs that do not carry over (reported as ignored, with the reason).
+_IGNORED_HEADS = {
+    "vfom_output.": "frame-order head of another design (a Linear over max_frames slots); uniter3m's scores "
+    "each slot against the position table, so it starts fresh",
+    "sfom_output.": "frame-order head of another design (a Linear over max_frames slots); uniter3m's scores "
+    "each slot against the position table, so it starts fresh",
+    "emo_classifier.": "two-layer weak-label emotion head; uniter3m's pretraining emo_classifier is one Linear, "
+    "so it starts fresh",
+    "output.": "fine-tuned classifier: fine-tune a new head from the converted backbone "
+    "(uniter3m finetune with model.init = the output folder)",
+    "eitm_output.": "emotion-word ITM head: no uniter3m task uses it",
+    "emomelm_classifier.": "MELM multi-task emotion head: no uniter3m task uses it",
+    "pos_tag_predictions.": "SentiLARE POS head: not in uniter3m",
+    "senti_word_predictions.": "SentiLARE word-sentiment head: not in uniter3m",
+    "senti_utt_predictions.": "SentiLARE utterance-sentiment head: not in uniter3m",
+}
+
+
+def convert_uniter(
+    state_dict: Mapping[str, torch.Tensor], flavour: str = "memobert"
+) -> tuple[StateDict, ConversionReport]:
+    """A UNITER or MEmoBERT state dict (pretraining or fine-tuned) -> ours.
+
+    Their backbone lives under `uniter.` (or `bert.`: their BERT converter only replaced that
+    substring); `gamma`/`beta` are LayerNorm weight/bias. Their frame mask table
+    `mask_embedding.weight` is 2 x D with row 0 unused (zeroed at every call): row 1, the vector
+    added to a zeroed masked frame, becomes our stream's mask vector. Faces used row 1 of the text
+    token-type table there, as ours do; a speech stream with its own one-row type table keeps it.
+    """
+    report = ConversionReport(source_kind=flavour)
+    out: StateDict = {}
+    for key, tensor in state_dict.items():
+        _, name = strip_prefix(rename_layer_norm(key), ("module.",))  # DDP-wrapped, saved unwrapped
+        prefix, rest = strip_prefix(name, ("uniter.", "bert."))
+        if prefix:
+            _convert_uniter_backbone(out, report, key, rest, tensor)
+        else:
+            _convert_uniter_head(out, report, key, name, tensor)
+    resolve_tied(out, report)
+    return out, report
+
+
+def _convert_uniter_backbone(
+    out: StateDict, report: ConversionReport, key: str, name: str, tensor: torch.Tensor
+) -> None:
+    if _is_position_ids(name):
+        report.ignore(key, "index buffer, not a weight (positions are computed)")
+        return
+    if name.startswith("embeddings.") and name.split(".")[1] in _SENTILARE_EMBEDDINGS:
+        report.ignore(key, "SentiLARE text-embedding extra: not in uniter3m")
+        return
+    if name.startswith(TEXT_BACKBONE_PREFIXES):
+        _put(out, report, BACKBONE + name, key, tensor)
+        return
+    module, rest = strip_prefix(name, _STREAM_MODULES)
+    if not module:
+        report.ignore(key, "unknown backbone module (not text, image/face or speech embeddings)")
+        return
+    stream = _STREAM_MODULES[module]
+    if rest == "mask_embedding.weight":
+        if tensor.dim() != 2 or tensor.shape[0] != 2:
+            raise UserError(
+                f"{key} has shape {tuple(tensor.shape)}; UNITER/MEmoBERT mask tables are 2 x feature dim "
+                "(row 1 = the mask vector): is this checkpoint from another code base?"
+            )
+        _put(out, report, f"{BACKBONE}{stream}_embeddings.mask_embedding", key, tensor[1].clone())
+        report.note(f"{stream} mask vector = row 1 of {key} (row 0 is unused there)")
+        return
+    for part, reason in _STREAM_IGNORED.items():
+        if rest.startswith(part):
+            report.ignore(key, reason)
+            return
+    part, tail = strip_prefix(rest, _STREAM_PARTS)
+    if not part:
+        report.ignore(key, f"unknown part of the {stream} embeddings")
+        return
+    _put(out, report, f"{BACKBONE}{stream}_embeddings.{_STREAM_PARTS[part]}{tail}", key, tensor)
+
+
+def _convert_uniter_head(
+    out: StateDict, report: ConversionReport, key: str, name: str, tensor: torch.Tensor
+) -> None:
+    for theirs, reason in _IGNORED_HEADS.items():
+        if name.startswith(theirs):
+            report.ignore(key, reason)
+            return
+    theirs, tail = strip_prefix(name, HEAD_RENAMES)
+    if not theirs:
+        report.ignore(key, "unknown key (not a UNITER/MEmoBERT backbone or head weight)")
+        return
+    if theirs == "cls.predictions." and tail == "decoder.bias":
+        tail = "bias"  # HF-style tie of the decoder bias to the head bias
+    _put(out, report, HEAD_RENAMES[theirs] + tail, key, tensor)
+
+
+# --------------------------------------------------------------------------------------------
+# Tied weights, model config, fitting to the target model
+# --------------------------------------------------------------------------------------------
+
+# Our head weights that ARE a backbone weight (stored once): head key -> backbone key.
+TIED = {
+    "cls.predictions.decoder.weight": BACKBONE + "embeddings.word_embeddings.weight",
+    "face_regress.weight": BACKBONE + "face_embeddings.feat_linear.weight",
+    "speech_regress.weight": BACKBONE + "speech_embeddings.feat_linear.weight",
+}
+
+# Which heads of UniterForPretraining a converted state dict needs (head name -> key prefix).
+HEAD_OF_PREFIX = {
+    "mlm": "cls.predictions.",
+    "face_regress": "face_regress.",
+    "speech_regress": "speech_regress.",
+    "face_classifier": "face_classifier.",
+    "itm": "itm.",
+}
+
+
+def resolve_tied(out: StateDict, report: ConversionReport) -> None:
+    """Drop head copies of tied weights; keep the backbone weight (uniter3m ties them).
+
+    A copy with the same values is the tie itself. A copy with other values (an untied source)
+    cannot be kept: the backbone weight wins and the report says so.
+    """
+    for head_key, backbone_key in TIED.items():
+        if head_key not in out:
+            continue
+        tensor, source = out.pop(head_key), report.converted.pop(head_key)
+        if backbone_key not in out:
+            _put(out, report, backbone_key, source, tensor)
+            report.note(
+                f"{backbone_key} taken from {source}, the tied head weight (the source had no other copy)"
+            )
+        elif torch.equal(out[backbone_key], tensor):
+            report.ignore(source, f"tied to {report.converted[backbone_key]} (same values), stored once")
+        else:
+            report.ignore(
+                source,
+                f"differs from {report.converted[backbone_key]} but uniter3m ties the two: "
+                f"{report.converted[backbone_key]} is kept",
+            )
+
+
+def heads_of(state: Mapping[str, Any]) -> list[str]:
+    """The UniterForPretraining heads a converted state dict has weights for, in HEADS order."""
+    return [head for head, prefix in HEAD_OF_PREFIX.items() if any(k.startswith(prefix) for k in state)]
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor],
+    base: Mapping[str, Any] | None = None,
+    report: ConversionReport | None = None,
+) -> dict[str, Any]:
+    """A UniterConfig dict from the shapes of a converted state dict (ours, full namespace).
+
+    Research checkpoints carry no config. Sizes are read from the tensors; the head count cannot
+    be, so it comes from `base` (their model config JSON) or defaults to hidden/64 (BERT's head
+    size), which the report notes. Values in `base` win; a base that contradicts the tensors then
+    fails in `fit_to_model`, naming the key.
+    """
+    word = state.get(BACKBONE + "embeddings.word_embeddings.weight")
+    if word is None:
+        raise UserError(
+            "the checkpoint has no word embeddings (uniter.embeddings.word_embeddings.weight or "
+            "bert.embeddings.word_embeddings.weight): it is not a UNITER/MEmoBERT model state dict"
+        )
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"uniter\.encoder\.layer\.(\d+)\.", k))}
+    if not layers:
+        raise UserError("the checkpoint has no encoder layers (uniter.encoder.layer.N.*)")
+    vocab, hidden = word.shape
+    data: dict[str, Any] = {
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "num_hidden_layers": max(layers) + 1,
+        "intermediate_size": int(state[BACKBONE + "encoder.layer.0.intermediate.dense.weight"].shape[0]),
+    }
+    for field_name, key in (
+        ("max_position_embeddings", "embeddings.position_embeddings.weight"),
+        ("type_vocab_size", "embeddings.token_type_embeddings.weight"),
+    ):
+        if BACKBONE + key in state:
+            data[field_name] = int(state[BACKBONE + key].shape[0])
+    for stream in ("face", "speech"):
+        linear = state.get(f"{BACKBONE}{stream}_embeddings.feat_linear.weight")
+        if linear is None:
+            continue
+        section: dict[str, Any] = {"feat_dim": int(linear.shape[1])}
+        positions = state.get(f"{BACKBONE}{stream}_embeddings.position_embeddings.weight")
+        if positions is not None:
+            section["max_frames"] = int(positions.shape[0])
+        section["projection"] = f"{BACKBONE}{stream}_embeddings.projs_linear.weight" in state
+        classifier = state.get(f"{stream}_classifier.net.3.weight")
+        if classifier is not None:
+            section["soft_label_dim"] = int(classifier.shape[0])
+        data[stream] = section
+    if f"{BACKBONE}speech_embeddings.token_type_embeddings.weight" in state:
+        data["speech_type"] = "own"
+    base = {k: v for k, v in (base or {}).items() if k in _BASE_CONFIG_KEYS}
+    if "num_attention_heads" not in base:
+        heads = max(1, hidden // 64)
+        data["num_attention_heads"] = heads
+        if report is not None:
+            report.note(
+                f"num_attention_heads = {heads} (hidden {hidden} / 64) is a guess: the checkpoint does not "
+                "record it; pass the model config JSON it was trained with (--model-config) if it differs"
+            )
+    return {**data, **base}
+
+
+_BASE_CONFIG_KEYS = {
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+}
+
+
+def fit_to_model(
+    state: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor | torch.Size],
+    report: ConversionReport,
+    aliases: Iterable[str] = (),
+) -> None:
+    """Check every converted tensor against the target model; record the model's new keys.
+
+    `target` maps the model's state-dict names to tensors or shapes; `aliases` are second names
+    of tied weights (never expected in `state`). A key the model lacks or a shape that differs is
+    an error naming the source key, our key and both shapes.
+    """
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in target.items()}
+    for key, tensor in state.items():
+        source = report.converted.get(key, key)
+        if key not in shapes:
+            raise UserError(
+                f"source key {source!r} maps to {key!r}, which the target model does not have; the checkpoint "
+                "does not match the inferred model layout (pass --model-config with its real config)"
+            )
+        if tuple(tensor.shape) != shapes[key]:
+            raise UserError(
+                f"dimension mismatch: source key {source!r} has shape {tuple(tensor.shape)} but {key!r} of the "
+                f"model is {shapes[key]}; the checkpoint and the model config disagree (fix --model-config or "
+                "check that the checkpoint is complete)"
+            )
+    report.new = sorted(set(shapes) - set(state) - set(aliases))
+
+
+def require_text_encoder(report: ConversionReport, source: str) -> None:
+    """Refuse a conversion that left text embeddings or encoder layers new: the source was not a
+    BERT-family model in the expected names (e.g. DistilBERT), and "converting" it would silently
+    hand the user a randomly initialised encoder."""
+    core = [k for k in report.new if k.removeprefix(BACKBONE).startswith(("embeddings.", "encoder."))]
+    if core:
+        shown = ", ".join(core[:5]) + (f" and {len(core) - 5} more" if len(core) > 5 else "")
+        kept = ", ".join(list(report.ignored)[:5]) or "none"
+        raise UserError(
+            f"{source}: {len(core)} text-encoder weights found no source key ({shown}); ignored source keys "
+            f"include {kept}. Only BERT/RoBERTa (HF or Google TF) and UNITER/MEmoBERT names are supported: check "
+            "--from and that the checkpoint is complete"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Ours -> an HF BERT directory (text encoder only)
+# --------------------------------------------------------------------------------------------
+
+_HF_TEXT_KEYS = re.compile(
+    r"(embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.|encoder\.|pooler\.)"
+)
+
+
+def export_hf_bert(
+    state: Mapping[str, torch.Tensor], with_mlm_head: bool = True
+) -> tuple[StateDict, ConversionReport]:
+    """Our state dict (UniterModel or UniterForPretraining names) -> HF BERT names.
+
+    Without an MLM head the keys are BertModel's (no prefix). With one, they are
+    BertForMaskedLM's (`bert.` + `cls.predictions.*`), which BertModel also loads.
+    Frame streams and other heads have no place in BERT and are reported as ignored.
+    """
+    report = ConversionReport(source_kind="uniter3m")
+    full = to_full_namespace(state)
+    has_mlm = with_mlm_head and any(k.startswith("cls.predictions.") for k in full)
+    prefix = "bert." if has_mlm else ""
+    out: StateDict = {}
+    for key, tensor in full.items():
+        name = key[len(BACKBONE) :] if key.startswith(BACKBONE) else None
+        if name is not None and _HF_TEXT_KEYS.match(name):
+            _put(out, report, prefix + name, key, tensor)
+        elif has_mlm and key.startswith("cls.predictions."):
+            if key == "cls.predictions.decoder.weight":
+                report.ignore(key, "tied to the word embeddings (HF ties them too)")
+            else:
+                _put(out, report, key, key, tensor)
+        elif name is not None and name.startswith(("face_embeddings.", "speech_embeddings.")):
+            report.ignore(key, "frame-stream weight: BERT has no face/speech input")
+        else:
+            report.ignore(key, "head or buffer with no place in a BERT text encoder")
+    if has_mlm and "cls.predictions.bias" in out:
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
+        report.note("cls.predictions.decoder.bias written as a copy of cls.predictions.bias (HF ties them)")
+    return out, report
+
+
+def hf_bert_config(config: Mapping[str, Any], architecture: str = "BertModel") -> dict[str, Any]:
+    """Our config dict -> an HF BERT `config.json` (text side only)."""
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "initializer_range",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise UserError(f"the model config lacks {missing}: is it a uniter3m config.json?")
+    return {
+        "architectures": [architecture],
+        "model_type": "bert",
+        **{k: config[k] for k in keys},
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders: files -> state dicts (the only part that touches the disk)
+# --------------------------------------------------------------------------------------------
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_weights_file(path: str | os.PathLike) -> StateDict:
+    """A `.safetensors` file or a torch pickle of a state dict, on CPU, without running code.
+
+    Research checkpoints sometimes wrap the state dict (`{"model": ...}`, `{"state_dict": ...}`);
+    the wrapper is unwrapped when it is the only thing holding tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error type on a damaged header
+            raise UserError(f"cannot read {path} as safetensors: {err}") from err
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise UserError(
+            f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err}); it must be a file "
+            "written by torch.save(model.state_dict(), ...) holding only tensors"
+        ) from err
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> StateDict:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for wrapper in ("model", "state_dict", "model_state_dict", "module"):
+            inner = obj.get(wrapper)
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
+                return dict(inner)
+    raise UserError(
+        f"{path} holds a {type(obj).__name__} that is not a state dict (name -> tensor); save the model with "
+        "torch.save(model.state_dict(), path)"
+    )
+
+
+def load_hf_directory(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
+    """An HF model directory: config.json + model.safetensors / pytorch_model.bin (or their shards)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json; give the directory of an HF BERT-family model")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for name in _HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return load_weights_file(path / name), config
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            state: StateDict = {}
+            for shard in shards:
+                state.update(load_weights_file(path / shard))
+            return state, config
+    raise UserError(
+        f"{path} has neither {' nor '.join(_HF_WEIGHT_FILES)} (nor a sharded index of them); "
+        "download the weights next to config.json"
+    )
+
+
+def find_tf_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """A Google BERT release folder (or checkpoint prefix) -> (checkpoint prefix, bert_config.json)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        indexes = sorted(folder.glob("*.ckpt*.index")) or sorted(folder.glob("*.index"))
+        if len(indexes) != 1:
+            found = ", ".join(p.name for p in indexes) or "none"
+            raise UserError(
+                f"{path}: expected one TensorFlow checkpoint (*.ckpt.index), found {found}; "
+                "give the checkpoint prefix, e.g. DIR/bert_model.ckpt"
+            )
+        prefix = str(indexes[0])[: -len(".index")]
+    else:
+        prefix = str(path)[: -len(".index")] if str(path).endswith(".index") else str(path)
+        if not Path(prefix + ".index").is_file():
+            raise UserError(
+                f"{prefix}.index does not exist; give the prefix of a TF checkpoint (DIR/bert_model.ckpt)"
+            )
+    config_file = folder / "bert_config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"{folder} has no bert_config.json; it ships next to bert_model.ckpt in Google's release"
+        )
+    return prefix, json.loads(config_file.read_text(encoding="utf-8"))
