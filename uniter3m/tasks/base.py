@@ -1,0 +1,374 @@
+"""The task interface every pretraining objective implements, its registry, and modality dropout.
+
+A task has two halves so that the costly CPU work stays out of the training step:
+
+* ``prepare(batch, generator) -> dict`` runs in a DataLoader worker, on CPU, and is
+  deterministic for a given ``torch.Generator``: it drops streams (modality dropout), masks or
+  shuffles inputs and builds targets. The dict holds the model's keyword arguments
+  (``MODEL_KEYS``) plus the task's own target tensors.
+* ``forward(model, inputs) -> TaskOutput`` runs the model (``UniterForPretraining``: backbone
+  ``model.uniter`` plus heads) on the device and returns a loss that is a mean over the task's
+  own targets, their count, and metrics as ``(numerator, denominator)`` tensors, so sums over
+  ranks give exact means.
+
+Streams are named ``L`` (text), ``V`` (face) and ``A`` (speech), as in the MEmoBERT papers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from uniter3m.data.tokenization import SpecialTokens
+from uniter3m.errors import ConfigError, UserError
+
+STREAMS = ("L", "V", "A")
+STREAM_NAMES = {"L": "text", "V": "face", "A": "speech"}
+FRAME_STREAMS = {"V": "face", "A": "speech"}
+
+MODEL_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "face_feat",
+    "face_mask",
+    "speech_feat",
+    "speech_mask",
+    "face_frame_mask",
+    "speech_frame_mask",
+)
+
+
+@dataclass
+class TaskContext:
+    """What tasks may read besides the batch: special ids, and the tokenizer for prompt words."""
+
+    special: SpecialTokens
+    tokenizer: Any = None
+
+
+@dataclass
+class TaskOutput:
+    """``loss`` is a mean over ``n_targets`` targets; metrics map a name to (numerator, denominator)."""
+
+    loss: torch.Tensor
+    n_targets: torch.Tensor
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def ratio(
+    numerator: torch.Tensor | float, denominator: torch.Tensor | float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A metric entry as two detached float tensors on one device, summable across ranks."""
+    if device is None:
+        for value in (numerator, denominator):
+            if isinstance(value, torch.Tensor):
+                device = value.device
+                break
+    num = torch.as_tensor(numerator, device=device).detach().float()
+    den = torch.as_tensor(denominator, device=device).detach().float()
+    return num, den
+
+
+# ------------------------------------------------------------------------------------- modality subsets
+
+
+def parse_streams(value: str | Iterable[str], where: str) -> frozenset[str]:
+    """``"LV"``, ``["L", "V"]`` or ``["text", "face"]`` -> frozenset({"L", "V"})."""
+    by_name = {v: k for k, v in STREAM_NAMES.items()}
+    items = list(value) if isinstance(value, str) else list(value)
+    out = set()
+    for item in items:
+        key = by_name.get(str(item), str(item).upper())
+        if key not in STREAMS:
+            raise ConfigError(f"{where}: unknown stream {item!r}; use L (text), V (face), A (speech)")
+        out.add(key)
+    if not out:
+        raise ConfigError(f"{where}: an empty stream subset; give at least one of L, V, A")
+    return frozenset(out)
+
+
+def batch_streams(batch: Mapping[str, Any]) -> frozenset[str]:
+    """Streams the batch carries (text always travels as input_ids, maybe only [CLS] [SEP])."""
+    present = {"L"}
+    for key, name in FRAME_STREAMS.items():
+        if batch.get(f"{name}_feat") is not None:
+            present.add(key)
+    return frozenset(present)
+
+
+def text_absent(batch: Mapping[str, Any], special: SpecialTokens) -> bool:
+    """True when every row of the text is only [CLS] [SEP] (the text modality is off)."""
+    ids = batch["input_ids"]
+    real = batch["txt_mask"].bool() & (ids != special.cls_id) & (ids != special.sep_id)
+    return not bool(real.any())
+
+
+def keep_streams(batch: Mapping[str, Any], keep: frozenset[str], special: SpecialTokens) -> dict[str, Any]:
+    """A shallow copy of ``batch`` without the streams outside ``keep``.
+
+    Without L the text becomes ``[CLS] [SEP]`` per sample (the pooler still needs a [CLS]),
+    as the batch contract prescribes; without V or A their keys are removed.
+    """
+    out = dict(batch)
+    if "L" not in keep:
+        bsz = batch["input_ids"].shape[0]
+        out["input_ids"] = torch.tensor([special.cls_id, special.sep_id]).repeat(bsz, 1)
+        out["txt_mask"] = torch.ones(bsz, 2, dtype=torch.bool)
+        out["word_ids"] = torch.full((bsz, 2), -1, dtype=torch.long)
+        out["emo_flags"] = torch.zeros(bsz, 2, dtype=torch.bool)
+    for key, name in FRAME_STREAMS.items():
+        if key not in keep:
+            for suffix in ("feat", "mask", "soft"):
+                out.pop(f"{name}_{suffix}", None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- task
+
+
+class Task:
+    """Base class: option checking, modality dropout, the model call and shared helpers.
+
+    Options every task takes:
+
+    * ``modality_subsets``: list of stream subsets, e.g. ``[["L","A"], ["L","V"], ["L","V","A"]]``;
+      each batch sees one of them, drawn uniformly (or with ``modality_weights``). Streams the batch
+      does not carry are simply absent. Every subset must contain the streams the task requires.
+    * ``modality_weights``: optional sampling weights, one per subset.
+    """
+
+    name: str = "task"
+    #: UniterForPretraining heads (attribute names) the task uses.
+    heads: tuple[str, ...] = ()
+    #: streams that must be present for the task to have targets.
+    streams: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        context: TaskContext,
+        *,
+        name: str | None = None,
+        modality_subsets: Sequence[Sequence[str] | str] | None = None,
+        modality_weights: Sequence[float] | None = None,
+    ) -> None:
+        if name is not None:
+            self.name = name
+        self.context = context
+        self.special = context.special
+        self.modality_subsets: list[frozenset[str]] | None = None
+        self.modality_weights: torch.Tensor | None = None
+        if modality_subsets is not None:
+            where = f"task {self.name}: modality_subsets"
+            subsets = [parse_streams(s, where) for s in modality_subsets]
+            if not subsets:
+                raise ConfigError(f"{where} is empty; leave it out or give at least one subset")
+            for subset in subsets:
+                missing = set(self.streams) - subset
+                if missing:
+                    raise ConfigError(
+                        f"{where}: subset {''.join(sorted(subset))} lacks {', '.join(sorted(missing))}, "
+                        f"which {self.name} needs for its targets; add it to every subset"
+                    )
+            self.modality_subsets = subsets
+            if modality_weights is not None:
+                weights = torch.tensor([float(w) for w in modality_weights])
+                if len(weights) != len(subsets) or (weights < 0).any() or weights.sum() <= 0:
+                    raise ConfigError(
+                        f"task {self.name}: modality_weights {list(modality_weights)} must be "
+                        f"{len(subsets)} non-negative numbers, not all 0"
+                    )
+                self.modality_weights = weights
+        elif modality_weights is not None:
+            raise ConfigError(f"task {self.name}: modality_weights given without modality_subsets")
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def prepare(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Drop streams (modality dropout), check the required ones, then ``build`` the inputs."""
+        batch = self.drop_modalities(batch, generator)
+        self.check_streams(batch)
+        inputs = self.build(batch, generator)
+        inputs.setdefault("ids", batch.get("ids"))
+        return inputs
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        raise NotImplementedError
+
+    def __call__(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        return self.forward(model, inputs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def sample_subset(self, generator: torch.Generator) -> frozenset[str] | None:
+        """The stream subset of this batch (None: no modality dropout configured)."""
+        if self.modality_subsets is None:
+            return None
+        if self.modality_weights is None:
+            index = int(torch.randint(len(self.modality_subsets), (), generator=generator))
+        else:
+            index = int(torch.multinomial(self.modality_weights, 1, generator=generator))
+        return self.modality_subsets[index]
+
+    def drop_modalities(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        subset = self.sample_subset(generator)
+        return dict(batch) if subset is None else keep_streams(batch, subset, self.special)
+
+    def check_streams(self, batch: Mapping[str, Any]) -> None:
+        present = batch_streams(batch)
+        for key in self.streams:
+            if key not in present:
+                raise UserError(
+                    f"task {self.name} needs the {STREAM_NAMES[key]} stream ({key}) but the batch "
+                    f"(ids {list(batch.get('ids', []))[:3]}...) has none: give this task a dataset with "
+                    f"a {STREAM_NAMES[key]} feature db"
+                )
+
+    @staticmethod
+    def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone's keyword arguments from a batch (text mask = ``txt_mask``)."""
+        out: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["txt_mask"]}
+        for name in FRAME_STREAMS.values():
+            if batch.get(f"{name}_feat") is not None:
+                out[f"{name}_feat"] = batch[f"{name}_feat"]
+                out[f"{name}_mask"] = batch[f"{name}_mask"]
+        return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel (or torch.compile) wrapper."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The UniterModel inside a (wrapped) UniterForPretraining, or a bare UniterModel."""
+    inner = unwrap(model)
+    return getattr(inner, "uniter", inner)
+
+
+def head(model: torch.nn.Module, name: str, task: str) -> torch.nn.Module:
+    """A head by attribute path (``"cls.predictions"``), with an error that says how to add it."""
+    obj: Any = unwrap(model)
+    for part in name.split("."):
+        obj = obj[part] if isinstance(obj, torch.nn.ModuleDict) and part in obj else getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(
+                f"task {task} needs the head {name!r} but the model has none: build "
+                f"UniterForPretraining with heads including {_HEAD_OF.get(name, name)!r}"
+            )
+    return obj
+
+
+_HEAD_OF = {"cls.predictions": "mlm"}
+
+
+def call_model(model: torch.nn.Module, **kwargs: Any) -> Any:
+    """Run the backbone through the model's own ``forward`` (so a DDP wrapper sees the call)."""
+    return model(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def encode(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
+    """Run the backbone on the model keys of ``inputs`` (returns a UniterOutput)."""
+    return call_model(model, **{k: inputs[k] for k in MODEL_KEYS if inputs.get(k) is not None})
+
+
+def segment_states(output: Any, stream: str) -> torch.Tensor:
+    """Hidden states of one stream's slots, (B, T, H)."""
+    seg = output.segments.get(stream)
+    if seg is None:
+        raise UserError(f"the model output has no {stream} segment; was the {stream} stream passed?")
+    return output.last_hidden_state[:, seg]
+
+
+def zero_loss(reference: torch.Tensor) -> torch.Tensor:
+    """A zero loss still attached to the graph, for a batch with no targets (DDP needs a backward)."""
+    return reference.sum() * 0.0
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+# name -> (module, class, options fixed by the name); DEFAULTS: options the user may override.
+_REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mlm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "token", "emotion": False}),
+    "wwm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "word", "emotion": False}),
+    "melm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "token", "emotion": True}),
+    "melm_wwm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "word", "emotion": True}),
+    "face_mrfr": ("uniter3m.tasks.frames", "FrameRegressionTask", {"stream": "V"}),
+    "speech_mrfr": ("uniter3m.tasks.frames", "FrameRegressionTask", {"stream": "A"}),
+    "face_mrc": ("uniter3m.tasks.frames", "FrameSoftLabelTask", {"stream": "V"}),
+    "face_fom": ("uniter3m.tasks.fom", "FrameOrderTask", {"stream": "V"}),
+    "speech_fom": ("uniter3m.tasks.fom", "FrameOrderTask", {"stream": "A"}),
+    "itm": ("uniter3m.tasks.matching", "MatchingTask", {"hard": False}),
+    "itm_hard": ("uniter3m.tasks.matching", "MatchingTask", {"hard": True}),
+    "contrastive": ("uniter3m.tasks.matching", "ContrastiveTask", {}),
+    "prompt": ("uniter3m.tasks.prompt", "PromptTask", {}),
+    "prompt_cross": ("uniter3m.tasks.prompt", "PromptTask", {}),
+    "emo_cls": ("uniter3m.tasks.emo_cls", "EmoClsTask", {}),
+}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prompt_cross": {"cases": ["L", "V", "A", "LV", "LA", "VA", "LVA"]},
+}
+_ALIASES = {
+    "msrfr": "speech_mrfr",
+    "mrfr": "face_mrfr",
+    "mrc_kl": "face_mrc",
+    "vfom": "face_fom",
+    "sfom": "speech_fom",
+}
+
+
+def task_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def task_class(name: str) -> type[Task]:
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    module, cls, _ = _REGISTRY[key]
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(name: str, context: TaskContext, **options: Any) -> Task:
+    """Build a registered task; unknown option keys are all listed in one ConfigError."""
+    key = _ALIASES.get(name, name)
+    cls = task_class(key)
+    preset = dict(_REGISTRY[key][2])
+    accepted = _accepted_options(cls)
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"task {name}: unknown option(s) {', '.join(unknown)}; {name} accepts {', '.join(sorted(accepted))}"
+        )
+    fixed = sorted(k for k in options if k in preset and options[k] != preset[k])
+    if fixed:
+        raise ConfigError(
+            f"task {name}: option(s) {', '.join(fixed)} are fixed by the task name; use another task"
+        )
+    return cls(context, name=name, **{**_DEFAULTS.get(key, {}), **options, **preset})
+
+
+def _accepted_options(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for pname, param in inspect.signature(init).parameters.items():
+            if pname not in ("self", "context", "name") and param.kind is inspect.Parameter.KEYWORD_ONLY:
+                names.add(pname)
+    return names

@@ -1,0 +1,107 @@
+"""Frame order modelling for face (VFOM) and speech (SFOM), HERO's formulation.
+
+A fraction of each clip's frames is shuffled among themselves and the model predicts, for every
+shuffled slot, the original position of the frame now sitting there (a classification over the
+clip's positions). The FRAMES are permuted here, in ``prepare``, before the model sees them: the
+model adds position embeddings in slot order, so a frame carries no trace of where it came from.
+(The reference code shuffled finished embeddings that still held their original positions, so the
+answer leaked.)
+
+The shuffle is a random cycle over the chosen slots, so every shuffled frame really moves. On
+frames without content (noise) the model can do no better than guessing: for a slot known to be
+shuffled, 1 / (k − 1) among the other k − 1 shuffled positions, and less since it cannot see
+which slots were shuffled; the ``chance`` metric reports 1 / (k − 1) averaged over targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uniter3m.errors import ConfigError
+from uniter3m.tasks.base import (
+    FRAME_STREAMS,
+    Task,
+    TaskContext,
+    TaskOutput,
+    backbone,
+    encode,
+    head,
+    ratio,
+    segment_states,
+    zero_loss,
+)
+from uniter3m.tasks.masking import check_rate, frame_lengths
+
+
+def shuffle_frames(
+    feat: torch.Tensor, real: torch.Tensor, shuffle_prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute about ``shuffle_prob`` of each clip's frames (at least 2 when the clip has 2).
+
+    Returns the shuffled frames and, per slot, the original position of the frame now in it
+    (-1 for slots that were not shuffled, padding and clips shorter than 2 frames).
+    """
+    out = feat.clone()
+    targets = torch.full(real.shape, -1, dtype=torch.long)
+    for b, length in enumerate(frame_lengths(real).tolist()):
+        if length < 2:
+            continue
+        k = int(shuffle_prob * length + torch.rand((), generator=generator).item())
+        k = min(max(k, 2), length)
+        slots = torch.randperm(length, generator=generator)[:k]
+        destination = slots.roll(1)
+        out[b, destination] = feat[b, slots]
+        targets[b, destination] = slots
+    return out, targets
+
+
+class FrameOrderTask(Task):
+    """VFOM / SFOM. Loss: cross-entropy over the clip's positions, mean over shuffled frames.
+
+    Head: ``face_fom`` / ``speech_fom``, which scores a frame state against the stream's own
+    position table (``FrameEmbeddings.position_table``); slots beyond the clip's length are excluded. Options: ``stream`` ("V" | "A", fixed by the task name),
+    ``shuffle_prob`` (0.15), plus the modality options of ``Task``.
+    """
+
+    def __init__(self, context: TaskContext, *, stream: str = "V", shuffle_prob: float = 0.15, **common: Any):
+        if stream not in FRAME_STREAMS:
+            raise ConfigError(f"task option stream={stream!r}; use 'V' (face) or 'A' (speech)")
+        self.stream = stream
+        self.prefix = FRAME_STREAMS[stream]
+        self.streams = (stream,)
+        self.head_name = f"{self.prefix}_fom"
+        self.heads = (self.head_name,)
+        super().__init__(context, **common)
+        self.shuffle_prob = check_rate("shuffle_prob", shuffle_prob)
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        real = batch[f"{self.prefix}_mask"].bool()
+        shuffled, targets = shuffle_frames(batch[f"{self.prefix}_feat"], real, self.shuffle_prob, generator)
+        inputs = self.model_inputs(batch)
+        inputs[f"{self.prefix}_feat"] = shuffled
+        inputs["order_targets"] = targets
+        return inputs
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        output = encode(model, inputs)
+        states = segment_states(output, self.prefix)
+        targets = inputs["order_targets"]
+        selected = targets >= 0
+        n = selected.sum()
+        if not bool(n):
+            return TaskOutput(zero_loss(states), n, {"acc": ratio(0.0, n), "chance": ratio(0.0, n)})
+        lengths = inputs[f"{self.prefix}_mask"].long().sum(1, keepdim=True).expand_as(targets)[selected]
+        table = getattr(backbone(model), f"{self.prefix}_embeddings").position_table(states.shape[1])
+        logits = head(model, self.head_name, self.name)(states[selected], table).float()
+        positions = torch.arange(logits.shape[-1], device=logits.device)
+        logits = logits.masked_fill(positions[None, :] >= lengths[:, None], float("-inf"))
+        gold = targets[selected]
+        loss = F.cross_entropy(logits, gold)
+        correct = (logits.argmax(-1) == gold).sum()
+        shuffled_per_clip = selected.sum(1, keepdim=True).expand_as(targets)[selected].float()
+        chance = (1.0 / (shuffled_per_clip - 1).clamp(min=1)).sum()
+        return TaskOutput(loss, n, {"acc": ratio(correct, n), "chance": ratio(chance, n)})

@@ -1,0 +1,392 @@
+"""Matching objectives: ITM with random negatives, ITM with in-batch hard negatives, and InfoNCE.
+
+* ``itm``: with probability ``neg_prob`` an utterance becomes a negative: the streams of one
+  subset drawn from ``negative_streams`` (e.g. ``{"V": 0.25, "A": 0.25, "VA": 0.5}``; ``"L"``
+  replaces the text) are taken from another utterance of the batch. A binary head on the pooled
+  output says whether the streams belong together.
+* ``itm_hard``: every utterance is scored with its own frames (positive) and with the frames of
+  the most similar other utterance of the batch (negative), where similarity is the cosine of
+  pooled single-modality embeddings (text alone vs frames alone) computed by the current model
+  without gradient.
+* ``contrastive``: InfoNCE across modalities: each stream is encoded alone, mean-pooled and
+  L2-normalised; for each pair of streams (L–V, L–A, V–A by default) the matching utterance must
+  win against the other utterances of the batch, in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uniter3m.errors import ConfigError, UserError
+from uniter3m.tasks.base import (
+    FRAME_STREAMS,
+    STREAM_NAMES,
+    Task,
+    TaskContext,
+    TaskOutput,
+    batch_streams,
+    call_model,
+    head,
+    parse_streams,
+    ratio,
+    text_absent,
+    zero_loss,
+)
+
+ITM_HEAD = "itm"
+TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags")
+
+
+def stream_keys(stream: str) -> tuple[str, ...]:
+    if stream == "L":
+        return TEXT_KEYS
+    name = FRAME_STREAMS[stream]
+    return (f"{name}_feat", f"{name}_mask", f"{name}_soft")
+
+
+def same_content(batch: Mapping[str, Any], stream: str, i: int, j: int) -> bool:
+    """Do utterances i and j carry identical data in ``stream`` (e.g. both empty)?"""
+    if stream == "L":
+        a, b = batch["input_ids"][i][batch["txt_mask"][i]], batch["input_ids"][j][batch["txt_mask"][j]]
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    name = FRAME_STREAMS[stream]
+    real_i, real_j = batch[f"{name}_mask"][i].bool(), batch[f"{name}_mask"][j].bool()
+    a, b = batch[f"{name}_feat"][i][real_i], batch[f"{name}_feat"][j][real_j]
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def frame_fingerprint(batch: Mapping[str, Any]) -> torch.Tensor:
+    """(B, 4·streams) summary of each utterance's frames (count, sum, sum of squares, time-weighted
+    sum, in float64): equal rows mean the same clip, so a duplicated clip is never mined as a
+    negative of itself, whatever dropout does to its embedding."""
+    parts = []
+    for name in FRAME_STREAMS.values():
+        if batch.get(f"{name}_feat") is None:
+            continue
+        feat = batch[f"{name}_feat"].double() * batch[f"{name}_mask"][..., None]
+        time = torch.arange(1, feat.shape[1] + 1, dtype=torch.float64)[None, :, None]
+        parts.append(batch[f"{name}_mask"].sum(1, keepdim=True).double())
+        parts += [
+            feat.sum((1, 2))[:, None],
+            (feat**2).sum((1, 2))[:, None],
+            (feat * time).sum((1, 2))[:, None],
+        ]
+    return torch.cat(parts, 1)
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real positions of each row; a row with none gives zeros."""
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def frame_kwargs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in FRAME_STREAMS.values():
+        if inputs.get(f"{name}_feat") is not None:
+            out[f"{name}_feat"] = inputs[f"{name}_feat"]
+            out[f"{name}_mask"] = inputs[f"{name}_mask"].bool()
+    return out
+
+
+def pooled(output: Any) -> torch.Tensor:
+    """L2-normalised mean of each row's real positions."""
+    return F.normalize(masked_mean(output.last_hidden_state, output.attention_mask).float(), dim=-1)
+
+
+def encode_streams_alone(
+    model: torch.nn.Module, inputs: Mapping[str, Any], streams: Sequence[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each stream encoded on its own, in ONE model call: per stream a copy of the batch in which
+    the other streams are masked out (attention never crosses to masked positions), so the
+    backbone runs once (what DDP expects) yet no stream sees another.
+
+    Returns stream -> (normalised pooled embedding (B, H), rows that have data (B,)).
+    """
+    bsz = inputs["input_ids"].shape[0]
+    copies = len(streams)
+    text_mask = inputs["attention_mask"].bool()
+    frames = frame_kwargs(inputs)
+    kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"].repeat(copies, 1)}
+    # text always rides along ([CLS] keeps the model's contract); frame streams only when needed
+    masks: dict[str, list[torch.Tensor]] = {"text": []}
+    masks.update({FRAME_STREAMS[s]: [] for s in streams if s in FRAME_STREAMS})
+    has: dict[str, torch.Tensor] = {}
+    for stream in streams:
+        own = STREAM_NAMES[stream]
+        for name in masks:
+            mask = text_mask if name == "text" else frames[f"{name}_mask"]
+            masks[name].append(mask if name == own else torch.zeros_like(mask))
+        own_mask = text_mask if own == "text" else frames[f"{own}_mask"]
+        has[stream] = inputs["has_text"].to(own_mask.device) if stream == "L" else own_mask.any(1)
+    kwargs["attention_mask"] = torch.cat(masks.pop("text"))
+    for name, parts in masks.items():
+        kwargs[f"{name}_feat"] = frames[f"{name}_feat"].repeat(copies, 1, 1)
+        kwargs[f"{name}_mask"] = torch.cat(parts)
+    embedded = pooled(call_model(model, **kwargs))
+    return {s: (embedded[k * bsz : (k + 1) * bsz], has[s]) for k, s in enumerate(streams)}
+
+
+def itm_loss(
+    model: torch.nn.Module, inputs: Mapping[str, Any], targets: torch.Tensor, task: str
+) -> TaskOutput:
+    """Binary cross-entropy (2-way softmax) on the pooled output; mean over utterances."""
+    kwargs = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        **frame_kwargs(inputs),
+    }
+    output = call_model(model, **kwargs)
+    logits = head(model, ITM_HEAD, task)(output.pooler_output).float()
+    n = torch.tensor(targets.numel(), device=targets.device)
+    loss = F.cross_entropy(logits, targets)
+    correct = (logits.argmax(-1) == targets).sum()
+    negatives = (targets == 0).sum()
+    return TaskOutput(loss, n, {"acc": ratio(correct, n), "neg_rate": ratio(negatives, n)})
+
+
+class MatchingTask(Task):
+    """ITM (``hard=False``) and hard-negative ITM (``hard=True``).
+
+    Loss: cross-entropy of the 2-way ITM head on the pooled output, mean over scored utterances
+    (B for ``itm``; up to 2B for ``itm_hard``: each positive and its mined negative).
+    Options: ``neg_prob`` (0.5, itm only), ``negative_streams`` (subset -> probability, default
+    ``{"V": 1/3, "A": 1/3, "VA": 1/3}`` restricted to the streams the batch has; itm only), plus the
+    modality options of ``Task``. A drawn negative whose replaced streams are identical to the
+    original (e.g. both utterances have no face) stays a positive; ``fallback`` counts those.
+    """
+
+    heads = (ITM_HEAD,)
+    streams = ("L",)
+
+    def __init__(
+        self,
+        context: TaskContext,
+        *,
+        hard: bool = False,
+        neg_prob: float = 0.5,
+        negative_streams: Mapping[str, float] | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(context, **common)
+        for subset in self.modality_subsets or []:
+            if not subset & {"V", "A"}:
+                raise ConfigError(
+                    f"task {self.name}: modality subset {''.join(sorted(subset))} has no face or speech to "
+                    "match the text with; add V or A to it"
+                )
+        self.hard = bool(hard)
+        if not 0.0 <= float(neg_prob) <= 1.0:
+            raise ConfigError(f"task {self.name}: neg_prob={neg_prob} must be in [0, 1]")
+        self.neg_prob = float(neg_prob)
+        spec = negative_streams or {"V": 1.0, "A": 1.0, "VA": 1.0}
+        self.negative_streams: list[tuple[frozenset[str], float]] = []
+        for key, prob in spec.items():
+            if float(prob) < 0:
+                raise ConfigError(f"task {self.name}: negative_streams[{key!r}] = {prob} must be >= 0")
+            subset = parse_streams(key, f"task {self.name}: negative_streams")
+            if subset == frozenset("LVA"):
+                raise ConfigError(
+                    f"task {self.name}: negative_streams {key!r} replaces every stream; drop one"
+                )
+            self.negative_streams.append((subset, float(prob)))
+        if sum(p for _, p in self.negative_streams) <= 0:
+            raise ConfigError(f"task {self.name}: negative_streams {dict(spec)} has no positive probability")
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        present = set(batch_streams(batch))
+        if text_absent(batch, self.special):
+            present.discard("L")
+        if not present & {"V", "A"}:
+            raise UserError(
+                f"task {self.name} matches text with face or speech but the batch (ids "
+                f"{list(batch.get('ids', []))[:3]}...) has no frame stream; give it a feature db"
+            )
+        inputs = self.model_inputs(batch)
+        inputs["has_text"] = torch.full((batch["input_ids"].shape[0],), "L" in present)
+        if self.hard:
+            inputs["frame_fingerprint"] = frame_fingerprint(batch)
+            return inputs
+        targets, fallback = self.make_negatives(batch, inputs, present, generator)
+        inputs["itm_targets"] = targets
+        inputs["itm_fallback"] = torch.tensor(fallback)
+        return inputs
+
+    def make_negatives(
+        self, batch: Mapping[str, Any], inputs: dict[str, Any], present: set[str], generator: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
+        options = [(s, p) for s, p in self.negative_streams if s <= present and p > 0]
+        if not options:
+            wanted = ", ".join("".join(sorted(s)) for s, _ in self.negative_streams)
+            raise UserError(
+                f"task {self.name}: none of negative_streams ({wanted}) is present in the batch "
+                f"(streams {''.join(sorted(present))}); add a subset of the batch's streams"
+            )
+        bsz = batch["input_ids"].shape[0]
+        targets = torch.ones(bsz, dtype=torch.long)
+        if bsz < 2:
+            return targets, 0
+        weights = torch.tensor([p for _, p in options])
+        is_negative = torch.rand(bsz, generator=generator) < self.neg_prob
+        choice = torch.multinomial(weights, bsz, replacement=True, generator=generator)
+        donors = (torch.arange(bsz) + torch.randint(1, bsz, (bsz,), generator=generator)) % bsz
+        # Read donors from the untouched tensors and write into copies: the batch's own tensors
+        # are shared with the caller, and a donor's row may itself be replaced.
+        source = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        for key in source:
+            inputs[key] = source[key].clone()
+        fallback = 0
+        for i in torch.nonzero(is_negative).flatten().tolist():
+            j = int(donors[i])
+            subset = options[int(choice[i])][0]
+            if all(same_content(batch, s, i, j) for s in subset):
+                fallback += 1
+                continue
+            for stream in subset:
+                for key in stream_keys(stream):
+                    key = "attention_mask" if key == "txt_mask" else key
+                    if key in inputs:
+                        inputs[key][i] = source[key][j]
+            targets[i] = 0
+        return targets, fallback
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        if not self.hard:
+            result = itm_loss(model, inputs, inputs["itm_targets"], self.name)
+            n = inputs["itm_targets"].numel()
+            result.metrics["fallback"] = ratio(inputs["itm_fallback"], n, device=inputs["itm_targets"].device)
+            return result
+        return self.hard_forward(model, inputs)
+
+    def hard_forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        bsz = inputs["input_ids"].shape[0]
+        with torch.no_grad():
+            text = pooled(
+                call_model(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            )
+            frames_out = call_model(model, **frame_kwargs(inputs))
+            frames = pooled(frames_out)
+            has_frames = frames_out.attention_mask.any(1)
+            sim = text @ frames.T
+            # never "mine" the utterance itself, one without frames, or a duplicate of its frames
+            fingerprint = inputs["frame_fingerprint"]
+            same = (fingerprint[:, None, :] == fingerprint[None, :, :]).all(-1)
+            sim = sim.masked_fill(same | ~has_frames[None, :], float("-inf"))
+            donors = sim.argmax(1)
+            valid = torch.isfinite(sim.max(1).values) & has_frames
+        rows = torch.arange(bsz, device=donors.device)
+        neg_rows = rows[valid]
+        pair_text = torch.cat([rows, neg_rows])
+        pair_frames = torch.cat([rows, donors[valid]])
+        paired: dict[str, Any] = {
+            "input_ids": inputs["input_ids"][pair_text],
+            "attention_mask": inputs["attention_mask"][pair_text],
+        }
+        for name in FRAME_STREAMS.values():
+            if inputs.get(f"{name}_feat") is not None:
+                paired[f"{name}_feat"] = inputs[f"{name}_feat"][pair_frames]
+                paired[f"{name}_mask"] = inputs[f"{name}_mask"][pair_frames]
+        targets = torch.cat([torch.ones(bsz, dtype=torch.long), torch.zeros(len(neg_rows), dtype=torch.long)])
+        result = itm_loss(model, paired, targets.to(rows.device), self.name)
+        result.metrics["mined"] = ratio(valid.sum(), bsz)
+        return result
+
+
+class ContrastiveTask(Task):
+    """InfoNCE across modalities. Loss: symmetric cross-entropy over the batch, mean over the
+    utterances counted once per pair of streams and direction-averaged.
+
+    Options: ``pairs`` (default: every pair of the streams the batch has, among ``[["L","V"],
+    ["L","A"],["V","A"]]``), ``temperature`` (0.07), plus the modality options of ``Task``.
+    Utterances with an empty stream are left out of that stream's pairs; a pair with fewer than
+    two usable utterances contributes nothing (``skipped_pairs`` counts them). No head: the
+    backbone's mean-pooled states are compared directly.
+    """
+
+    heads = ()
+
+    def __init__(
+        self,
+        context: TaskContext,
+        *,
+        pairs: Sequence[Sequence[str] | str] | None = None,
+        temperature: float = 0.07,
+        **common: Any,
+    ) -> None:
+        super().__init__(context, **common)
+        for subset in self.modality_subsets or []:
+            if len(subset) < 2:
+                raise ConfigError(
+                    f"task {self.name}: modality subset {''.join(subset)} has one stream; contrast needs two"
+                )
+        raw = pairs if pairs is not None else [["L", "V"], ["L", "A"], ["V", "A"]]
+        self.pairs: list[tuple[str, str]] = []
+        for pair in raw:
+            subset = parse_streams(pair, f"task {self.name}: pairs")
+            if len(subset) != 2:
+                raise ConfigError(f"task {self.name}: pair {pair!r} must name exactly two streams")
+            a, b = sorted(subset, key="LVA".index)
+            self.pairs.append((a, b))
+        if not 0 < float(temperature):
+            raise ConfigError(f"task {self.name}: temperature={temperature} must be > 0")
+        self.temperature = float(temperature)
+        self.explicit_pairs = pairs is not None
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        present = set(batch_streams(batch))
+        if text_absent(batch, self.special):
+            present.discard("L")
+        usable = [p for p in self.pairs if set(p) <= present]
+        if self.explicit_pairs and len(usable) < len(self.pairs):
+            missing = [f"{a}{b}" for a, b in self.pairs if (a, b) not in usable]
+            raise UserError(
+                f"task {self.name}: pairs {', '.join(missing)} need streams the batch (ids "
+                f"{list(batch.get('ids', []))[:3]}...) lacks ({''.join(sorted(present))} present)"
+            )
+        if not usable:
+            raise UserError(
+                f"task {self.name} needs two streams but the batch has only {''.join(sorted(present))}; "
+                "give it datasets with text and face and/or speech"
+            )
+        inputs = self.model_inputs(batch)
+        inputs["has_text"] = torch.full((batch["input_ids"].shape[0],), "L" in present)
+        inputs["contrastive_pairs"] = ["".join(p) for p in usable]
+        return inputs
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        pairs = [tuple(p) for p in inputs["contrastive_pairs"]]
+        needed = sorted({s for p in pairs for s in p}, key="LVA".index)
+        embedded = encode_streams_alone(model, inputs, needed)
+        total = None
+        n = 0
+        correct = 0
+        skipped = 0
+        for a, b in pairs:
+            (za, ha), (zb, hb) = embedded[a], embedded[b]
+            rows = ha & hb
+            count = int(rows.sum())
+            if count < 2:
+                skipped += 1
+                continue
+            logits = za[rows] @ zb[rows].T / self.temperature
+            gold = torch.arange(count, device=logits.device)
+            per_row = (
+                F.cross_entropy(logits, gold, reduction="none")
+                + F.cross_entropy(logits.T, gold, reduction="none")
+            ) / 2
+            total = per_row.sum() if total is None else total + per_row.sum()
+            n += count
+            correct += int((logits.argmax(1) == gold).sum())
+        reference = next(iter(embedded.values()))[0]
+        device = reference.device
+        metrics = {
+            "acc": ratio(correct, n, device=device),
+            "skipped_pairs": ratio(skipped, len(pairs), device=device),
+        }
+        if total is None:
+            return TaskOutput(zero_loss(reference), torch.tensor(0, device=device), metrics)
+        return TaskOutput(total / n, torch.tensor(n, device=device), metrics)

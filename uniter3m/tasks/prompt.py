@@ -1,0 +1,216 @@
+"""Prompt-based masked emotion prediction (MEmoBERT's prompt objective) and its cross-modal form.
+
+A template with one mask token, e.g. ``"i am [MASK] ."``, is joined to the text (``position``
+"before" or "after" it) and the model must put the verbaliser word of the utterance's emotion at
+the mask: ``verbalizer = {"anger": "angry", "joy": "happy", ...}``. Verbaliser words must be
+single word pieces of the tokenizer (else a ConfigError names the word and its pieces); the
+template and words are tokenised with the context's tokenizer, never hard-coded ids.
+
+Cross-modal form (``prompt_cross``): each batch draws one modality case among ``cases`` (default
+the 7 cases L, V, A, LV, LA, VA, LVA); without L the utterance's text is removed and only
+``[CLS] prompt [SEP]`` plus the face and/or speech frames remain. ``prompt`` keeps every stream
+the batch has unless ``cases`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uniter3m.errors import ConfigError, UserError
+from uniter3m.tasks.base import (
+    STREAM_NAMES,
+    Task,
+    TaskContext,
+    TaskOutput,
+    batch_streams,
+    encode,
+    head,
+    keep_streams,
+    ratio,
+    segment_states,
+)
+from uniter3m.tasks.mlm import MLM_HEAD
+
+
+def tokenize_template(tokenizer: Any, template: str, mask_id: int, task: str) -> list[int]:
+    """Token ids of ``template`` with its single mask token as ``mask_id``."""
+    mask_token = tokenizer.mask_token
+    parts = template.split(mask_token)
+    if len(parts) != 2:
+        raise ConfigError(
+            f"task {task}: template {template!r} must contain the mask token {mask_token!r} exactly once, "
+            f"e.g. 'i am {mask_token} .'"
+        )
+    left, right = (
+        tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else [] for p in parts
+    )
+    return [*left, mask_id, *right]
+
+
+def verbalizer_ids(tokenizer: Any, verbalizer: Mapping[str, str], unk_id: int, task: str) -> dict[str, int]:
+    """Label -> id of its single-piece verbaliser word; every problem is listed in one error."""
+    problems = []
+    ids: dict[str, int] = {}
+    for label, word in verbalizer.items():
+        pieces = tokenizer(str(word), add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1 or pieces[0] == unk_id:
+            shown = tokenizer.convert_ids_to_tokens(pieces)
+            problems.append(f"{label!r} -> {word!r} is {shown} (needs exactly one known word piece)")
+        else:
+            ids[str(label)] = int(pieces[0])
+    seen: dict[int, str] = {}
+    for label, tid in ids.items():
+        if tid in seen:
+            problems.append(f"{seen[tid]!r} and {label!r} map to the same word {verbalizer[label]!r}")
+        seen[tid] = label
+    if problems:
+        raise ConfigError(
+            f"task {task}: bad verbalizer: "
+            + "; ".join(problems)
+            + "; choose single-piece words of the vocabulary"
+        )
+    return ids
+
+
+class PromptTask(Task):
+    """Prompt mask. Loss: cross-entropy at the one mask position per utterance, mean over utterances.
+
+    Options: ``verbalizer`` (label -> word, required), ``label_column`` (the batch ``labels`` column,
+    required), ``template`` ("i am [MASK] ."), ``position`` ("before" | "after" the text),
+    ``cases`` (modality cases drawn per batch, e.g. ["V", "LV"]; each case's face/speech streams must
+    be in the batch), ``case_weights`` (sampling weights), ``loss_over`` ("vocab": softmax over the
+    whole vocabulary as in MLM, or "verbalizer": over the verbaliser words only), ``max_len`` (512:
+    the text is cut, never the prompt, so that [CLS] + prompt + text + [SEP] fits; ``truncated``
+    counts cut utterances). Accuracy is the argmax over the verbaliser words only. Head: MLM.
+    """
+
+    heads = ("mlm",)
+    streams = ()
+
+    def __init__(
+        self,
+        context: TaskContext,
+        *,
+        verbalizer: Mapping[str, str] | None = None,
+        label_column: str | None = None,
+        template: str = "i am [MASK] .",
+        position: str = "before",
+        cases: Sequence[Sequence[str] | str] | None = None,
+        case_weights: Sequence[float] | None = None,
+        loss_over: str = "vocab",
+        max_len: int = 512,
+        **common: Any,
+    ) -> None:
+        if "modality_subsets" in common:
+            raise ConfigError("prompt tasks select streams with 'cases', not 'modality_subsets'")
+        super().__init__(context, modality_subsets=cases, modality_weights=case_weights, **common)
+        tokenizer = context.tokenizer
+        if tokenizer is None:
+            raise ConfigError(
+                f"task {self.name} needs the tokenizer in its TaskContext (template, verbalizer)"
+            )
+        if not verbalizer:
+            raise ConfigError(f'task {self.name}: give verbalizer, e.g. {{"anger": "angry", "joy": "happy"}}')
+        if not label_column:
+            raise ConfigError(f"task {self.name}: give label_column, the label column of the text db")
+        if position not in ("before", "after"):
+            raise ConfigError(f"task {self.name}: position={position!r}; use 'before' or 'after'")
+        if loss_over not in ("vocab", "verbalizer"):
+            raise ConfigError(f"task {self.name}: loss_over={loss_over!r}; use 'vocab' or 'verbalizer'")
+        self.label_column = label_column
+        self.position = position
+        self.loss_over = loss_over
+        self.prompt_ids = tokenize_template(tokenizer, template, self.special.mask_id, self.name)
+        self.label_ids = verbalizer_ids(tokenizer, verbalizer, self.special.unk_id, self.name)
+        self.word_ids = torch.tensor(list(self.label_ids.values()), dtype=torch.long)
+        if max_len < len(self.prompt_ids) + 2:
+            raise ConfigError(
+                f"task {self.name}: max_len={max_len} leaves no room for the prompt and [CLS]/[SEP]"
+            )
+        self.max_len = int(max_len)
+
+    def drop_modalities(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        case = self.sample_subset(generator)
+        if case is None:
+            return dict(batch)
+        missing = sorted(case - batch_streams(batch))
+        if missing:
+            raise UserError(
+                f"task {self.name}: case {''.join(sorted(case, key='LVA'.index))} needs "
+                f"{', '.join(STREAM_NAMES[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
+                "has none: remove the case or give the task a dataset with that stream"
+            )
+        return keep_streams(batch, case, self.special)
+
+    def label_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        column = batch.get("labels", {}).get(self.label_column)
+        ids = list(batch.get("ids", []))
+        if column is None:
+            raise UserError(
+                f"task {self.name}: the batch has no label column {self.label_column!r} "
+                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
+            )
+        out = []
+        for i, value in enumerate(column):
+            tid = self.label_ids.get(str(value))
+            if tid is None:
+                who = ids[i] if i < len(ids) else i
+                raise UserError(
+                    f"task {self.name}: utterance {who} has label {value!r} which the verbalizer does not map "
+                    f"(it maps {sorted(self.label_ids)}); add it to the verbalizer or filter the data"
+                )
+            out.append(tid)
+        return torch.tensor(out, dtype=torch.long)
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        special = self.special
+        words = self.label_targets(batch)
+        room = self.max_len - 2 - len(self.prompt_ids)
+        rows: list[list[int]] = []
+        truncated = 0
+        for ids, real in zip(batch["input_ids"], batch["txt_mask"].bool()):
+            text = [t for t in ids[real].tolist() if t not in (special.cls_id, special.sep_id)]
+            if len(text) > room:
+                truncated += 1
+                text = text[:room]
+            body = self.prompt_ids + text if self.position == "before" else text + self.prompt_ids
+            rows.append([special.cls_id, *body, special.sep_id])
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), special.pad_id, dtype=torch.long)
+        txt_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        targets = torch.full((len(rows), length), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            txt_mask[b, : len(row)] = True
+            start = 1 if self.position == "before" else len(row) - 1 - len(self.prompt_ids)
+            targets[b, start + self.prompt_ids.index(special.mask_id)] = words[b]
+        inputs = self.model_inputs(batch)
+        inputs.update(input_ids=input_ids, attention_mask=txt_mask, prompt_targets=targets)
+        inputs["prompt_truncated"] = torch.tensor(truncated)
+        return inputs
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        output = encode(model, inputs)
+        states = segment_states(output, "text")
+        targets = inputs["prompt_targets"]
+        selected = targets >= 0
+        gold = targets[selected]
+        n = selected.sum()
+        logits = head(model, MLM_HEAD, self.name)(states[selected]).float()
+        word_ids = self.word_ids.to(logits.device)
+        word_logits = logits[:, word_ids]
+        gold_word = (gold[:, None] == word_ids[None, :]).float().argmax(1)
+        if self.loss_over == "vocab":
+            loss = F.cross_entropy(logits, gold)
+        else:
+            loss = F.cross_entropy(word_logits, gold_word)
+        correct = (word_logits.argmax(1) == gold_word).sum()
+        metrics = {
+            "acc": ratio(correct, n),
+            "truncated": ratio(inputs["prompt_truncated"], n, device=n.device),
+        }
+        return TaskOutput(loss, n, metrics)
