@@ -301,23 +301,25 @@ def test_memobert_dimension_mismatch_names_the_key(tmp_path):
 
 
 def test_uniter_backbone_only_and_projection_rules():
-    """A fine-tuned UNITER-style dict: `bert.` prefix, box positions, projection LayerNorm, `output.*`."""
+    """A fine-tuned UNITER-style dict: `bert.` prefix, box positions, projection block, `output.*`."""
     torch.manual_seed(4)
     model = UniterModel(tiny_config(speech={"feat_dim": 0}, face={"projection": True, "soft_label_dim": 0}))
     theirs = {}
     for key, tensor in model.state_dict().items():
         name = key.replace("face_embeddings.", "img_embeddings.").replace("feat_linear", "img_linear")
         name = name.replace("feat_layer_norm", "img_layer_norm").replace("projs_linear.", "projs_linear.1.")
+        name = name.replace("projs_layer_norm.", "projs_linear.3.")
         theirs["bert." + name] = torch.stack([tensor, tensor]) if name.endswith("mask_embedding") else tensor
     theirs["bert.img_embeddings.mask_embedding.weight"] = theirs.pop("bert.img_embeddings.mask_embedding")
     theirs["bert.img_embeddings.pos_linear.weight"] = torch.randn(32, 7)
-    theirs["bert.img_embeddings.projs_linear.3.weight"] = torch.ones(32)
     theirs["output.output.0.weight"] = torch.randn(64, 32)
     state, report = conv.convert_uniter(theirs, flavour="uniter")
     assert conv.heads_of(state) == []
     assert set(conv.backbone_only(state)) == set(model.state_dict())
     assert "box" in report.ignored["bert.img_embeddings.pos_linear.weight"]
-    assert "LayerNorm" in report.ignored["bert.img_embeddings.projs_linear.3.weight"]
+    ours_ln = "uniter.face_embeddings.projs_layer_norm.weight"  # MEmoBERT's projection LayerNorm carries over
+    assert report.converted[ours_ln] == "bert.img_embeddings.projs_linear.3.weight"
+    assert torch.equal(state[ours_ln], theirs["bert.img_embeddings.projs_linear.3.weight"])
     assert "fine-tuned" in report.ignored["output.output.0.weight"]
     data = conv.infer_config(state, report=report)
     assert data["num_attention_heads"] == 1 and any("guess" in n for n in report.notes)

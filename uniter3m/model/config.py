@@ -32,7 +32,10 @@ class FrameStreamConfig(StrictModel):
     position: Literal["learned", "sinusoidal"] = Field(
         "learned", description="sinusoidal positions are fixed and work for any frame count"
     )
-    projection: bool = Field(False, description="extra Linear+GELU after the input linear and its LayerNorm")
+    projection: bool = Field(
+        False,
+        description="extra Linear+GELU+LayerNorm after the input linear and its LayerNorm (MEmoBERT projs_linear)",
+    )
     soft_label_dim: int = Field(
         0, ge=0, description="classes of the per-frame soft labels (frame classification); 0 = none"
     )

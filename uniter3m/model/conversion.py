@@ -305,14 +305,13 @@ _STREAM_PARTS = {
     "position_embeddings.": "position_embeddings.",
     "LayerNorm.": "LayerNorm.",
     "token_type_embeddings.": "token_type_embeddings.",
-    # MEmoBERT: Sequential(Dropout, Linear, GELU, LayerNorm, Dropout); ours: Linear then GELU.
+    # MEmoBERT: Sequential(Dropout, Linear, GELU, LayerNorm, Dropout); ours: projs_linear, GELU, projs_layer_norm.
     "projs_linear.1.": "projs_linear.",
+    "projs_linear.3.": "projs_layer_norm.",
     "projs_linear.weight": "projs_linear.weight",  # a plain Linear, as ours
     "projs_linear.bias": "projs_linear.bias",
 }
 _STREAM_IGNORED = {
-    "projs_linear.3.": "the LayerNorm closing MEmoBERT's extra projection has no counterpart in uniter3m's "
-    "projection (Linear+GELU): this stream's embeddings differ until fine-tuned",
     "pos_linear.": "UNITER box-geometry input (7-d region boxes): uniter3m frames use slot positions instead",
     "pos_layer_norm.": "UNITER box-geometry input (7-d region boxes): uniter3m frames use slot positions instead",
 }

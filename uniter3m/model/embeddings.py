@@ -74,7 +74,9 @@ class FrameEmbeddings(nn.Module):
         self.feat_dim = stream.feat_dim
         self.feat_linear = nn.Linear(stream.feat_dim, h)
         self.feat_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        # optional projection block, MEmoBERT's layout: Linear -> GELU -> LayerNorm
         self.projs_linear = nn.Linear(h, h) if stream.projection else None
+        self.projs_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if stream.projection else None
         self.sinusoidal = stream.position == "sinusoidal"
         if self.sinusoidal:
             self.position_embeddings = None
@@ -115,7 +117,7 @@ class FrameEmbeddings(nn.Module):
             feat = torch.where(frame_mask.unsqueeze(-1), self.mask_embedding.to(feat.dtype), feat)
         x = self.feat_layer_norm(self.feat_linear(feat))
         if self.projs_linear is not None:
-            x = nn.functional.gelu(self.projs_linear(x))
+            x = self.projs_layer_norm(nn.functional.gelu(self.projs_linear(x)))
         x = x + self.position_table(feat.shape[1])
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.weight[0]
