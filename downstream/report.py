@@ -1,0 +1,145 @@
+"""Results as tables and a picture: per-fold CSV, Markdown mean ± std, confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniter3m.errors import UserError
+from uniter3m.fileio import atomic_write_bytes, atomic_write_json
+
+FOLD_FILE = "metrics.json"
+CLASSIFICATION_COLUMNS = ("wa", "uar", "weighted_f1", "macro_f1")
+REGRESSION_COLUMNS = ("mae", "pearson", "acc2", "acc2_nonzero", "f1", "acc7")
+
+
+def scalar_columns(metrics: Mapping[str, Any]) -> list[str]:
+    known = REGRESSION_COLUMNS if "mae" in metrics else CLASSIFICATION_COLUMNS
+    return [c for c in known if c in metrics]
+
+
+def load_fold_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every `<output_dir>/<fold>/metrics.json`, in fold order."""
+    files = sorted(Path(output_dir).glob(f"*/{FOLD_FILE}"))
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{f} is not valid JSON ({err}); rerun that fold") from err
+    return sorted(results, key=lambda r: r.get("fold_index", 0))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for a single fold)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """summary.csv (a row per fold + mean + std), summary.md, confusion.png (summed over folds)."""
+    if not results:
+        raise UserError(f"no fold results ({FOLD_FILE}) under {output_dir}; run `uniter3m finetune` first")
+    out = Path(output_dir)
+    cols = scalar_columns(results[0]["test"])
+    rows = [[r["fold"]] + [r["test"][c] for c in cols] for r in results]
+    stats = {c: mean_std([r["test"][c] for r in results]) for c in cols}
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["fold", *cols])
+    writer.writerows([[f, *(f"{v:.4f}" for v in vals)] for f, *vals in rows])
+    writer.writerow(["mean", *(f"{stats[c][0]:.4f}" for c in cols)])
+    writer.writerow(["std", *(f"{stats[c][1]:.4f}" for c in cols)])
+    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
+
+    name = results[0].get("protocol", "")
+    md = [
+        f"**{name}** — test split, {len(results)} fold(s), model selected on validation "
+        f"({results[0].get('selection_metric')})",
+        "",
+        "| fold | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    md += ["| " + " | ".join([f] + [f"{v:.2f}" for v in vals]) + " |" for f, *vals in rows]
+    md.append("| **mean ± std** | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in stats.values()) + " |")
+    atomic_write_bytes(out / "summary.md", ("\n".join(md) + "\n").encode())
+
+    summary: dict[str, Any] = {
+        "folds": len(results),
+        "mean": {c: m for c, (m, _) in stats.items()},
+        "std": {c: s for c, (_, s) in stats.items()},
+    }
+    if "confusion" in results[0]["test"]:
+        total = np.sum([np.asarray(r["test"]["confusion"]) for r in results], axis=0)
+        plot_confusion(total, results[0]["classes"], out / "confusion.png", title=f"{name}: test, all folds")
+        summary["confusion"] = total.tolist()
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def plot_confusion(
+    matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Row-normalised confusion matrix (recall per gold class), raw counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    totals = matrix.sum(axis=1, keepdims=True)
+    recall = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+    size = max(4.0, 0.7 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(int(matrix[i, j])),
+                ha="center",
+                va="center",
+                color="white" if recall[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
+    fig.colorbar(im, ax=ax, fraction=0.046, label="recall")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def modality_table(rows: Sequence[Mapping[str, Any]], path_stem: str | os.PathLike) -> str:
+    """The missing-modality table: CSV + Markdown, a row per modality case; returns the Markdown."""
+    cols = scalar_columns(rows[0]["metrics"])
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["modalities", "n", *cols])
+    for r in rows:
+        writer.writerow([r["modalities"], r["n"], *(f"{r['metrics'][c]:.4f}" for c in cols)])
+    stem = Path(path_stem)
+    atomic_write_bytes(stem.with_suffix(".csv"), buf.getvalue().encode())
+    md = ["| modalities | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    md += [
+        f"| {r['modalities']} | {r['n']} | " + " | ".join(f"{r['metrics'][c]:.2f}" for c in cols) + " |"
+        for r in rows
+    ]
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    return text

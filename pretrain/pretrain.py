@@ -1,0 +1,342 @@
+"""`uniter3m pretrain --config FILE [--set key=value ...] [--resume auto|DIR]`
+
+The recipe reads top to bottom: config -> backend -> data -> tasks -> model -> optimiser ->
+streams -> loop. The same command runs alone, under `torchrun` and under `horovodrun`
+(scripts/pretrain_torchrun.sh, scripts/pretrain_horovod.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniter3m.data.collate import Collator
+from uniter3m.data.dataset import JoinedDataset
+from uniter3m.data.store import DbReader
+from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
+from uniter3m.errors import ConfigError, DatabaseError
+from uniter3m.fileio import atomic_write_json
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.pretraining import UniterForPretraining
+from uniter3m.tasks.base import TaskContext, build_task
+from uniter3m.train.checkpoint import find_resume
+from uniter3m.train.config import DatasetConfig, PretrainConfig, load_pretrain_config
+from uniter3m.train.distributed import init_backend
+from uniter3m.train.loaders import TaskStream, validation_loader
+from uniter3m.train.loop import LoopSettings, PretrainLoop, TrainTask
+from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
+from uniter3m.train.precision import Precision
+
+log = logging.getLogger("uniter3m.pretrain")
+STREAM_OF = {"V": "face", "A": "speech"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="pretraining config JSON (see configs/pretrain/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=5e-5 --set steps=1000 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|DIR",
+        help="'auto': continue from the last complete checkpoint in output_dir (start fresh if none); "
+        "DIR: that checkpoint",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_pretrain(args.config, args.overrides, args.resume)
+    return 0
+
+
+def run_pretrain(
+    config: str | os.PathLike | Mapping[str, Any] | PretrainConfig,
+    overrides: Iterable[str] = (),
+    resume: str | None = None,
+) -> dict[str, float]:
+    """Pretrain as the config says; returns the final validation metrics ('task/metric' -> value)."""
+    # 1. config
+    cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config, overrides)
+    backend = init_backend(cfg.device)
+    if not backend.is_main:  # one copy of the data reports, not one per rank
+        logging.getLogger("uniter3m").setLevel(logging.WARNING)
+    loop = optimizer = scheduler = model = None
+    try:
+        if backend.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(cfg.output_dir) / "config.json", cfg.model_dump(mode="json"))
+
+        # 2. data: every text db must share one tokenizer; the special ids come from it
+        readers = _DbCache()
+        special, tokenizer_meta = _special_tokens(cfg, readers)
+        tokenizer = _tokenizer(cfg.tokenizer, tokenizer_meta)
+        collator = Collator(special)
+
+        # 3. tasks, each with its training dataset (and validation dataset when it has one)
+        context = TaskContext(special=special, tokenizer=tokenizer)
+        active = cfg.active_tasks()
+        tasks = [build_task(t.name, context, **t.options) for t in active]
+        train_sets = [
+            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=False) for t in active
+        ]
+        val_sets = [
+            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=True)
+            if cfg.datasets[t.dataset].has_validation
+            else None
+            for t in active
+        ]
+
+        # 4. model: the heads the tasks use, stream dims from the databases
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = _build_model(cfg, tasks, readers).to(backend.device)
+
+        # 5. optimiser, schedule, precision
+        optimizer = build_optimizer(
+            model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps, backend.device
+        )
+        scheduler = warmup_linear_schedule(
+            optimizer, cfg.optim.warmup_steps, cfg.steps, cfg.optim.final_lr_ratio
+        )
+        precision = Precision(cfg.precision, backend.device)
+
+        # 6. one endless, resumable stream per task; fixed validation batches
+        b = cfg.batching
+        pin = backend.device.type == "cuda"
+        train_tasks = []
+        for i, (tc, task, train, val) in enumerate(zip(active, tasks, train_sets, val_sets, strict=True)):
+            common = dict(
+                task_index=i,
+                seed=cfg.seed,
+                max_batch_size=b.max_batch_size,
+                pool_size=b.pool_size,
+                num_workers=b.num_workers,
+                world_size=backend.world_size,
+                rank=backend.rank,
+                pin_memory=pin,
+            )
+            stream = TaskStream(task, train, collator, max_tokens=b.max_tokens, **common)
+            val_loader = (
+                validation_loader(
+                    task,
+                    val,
+                    collator,
+                    max_tokens=b.val_max_tokens or b.max_tokens,
+                    max_batches=cfg.val_max_batches,
+                    **common,
+                )
+                if val is not None
+                else None
+            )
+            train_tasks.append(TrainTask(tc.key, task, tc.ratio, stream, val_loader))
+
+        # 7. the loop (resume loads weights, optimiser, RNG and loader positions before DDP wraps)
+        settings = LoopSettings(
+            output_dir=cfg.output_dir,
+            steps=cfg.steps,
+            seed=cfg.seed,
+            grad_accum=cfg.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            val_every=cfg.val_every,
+            ckpt_every=cfg.ckpt_every,
+            keep_last=cfg.keep_last,
+            log_every=cfg.log_every,
+            max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
+            progress=cfg.progress,
+            stop_after=cfg.stop_after,
+        )
+        checkpoint = find_resume(cfg.output_dir, resume)
+        if checkpoint is not None and backend.is_main:
+            log.info("resuming from %s", checkpoint)
+        loop = PretrainLoop(
+            settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint
+        )
+        metrics = loop.run()
+        if backend.is_main and metrics:
+            log.info("final validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+    finally:
+        # gloo: the DDP model and optimiser must be gone before the process group is destroyed
+        if loop is not None:
+            loop.close()
+        del loop, scheduler, optimizer, model
+        gc.collect()
+        backend.shutdown()
+
+
+# ------------------------------------------------------------------------------------ data helpers
+class _DbCache:
+    """One DbReader per path, shared by every dataset that names it."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], DbReader] = {}
+
+    def get(self, path: str, kind: str) -> DbReader:
+        key = (str(Path(path).resolve()), kind)
+        if key not in self._open:
+            self._open[key] = DbReader(path, kind=kind)
+        return self._open[key]
+
+    def many(self, paths: Sequence[str] | None, kind: str) -> list[DbReader] | None:
+        return None if paths is None else [self.get(p, kind) for p in paths]
+
+
+def _special_tokens(cfg: PretrainConfig, readers: _DbCache) -> tuple[SpecialTokens, dict[str, Any]]:
+    """The special ids shared by every text db (and that tokenizer's meta); mixed tokenizers are an error."""
+    seen: dict[str, str] = {}
+    first: dict[str, Any] | None = None
+    for name, ds in cfg.datasets.items():
+        for path in [*ds.txt, *(ds.val_txt or [])]:
+            meta = readers.get(path, "txt").meta.get("tokenizer")
+            if not meta:
+                raise DatabaseError(
+                    f"{path}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db"
+                )
+            seen.setdefault(str(meta.get("vocab_hash")), f"{path} (dataset {name})")
+            first = first or meta
+    if len(seen) > 1:
+        raise ConfigError(
+            "the text databases were built with different tokenizers: "
+            + "; ".join(f"vocab hash {h} in {where}" for h, where in seen.items())
+            + "; rebuild them with one tokenizer"
+        )
+    assert first is not None
+    return SpecialTokens.from_dict(first), first
+
+
+def _tokenizer(configured: str | None, meta: dict[str, Any]) -> Any | None:
+    """The tokenizer (prompt tasks need its words): the configured one, else the folder the text dbs
+    were built with when it still exists; its vocabulary must be the dbs' one."""
+    path = configured or (meta.get("name") if meta.get("name") and Path(meta["name"]).is_dir() else None)
+    if path is None:
+        return None
+    tokenizer = load_tokenizer(path)
+    if meta.get("vocab_hash") and vocab_hash(tokenizer) != meta["vocab_hash"]:
+        raise ConfigError(
+            f"tokenizer {path} has vocab hash {vocab_hash(tokenizer)} but the text databases were built with "
+            f"{meta['vocab_hash']} ({meta.get('name')}); give the tokenizer the databases were built with"
+        )
+    return tokenizer
+
+
+def _dataset(ds: DatasetConfig, modalities: str | None, readers: _DbCache, validation: bool) -> JoinedDataset:
+    prefix = "val_" if validation else ""
+    face = getattr(ds, prefix + "face")
+    speech = getattr(ds, prefix + "speech")
+    available = "L" + ("V" if face else "") + ("A" if speech else "")
+    wanted = modalities or available
+    lacking = sorted(set(wanted) - set(available))
+    if lacking:
+        raise ConfigError(
+            f"a task asks for modalities {wanted} but its dataset has no {', '.join(STREAM_OF[m] for m in lacking)} "
+            f"databases ({prefix}face / {prefix}speech); add them or drop those letters"
+        )
+    return JoinedDataset(
+        readers.many(getattr(ds, prefix + "txt"), "txt"),
+        readers.many(face, "feat") if "V" in wanted else None,
+        readers.many(speech, "feat") if "A" in wanted else None,
+        modalities=wanted,
+        max_txt_len=ds.max_txt_len,
+        max_frames=ds.max_frames,
+        normalize=ds.normalize,
+        missing=ds.missing,
+    )
+
+
+def _stream_meta(cfg: PretrainConfig, readers: _DbCache, stream: str) -> tuple[int, int] | None:
+    """(feature dim, soft-label dim) shared by every db of `stream`, or None when no dataset has it."""
+    found: dict[tuple[int, int], str] = {}
+    for ds in cfg.datasets.values():
+        for path in [*(getattr(ds, stream) or []), *(getattr(ds, "val_" + stream) or [])]:
+            meta = readers.get(path, "feat").meta
+            found.setdefault((int(meta["dim"]), int(meta.get("soft_label_dim") or 0)), path)
+    if len(found) > 1:
+        raise ConfigError(
+            f"the {stream} databases disagree on (feature dim, soft-label dim): "
+            + "; ".join(f"{k} in {p}" for k, p in found.items())
+            + "; use one feature extractor for every corpus"
+        )
+    return next(iter(found)) if found else None
+
+
+def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -> UniterForPretraining:
+    """A model with every head the tasks need; frame streams sized by the databases."""
+    heads = list(dict.fromkeys(h for t in tasks for h in t.heads))
+    emo = sorted({len(t.classes) for t in tasks if "emo_classifier" in t.heads})
+    if len(emo) > 1:
+        raise ConfigError(f"emo_cls tasks disagree on the number of classes {emo}; use one class list")
+    emo_classes = emo[0] if emo else 0
+    base = (
+        UniterConfig.from_pretrained(cfg.model.init, **cfg.model.overrides)
+        if cfg.model.init
+        else UniterConfig.from_json(cfg.model.config, **cfg.model.overrides)
+    )
+    overrides: dict[str, Any] = dict(cfg.model.overrides)
+    for stream in ("face", "speech"):
+        meta = _stream_meta(cfg, readers, stream)
+        have = base.stream(stream)
+        if meta is None:
+            continue
+        dim, soft = meta
+        if cfg.model.init and have.present and have.feat_dim != dim:
+            raise ConfigError(
+                f"model.init {cfg.model.init} has {stream}.feat_dim={have.feat_dim} but the {stream} databases hold "
+                f"{dim}-d frames; use databases from the same feature extractor"
+            )
+        if not cfg.model.init or not have.present:
+            if have.feat_dim not in (0, dim):
+                log.info("model %s.feat_dim %d -> %d (from the databases)", stream, have.feat_dim, dim)
+            overrides[stream] = {**overrides.get(stream, {}), "feat_dim": dim, "soft_label_dim": soft}
+    if "face_classifier" in heads and not (
+        overrides.get("face", {}).get("soft_label_dim") or base.face.soft_label_dim
+    ):
+        raise ConfigError(
+            "task face_mrc needs per-frame soft labels in the face databases (meta soft_label_dim = 0)"
+        )
+    vocab = max(
+        readers.get(p, "txt").meta["tokenizer"]["vocab_size"] for ds in cfg.datasets.values() for p in ds.txt
+    )
+    if base.vocab_size < vocab:
+        raise ConfigError(
+            f"the model's vocab_size {base.vocab_size} is smaller than the tokenizer's {vocab}; "
+            "set model.overrides.vocab_size"
+        )
+    _check_lengths(cfg, base)
+    if cfg.model.init:
+        return UniterForPretraining.from_pretrained(
+            cfg.model.init, heads=heads, emo_classes=emo_classes, **overrides
+        )
+    config = UniterConfig.from_json(cfg.model.config, **overrides)
+    return UniterForPretraining(config, heads, emo_classes)
+
+
+def _check_lengths(cfg: PretrainConfig, model: UniterConfig) -> None:
+    """Dataset truncation limits must fit the model's position tables."""
+    problems = []
+    for name, ds in cfg.datasets.items():
+        if ds.max_txt_len + 2 > model.max_position_embeddings:
+            problems.append(
+                f"datasets.{name}.max_txt_len {ds.max_txt_len} + [CLS]/[SEP] exceeds the model's "
+                f"max_position_embeddings {model.max_position_embeddings}"
+            )
+        for stream in ("face", "speech"):
+            sc = model.stream(stream)
+            if getattr(ds, stream) and sc.position == "learned" and ds.max_frames > sc.max_frames:
+                problems.append(
+                    f"datasets.{name}.max_frames {ds.max_frames} exceeds the model's {stream}.max_frames {sc.max_frames}"
+                )
+    if problems:
+        raise ConfigError("; ".join(problems) + "; lower the dataset limits or enlarge the model's tables")

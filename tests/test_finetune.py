@@ -1,0 +1,298 @@
+"""Fine-tuning end to end on tiny real databases (built with the real builders) and a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from uniter3m.recipes.downstream.config import load_finetune_config
+from uniter3m.recipes.downstream.evaluate import evaluate_modalities
+from uniter3m.recipes.downstream.finetune import (
+    make_dataset,
+    make_loader,
+    predict,
+    run_finetune,
+    special_from_db,
+)
+
+from uniter3m.data.collate import Collator
+from uniter3m.data.feat_db import FeatDbSpec, build_feat_db
+from uniter3m.data.text_db import TextDbSpec, build_text_db
+from uniter3m.errors import DatabaseError, UserError
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.finetuning import load_finetuned
+from uniter3m.model.uniter import UniterModel
+from uniter3m.train.distributed import Backend, distributed_session
+
+SENTENCES = {
+    "ang": ["i am so angry at you", "this makes me furious", "stop shouting at me now"],
+    "hap": ["what a wonderful day", "i love this so much", "that is great news"],
+    "exc": ["wow we won the game", "i can not wait for the party"],
+    "neu": ["the meeting is at noon", "please pass the salt", "it is on the table"],
+    "sad": ["i miss her so much", "nobody came to my party", "i lost my dog today"],
+}
+FACE_DIM, SPEECH_DIM = 5, 4
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory, minilm_dir):
+    """48 utterances: text db (labels emo/split/score), one-frame face (5-d) and speech (4-d) dbs."""
+    root = tmp_path_factory.mktemp("ft")
+    gen = torch.Generator().manual_seed(0)
+    rows, face, speech = [], [], []
+    labels = list(SENTENCES)
+    for i in range(48):
+        emo = labels[i % len(labels)]
+        text = SENTENCES[emo][i % len(SENTENCES[emo])]
+        split = "train" if i < 28 else ("valid" if i < 38 else "test")
+        score = {"ang": -2.0, "sad": -1.5, "neu": 0.0, "hap": 1.5, "exc": 2.5}[emo] + 0.1 * (i % 3)
+        rows.append({"id": f"u{i:02d}", "text": text, "emo": emo, "split": split, "score": score})
+        signal = labels.index(emo)
+        face.append([signal + 0.1 * float(x) for x in torch.randn(FACE_DIM, generator=gen)])
+        speech.append([-signal + 0.1 * float(x) for x in torch.randn(SPEECH_DIM, generator=gen)])
+    (root / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_text_db(
+        TextDbSpec(
+            input=root / "t.jsonl",
+            id_cols=["id"],
+            text_col="text",
+            tokenizer=minilm_dir,
+            out=root / "txt",
+            label_cols=["emo", "split", "score"],
+            lexicon="none",
+            progress=False,
+        )
+    )
+    for name, vecs in (("face", face), ("speech", speech)):
+        lines = ["id," + ",".join(f"f{j}" for j in range(len(vecs[0])))]
+        lines += [f"{r['id']}," + ",".join(f"{v:.5f}" for v in vec) for r, vec in zip(rows, vecs)]
+        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        build_feat_db(
+            FeatDbSpec(
+                input=root / f"{name}.csv",
+                format="csv",
+                out=root / name,
+                id_cols=["id"],
+                dtype="float32",
+                progress=False,
+            )
+        )
+    return root
+
+
+def tiny_checkpoint(path, **streams):
+    torch.manual_seed(0)
+    config = UniterConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **streams,
+    )
+    UniterModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def config(dbs, tiny, out, **over):
+    cfg = {
+        "output_dir": str(out),
+        "data": {
+            "txt_db": str(dbs / "txt"),
+            "face_db": str(dbs / "face"),
+            "speech_db": str(dbs / "speech"),
+            "modalities": "LVA",
+            "max_txt_len": 16,
+        },
+        "protocol": {"name": "iemocap4", "label_column": "emo"},
+        "model": {"init": str(tiny), "head": "linear"},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "evals_per_epoch": 2,
+            "patience": 10,
+            "seed": 1,
+            "device": "cpu",
+            "progress": False,
+        },
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(dbs, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = config(dbs, tiny, out, train__class_weighted=True)
+    return cfg, run_finetune(cfg)
+
+
+def test_finetune_writes_metrics_predictions_summary_and_png(trained):
+    cfg, result = trained
+    fold = result["folds"][0]
+    assert fold["sizes"] == {"train": 28, "valid": 10, "test": 10}
+    assert set(fold["test"]) >= {"wa", "uar", "weighted_f1", "macro_f1", "confusion"}
+    assert len(fold["predictions"]) == 10 and all(p["pred"] in fold["classes"] for p in fold["predictions"])
+    assert fold["classes"] == ["ang", "hap", "neu", "sad"]  # exc merged into hap
+    assert fold["history"] and all(set(h) == {"step", "epoch", "valid"} for h in fold["history"])
+    assert fold["best_valid"] == max(h["valid"]["uar"] for h in fold["history"])
+    out = json.loads(open(f"{cfg['output_dir']}/fold00-split/metrics.json").read())
+    assert out["test"]["wa"] == fold["test"]["wa"]
+    summary = open(f"{cfg['output_dir']}/summary.md").read()
+    assert "mean ± std" in summary and "uar" in summary
+    assert open(f"{cfg['output_dir']}/summary.csv").read().startswith("fold,wa,uar,weighted_f1,macro_f1")
+    assert open(f"{cfg['output_dir']}/confusion.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_each_modality_case(trained):
+    cfg, result = trained
+    ckpt = f"{cfg['output_dir']}/fold00-split/best"
+    cases = ["L", "V", "A", "LV", "LA", "VA", "LVA"]
+    res = evaluate_modalities(load_finetune_config(cfg), ckpt, cases)
+    assert [r["modalities"] for r in res["rows"]] == cases
+    full = res["rows"][-1]["metrics"]
+    assert full["wa"] == pytest.approx(result["folds"][0]["test"]["wa"])  # same model, same test split
+    assert "| LVA | 10 |" in res["table"]
+
+
+def test_evaluate_rejects_a_modality_the_databases_lack(trained, dbs, tiny):
+    cfg, _ = trained
+    no_speech = dict(cfg, data=dict(cfg["data"], speech_db=None, modalities="LV"))
+    with pytest.raises(UserError, match=r"speech \(A\).*data.speech_db"):
+        evaluate_modalities(load_finetune_config(no_speech), f"{cfg['output_dir']}/fold00-split/best", ["LA"])
+
+
+def test_prompt_finetuning_predicts_only_label_words(dbs, tiny, tmp_path):
+    cfg = config(dbs, tiny, tmp_path, model__head="prompt", data__modalities="L", train__epochs=1)
+    fold = run_finetune(cfg)["folds"][0]
+    assert all(p["pred"] in ("ang", "hap", "neu", "sad") for p in fold["predictions"])
+    spec = json.loads((tmp_path / "fold00-split" / "best" / "finetune.json").read_text())
+    assert spec["verbalizer"] == {"ang": "angry", "hap": "happy", "neu": "neutral", "sad": "sad"}
+    # deterministic: scoring the saved model again gives the same predictions
+    again = evaluate_modalities(load_finetune_config(cfg), str(tmp_path / "fold00-split" / "best"), ["L"])
+    assert again["rows"][0]["metrics"]["wa"] == pytest.approx(fold["test"]["wa"])
+
+
+def test_regression_head_reports_mosi_metrics(dbs, tiny, tmp_path):
+    cfg = config(dbs, tiny, tmp_path, model__head="regression", train__epochs=1)
+    cfg["protocol"] = {"name": "mosi", "target": "regression", "label_column": "score"}
+    fold = run_finetune(cfg)["folds"][0]
+    assert fold["selection_metric"] == "mae"
+    assert set(fold["test"]) == {"mae", "pearson", "acc2", "f1", "acc2_nonzero", "f1_nonzero", "acc7"}
+
+
+def test_label_value_outside_the_label_map(dbs, tiny, tmp_path):
+    cfg = config(dbs, tiny, tmp_path)
+    cfg["protocol"] = {"name": "generic", "label_column": "emo", "classes": ["ang", "hap", "neu", "sad"]}
+    with pytest.raises(UserError, match=r"'exc' \(10 rows\)"):
+        run_finetune(cfg)
+
+
+def test_fold_without_validation_data(dbs, tiny, tmp_path):
+    cfg = config(dbs, tiny, tmp_path)
+    cfg["protocol"]["split_values"] = {"train": ["train", "valid"], "valid": [], "test": ["test"]}
+    with pytest.raises(UserError, match="empty valid split"):
+        run_finetune(cfg)
+
+
+def test_checkpoint_feature_dims_must_match_the_databases(dbs, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "face7", face={"feat_dim": 7})
+    cfg = config(dbs, ckpt, tmp_path / "out")
+    with pytest.raises(DatabaseError, match=r"7-d features but the face database .* holds 5-d"):
+        run_finetune(cfg)
+
+
+def _predict_rank(rank: int, world: int, port: int, cfg: dict, ckpt: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+    parsed = load_finetune_config(cfg)
+    with distributed_session("cpu") as backend:
+        special = special_from_db(parsed.data.txt_db)
+        model = load_finetuned(ckpt, special)
+        dataset = make_dataset(parsed, [f"u{i:02d}" for i in range(48)])
+        loader = make_loader(dataset, Collator(special), 5, backend, train=False, seed=0, num_workers=0)
+        preds = predict(model, loader, backend)
+        if backend.rank == 0:
+            with open(out, "w") as f:
+                json.dump(preds, f)
+
+
+def test_predictions_are_gathered_over_ranks(trained, tmp_path):
+    """Two gloo ranks each predict half the items; the gathered result equals one process's."""
+
+    cfg, _ = trained
+    ckpt = f"{cfg['output_dir']}/fold00-split/best"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, cfg, ckpt, str(tmp_path / "p.json"))
+    mp.start_processes(_predict_rank, args=args, nprocs=2, join=True, start_method="fork")
+    gathered = json.loads((tmp_path / "p.json").read_text())
+
+    parsed = load_finetune_config(cfg)
+    special = special_from_db(parsed.data.txt_db)
+    single = Backend(torch.device("cpu"))
+    dataset = make_dataset(parsed, [f"u{i:02d}" for i in range(48)])
+    loader = make_loader(dataset, Collator(special), 5, single, train=False, seed=0, num_workers=0)
+    assert gathered == predict(load_finetuned(ckpt, special), loader, single)
+    assert len(gathered) == 48
+
+
+def test_cli_summarize_and_config_errors(trained, tmp_path, capsys):
+    from uniter3m.cli import main
+
+    cfg, _ = trained
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(cfg))
+    assert main(["finetune", "--config", str(good), "--summarize"]) == 0
+    assert "mean ± std" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(dict(cfg, train=dict(cfg["train"], epoch=3), model=dict(cfg["model"], head="svm")))
+    )
+    assert main(["finetune", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch: unknown key" in err and "model.head" in err
+
+
+def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
+    from uniter3m.model.finetuning import FinetuneModel, HeadSpec
+
+    torch.manual_seed(0)
+    config = UniterConfig(
+        vocab_size=special.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    prompt = [1045, 2572, special.mask_id, 1012]  # "i am [MASK] ."
+    spec = HeadSpec(head="prompt", classes=["a", "b"], prompt_ids=prompt, verbalizer_ids=[3407, 6517])
+    model = FinetuneModel(UniterModel(config), spec, special).eval()
+    ids = torch.tensor(
+        [[special.cls_id, 7, 8, special.sep_id], [special.cls_id, 9, special.sep_id, special.pad_id]]
+    )
+    mask = ids != special.pad_id
+    built, built_mask, pos = model._with_prompt(ids, mask)
+    assert built[0].tolist() == [special.cls_id, 7, 8, *prompt, special.sep_id]
+    assert built[1].tolist() == [special.cls_id, 9, *prompt, special.sep_id, special.pad_id]
+    assert (built[torch.arange(2), pos] == special.mask_id).all() and built_mask.sum(1).tolist() == [8, 7]
+    out = model({"input_ids": ids, "txt_mask": mask})
+    assert out.logits.shape == (2, 2) and out.vocab_logits.shape == (2, special.vocab_size)
+    assert torch.equal(out.logits, out.vocab_logits[:, [3407, 6517]])
+    assert torch.equal(model.predictions(out), out.logits.argmax(-1))

@@ -1,0 +1,376 @@
+"""The field's evaluation protocols: which label, which classes, which folds.
+
+A protocol turns the label columns of a text database (`{id: {column: value}}`) into
+  * targets: a class index (classification) or a float score (regression) per kept utterance,
+  * folds: train / valid / test id lists, every one non-empty,
+  * the validation metric used for model selection (UAR for IEMOCAP / MSP-IMPROV, weighted F1
+    for MELD, accuracy for MOSI binary and 7-class, MAE for MOSI regression).
+
+Built-ins:
+  iemocap4   ang, hap (+ exc merged), neu, sad; every other IEMOCAP label dropped and counted
+  iemocap6   hap, sad, neu, ang, exc, fru
+  msp4       MSP-IMPROV ang, hap, neu, sad (letters A/H/N/S accepted)
+  meld       target "emotion" (7 classes) or "sentiment" (3), official train/dev/test
+  mosi       target "binary" (score >= 0), "7class" (rounded score) or "regression"
+  generic    any label column + class list (default: every distinct value of the column, sorted)
+Fold schemes:
+  split      a split column (train / valid|dev / test), one fold
+  session    leave one session out: test = session k; validation = whole dialogues carved from the
+             training sessions (deterministic, `valid_fraction`), so the test session never selects
+  speaker    leave one speaker out: test = one speaker; validation = the other speaker of the same
+             session; train = every other session (10 folds on IEMOCAP, 12 on MSP-IMPROV)
+
+Sessions come from a `session` column or, failing that, from the dialogue name (IEMOCAP
+`Ses01F_impro01` -> `Ses01`); a speaker is (session, `speaker` column), e.g. IEMOCAP's M/F.
+A label value outside the label map (and not a documented drop) is an error that names the value
+and how many rows carry it: guessing would change the task silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from uniter3m.errors import ConfigError, UserError
+
+IEMOCAP_OTHER = ("fru", "sur", "fea", "dis", "oth", "xxx")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How raw label values become targets."""
+
+    column: str
+    classes: tuple[str, ...]  # empty for regression
+    mapping: Mapping[str, str]  # raw value -> class name
+    drop: frozenset[str] = frozenset()  # raw values removed on purpose (counted)
+    regression: bool = False
+    score_to_class: str | None = None  # "sign" / "round7": classes derived from a float score
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Fold:
+    name: str
+    train: list[str]
+    valid: list[str]
+    test: list[str]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
+
+
+@dataclass
+class ProtocolPlan:
+    name: str
+    label: LabelSpec
+    targets: dict[str, int | float]
+    folds: list[Fold]
+    selection_metric: str
+    dropped: dict[str, int] = field(default_factory=dict)  # raw label value -> rows dropped
+
+    @property
+    def regression(self) -> bool:
+        return self.label.regression
+
+
+BUILTINS = ("iemocap4", "iemocap6", "msp4", "meld", "mosi", "generic")
+SCHEMES = ("split", "session", "speaker")
+
+
+def label_spec(
+    name: str,
+    target: str | None = None,
+    label_column: str | None = None,
+    classes: list[str] | None = None,
+    label_map: Mapping[str, str] | None = None,
+    drop_labels: list[str] | None = None,
+) -> tuple[LabelSpec, str]:
+    """The label spec and the default validation metric of a protocol."""
+    if name == "iemocap4":
+        mapping = {c: c for c in ("ang", "hap", "neu", "sad")} | {"exc": "hap"}
+        spec = LabelSpec(
+            label_column or "label", ("ang", "hap", "neu", "sad"), mapping, frozenset(IEMOCAP_OTHER)
+        )
+        metric = "uar"
+    elif name == "iemocap6":
+        cls6 = ("hap", "sad", "neu", "ang", "exc", "fru")
+        spec = LabelSpec(label_column or "label", cls6, {c: c for c in cls6}, frozenset(IEMOCAP_OTHER[1:]))
+        metric = "uar"
+    elif name == "msp4":
+        cls4 = ("ang", "hap", "neu", "sad")
+        mapping = {c: c for c in cls4} | {c[0].upper(): c for c in cls4}
+        spec = LabelSpec(label_column or "label", cls4, mapping, frozenset({"X", "O", "oth", "xxx"}))
+        metric = "uar"
+    elif name == "meld":
+        target = target or "emotion"
+        if target == "emotion":
+            cls = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
+            spec = LabelSpec(label_column or "Emotion", cls, {c: c for c in cls})
+        elif target == "sentiment":
+            cls = ("negative", "neutral", "positive")
+            spec = LabelSpec(label_column or "Sentiment", cls, {c: c for c in cls})
+        else:
+            raise ConfigError(f"protocol meld: target {target!r} is not one of emotion, sentiment")
+        metric = "weighted_f1"
+    elif name == "mosi":
+        target = target or "binary"
+        column = label_column or "score"
+        if target == "binary":
+            spec = LabelSpec(column, ("negative", "positive"), {}, score_to_class="sign")
+            metric = "wa"
+        elif target == "7class":
+            cls = tuple(str(v) for v in range(-3, 4))
+            spec = LabelSpec(column, cls, {}, score_to_class="round7")
+            metric = "wa"
+        elif target == "regression":
+            spec = LabelSpec(column, (), {}, regression=True)
+            metric = "mae"
+        else:
+            raise ConfigError(f"protocol mosi: target {target!r} is not one of binary, 7class, regression")
+    elif name == "generic":
+        if not label_column or not classes:
+            raise ConfigError("protocol generic needs protocol.label_column and protocol.classes")
+        classes = [str(c) for c in classes]
+        spec = LabelSpec(label_column, tuple(classes), {c: c for c in classes})
+        metric = "weighted_f1"
+    else:
+        raise ConfigError(f"protocol.name {name!r} is not one of {', '.join(BUILTINS)}")
+    if label_map or drop_labels:
+        if spec.regression or spec.score_to_class:
+            raise ConfigError(f"protocol {name}: label_map/drop_labels do not apply to score targets")
+        mapping = dict(spec.mapping) | dict(label_map or {})
+        unknown = sorted({v for v in mapping.values() if v not in spec.classes})
+        if unknown:
+            raise ConfigError(
+                f"protocol {name}: protocol.label_map maps to {unknown}, which are not classes {list(spec.classes)}"
+            )
+        spec = LabelSpec(spec.column, spec.classes, mapping, spec.drop | frozenset(drop_labels or ()))
+    return spec, metric
+
+
+def make_targets(
+    rows: Mapping[str, Mapping[str, Any]], spec: LabelSpec, source: str = "text db"
+) -> tuple[dict[str, int | float], dict[str, int]]:
+    """Targets for every row, and the count of rows dropped per raw value.
+
+    Raises naming every unknown value with its row count, and every row lacking the column.
+    """
+    targets: dict[str, int | float] = {}
+    dropped: Counter[str] = Counter()
+    unknown: Counter[str] = Counter()
+    missing: list[str] = []
+    index = {c: i for i, c in enumerate(spec.classes)}
+    for uid, labels in rows.items():
+        if spec.column not in labels or labels[spec.column] is None:
+            missing.append(uid)
+            continue
+        raw = labels[spec.column]
+        if spec.regression or spec.score_to_class:
+            score = _score(raw, uid, spec.column, source)
+            if spec.regression:
+                targets[uid] = score
+            elif spec.score_to_class == "sign":
+                targets[uid] = int(score >= 0)
+            else:
+                targets[uid] = int(round(min(3.0, max(-3.0, score)))) + 3
+            continue
+        value = str(raw)
+        if value in spec.mapping:
+            targets[uid] = index[spec.mapping[value]]
+        elif value in spec.drop:
+            dropped[value] += 1
+        else:
+            unknown[value] += 1
+    if missing:
+        raise UserError(
+            f"{source}: {len(missing)} row(s) have no label column {spec.column!r} (first id {missing[0]!r}); "
+            "rebuild the text db with that label column or set protocol.label_column"
+        )
+    if unknown:
+        listed = ", ".join(f"{v!r} ({n} rows)" for v, n in unknown.most_common())
+        raise UserError(
+            f"{source}: label column {spec.column!r} holds values not in the label map: {listed}; "
+            f"known classes {list(spec.classes)}; add them to protocol.label_map or protocol.drop_labels"
+        )
+    return targets, dict(dropped)
+
+
+def _score(raw: Any, uid: str, column: str, source: str) -> float:
+    try:
+        score = float(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: id {uid!r} has a non-numeric {column!r} value {raw!r}") from None
+    if not math.isfinite(score):
+        raise UserError(f"{source}: id {uid!r} has a non-finite {column!r} value {raw!r}")
+    return score
+
+
+_SESSION_RE = re.compile(r"(Ses\d+|session\d+|S\d+)", re.IGNORECASE)
+
+
+def session_of(labels: Mapping[str, Any], uid: str, session_column: str, dialogue_column: str) -> str:
+    """Session from a session column, else from the dialogue name (IEMOCAP `Ses01F_impro01`)."""
+    if labels.get(session_column) not in (None, ""):
+        return str(labels[session_column])
+    dialogue = labels.get(dialogue_column)
+    match = _SESSION_RE.match(str(dialogue)) if dialogue is not None else None
+    if match is None:
+        raise UserError(
+            f"id {uid!r}: no {session_column!r} column and no session in its {dialogue_column!r} value "
+            f"{dialogue!r}; add a session column to the text db or use protocol.scheme='split'"
+        )
+    return match.group(1)
+
+
+def split_folds(
+    rows: Mapping[str, Mapping[str, Any]],
+    ids: list[str],
+    split_column: str,
+    split_values: Mapping[str, list[str]],
+) -> list[Fold]:
+    role_of = {v: role for role, values in split_values.items() for v in values}
+    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    unknown: Counter[str] = Counter()
+    for uid in ids:
+        value = rows[uid].get(split_column)
+        if str(value) in role_of:
+            parts[role_of[str(value)]].append(uid)
+        else:
+            unknown[str(value)] += 1
+    if unknown:
+        listed = ", ".join(f"{v!r} ({n} rows)" for v, n in unknown.most_common())
+        raise UserError(
+            f"split column {split_column!r} holds values outside protocol.split_values {dict(split_values)}: "
+            f"{listed}"
+        )
+    return [Fold("split", parts["train"], parts["valid"], parts["test"])]
+
+
+def session_folds(
+    rows: Mapping[str, Mapping[str, Any]],
+    ids: list[str],
+    session_column: str,
+    dialogue_column: str,
+    valid_fraction: float,
+) -> list[Fold]:
+    """Leave one session out; validation = a fixed hash-chosen share of the other sessions' dialogues."""
+    if not 0 < valid_fraction < 1:
+        raise ConfigError(f"protocol.valid_fraction must be in (0, 1), got {valid_fraction}")
+    session = {uid: session_of(rows[uid], uid, session_column, dialogue_column) for uid in ids}
+    folds = []
+    for held in sorted(set(session.values())):
+        train, valid, test = [], [], []
+        for uid in ids:
+            if session[uid] == held:
+                test.append(uid)
+            elif _in_valid(str(rows[uid].get(dialogue_column, uid)), valid_fraction):
+                valid.append(uid)
+            else:
+                train.append(uid)
+        folds.append(Fold(f"session-{held}", train, valid, test))
+    return folds
+
+
+def _in_valid(group: str, fraction: float) -> bool:
+    """Stable across runs and Python versions (unlike hash()): the same dialogues validate every time."""
+    h = int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def speaker_folds(
+    rows: Mapping[str, Mapping[str, Any]],
+    ids: list[str],
+    session_column: str,
+    dialogue_column: str,
+    speaker_column: str,
+) -> list[Fold]:
+    """Leave one speaker out: test one speaker, validate on the other speaker of that session."""
+    speaker: dict[str, tuple[str, str]] = {}
+    for uid in ids:
+        labels = rows[uid]
+        if labels.get(speaker_column) in (None, ""):
+            raise UserError(
+                f"id {uid!r} has no {speaker_column!r} value; the speaker scheme needs one per row"
+            )
+        speaker[uid] = (session_of(labels, uid, session_column, dialogue_column), str(labels[speaker_column]))
+    by_session: dict[str, set[str]] = {}
+    for sess, spk in speaker.values():
+        by_session.setdefault(sess, set()).add(spk)
+    folds = []
+    for sess in sorted(by_session):
+        spks = sorted(by_session[sess])
+        if len(spks) != 2:
+            raise UserError(
+                f"session {sess!r} has speakers {spks}; leave-one-speaker-out needs exactly two per session "
+                f"(column {speaker_column!r})"
+            )
+        for spk in spks:
+            other = spks[1] if spk == spks[0] else spks[0]
+            train = [u for u in ids if speaker[u][0] != sess]
+            valid = [u for u in ids if speaker[u] == (sess, other)]
+            test = [u for u in ids if speaker[u] == (sess, spk)]
+            folds.append(Fold(f"{sess}-{spk}", train, valid, test))
+    return folds
+
+
+def build_protocol(
+    rows: Mapping[str, Mapping[str, Any]],
+    name: str,
+    *,
+    scheme: str = "split",
+    target: str | None = None,
+    label_column: str | None = None,
+    classes: list[str] | None = None,
+    label_map: Mapping[str, str] | None = None,
+    drop_labels: list[str] | None = None,
+    split_column: str = "split",
+    split_values: Mapping[str, list[str]] | None = None,
+    session_column: str = "session",
+    dialogue_column: str = "dialogue",
+    speaker_column: str = "speaker",
+    valid_fraction: float = 0.1,
+    selection_metric: str | None = None,
+    source: str = "text db",
+) -> ProtocolPlan:
+    """Targets + folds for `rows` ({id: labels}); every split of every fold must be non-empty."""
+    if name == "generic" and not classes and label_column:
+        # No class list given: every distinct value of the column is a class (sorted, so the
+        # class indices are the same in every run); nothing can then be "unknown".
+        classes = sorted(
+            {str(labels[label_column]) for labels in rows.values() if labels.get(label_column) is not None}
+        )
+    spec, default_metric = label_spec(name, target, label_column, classes, label_map, drop_labels)
+    targets, dropped = make_targets(rows, spec, source)
+    ids = [uid for uid in rows if uid in targets]
+    if scheme == "split":
+        values = dict(split_values or {"train": ["train"], "valid": ["valid", "dev"], "test": ["test"]})
+        if set(values) != {"train", "valid", "test"}:
+            raise ConfigError(
+                f"protocol.split_values needs exactly the keys train, valid, test; got {sorted(values)}"
+            )
+        folds = split_folds(rows, ids, split_column, values)
+    elif scheme == "session":
+        folds = session_folds(rows, ids, session_column, dialogue_column, valid_fraction)
+    elif scheme == "speaker":
+        folds = speaker_folds(rows, ids, session_column, dialogue_column, speaker_column)
+    else:
+        raise ConfigError(f"protocol.scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    for fold in folds:
+        empty = [part for part, n in fold.sizes().items() if n == 0]
+        if empty:
+            raise UserError(
+                f"{source}: protocol {name}/{scheme} fold {fold.name!r} has an empty {' and '.join(empty)} split "
+                f"(sizes {fold.sizes()}); check the split/session/speaker columns or the protocol"
+            )
+    if spec.regression and selection_metric not in (None, "mae", "pearson", "acc2"):
+        raise ConfigError(f"selection metric {selection_metric!r} does not apply to regression")
+    return ProtocolPlan(name, spec, targets, folds, selection_metric or default_metric, dropped)

@@ -1,0 +1,422 @@
+"""The pretraining loop: task mixing, accumulation, skipping non-finite steps, validation, checkpoints.
+
+One optimiser step = one task, drawn by its ratio from a generator seeded with (seed, step):
+every rank draws the same task (DDP would hang otherwise) and a resumed run draws what the
+uninterrupted one drew, with no RNG state to save. The step's `grad_accum` micro-batches all
+come from that task's stream.
+
+DDP and heads a step does not use: every task's forward runs through `TaskStep`, one module
+holding the model, and that module is what DDP wraps, so each call goes through DDP's forward
+(a task calling `model.uniter` and a head directly would bypass it). DDP is built with
+`find_unused_parameters=True`: it walks the step's graph and marks the heads of the other tasks
+ready, so their gradients stay None on every rank and AdamW leaves them untouched, exactly as a
+one-process run would. (The alternative, a zero-weighted touch of every head, would make weight
+decay and Adam moments move unused heads and cost a forward through each of them.)
+
+Non-finite losses: each step all-reduces [loss sum, non-finite count, samples] in one collective,
+so all ranks skip the same steps. A skipped step still runs the scheduler (the step counter is
+the schedule's clock) and is counted; `max_nonfinite_in_a_row` skips in a row stop the run with
+an error naming the step and the task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from uniter3m.errors import UserError
+from uniter3m.train.checkpoint import (
+    capture_rng_state,
+    load_model_weights,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from uniter3m.train.distributed import Backend
+from uniter3m.train.loaders import TaskStream, mix_seed
+from uniter3m.train.logs import MetricsLogger
+from uniter3m.train.optim import clip_gradients
+from uniter3m.train.precision import Precision
+
+
+@dataclass
+class LoopSettings:
+    output_dir: str
+    steps: int
+    seed: int = 42
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    val_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    max_nonfinite_in_a_row: int = 10
+    progress: bool = True
+    stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
+
+
+@dataclass
+class TrainTask:
+    """A task in the mix: its key (log name), the Task, its training stream and validation batches."""
+
+    key: str
+    task: Any
+    ratio: float
+    stream: TaskStream
+    val_loader: Any = None
+
+
+class TaskStep(nn.Module):
+    """Runs one task's forward on the model; the module DDP wraps (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tasks: Mapping[str, Any]):
+        super().__init__()
+        self.model = model
+        self._tasks = dict(tasks)  # plain dict: tasks are not modules and hold no parameters
+
+    def forward(self, key: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        out = self._tasks[key].forward(self.model, inputs)
+        return {"loss": out.loss, "n_targets": out.n_targets, "metrics": out.metrics}
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in nested dicts/lists/tuples to `device` (other values unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def positions_of(inputs: Mapping[str, Any]) -> int:
+    """Real (unpadded) sequence positions of a batch: text tokens + face frames + speech frames."""
+    total = 0
+    for key in ("attention_mask", "face_mask", "speech_mask"):
+        mask = inputs.get(key)
+        if isinstance(mask, torch.Tensor):
+            total += int(mask.sum())
+    return total
+
+
+def batch_size_of(inputs: Mapping[str, Any]) -> int:
+    ids = inputs.get("ids")
+    if ids is not None:
+        return len(ids)
+    return int(inputs["input_ids"].shape[0])
+
+
+@dataclass
+class _Window:
+    """Numbers gathered between two log lines."""
+
+    start: float = field(default_factory=time.perf_counter)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    samples: float = 0.0
+    positions: float = 0.0
+    steps: int = 0
+    data_wait: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+
+
+class PretrainLoop:
+    """Owns the step counter and everything that a checkpoint must restore.
+
+    Build order matters for exact resume: construct the model, call `__init__` (which loads the
+    checkpoint's weights BEFORE wrapping the model for DDP), then `run()`.
+    """
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        model: nn.Module,
+        tasks: Sequence[TrainTask],
+        backend: Backend,
+        precision: Precision,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        resume_from: str | Path | None = None,
+    ):
+        self.s = settings
+        self.model = model
+        self.tasks = list(tasks)
+        self.ratios = np.array([t.ratio for t in self.tasks], dtype=np.float64)
+        if not len(self.tasks) or self.ratios.sum() <= 0:
+            raise UserError("no task has a ratio > 0: give at least one task a positive ratio")
+        self.ratios = self.ratios / self.ratios.sum()
+        self.backend = backend
+        self.precision = precision
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.step = 0
+        self.skipped_nonfinite = 0
+        self._nonfinite_in_a_row = 0
+        self.last_validation: dict[str, float] = {}
+        if resume_from is not None:
+            self._load(Path(resume_from))
+        else:
+            # Same parameters on every rank come from the model seed; dropout differs per rank.
+            torch.manual_seed(mix_seed(self.s.seed, backend.rank, 3) % (1 << 63))
+        self.step_module = backend.wrap_model(TaskStep(model, {t.key: t.task for t in self.tasks}))
+        backend.broadcast_initial_state(self.step_module, optimizer)
+        self.logger = MetricsLogger(
+            self.s.output_dir,
+            enabled=backend.is_main,
+            resume_step=self.step if resume_from is not None else None,
+        )
+
+    # ------------------------------------------------------------------ task mixing
+    def task_for_step(self, step: int) -> TrainTask:
+        """The task of `step`: a pure function of (seed, step), identical on every rank."""
+        rng = np.random.default_rng([mix_seed(self.s.seed, 0x7A5C), step])
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.ratios))]
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, window: _Window) -> None:
+        t = self.task_for_step(self.step)
+        device = self.backend.device
+        self.step_module.train()
+        # loss sum and non-finite count stay on the device: one host sync per step, not per micro-batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        samples = positions = 0
+        for micro in range(self.s.grad_accum):
+            wait = time.perf_counter()
+            inputs = t.stream.next()
+            window.data_wait += time.perf_counter() - wait
+            samples += batch_size_of(inputs)
+            positions += positions_of(inputs)
+            inputs = to_device(inputs, device)
+            sync = micro == self.s.grad_accum - 1
+            with self.backend.no_sync(self.step_module, sync):
+                with self.precision.autocast():
+                    out = self.step_module(t.key, inputs)
+                loss = out["loss"].float()
+                self.precision.backward(loss / self.s.grad_accum)
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0).double()
+            nonfinite += (~finite).double()
+        self.backend.sync_gradients(self.step_module)
+        stats = torch.stack([loss_sum, nonfinite]).cpu()
+        stats = torch.cat([stats, torch.tensor([samples, positions], dtype=torch.float64)])
+        self.backend.all_reduce(stats)
+        loss_sum, nonfinite, samples, positions = stats.tolist()
+        grad_norm = float("nan")
+        stepped = False
+        if nonfinite == 0:
+            self.precision.unscale_(self.optimizer)
+            grad_norm = float(clip_gradients(self._params(), self.s.grad_clip))
+            if math.isfinite(grad_norm) or self.precision.scaler is not None:
+                stepped = self.precision.step(self.optimizer)  # fp16: the scaler skips inf steps itself
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if nonfinite or (self.precision.scaler is None and not math.isfinite(grad_norm)):
+            self.skipped_nonfinite += 1
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
+                what = "loss" if nonfinite else "gradient norm"
+                raise UserError(
+                    f"training stopped at step {self.step} (task {t.key}): {self._nonfinite_in_a_row} steps in a row "
+                    f"had a non-finite {what}; lower optim.lr, raise warmup, check the task's data for NaN/Inf, "
+                    "or use bf16/fp32 instead of fp16"
+                )
+        else:
+            self._nonfinite_in_a_row = 0
+        self.step += 1
+        window.steps += 1
+        window.samples += samples
+        window.positions += positions
+        if nonfinite == 0:
+            n = self.s.grad_accum * self.backend.world_size
+            window.losses.setdefault(t.key, []).append(loss_sum / n)
+        if stepped and math.isfinite(grad_norm):
+            window.grad_norms.append(grad_norm)
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Every rank scores its share of each task's fixed validation batches; sums are gathered."""
+        was_training = self.model.training
+        self.model.eval()
+        local: dict[str, dict[str, list[float]]] = {}
+        for t in self.tasks:
+            if t.val_loader is None:
+                continue
+            sums = local.setdefault(t.key, {"loss": [0.0, 0.0]})
+            for inputs in t.val_loader:
+                inputs = to_device(inputs, self.backend.device)
+                with self.precision.autocast():
+                    out = t.task.forward(self.model, inputs)
+                n = float(out.n_targets)
+                if n > 0:
+                    sums["loss"][0] += float(out.loss) * n
+                    sums["loss"][1] += n
+                for name, (num, den) in out.metrics.items():
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += float(num)
+                    acc[1] += float(den)
+        self.model.train(was_training)
+        merged: dict[str, list[float]] = {}
+        for part in self.backend.all_gather_object(local):
+            for key, metrics in part.items():
+                for name, (num, den) in metrics.items():
+                    acc = merged.setdefault(f"{key}/{name}", [0.0, 0.0])
+                    acc[0] += num
+                    acc[1] += den
+        result = {
+            name: (num / den if den > 0 else float("nan")) for name, (num, den) in sorted(merged.items())
+        }
+        self.last_validation = result
+        self.logger.log(self.step, result, split="val")
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _local_state(self) -> dict[str, Any]:
+        return {
+            "rng": capture_rng_state(),
+            "loaders": {t.key: t.stream.state_dict() for t in self.tasks},
+            "param_digest": parameter_digest(self.model),
+        }
+
+    def save(self) -> None:
+        """Every rank contributes its RNG and loader positions; the main rank writes atomically.
+
+        Each rank also sends a digest of its parameters: ranks that drifted apart (a bug, or a
+        broken interconnect) stop the run here instead of training on silently.
+        """
+        ranks = self.backend.all_gather_object(self._local_state())
+        digests = {r["param_digest"] for r in ranks}
+        if len(digests) > 1:
+            raise UserError(
+                f"at step {self.step} the ranks hold different parameters "
+                f"({[r['param_digest'][:12] for r in ranks]}); the data-parallel run is broken"
+            )
+        if self.backend.is_main:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "precision": self.precision.state_dict(),
+                "ranks": ranks,
+                "world_size": self.backend.world_size,
+                "skipped_nonfinite": self.skipped_nonfinite,
+                "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            }
+            save_checkpoint(self.s.output_dir, self.step, self.model, state, keep_last=self.s.keep_last)
+        self.backend.barrier()
+
+    def _load(self, checkpoint: Path) -> None:
+        load_model_weights(self.model, checkpoint / "model")
+        state = load_trainer_state(checkpoint)
+        if state["world_size"] != self.backend.world_size:
+            raise UserError(
+                f"{checkpoint} was written by {state['world_size']} ranks but this run has {self.backend.world_size}; "
+                "exact resume needs the same number of ranks (or start a new run from its model/ folder)"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        mine = state["ranks"][self.backend.rank]
+        missing = [t.key for t in self.tasks if t.key not in mine["loaders"]]
+        if missing:
+            raise UserError(
+                f"{checkpoint} has no loader position for task(s) {missing}: resume with the task list it was trained with"
+            )
+        for t in self.tasks:
+            t.stream.load_state_dict(mine["loaders"][t.key])
+        restore_rng_state(mine["rng"])
+        self.step = int(state["step"])
+        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+        self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+
+    # ------------------------------------------------------------------ the run
+    def _log_window(self, window: _Window) -> _Window:
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        scalars: dict[str, float] = {f"loss/{k}": float(np.mean(v)) for k, v in window.losses.items()}
+        scalars["lr"] = float(self.scheduler.get_last_lr()[0])
+        if window.grad_norms:
+            scalars["grad_norm"] = float(np.mean(window.grad_norms))
+        scalars["samples_per_s"] = window.samples / elapsed
+        scalars["positions_per_s"] = window.positions / elapsed  # tokens + frames, padding excluded
+        scalars["data_wait_share"] = window.data_wait / elapsed
+        scalars["skipped_nonfinite"] = float(self.skipped_nonfinite)
+        self.logger.log(self.step, scalars, split="train")
+        return _Window()
+
+    def run(self) -> dict[str, float]:
+        """Train up to `steps`, validating and checkpointing on schedule; returns the last validation."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.s.steps,
+            initial=self.step,
+            desc="pretrain",
+            disable=not (self.backend.is_main and self.s.progress),
+            dynamic_ncols=True,
+        )
+        window = _Window()
+        resumed_at = self.step if self.step > 0 else -1
+        saved_at, validated_at = resumed_at, -1
+        end = self.s.steps if self.s.stop_after is None else min(self.s.steps, self.s.stop_after)
+        try:
+            while self.step < end:
+                self.train_step(window)
+                bar.update(1)
+                if self.step % self.s.log_every == 0:
+                    if window.losses:
+                        bar.set_postfix(
+                            {k: f"{np.mean(v):.3f}" for k, v in window.losses.items()}, refresh=False
+                        )
+                    window = self._log_window(window)
+                if self.s.val_every and self.step % self.s.val_every == 0:
+                    self.validate()
+                    validated_at = self.step
+                if self.s.ckpt_every and self.step % self.s.ckpt_every == 0:
+                    self.save()
+                    saved_at = self.step
+            if window.steps:
+                self._log_window(window)
+            if validated_at != self.step:
+                self.validate()
+            if saved_at != self.step:
+                self.save()
+        finally:
+            bar.close()
+        return self.last_validation
+
+    def close(self) -> None:
+        """Stop loader workers and close logs; the caller then drops its references and shuts down."""
+        for t in self.tasks:
+            t.stream.close()
+        self.logger.close()
+        self.step_module = None  # type: ignore[assignment]
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in name order: equal exactly when the weights are."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plain_model(module: nn.Module) -> nn.Module:
+    """The model inside DDP(TaskStep(model))."""
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    return inner.model if isinstance(inner, TaskStep) else inner
+
+
+__all__ = ["LoopSettings", "PretrainLoop", "TaskStep", "TrainTask", "plain_model", "to_device"]
