@@ -30,7 +30,9 @@ class SpecialTokens:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpecialTokens:
-        return cls(**{k: int(d[k]) for k in ("cls_id", "sep_id", "mask_id", "pad_id", "unk_id", "vocab_size")})
+        return cls(
+            **{k: int(d[k]) for k in ("cls_id", "sep_id", "mask_id", "pad_id", "unk_id", "vocab_size")}
+        )
 
     @property
     def ids(self) -> frozenset[int]:
@@ -61,7 +63,9 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
         if getattr(tokenizer, name, None) is None
     ]
     if missing:
-        raise UserError(f"tokenizer {tokenizer.name_or_path} lacks {', '.join(missing)}; use a BERT-family tokenizer")
+        raise UserError(
+            f"tokenizer {tokenizer.name_or_path} lacks {', '.join(missing)}; use a BERT-family tokenizer"
+        )
     unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
     return SpecialTokens(
         cls_id=int(tokenizer.cls_token_id),
