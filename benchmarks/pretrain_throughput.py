@@ -49,7 +49,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> floa
 
 
 def build_corpus(work: Path, size: str, utterances: int, tokenizer: Path) -> dict[str, Path]:
-    from uniter3m.cli import main
+    from uniter3m.recipes.pretrain.demo import build_corpus_dbs
+
     from uniter3m.data.synthetic import SyntheticSpec, generate_corpus
 
     face_dim, speech_dim = SIZES[size]
@@ -64,43 +65,11 @@ def build_corpus(work: Path, size: str, utterances: int, tokenizer: Path) -> dic
         split_shares=(0.95, 0.05, 0.0),
     )
     corpus = generate_corpus(work / "corpus", spec)
-    dbs = {"txt": work / "txt", "val_txt": work / "val_txt", "face": work / "face", "speech": work / "speech"}
-    for key, split in (("txt", "train"), ("val_txt", "valid")):
-        argv = [
-            "build-txt-db",
-            "--input",
-            str(corpus.transcripts[split]),
-            "--id-col",
-            "id",
-            "--text-col",
-            "text",
-        ]
-        argv += [
-            "--tokenizer",
-            str(tokenizer),
-            "--out",
-            str(dbs[key]),
-            "--label-col",
-            "emotion",
-            "--overwrite",
-        ]
-        assert main(argv) == 0
-    for stream, folder in (("face", corpus.face_dir), ("speech", corpus.speech_dir)):
-        assert (
-            main(
-                [
-                    "build-feat-db",
-                    "--input",
-                    str(folder),
-                    "--format",
-                    "npz",
-                    "--out",
-                    str(dbs[stream]),
-                    "--overwrite",
-                ]
-            )
-            == 0
-        )
+    texts = {
+        "txt": (corpus.transcripts["train"], "emotion"),
+        "val_txt": (corpus.transcripts["valid"], "emotion"),
+    }
+    dbs = build_corpus_dbs(corpus, work, tokenizer, texts)
     return dbs
 
 

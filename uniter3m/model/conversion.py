@@ -521,7 +521,7 @@ def infer_config(
         data[stream] = section
     if f"{BACKBONE}speech_embeddings.token_type_embeddings.weight" in state:
         data["speech_type"] = "own"
-    base = {k: v for k, v in (base or {}).items() if k in _BASE_CONFIG_KEYS}
+    base = {k: v for k, v in (base or {}).items() if k in BERT_CONFIG_KEYS}
     if "num_attention_heads" not in base:
         heads = max(1, hidden // 64)
         data["num_attention_heads"] = heads
@@ -533,7 +533,8 @@ def infer_config(
     return {**data, **base}
 
 
-_BASE_CONFIG_KEYS = {
+# The text-encoder keys an HF BERT config.json and ours share (in HF's order).
+BERT_CONFIG_KEYS = (
     "vocab_size",
     "hidden_size",
     "num_hidden_layers",
@@ -544,9 +545,9 @@ _BASE_CONFIG_KEYS = {
     "attention_probs_dropout_prob",
     "max_position_embeddings",
     "type_vocab_size",
-    "layer_norm_eps",
     "initializer_range",
-}
+    "layer_norm_eps",
+)
 
 
 def fit_to_model(
@@ -637,21 +638,7 @@ def export_hf_bert(
 
 def hf_bert_config(config: Mapping[str, Any], architecture: str = "BertModel") -> dict[str, Any]:
     """Our config dict -> an HF BERT `config.json` (text side only)."""
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "hidden_act",
-        "hidden_dropout_prob",
-        "attention_probs_dropout_prob",
-        "max_position_embeddings",
-        "type_vocab_size",
-        "initializer_range",
-        "layer_norm_eps",
-        "pad_token_id",
-    )
+    keys = (*BERT_CONFIG_KEYS, "pad_token_id")
     missing = [k for k in keys if k not in config]
     if missing:
         raise UserError(f"the model config lacks {missing}: is it a uniter3m config.json?")
