@@ -296,3 +296,28 @@ def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
     assert out.logits.shape == (2, 2) and out.vocab_logits.shape == (2, special.vocab_size)
     assert torch.equal(out.logits, out.vocab_logits[:, [3407, 6517]])
     assert torch.equal(model.predictions(out), out.logits.argmax(-1))
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_scores_the_test_split_once(dbs, tiny, tmp_path):
+    """2 gloo ranks fine-tune with DDP; each test id is predicted once, and the gathered figures equal
+    a one-process evaluation of the checkpoint the run selected (ranks stayed in step: no hang)."""
+    import subprocess
+    import sys
+
+    cfg = config(dbs, tiny, tmp_path / "ddp", train__epochs=1)
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "uniter3m.cli", "finetune", "--config", str(path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "ddp" / "fold00-split" / "metrics.json").read_text())
+    ids = [p["id"] for p in metrics["predictions"]]
+    assert sorted(ids) == [f"u{i:02d}" for i in range(38, 48)]  # the test split, each id once
+    again = evaluate_modalities(
+        load_finetune_config(cfg), tmp_path / "ddp" / "fold00-split" / "best", ["LVA"]
+    )
+    assert again["rows"][0]["metrics"]["wa"] == pytest.approx(metrics["test"]["wa"])
