@@ -4,6 +4,7 @@ Examples:
     uniter3m build-feat-db --input openface_csvs/ --format openface --columns 'AU*_r,pose_*,gaze_*' \\
         --min-confidence 0.8 --out db/face
     uniter3m build-feat-db --input wav2vec.h5 --format h5 --dtype float32 --out db/speech
+    uniter3m build-feat-db --input wavs/ --format wav --dtype float32 --out db/speech_compare  # openSMILE ComParE, 130-d
 
 The rules for each format and for bad input are in `uniter3m.data.feat_db`'s docstring.
 """
@@ -26,7 +27,10 @@ from uniter3m.data.feat_db import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input", required=True, type=Path, help="a folder (npz, openface), an HDF5 file (h5) or a CSV (csv)"
+        "--input",
+        required=True,
+        type=Path,
+        help="a folder (npz, openface, wav), an HDF5 file (h5) or a CSV (csv)",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="how the frames are stored")
     parser.add_argument("--out", required=True, type=Path, help="output database folder")

@@ -11,6 +11,10 @@ Sources (`--format`):
   for npz. Frames with success == 0 or confidence below `--min-confidence` are dropped and
   counted; columns are picked by glob patterns (`AU*_r,pose_*,gaze_*`), by default every column
   but frame, face_id, timestamp, confidence and success.
+- `wav`: a folder of audio files (.wav/.flac, recursive; or one file), one utterance each, id as
+  for npz; frames are openSMILE's ComParE_2016 LLDs + deltas (130-d, 10 ms apart: MEmoBERT's
+  speech features; `uniter3m.data.speech`, optional extra `uniter3m[speech]`). Use --dtype float32:
+  ComParE energies overflow float16.
 - `csv`: one CSV, one row per utterance holding one frame; `--id-col` names the id column(s)
   (several are joined with '_'); `--columns` picks the features, by default every numeric column
   but the ids. An empty cell is a missing value and counts as NaN.
@@ -46,7 +50,7 @@ from uniter3m.data.store import DbWriter
 from uniter3m.data.text_db import discard_partial, length_histogram, length_stats
 from uniter3m.errors import UserError
 
-FORMATS = ("npz", "h5", "openface", "csv")
+FORMATS = ("npz", "h5", "openface", "csv", "wav")
 DTYPES = ("float16", "float32")
 NAN_POLICIES = ("error", "drop")
 OPENFACE_BOOKKEEPING = ("frame", "face_id", "timestamp", "confidence", "success")
@@ -130,13 +134,14 @@ def as_frames(array: np.ndarray, source: str, what: str) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def _files(path: Path, suffix: str) -> list[tuple[str, Path]]:
-    """(id, file) pairs: one file, or every *suffix file under a folder (id = relative path, no suffix)."""
+def _files(path: Path, suffixes: str | tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(id, file) pairs: one file, or every file with one of `suffixes` under a folder (id = relative path, no suffix)."""
     if path.is_file():
         return [(path.stem, path)]
-    files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
+    suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
+    files = sorted(p for suffix in suffixes for p in path.rglob(f"*{suffix}") if p.is_file())
     if not files:
-        raise UserError(f"{path} holds no {suffix} file; check --input and --format")
+        raise UserError(f"{path} holds no {' or '.join(suffixes)} file; check --input and --format")
     return [(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
 
 
@@ -171,6 +176,19 @@ def npz_source(path: Path) -> FrameSource:
             yield Utterance(uid, str(file), feat, soft)
 
     return FrameSource(len(files), read(), {"files": len(files)})
+
+
+def wav_source(path: Path) -> FrameSource:
+    from uniter3m.data.speech import AUDIO_SUFFIXES, COMPARE_DIM, FEATURE_SET, compare_frames
+
+    files = _files(path, AUDIO_SUFFIXES)
+
+    def read() -> Iterator[Utterance]:
+        for uid, file in files:
+            yield Utterance(uid, str(file), compare_frames(file, uid))
+
+    features = f"openSMILE {FEATURE_SET} LLD+delta ({COMPARE_DIM}-d)"
+    return FrameSource(len(files), read(), {"files": len(files), "features": features})
 
 
 def h5_source(path: Path) -> FrameSource:
@@ -432,6 +450,8 @@ def open_source(spec: FeatDbSpec) -> FrameSource:
         return npz_source(spec.input)
     if spec.format == "h5":
         return h5_source(spec.input)
+    if spec.format == "wav":
+        return wav_source(spec.input)
     if spec.format == "openface":
         return openface_source(spec.input, spec.columns, spec.min_confidence or 0.0)
     return csv_source(spec.input, spec.id_cols, spec.columns)
