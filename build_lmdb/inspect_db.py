@@ -18,6 +18,7 @@ import numpy as np
 
 from uniter3m.data.store import DbReader
 from uniter3m.data.text_db import length_histogram, length_stats
+from uniter3m.fileio import json_default
 
 _SHOW = 10  # skipped/dropped items listed in the human-readable view
 
@@ -155,16 +156,8 @@ def _items(title: str, items: list[dict[str, Any]] | None, fmt: Any) -> Iterator
 def run(args: argparse.Namespace) -> int:
     info = describe(args.db)
     if args.json:
-        print(json.dumps(info, default=_json_default))
+        print(json.dumps(info, default=json_default))
     else:
         for line in text_lines(info):
             print(line)
     return 0
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")

@@ -33,6 +33,7 @@ from uniter3m.recipes.downstream.finetune import (
 )
 from uniter3m.recipes.downstream.report import modality_table
 
+from uniter3m.config import add_set_argument
 from uniter3m.data.collate import Collator
 from uniter3m.data.store import DbReader
 from uniter3m.errors import DatabaseError, UserError
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument("--fold", type=int, default=None, help="fold index (default: the checkpoint's own)")
     parser.add_argument("--out", default=None, help="output stem (default: <checkpoint>/../modalities)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser, "data.txt_db=db/other")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from uniter3m.recipes.downstream.config import FinetuneConfig, load_finetune_config
 from uniter3m.recipes.downstream.report import FOLD_FILE, load_fold_results, write_summary
 
+from uniter3m.config import add_set_argument
 from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
 from uniter3m.data.protocols import ProtocolPlan, build_protocol
@@ -43,6 +44,7 @@ from uniter3m.fileio import atomic_write_json
 from uniter3m.metrics import classification_metrics, is_better, regression_metrics
 from uniter3m.model.finetuning import FinetuneModel, build_finetune_model, save_finetuned
 from uniter3m.train.distributed import Backend, init_backend, unwrap
+from uniter3m.train.loop import to_device
 from uniter3m.train.optim import clip_gradients, parameter_groups, warmup_linear_schedule
 from uniter3m.train.precision import Precision
 
@@ -58,14 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--summarize", action="store_true", help="only (re)write the summary from the folds already run"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-5 (repeatable)",
-    )
+    add_set_argument(parser, "train.lr=3e-5")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,10 +217,6 @@ def class_weights(plan: ProtocolPlan, train_ids: list[str]) -> torch.Tensor:
         raise UserError(f"train.class_weighted: classes {absent} have no training example in this fold")
     w = counts.sum() / (len(counts) * counts)
     return torch.tensor(w / w.mean(), dtype=torch.float32)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- training

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from uniter3m.config import add_set_argument
 from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
 from uniter3m.data.store import DbReader
@@ -40,14 +41,7 @@ STREAM_OF = {"V": "face", "A": "speech"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pretraining config JSON (see configs/pretrain/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=5e-5 --set steps=1000 (repeatable)",
-    )
+    add_set_argument(parser, "optim.lr=5e-5 --set steps=1000")
     parser.add_argument(
         "--resume",
         default=None,

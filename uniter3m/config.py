@@ -7,6 +7,7 @@ all in one go instead of one per run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,18 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The `--set KEY=VALUE` flag every config-driven command takes (parsed by `apply_overrides`)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -39,11 +39,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(
-        path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n").encode()
     )
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for numpy scalars/arrays and paths."""
     import numpy as np
 
     if isinstance(obj, np.generic):

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from uniter3m.data.store import DbWriter
-from uniter3m.data.text_db import discard_partial, length_histogram, length_stats
+from uniter3m.data.text_db import discard_partial, length_histogram, length_stats, tqdm_disable
 from uniter3m.errors import UserError
 
 FORMATS = ("npz", "h5", "openface", "csv", "wav")
@@ -482,7 +482,11 @@ def build_feat_db(spec: FeatDbSpec) -> dict[str, Any]:
     frame_counts: list[int] = []
     try:
         for utt in tqdm(
-            source.utterances, total=source.count, desc="features", unit="utt", disable=_disable(spec)
+            source.utterances,
+            total=source.count,
+            desc="features",
+            unit="utt",
+            disable=tqdm_disable(spec.progress),
         ):
             frames_dropped.update(utt.frames_dropped)
             if first is None:
@@ -564,10 +568,6 @@ def _check_shapes(first: Utterance, soft_dim: int | None, utt: Utterance) -> Non
                 f"{utt.source} (id {utt.id!r}) has {utt.soft.shape[1]} soft-label classes but {first.source} has "
                 f"{soft_dim}; every utterance needs the same classes"
             )
-
-
-def _disable(spec: FeatDbSpec) -> bool | None:
-    return None if spec.progress is None else not spec.progress
 
 
 def summary_lines(meta: dict[str, Any]) -> Iterator[str]:

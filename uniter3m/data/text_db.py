@@ -446,7 +446,7 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
     encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     truncated_ids: list[str] = []
     keep: list[_Utterance] = []
-    bar = tqdm(total=len(utterances), desc="tokenising", unit="utt", disable=_disable(spec.progress))
+    bar = tqdm(total=len(utterances), desc="tokenising", unit="utt", disable=tqdm_disable(spec.progress))
     for start in range(0, len(utterances), _TOKENIZE_CHUNK):
         chunk = utterances[start : start + _TOKENIZE_CHUNK]
         enc = tokenizer([u.text for u in chunk], add_special_tokens=False)
@@ -518,7 +518,8 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
         raise
 
 
-def _disable(progress: bool | None) -> bool | None:
+def tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's `disable` for a progress flag: None lets tqdm decide (on for a terminal)."""
     return None if progress is None else not progress
 
 

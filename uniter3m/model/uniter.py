@@ -35,6 +35,14 @@ STREAMS = ("face", "speech")
 BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.", "face_embeddings.", "speech_embeddings.")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel and/or torch.compile wrappers (or the model itself)."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
 @dataclass
 class UniterOutput:
     """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; segments name -> slice."""

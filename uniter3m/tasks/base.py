@@ -26,6 +26,7 @@ import torch
 
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.model.uniter import unwrap
 
 STREAMS = ("L", "V", "A")
 STREAM_NAMES = {"L": "text", "V": "face", "A": "speech"}
@@ -244,14 +245,6 @@ class Task:
                 out[f"{name}_feat"] = batch[f"{name}_feat"]
                 out[f"{name}_mask"] = batch[f"{name}_mask"]
         return out
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel (or torch.compile) wrapper."""
-    for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
-            model = getattr(model, attr)
-    return model
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:

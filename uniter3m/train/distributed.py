@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
+from uniter3m.model.uniter import unwrap
 
 REDUCE_OPS = ("sum", "avg", "max", "min")
 
@@ -43,11 +44,6 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> str:
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torch"
     return "single"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class Backend:

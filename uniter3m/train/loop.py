@@ -413,10 +413,4 @@ def parameter_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def plain_model(module: nn.Module) -> nn.Module:
-    """The model inside DDP(TaskStep(model))."""
-    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    return inner.model if isinstance(inner, TaskStep) else inner
-
-
-__all__ = ["LoopSettings", "PretrainLoop", "TaskStep", "TrainTask", "plain_model", "to_device"]
+__all__ = ["LoopSettings", "PretrainLoop", "TaskStep", "TrainTask", "to_device"]
