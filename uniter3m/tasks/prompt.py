@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from uniter3m import streams as stream_table
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
     STREAM_NAMES,
@@ -34,6 +35,10 @@ from uniter3m.tasks.base import (
     segment_states,
 )
 from uniter3m.tasks.mlm import MLM_HEAD
+
+
+def STREAM_NAMES_ORDER(letter: str) -> int:  # noqa: N802 - a sort key
+    return stream_table.letters().index(letter)
 
 
 def tokenize_template(tokenizer: Any, template: str, mask_id: int, task: str) -> list[int]:
@@ -140,7 +145,7 @@ class PromptTask(Task):
         missing = sorted(case - batch_streams(batch))
         if missing:
             raise UserError(
-                f"task {self.name}: case {''.join(sorted(case, key='LVA'.index))} needs "
+                f"task {self.name}: case {''.join(sorted(case, key=STREAM_NAMES_ORDER))} needs "
                 f"{', '.join(STREAM_NAMES[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
                 "has none: remove the case or give the task a dataset with that stream"
             )
