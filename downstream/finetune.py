@@ -113,12 +113,13 @@ def run_finetune(
         chosen = range(len(plan.folds)) if fold is None else [fold]
         results = [train_fold(cfg, plan, k, backend, resume) for k in chosen]
         summary = summary_md = None
-        if backend.is_main:
+        if backend.is_main and any(r["test"] for r in results):
             summary = write_summary(cfg.output_dir, load_fold_results(cfg.output_dir))
             summary_md = Path(cfg.output_dir, "summary.md").read_text()
+        finished = [r for r in results if r["test"]]
         test = {
-            name: float(np.mean([r["test"][name] for r in results]))
-            for name, value in results[0]["test"].items()
+            name: float(np.mean([r["test"][name] for r in finished]))
+            for name, value in (finished[0]["test"] if finished else {}).items()
             if not isinstance(value, list)
         }
         return {"folds": results, "test": test, "summary": summary, "summary_md": summary_md}

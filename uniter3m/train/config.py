@@ -115,7 +115,7 @@ class DbSet(StrictModel):
                     f"{key}: unknown key; feature databases are <stream>_db with a stream of "
                     f"{stream_table.describe()} (declare others in `streams`)"
                 )
-            elif not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            elif value is not None and not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
                 problems.append(f"{key}: give a database path or a list of paths")
         txt = _as_list(self.txt_db) or []
         if not txt:
