@@ -41,7 +41,9 @@ from uniter3m.train.precision import Precision
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a `<fold>/best` dir written by uniter3m finetune")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a `<fold>/best` dir written by uniter3m finetune"
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -56,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "data.txt_db=db/other")
 
 
-def run_config(checkpoint: str | Path, config: str | None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+def run_config(
+    checkpoint: str | Path, config: str | None, overrides: list[str] | tuple[str, ...] = ()
+) -> FinetuneConfig:
     """The given config, else the resolved config.json of the run the checkpoint belongs to."""
     if config is None:
         ckpt = Path(checkpoint)
@@ -93,7 +97,9 @@ def evaluate_modalities(
     ckpt = Path(checkpoint)
     spec_file = ckpt / FINETUNE_FILE
     if not spec_file.is_file():
-        raise UserError(f"{ckpt} has no {FINETUNE_FILE}; give a `<fold>/best` dir written by `uniter3m finetune`")
+        raise UserError(
+            f"{ckpt} has no {FINETUNE_FILE}; give a `<fold>/best` dir written by `uniter3m finetune`"
+        )
     saved = json.loads(spec_file.read_text())
     backend = init_backend(cfg.device)
     try:
@@ -103,7 +109,9 @@ def evaluate_modalities(
         plan = plan_protocol(cfg)
         k = saved.get("fold_index") if fold is None else fold
         if k is None or not 0 <= k < len(plan.folds):
-            raise UserError(f"fold {k} is not a fold of protocol {plan.name} (0..{len(plan.folds) - 1}); pass --fold")
+            raise UserError(
+                f"fold {k} is not a fold of protocol {plan.name} (0..{len(plan.folds) - 1}); pass --fold"
+            )
         if list(plan.label.classes) != list(model.spec.classes):
             raise DatabaseError(
                 f"{ckpt} predicts classes {model.spec.classes} but the config's protocol has {list(plan.label.classes)}"
@@ -123,7 +131,9 @@ def evaluate_modalities(
         table = ""
         if backend.is_main:
             table = modality_table(rows, stem)
-            atomic_write_json(stem.with_suffix(".json"), {"checkpoint": str(ckpt), "split": split, "fold": k, "rows": rows})
+            atomic_write_json(
+                stem.with_suffix(".json"), {"checkpoint": str(ckpt), "split": split, "fold": k, "rows": rows}
+            )
         return {"rows": rows, "table": table, "fold": k, "stem": str(stem)}
     finally:
         backend.shutdown()

@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--fold", type=int, help="run only fold K (0-based); the fold loop scripts use this")
     which.add_argument("--all-folds", action="store_true", help="run every fold (the default)")
-    which.add_argument("--summarize", action="store_true", help="only (re)write the summary from the folds already run")
+    which.add_argument(
+        "--summarize", action="store_true", help="only (re)write the summary from the folds already run"
+    )
     add_set_argument(parser, "optim.lr=3e-5")
     parser.add_argument(
         "--resume",
@@ -101,7 +103,9 @@ def run_finetune(
     """
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, overrides)
     if resume not in (None, "auto"):
-        raise UserError(f"--resume {resume!r}: fine-tuning resumes with 'auto' (each fold from its own checkpoints)")
+        raise UserError(
+            f"--resume {resume!r}: fine-tuning resumes with 'auto' (each fold from its own checkpoints)"
+        )
     backend = init_backend(cfg.device)
     try:
         plan = plan_protocol(cfg)
@@ -171,7 +175,9 @@ def train_fold(
         pin_memory=backend.device.type == "cuda",
     )
     steps_per_epoch = max(1, len(stream.sampler) // cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
+    total = (
+        cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
+    )
     val_every = max(1, steps_per_epoch // min(cfg.evals_per_epoch, steps_per_epoch))
     o = cfg.optim
     optimizer = build_optimizer(
@@ -243,7 +249,8 @@ def train_fold(
     test_pred = predict(best, task, test_set, cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
     result = {
-        "protocol": f"{plan.name}/{cfg.protocol.scheme}" + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
+        "protocol": f"{plan.name}/{cfg.protocol.scheme}"
+        + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
         "fold": fold.name,
         "fold_index": k,
         "sizes": fold.sizes(),
@@ -271,7 +278,9 @@ def train_fold(
     return result
 
 
-def _prediction_rows(plan: ProtocolPlan, predictions: Mapping[str, Any], ids: list[str]) -> list[dict[str, Any]]:
+def _prediction_rows(
+    plan: ProtocolPlan, predictions: Mapping[str, Any], ids: list[str]
+) -> list[dict[str, Any]]:
     if plan.regression:
         return [{"id": i, "gold": plan.targets[i], "pred": round(float(predictions[i]), 5)} for i in ids]
     names = plan.label.classes

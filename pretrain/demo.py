@@ -151,7 +151,11 @@ def pretrain_config(
     cfg["model"]["config"] = str(TINY_MODEL)
     ds = cfg["datasets"]["synthetic"]
     ds.update(txt_db=[str(dbs["txt_train"])], face_db=[str(dbs["face"])], speech_db=[str(dbs["speech"])])
-    ds["valid"] = {"txt_db": [str(dbs["txt_valid"])], "face_db": [str(dbs["face"])], "speech_db": [str(dbs["speech"])]}
+    ds["valid"] = {
+        "txt_db": [str(dbs["txt_valid"])],
+        "face_db": [str(dbs["face"])],
+        "speech_db": [str(dbs["speech"])],
+    }
     for task in cfg["tasks"]:
         if task["name"] == "emo_cls":
             task["options"]["classes"] = list(emotions)

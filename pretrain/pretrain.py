@@ -156,9 +156,7 @@ def run_pretrain(
         checkpoint = find_resume(cfg.output_dir, resume)
         if checkpoint is not None and backend.is_main:
             log.info("resuming from %s", checkpoint)
-        loop = TrainLoop(
-            settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint
-        )
+        loop = TrainLoop(settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint)
         metrics = loop.run()
         if backend.is_main and metrics:
             log.info("final validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -297,13 +295,19 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
     sized = UniterConfig.from_dict(base.to_dict(), **overrides)
     for name in heads:
         stream, _, kind = name.rpartition("_")
-        if kind == "classifier" and stream in stream_table.names() and not sized.stream(stream).soft_label_dim:
+        if (
+            kind == "classifier"
+            and stream in stream_table.names()
+            and not sized.stream(stream).soft_label_dim
+        ):
             raise ConfigError(
                 f"task {stream}_mrc needs per-frame soft labels in the {stream} databases (their meta "
                 "soft_label_dim is 0): build them with soft labels, or drop the task"
             )
     vocab = max(
-        readers.get(p, "txt").meta["tokenizer"]["vocab_size"] for ds in cfg.datasets.values() for p in ds.txt_dbs
+        readers.get(p, "txt").meta["tokenizer"]["vocab_size"]
+        for ds in cfg.datasets.values()
+        for p in ds.txt_dbs
     )
     if base.vocab_size < vocab:
         raise ConfigError(

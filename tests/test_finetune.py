@@ -255,9 +255,7 @@ def test_cli_summarize_and_config_errors(trained, tmp_path, capsys):
     assert main(["finetune", "--config", str(good), "--summarize"]) == 0
     assert "mean ± std" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
-    bad.write_text(
-        json.dumps(dict(cfg, epoch=3, model=dict(cfg["model"], head="svm")))
-    )
+    bad.write_text(json.dumps(dict(cfg, epoch=3, model=dict(cfg["model"], head="svm"))))
     assert main(["finetune", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "epoch: unknown key" in err and "model.head" in err

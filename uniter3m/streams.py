@@ -112,7 +112,7 @@ def declare_many(streams: Mapping[str, str] | None) -> None:
 
 
 def parse_modalities(value: str | Iterable[str], where: str = "modalities") -> str:
-    """"lva", "AV", ["L","V"] or ["text","face"] -> canonical letters ("LVA" order); errors name `where`."""
+    """ "lva", "AV", ["L","V"] or ["text","face"] -> canonical letters ("LVA" order); errors name `where`."""
     items = list(value.strip()) if isinstance(value, str) else [str(v) for v in value]
     out = set()
     for item in items:

@@ -211,11 +211,15 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
 
     @staticmethod
     def _check_modalities(modalities: str | None, stream_lists: dict[str, list[DbLike] | None]) -> str:
-        given = "L" + "".join(stream_table.get(s).letter for s, dbs in stream_lists.items() if dbs is not None)
+        given = "L" + "".join(
+            stream_table.get(s).letter for s, dbs in stream_lists.items() if dbs is not None
+        )
         if modalities is None:
             return stream_table.parse_modalities(given)
         if not modalities:
-            raise ConfigError(f"modalities={modalities!r}: use a non-empty subset of {stream_table.letters()!r}")
+            raise ConfigError(
+                f"modalities={modalities!r}: use a non-empty subset of {stream_table.letters()!r}"
+            )
         wanted = stream_table.parse_modalities(modalities, f"modalities={modalities!r}")
         for stream in stream_table.streams_of(wanted):
             if stream_lists[stream.name] is None:
@@ -237,7 +241,9 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             return {s: self._check_max("max_frames", max_frames) for s in names}
         unknown = set(max_frames) - set(names)
         if unknown:
-            raise ConfigError(f"max_frames has unknown streams {sorted(unknown)}; the streams are {list(names)}")
+            raise ConfigError(
+                f"max_frames has unknown streams {sorted(unknown)}; the streams are {list(names)}"
+            )
         return {s: self._check_max(f"max_frames[{s!r}]", max_frames.get(s)) for s in names}
 
     @staticmethod

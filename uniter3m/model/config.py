@@ -127,7 +127,9 @@ class UniterConfig(StrictModel):
 
     def frame_streams(self) -> dict[str, FrameStreamConfig]:
         """The streams this model has (feat_dim > 0), in the table's order."""
-        return {s.name: self.stream(s.name) for s in stream_table.frame_streams() if self.stream(s.name).present}
+        return {
+            s.name: self.stream(s.name) for s in stream_table.frame_streams() if self.stream(s.name).present
+        }
 
     def with_stream(self, name: str, **fields: Any) -> dict[str, Any]:
         """Overrides that set `fields` of stream `name` (top-level for face/speech, else under streams)."""

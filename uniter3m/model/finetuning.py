@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FINETUNE_FILE = "finetune.json"
 HEAD_TYPES = ("linear", "mlp", "prompt", "regression")
 
+
 @dataclass
 class FinetuneOutput:
     logits: Tensor | None = None  # (B, C) class scores (prompt: MLM logits of the label words)
@@ -140,7 +141,9 @@ class FinetuneModel(nn.Module):
         if self.spec.head != "prompt":
             return FinetuneOutput(logits=self.head(out.pooler_output))
         if prompt_positions is None:
-            raise UserError("the prompt head needs prompt_positions (built with the prompt by the data workers)")
+            raise UserError(
+                "the prompt head needs prompt_positions (built with the prompt by the data workers)"
+            )
         rows = torch.arange(prompt_positions.shape[0], device=prompt_positions.device)
         vocab_logits = self.cls["predictions"](out.last_hidden_state[rows, prompt_positions])
         return FinetuneOutput(logits=vocab_logits[:, self.verbalizer_ids], vocab_logits=vocab_logits)

@@ -177,7 +177,11 @@ class UniterModel(nn.Module):
                     "the data's modalities"
                 )
             type_embedding = self._type_embedding(stream.name)
-            add(stream.name, module(feat, type_embedding, frames.get(stream.frame_mask_key)), frames.get(stream.mask_key))
+            add(
+                stream.name,
+                module(feat, type_embedding, frames.get(stream.frame_mask_key)),
+                frames.get(stream.mask_key),
+            )
         if not parts:
             raise UserError("UniterModel needs at least one stream: input_ids or a frame stream's features")
 

@@ -326,7 +326,9 @@ class ContrastiveTask(Task):
                     f"task {self.name}: modality subset {''.join(subset)} has one stream; contrast needs two"
                 )
         letters = stream_table.letters()
-        raw = pairs if pairs is not None else [[a, b] for i, a in enumerate(letters) for b in letters[i + 1 :]]
+        raw = (
+            pairs if pairs is not None else [[a, b] for i, a in enumerate(letters) for b in letters[i + 1 :]]
+        )
         self.pairs: list[tuple[str, str]] = []
         for pair in raw:
             subset = parse_streams(pair, f"task {self.name}: pairs")

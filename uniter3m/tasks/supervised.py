@@ -49,14 +49,20 @@ class SupervisedTask(Task):
         self.head = head
         self.regression = head == "regression"
         self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
-        self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.class_weights = (
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        )
         self.max_len = int(max_len)
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         inputs = self.model_inputs(batch)
         if self.head == "prompt":
             ids, mask, positions, _ = add_prompt(
-                batch["input_ids"], batch["txt_mask"], self.prompt_ids or [], self.special, max_len=self.max_len
+                batch["input_ids"],
+                batch["txt_mask"],
+                self.prompt_ids or [],
+                self.special,
+                max_len=self.max_len,
             )
             inputs.update(input_ids=ids, attention_mask=mask, prompt_positions=positions)
         values = lookup_targets(batch["ids"], self.targets, what="protocol target", where="the fold's ids")

@@ -88,7 +88,9 @@ def _renamed_keys(data: Mapping[str, Any]) -> list[str]:
 def _check_db(path: str, where: str) -> str | None:
     p = Path(path)
     if not p.exists():
-        return f"{where}: database {p} does not exist (build it with `uniter3m build-txt-db` / `build-feat-db`)"
+        return (
+            f"{where}: database {p} does not exist (build it with `uniter3m build-txt-db` / `build-feat-db`)"
+        )
     if not (p / "meta.json").is_file():
         return f"{where}: {p} has no meta.json (not a database, or its build was interrupted: rebuild it)"
     return None
@@ -115,7 +117,9 @@ class DbSet(StrictModel):
                     f"{key}: unknown key; feature databases are <stream>_db with a stream of "
                     f"{stream_table.describe()} (declare others in `streams`)"
                 )
-            elif value is not None and not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            elif value is not None and not (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ):
                 problems.append(f"{key}: give a database path or a list of paths")
         txt = _as_list(self.txt_db) or []
         if not txt:
@@ -126,7 +130,11 @@ class DbSet(StrictModel):
                     f"{name}_db lists {len(dbs)} dbs but txt_db lists {len(txt)}: give one per text db, in the same order"
                 )
         for key, paths in [("txt_db", txt), *((f"{n}_db", d) for n, d in self.feat_dbs.items())]:
-            problems += [msg for i, p in enumerate(paths) if (msg := _check_db(p, f"{key}.{i}" if len(paths) > 1 else key))]
+            problems += [
+                msg
+                for i, p in enumerate(paths)
+                if (msg := _check_db(p, f"{key}.{i}" if len(paths) > 1 else key))
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -193,11 +201,15 @@ class ModelSection(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         if not self.config and not self.init:
-            raise ValueError("give model.config (a model config JSON) or model.init (a checkpoint dir), or both")
+            raise ValueError(
+                "give model.config (a model config JSON) or model.init (a checkpoint dir), or both"
+            )
         if self.config and not Path(self.config).is_file():
             raise ValueError(f"model.config {self.config} does not exist (see configs/model/)")
         if self.init and not (Path(self.init) / "config.json").is_file():
-            raise ValueError(f"model.init {self.init} does not exist or is not a model folder with config.json")
+            raise ValueError(
+                f"model.init {self.init} does not exist or is not a model folder with config.json"
+            )
         return self
 
 
@@ -401,7 +413,9 @@ class FinetuneConfig(RunConfig):
 
         regression = is_regression(self.protocol.name, self.protocol.target)
         if regression != (self.model.head == "regression"):
-            raise ValueError("model.head 'regression' goes with a regression target (mosi/regression) and only with it")
+            raise ValueError(
+                "model.head 'regression' goes with a regression target (mosi/regression) and only with it"
+            )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
         return self

@@ -54,9 +54,13 @@ def text_meta(data: DataConfig) -> dict[str, Any]:
     metas = [DbReader(p, kind="txt").meta for p in data.txt_dbs]
     hashes = {(m.get("tokenizer") or {}).get("vocab_hash") for m in metas}
     if len(hashes) > 1:
-        raise DatabaseError(f"the text databases {data.txt_dbs} were built with different tokenizers; rebuild them with one")
+        raise DatabaseError(
+            f"the text databases {data.txt_dbs} were built with different tokenizers; rebuild them with one"
+        )
     if "tokenizer" not in metas[0]:
-        raise DatabaseError(f"{data.txt_dbs[0]}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db")
+        raise DatabaseError(
+            f"{data.txt_dbs[0]}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db"
+        )
     return metas[0]
 
 
@@ -123,9 +127,15 @@ def build_finetune_model(
     """Backbone from `model.init` (or a fresh one from `model.config`) + the configured head."""
     m = cfg.model
     source = m.init or m.config
-    base = UniterConfig.from_pretrained(m.init, **m.overrides) if m.init else UniterConfig.from_json(m.config, **m.overrides)
+    base = (
+        UniterConfig.from_pretrained(m.init, **m.overrides)
+        if m.init
+        else UniterConfig.from_json(m.config, **m.overrides)
+    )
     overrides = dict(m.overrides)
-    for key, value in check_feature_dims(base, feat_dims, str(source), dict(cfg.data.model_extra or {})).items():
+    for key, value in check_feature_dims(
+        base, feat_dims, str(source), dict(cfg.data.model_extra or {})
+    ).items():
         if isinstance(value, dict) and isinstance(overrides.get(key), dict):
             overrides[key] = {**overrides[key], **value}
         else:
@@ -176,7 +186,9 @@ def prompt_spec(
     if not verbalizer:
         raise ConfigError(f"protocol {plan.name} has no default verbaliser: set model.verbalizer")
     prompt_ids = tokenize_template(tokenizer, cfg.model.prompt, special.mask_id, "model.prompt")
-    words = label_word_ids(tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes)
+    words = label_word_ids(
+        tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes
+    )
     return prompt_ids, [words[c] for c in plan.label.classes], {c: verbalizer[c] for c in plan.label.classes}
 
 
@@ -198,7 +210,9 @@ def supervised_task(
 
 def class_weights(plan: ProtocolPlan, train_ids: Sequence[str]) -> list[float]:
     """Inverse-frequency weights from the TRAINING split only, normalised to mean 1."""
-    counts = np.bincount([plan.targets[i] for i in train_ids], minlength=plan.label.num_classes).astype(np.float64)
+    counts = np.bincount([plan.targets[i] for i in train_ids], minlength=plan.label.num_classes).astype(
+        np.float64
+    )
     absent = [plan.label.classes[c] for c in np.flatnonzero(counts == 0)]
     if absent:
         raise UserError(f"class_weighted: classes {absent} have no training example in this fold")
@@ -237,7 +251,9 @@ def predict(
     was_training = model.training
     model.eval()
     local: dict[str, float | int] = {}
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and backend.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        loader, desc=desc, leave=False, disable=not (cfg.progress and backend.is_main), dynamic_ncols=True
+    )
     for inputs in bar:
         inputs = to_device(inputs, backend.device)
         kwargs = {k: v for k, v in inputs.items() if k not in ("targets", "ids") and v is not None}
@@ -254,7 +270,9 @@ def predict(
 def score(plan: ProtocolPlan, predictions: Mapping[str, float | int], ids: Sequence[str]) -> dict[str, Any]:
     missing = [i for i in ids if i not in predictions]
     if missing:
-        raise UserError(f"{len(missing)} utterances got no prediction (e.g. {missing[:3]}); a data shard was lost")
+        raise UserError(
+            f"{len(missing)} utterances got no prediction (e.g. {missing[:3]}); a data shard was lost"
+        )
     gold = [plan.targets[i] for i in ids]
     pred = [predictions[i] for i in ids]
     if plan.regression:
@@ -293,7 +311,9 @@ class SelectionEvaluator(Evaluator):
         self.should_stop = False
 
     def evaluate(self, loop: TrainLoop) -> dict[str, float]:
-        preds = predict(self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate")
+        preds = predict(
+            self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
+        )
         scores = scalars(score(self.plan, preds, self.valid_set.ids))
         value = float(scores[self.metric])
         self.history.append({"step": loop.step, "valid": scores})
@@ -306,7 +326,14 @@ class SelectionEvaluator(Evaluator):
             self.bad_evals += 1
         self.should_stop = self.bad_evals >= self.cfg.patience
         if self.backend.is_main:
-            log.info("step %d: valid %s = %.4f (best %.4f at step %s)", loop.step, self.metric, value, self.best_value, self.best_step)
+            log.info(
+                "step %d: valid %s = %.4f (best %.4f at step %s)",
+                loop.step,
+                self.metric,
+                value,
+                self.best_value,
+                self.best_step,
+            )
         return {**scores, f"best_{self.metric}": float(self.best_value)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -326,7 +353,9 @@ class SelectionEvaluator(Evaluator):
         self.should_stop = bool(state["should_stop"])
 
 
-def evaluation_cases(cfg: FinetuneConfig, model_config: UniterConfig, cases: Sequence[str] | None) -> list[str]:
+def evaluation_cases(
+    cfg: FinetuneConfig, model_config: UniterConfig, cases: Sequence[str] | None
+) -> list[str]:
     """Modality cases to score: given ones (checked), or every non-empty subset the config's modalities allow."""
     allowed = cfg.data.used_modalities
     if not cases:
