@@ -183,3 +183,9 @@ class CarriesStreamTable:
         for name, letter in state.pop("_stream_table", []):
             declare(name, letter)
         self.__dict__.update(state)
+
+
+def reset() -> None:
+    """Back to the default table (face, speech): for tests and processes that run several configs."""
+    _TABLE.clear()
+    _TABLE.update({s.name: s for s in DEFAULT_STREAMS})
