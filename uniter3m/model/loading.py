@@ -311,7 +311,7 @@ def _config_origin(loaded: LoadedCheckpoint) -> str:
 
 def _source_name(key: str, report: conv.ConversionReport) -> str:
     source = report.converted.get(key, key)
-    return key if source == key else f"{key} (source {source})"
+    return key if source in (key, key.removeprefix(conv.BACKBONE)) else f"{key} (source {source})"
 
 
 def _mismatch_line(key: str, have: tuple, want: tuple, report: conv.ConversionReport) -> str:
@@ -333,8 +333,10 @@ def config_hint(key: str, shape: tuple) -> str | None:
         return f"max_position_embeddings={shape[0]}"
     if name == "embeddings.token_type_embeddings.weight":
         return f"type_vocab_size={shape[0]}"
-    if re.fullmatch(r"encoder\.layer\.\d+\.intermediate\.dense\.weight", name):
+    if re.fullmatch(r"encoder\.layer\.\d+\.intermediate\.dense\.(weight|bias)", name):
         return f"intermediate_size={shape[0]}"
+    if re.fullmatch(r"encoder\.layer\.\d+\.output\.dense\.weight", name):
+        return f"intermediate_size={shape[1]}"
     if stream and name.endswith("feat_linear.weight"):
         return f"{stream}.feat_dim={shape[1]}"
     if stream and name.endswith("mask_embedding"):
@@ -345,7 +347,7 @@ def config_hint(key: str, shape: tuple) -> str | None:
         return f"{m.group(1)}.soft_label_dim={shape[0]}"
     if name == "emo_classifier.net.1.weight":
         return f"emo_classes={shape[0]}"
-    if len(shape) >= 1 and name.endswith(("LayerNorm.weight", "dense.bias", "pooler.dense.weight")):
+    if name.endswith("LayerNorm.weight") or name == "pooler.dense.weight":
         return f"hidden_size={shape[0]}"
     return None
 
