@@ -159,7 +159,7 @@ def export_to_hf_bert(src: str | Path, out: str | Path, with_mlm_head: bool = Tr
     from uniter3m.model.loading import read_checkpoint
 
     src, out = Path(src), Path(out)
-    loaded = read_checkpoint(src, "uniter3m")  # a damaged file or a config that disagrees: a clear error
+    loaded = read_checkpoint(src)  # a damaged file or a config that disagrees: a clear error, naming it
     config = loaded.config
     state, report = conv.export_hf_bert(loaded.state, with_mlm_head=with_mlm_head)
     if not state:
