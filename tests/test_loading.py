@@ -273,3 +273,18 @@ def test_config_that_disagrees_with_its_weights_names_key_shapes_and_fix(tmp_pat
     hf_config.write_text(json.dumps({**json.loads(hf_config.read_text()), "num_hidden_layers": 1}))
     with pytest.raises(ConfigError, match=r"no place for.*encoder\.layer\.1"):
         UniterModel.from_pretrained(folder)
+
+
+def test_a_missing_pooler_is_refused_unless_the_checkpoint_is_an_mlm_model(tmp_path):
+    """BertForMaskedLM saves no pooler (test_model covers it loading); a BertModel without one is damaged."""
+    _, folder = hf_bert_dir(tmp_path)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("pooler.")}, str(folder / "model.safetensors")
+    )
+    with pytest.raises(UserError, match=r"uniter\.pooler\.dense\.bias"):
+        UniterModel.from_pretrained(folder)
+    args = ["convert", "--from", "hf-bert", "--src", str(folder), "--out", str(tmp_path / "ours")]
+    assert cli_main([*args, "--allow-new", "uniter.pooler.*"]) == 0
+    report = json.loads((tmp_path / "ours" / "conversion_report.json").read_text())
+    assert report["new"] == ["uniter.pooler.dense.bias", "uniter.pooler.dense.weight"]

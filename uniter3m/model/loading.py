@@ -6,8 +6,8 @@ Google TF BERT, UNITER/MEmoBERT state dicts) into ONE form: the state dict in ou
 config that does not describe its weights is an error naming the key, both shapes and the
 field to fix. `load_into` copies it into a model and refuses to leave a backbone weight at its
 random initial value: only the frame streams the checkpoint lacks (`uniter.<name>_embeddings.*`),
-the pooler (BERT's MLM checkpoints have none) and the patterns given in `allow_new` may start
-fresh; heads may always start fresh. Everything that starts fresh is reported.
+the pooler of a checkpoint with an MLM head (HF *ForMaskedLM saves none) and the patterns given
+in `allow_new` may start fresh; heads may always start fresh. Everything fresh is reported.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 FLAVOURS = ("auto", "uniter3m", "hf-bert", "tf-bert", "memobert", "uniter")
 HEADS_FILE = "heads.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Backbone weights that may start fresh without being asked: BertForMaskedLM and RoBERTa MLM
-# checkpoints have no pooler, and only a classifier on top of it ever trains one.
-DEFAULT_ALLOW_NEW = ("uniter.pooler.*",)
+# The pooler may start fresh when the checkpoint is an MLM model: BertForMaskedLM and RoBERTa's
+# MLM save none, and only a classifier on top of it ever trains one.
+POOLER = "uniter.pooler.*"
+MLM_HEAD = "cls.predictions."
 TEXT_PARTS = ("uniter.embeddings.", "uniter.encoder.")
 _STREAM = re.compile(r"^uniter\.(\w+)_embeddings\.")
 
@@ -362,7 +363,7 @@ def load_into(
 
     Raises when a tensor's shape differs from the model's (naming key, shapes and the config field)
     or when backbone weights would start fresh, unless they belong to a frame stream the checkpoint
-    lacks, the pooler, or match a pattern of `allow_new` (fnmatch, on our full names such as
+    lacks, the pooler of a checkpoint with an MLM head, or match a pattern of `allow_new` (fnmatch, on our full names such as
     `uniter.face_embeddings.position_embeddings.*`). Heads absent from the checkpoint start fresh.
     Returns `info` (missing_keys, unexpected_keys, mismatched_keys, error_msgs, new_streams) in the
     model's own names, and records the fresh keys (full names) as `loaded.report.new`.
@@ -403,7 +404,8 @@ def load_into(
         )
 
     missing = set(own) - set(state) - aliases
-    patterns = (*DEFAULT_ALLOW_NEW, *allow_new)
+    has_mlm_head = any(k.startswith(MLM_HEAD) for k in loaded.state)
+    patterns = (*allow_new, *([POOLER] if has_mlm_head else []))
     have_streams = loaded.streams
     new_streams: set[str] = set()
     refused: list[str] = []
