@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import torch
 from uniter3m.errors import UserError
 from uniter3m.fileio import atomic_write_bytes, atomic_write_json
 from uniter3m.model import conversion as conv
-from uniter3m.model.config import UniterConfig
 
 SOURCE_KINDS = ("hf-bert", "tf-bert", "uniter", "memobert")
 TARGET_KINDS = ("hf-bert",)
@@ -67,6 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--to hf-bert: export the encoder only (BertModel keys), even when the checkpoint has an MLM head",
     )
+    parser.add_argument(
+        "--allow-new",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="let backbone weights matching PATTERN (fnmatch on our names, e.g. "
+        "'uniter.face_embeddings.position_embeddings.*') start fresh; without it a backbone weight the "
+        "checkpoint lacks is an error (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for the weights the source lacks (new keys)"
@@ -74,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.allow_new and not args.source_kind:
+        raise UserError("--allow-new applies to --from conversions only")
     if args.model_config is not None and args.source_kind not in ("uniter", "memobert"):
         raise UserError(
             "--model-config applies to --from uniter/memobert only (other sources carry their own config.json)"
@@ -82,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_kind:
         report = export_to_hf_bert(args.src, args.out, with_mlm_head=not args.no_mlm_head)
     else:
-        report = convert_to_ours(args.source_kind, args.src, args.out, args.model_config, args.seed)
+        report = convert_to_ours(
+            args.source_kind, args.src, args.out, args.model_config, args.seed, allow_new=args.allow_new
+        )
     print(report.summary())
     print(f"wrote {args.out} (full key lists in {args.out / REPORT_NAME})")
     return 0
@@ -95,88 +107,48 @@ def convert_to_ours(
     out: str | Path,
     model_config: str | Path | None = None,
     seed: int = 0,
+    allow_new: Sequence[str] = (),
 ) -> conv.ConversionReport:
-    """Read `src` of `kind`, convert, check against the model it describes, save to `out`."""
-    src, out = Path(src), Path(out)
-    if kind == "hf-bert":
-        state, config, report, tokenizer_dir = _read_hf(src)
-    elif kind == "tf-bert":
-        state, config, report, tokenizer_dir = _read_tf(src)
-    elif kind in ("uniter", "memobert"):
-        state, config, report, tokenizer_dir = _read_uniter(kind, src, model_config)
-    else:
-        raise UserError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    """Read `src` of `kind` with the one checkpoint reader, fill the model it describes, save to `out`.
 
+    A backbone weight left without a source (a learned table the checkpoint lacks, a missing
+    layer) is an error unless a pattern of `allow_new` names it; new keys are in the report.
+    """
+    from uniter3m.model.loading import load_into, read_checkpoint
     from uniter3m.model.pretraining import UniterForPretraining
-    from uniter3m.model.uniter import UniterModel, tied_aliases
+    from uniter3m.model.uniter import UniterModel
 
-    heads = conv.heads_of(state)
+    if kind not in SOURCE_KINDS:
+        raise UserError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    src, out = Path(src), Path(out)
+    loaded = read_checkpoint(src, kind, model_config=model_config)
+    config, report, heads = loaded.config, loaded.report, loaded.heads
     with torch.random.fork_rng(devices=[]):  # seeded init of the new weights, caller's RNG untouched
         torch.manual_seed(seed)
         model = UniterForPretraining(config, heads) if heads else UniterModel(config)
-    weights = state if heads else conv.backbone_only(state)
-    conv.fit_to_model(weights, model.state_dict(), report, tied_aliases(model))
-    conv.require_text_encoder(report, str(src))
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:  # fit_to_model guarantees none; a bug if it happens
-        raise RuntimeError(f"keys left unused after the shape check: {result.unexpected_keys}")
+    info = load_into(model, loaded, allow_new=allow_new)
+    unfit = sorted(set(info["unexpected_keys"]) - set(report.ignored))
+    if unfit:  # converted keys the inferred model has no place for
+        shown = ", ".join(f"{k} (source {report.converted.get(k, k)})" for k in unfit[:5])
+        raise UserError(
+            f"{src}: {len(unfit)} converted key(s) have no place in the model the checkpoint describes: {shown}; "
+            "the checkpoint does not match the inferred layout (pass --model-config with its real config)"
+        )
     model.save_pretrained(out)
     if not heads:
         (out / "heads.json").unlink(missing_ok=True)  # a stale file from an earlier --overwrite run
-    copied = _copy_tokenizer(tokenizer_dir, out)
-    _write_report(out, report, src=src, kind=kind, heads=heads, config=config.to_dict(), tokenizer=copied)
-    return report
-
-
-def _read_hf(src: Path) -> tuple[conv.StateDict, UniterConfig, conv.ConversionReport, Path]:
-    raw, hf_config = conv.load_hf_directory(src)
-    state, report = conv.convert_hf_bert(raw, hf_config)
-    overrides: dict[str, Any] = {}
-    if conv.hf_family(raw, hf_config) == "roberta":
-        kept = int(hf_config["max_position_embeddings"]) - conv.roberta_position_offset(hf_config)
-        overrides["max_position_embeddings"] = kept
-        if int(hf_config.get("type_vocab_size", 1)) < 2:
-            report.note(
-                "RoBERTa has one token type: adding a face or speech stream later needs type_vocab_size 2 "
-                "(a new, trained-from-scratch type row)"
-            )
-    config = UniterConfig.from_hf_bert(hf_config, str(src / "config.json"), **overrides)
-    return state, config, report, src
-
-
-def _read_tf(src: Path) -> tuple[conv.StateDict, UniterConfig, conv.ConversionReport, Path]:
-    prefix, bert_config = conv.find_tf_checkpoint(src)
-    state, report = conv.convert_tf_bert(conv.read_tf_checkpoint(prefix))
-    config = UniterConfig.from_hf_bert(bert_config, str(Path(prefix).parent / "bert_config.json"))
-    return state, config, report, Path(prefix).parent
-
-
-def _read_uniter(
-    kind: str, src: Path, model_config: str | Path | None
-) -> tuple[conv.StateDict, UniterConfig, conv.ConversionReport, Path]:
-    file = _latest_step_file(src) if src.is_dir() else src
-    state, report = conv.convert_uniter(conv.load_weights_file(file), flavour=kind)
-    if file != src:
-        report.note(f"converted {file.name}, the latest model_step_N.pt in {src}")
-    base = None
-    if model_config is not None:
-        from uniter3m.config import read_json
-
-        base = read_json(model_config)
-    data = conv.infer_config(state, base, report)
-    config = UniterConfig.from_dict(data, f"config inferred from {file}")
-    return state, config, report, file.parent
-
-
-def _latest_step_file(folder: Path) -> Path:
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in folder.glob("model_step_*.pt")
-        if (m := re.fullmatch(r"model_step_(\d+)\.pt", p.name))
+    copied = _copy_tokenizer(loaded.tokenizer_dir, out) if loaded.tokenizer_dir else []
+    _write_report(
+        out,
+        report,
+        src=src,
+        kind=kind,
+        heads=heads,
+        config=config.to_dict(),
+        tokenizer=copied,
+        allow_new=list(allow_new),
     )
-    if not steps:
-        raise UserError(f"{folder} holds no model_step_N.pt; give the checkpoint file itself as --src")
-    return steps[-1][1]
+    return report
 
 
 # ------------------------------------------------------------------------------ out of ours
@@ -184,11 +156,12 @@ def export_to_hf_bert(src: str | Path, out: str | Path, with_mlm_head: bool = Tr
     """Our checkpoint dir -> an HF BERT dir (config.json in HF form + model.safetensors)."""
     from safetensors.torch import save
 
-    from uniter3m.model.uniter import read_state_dict
+    from uniter3m.model.loading import read_checkpoint
 
     src, out = Path(src), Path(out)
-    config = UniterConfig.from_pretrained(src)
-    state, report = conv.export_hf_bert(read_state_dict(src), with_mlm_head=with_mlm_head)
+    loaded = read_checkpoint(src)  # a damaged file or a config that disagrees: a clear error, naming it
+    config = loaded.config
+    state, report = conv.export_hf_bert(loaded.state, with_mlm_head=with_mlm_head)
     if not state:
         raise UserError(f"{src} holds no text-encoder weights (embeddings.*, encoder.*): nothing to export")
     architecture = "BertForMaskedLM" if any(k.startswith("cls.") for k in state) else "BertModel"

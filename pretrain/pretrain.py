@@ -27,6 +27,7 @@ from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
 from uniter3m.errors import ConfigError, DatabaseError
 from uniter3m.fileio import atomic_write_json
 from uniter3m.model.config import UniterConfig
+from uniter3m.model.loading import read_config
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.tasks.base import TaskContext, build_task
 from uniter3m.train.checkpoint import find_resume
@@ -272,7 +273,7 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         raise ConfigError(f"emo_cls tasks disagree on the number of classes {emo}; use one class list")
     emo_classes = emo[0] if emo else 0
     base = (
-        UniterConfig.from_pretrained(cfg.model.init, **cfg.model.overrides)
+        read_config(cfg.model.init, **cfg.model.overrides)
         if cfg.model.init
         else UniterConfig.from_json(cfg.model.config, **cfg.model.overrides)
     )

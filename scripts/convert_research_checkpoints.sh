@@ -3,7 +3,8 @@
 #   scripts/convert_research_checkpoints.sh memobert|uniter SRC_DIR OUT_DIR [--model-config CONFIG.json]
 # Writes OUT_DIR/step_N/ (config.json + model.safetensors + conversion_report.json) per file.
 # Give --model-config (their model config JSON) when the head count is not hidden/64: state dicts
-# do not record it. A file that fails to convert stops the loop with uniter3m's error.
+# do not record it; other flags (--allow-new PATTERN) pass through. A file that fails to convert
+# stops the loop with uniter3m's error.
 set -euo pipefail
 KIND=${1:?usage: $0 memobert|uniter SRC_DIR OUT_DIR [--model-config CONFIG.json]}
 SRC=${2:?usage: $0 memobert|uniter SRC_DIR OUT_DIR [--model-config CONFIG.json]}

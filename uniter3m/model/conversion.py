@@ -49,12 +49,20 @@ class ConversionReport:
     new: list[str] = field(default_factory=list)
     ignored: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # ignored source keys that carried nothing (index buffers, tied or duplicate copies)
+    harmless: set[str] = field(default_factory=set)
 
     def convert(self, ours: str, source: str) -> None:
         self.converted[ours] = source
 
-    def ignore(self, source: str, reason: str) -> None:
+    def ignore(self, source: str, reason: str, harmless: bool = False) -> None:
         self.ignored[source] = reason
+        if harmless:
+            self.harmless.add(source)
+
+    def unused(self) -> list[str]:
+        """Source keys that held weights and were left out (what a loader calls unexpected)."""
+        return sorted(k for k in self.ignored if k not in self.harmless)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -173,7 +181,7 @@ def convert_hf_bert(
         name = rename_layer_norm(key)
         _, name = strip_prefix(name, ("bert.", "roberta.", "model."))
         if _is_position_ids(name):
-            report.ignore(key, "index buffer, not a weight (positions are computed)")
+            report.ignore(key, "index buffer, not a weight (positions are computed)", harmless=True)
         elif name.startswith(TEXT_BACKBONE_PREFIXES):
             if family == "roberta" and name == "embeddings.position_embeddings.weight":
                 tensor = tensor[offset:]
@@ -199,7 +207,7 @@ def _put(out: StateDict, report: ConversionReport, ours: str, source: str, tenso
     if ours in out:
         previous = report.converted[ours]
         if torch.equal(out[ours], tensor):
-            report.ignore(source, f"duplicate of {previous} (same values)")
+            report.ignore(source, f"duplicate of {previous} (same values)", harmless=True)
             return
         raise UserError(
             f"source keys {previous!r} and {source!r} both map to {ours!r} with different values; "
@@ -365,14 +373,32 @@ def convert_uniter(
         else:
             _convert_uniter_head(out, report, key, name, tensor)
     resolve_tied(out, report)
+    _drop_unused_speech_type(out, report)
     return out, report
+
+
+def _drop_unused_speech_type(out: StateDict, report: ConversionReport) -> None:
+    """MEmoBERT builds speech's own one-row type table whenever `speech_visual_use_same_type` is false,
+    but a model without a visual stream never reads it: speech then adds row 1 of the text type table
+    (`_compute_speech_embeddings`: `not self.use_visual or ...`). Such a table is dropped, so the
+    inferred config gives speech the shared row, as their forward did."""
+    own = BACKBONE + "speech_embeddings.token_type_embeddings.weight"
+    has_face = any(k.startswith(BACKBONE + "face_embeddings.") for k in out)
+    if own in out and not has_face:
+        del out[own]
+        source = report.converted.pop(own)
+        report.ignore(
+            source,
+            "unused in MEmoBERT: a model without a visual stream gives speech the shared type row "
+            "(token_type_embeddings row 1), so uniter3m uses speech_type 'shared'",
+        )
 
 
 def _convert_uniter_backbone(
     out: StateDict, report: ConversionReport, key: str, name: str, tensor: torch.Tensor
 ) -> None:
     if _is_position_ids(name):
-        report.ignore(key, "index buffer, not a weight (positions are computed)")
+        report.ignore(key, "index buffer, not a weight (positions are computed)", harmless=True)
         return
     if name.startswith("embeddings.") and name.split(".")[1] in _SENTILARE_EMBEDDINGS:
         report.ignore(key, "SentiLARE text-embedding extra: not in uniter3m")
@@ -458,7 +484,9 @@ def resolve_tied(out: StateDict, report: ConversionReport) -> None:
                 f"{backbone_key} taken from {source}, the tied head weight (the source had no other copy)"
             )
         elif torch.equal(out[backbone_key], tensor):
-            report.ignore(source, f"tied to {report.converted[backbone_key]} (same values), stored once")
+            report.ignore(
+                source, f"tied to {report.converted[backbone_key]} (same values), stored once", harmless=True
+            )
         else:
             report.ignore(
                 source,
@@ -476,6 +504,7 @@ def infer_config(
     state: Mapping[str, torch.Tensor],
     base: Mapping[str, Any] | None = None,
     report: ConversionReport | None = None,
+    flavour: str | None = None,
 ) -> dict[str, Any]:
     """A UniterConfig dict from the shapes of a converted state dict (ours, full namespace).
 
@@ -483,6 +512,11 @@ def infer_config(
     be, so it comes from `base` (their model config JSON) or defaults to hidden/64 (BERT's head
     size), which the report notes. Values in `base` win; a base that contradicts the tensors then
     fails in `fit_to_model`, naming the key.
+
+    MEmoBERT's two position layouts: a stream with a learned table keeps it; a stream without one
+    has fixed sinusoidal positions when `base` sets `use_sinusoid_position_embedding` or, with no
+    such key, for `flavour="memobert"` (their code drops the table only for sinusoids). UNITER's
+    image stream has no table either (box geometry); it gets a learned one, which starts fresh.
     """
     word = state.get(BACKBONE + "embeddings.word_embeddings.weight")
     if word is None:
@@ -506,6 +540,7 @@ def infer_config(
     ):
         if BACKBONE + key in state:
             data[field_name] = int(state[BACKBONE + key].shape[0])
+    sinusoid = (base or {}).get("use_sinusoid_position_embedding")
     for stream in ("face", "speech"):
         linear = state.get(f"{BACKBONE}{stream}_embeddings.feat_linear.weight")
         if linear is None:
@@ -513,7 +548,17 @@ def infer_config(
         section: dict[str, Any] = {"feat_dim": int(linear.shape[1])}
         positions = state.get(f"{BACKBONE}{stream}_embeddings.position_embeddings.weight")
         if positions is not None:
+            if sinusoid:
+                raise UserError(
+                    f"the model config sets use_sinusoid_position_embedding but the checkpoint holds a learned "
+                    f"{stream} position table {tuple(positions.shape)}: pass the config it was trained with"
+                )
             section["max_frames"] = int(positions.shape[0])
+        elif sinusoid or (sinusoid is None and flavour == "memobert"):
+            section["position"] = "sinusoidal"
+            if report is not None:
+                why = "the model config sets" if sinusoid else "no position table: MEmoBERT's layout with"
+                report.note(f"{stream} positions are sinusoidal ({why} use_sinusoid_position_embedding)")
         section["projection"] = f"{BACKBONE}{stream}_embeddings.projs_linear.weight" in state
         classifier = state.get(f"{stream}_classifier.net.3.weight")
         if classifier is not None:
@@ -623,7 +668,7 @@ def export_hf_bert(
             _put(out, report, prefix + name, key, tensor)
         elif has_mlm and key.startswith("cls.predictions."):
             if key == "cls.predictions.decoder.weight":
-                report.ignore(key, "tied to the word embeddings (HF ties them too)")
+                report.ignore(key, "tied to the word embeddings (HF ties them too)", harmless=True)
             else:
                 _put(out, report, key, key, tensor)
         elif name is not None and name.startswith(("face_embeddings.", "speech_embeddings.")):

@@ -40,7 +40,6 @@ from uniter3m.model.uniter import (
     UniterModel,
     load_weights,
     read_state_dict,
-    split_backbone,
     tied_aliases,
     write_pretrained,
 )
@@ -175,8 +174,11 @@ def check_feature_dims(
 
 
 def load_mlm_head(model: FinetuneModel, init: Path) -> None:
-    _, others = split_backbone(read_state_dict(init))
-    head = {k[len("cls.predictions.") :]: v for k, v in others.items() if k.startswith("cls.predictions.")}
+    """The prompt head starts from the checkpoint's MLM head (read by the one checkpoint reader)."""
+    from uniter3m.model.loading import read_checkpoint
+
+    state = read_checkpoint(init).state
+    head = {k[len("cls.predictions.") :]: v for k, v in state.items() if k.startswith("cls.predictions.")}
     head.pop("decoder.weight", None)  # tied to the word embeddings, loaded with them
     head.pop("decoder.bias", None)
     if not head:

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from uniter3m import streams as stream_table
-from uniter3m.config import read_json
 from uniter3m.errors import ConfigError
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.heads import (
@@ -42,10 +40,6 @@ from uniter3m.model.uniter import (
     UniterModel,
     UniterOutput,
     init_bert_weights,
-    load_weights,
-    log_loading_info,
-    read_state_dict,
-    split_backbone,
     write_pretrained,
 )
 
@@ -145,17 +139,11 @@ class UniterForPretraining(nn.Module):
 
         `heads`/`emo_classes` default to those in heads.json (ours) or just MLM (other directories).
         """
-        saved = read_json(Path(directory) / HEADS_FILE) if (Path(directory) / HEADS_FILE).is_file() else {}
-        heads = list(heads) if heads is not None else saved.get("heads", ["mlm"])
-        emo = emo_classes if emo_classes is not None else int(saved.get("emo_classes", 0))
-        config = UniterConfig.from_pretrained(directory, **config_overrides)
-        model = cls(config, heads, emo)
-        backbone, others = split_backbone(read_state_dict(directory))
-        state = {f"uniter.{k}": v for k, v in backbone.items()}
-        for key, tensor in others.items():
-            if key == "cls.predictions.decoder.bias":  # HF ties it to cls.predictions.bias
-                continue
-            state[key] = tensor
-        info = load_weights(model, state, directory)
-        log_loading_info(cls.__name__, directory, info)
+        from uniter3m.model.loading import load_into, read_checkpoint
+
+        loaded = read_checkpoint(directory)
+        heads = list(heads) if heads is not None else loaded.meta.get("heads", ["mlm"])
+        emo = emo_classes if emo_classes is not None else int(loaded.meta.get("emo_classes", 0))
+        model = cls(loaded.model_config(**config_overrides), heads, emo)
+        info = load_into(model, loaded)
         return (model, info) if output_loading_info else model

@@ -11,7 +11,6 @@ HF BERT-family directories (`model.safetensors` or `pytorch_model.bin`, keys wit
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -206,13 +205,16 @@ class UniterModel(nn.Module):
     def from_pretrained(
         cls, directory: str | os.PathLike, output_loading_info: bool = False, **config_overrides: Any
     ) -> UniterModel | tuple[UniterModel, dict[str, Any]]:
-        """Load ours or an HF BERT-family directory; report new (missing) and unused (unexpected) weights."""
-        config = UniterConfig.from_pretrained(directory, **config_overrides)
-        model = cls(config)
-        backbone, others = split_backbone(read_state_dict(directory))
-        info = load_weights(model, backbone, directory)
-        info["unexpected_keys"] |= set(others)
-        log_loading_info(type(model).__name__, directory, info)
+        """Load ours or an HF BERT-family directory through the one reader (`model.loading`).
+
+        Missing text/encoder weights are an error; frame streams the checkpoint lacks start fresh
+        and are reported (`info["missing_keys"]`, `info["new_streams"]`), as are unused weights.
+        """
+        from uniter3m.model.loading import load_into, read_checkpoint
+
+        loaded = read_checkpoint(directory)
+        model = cls(loaded.model_config(**config_overrides))
+        info = load_into(model, loaded)
         return (model, info) if output_loading_info else model
 
 
@@ -236,32 +238,13 @@ def write_pretrained(
 
 
 def read_state_dict(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The weights of a checkpoint directory: safetensors (single or sharded) or pytorch_model.bin."""
-    from safetensors.torch import load_file
+    """The raw weights of a checkpoint directory (safetensors, sharded, or pytorch_model.bin).
 
-    directory = Path(directory)
-    single = directory / WEIGHTS_NAME
-    if single.is_file():
-        return load_file(str(single))
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, Tensor] = {}
-        for name in files:
-            state.update(load_file(str(directory / name)))
-        return state
-    legacy = directory / "pytorch_model.bin"
-    if legacy.is_file():
-        try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(
-                f"{legacy}: cannot read the weights ({err}); re-save them as model.safetensors"
-            ) from err
-    raise UserError(
-        f"{directory}: no {WEIGHTS_NAME}, model.safetensors.index.json or pytorch_model.bin; "
-        "give a directory written by save_pretrained or an HF BERT model folder"
-    )
+    Kept for callers that need raw tensors; a damaged file is a UserError naming it.
+    """
+    from uniter3m.model.loading import read_weights
+
+    return read_weights(directory)
 
 
 def normalise_key(key: str) -> str | None:
