@@ -217,10 +217,9 @@ def run_demo(
     seed: int = 0,
     tokenizer: Path | None = None,
 ) -> dict[str, Any]:
-    from uniter3m.recipes.downstream.finetune import run_finetune
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
-
+    from uniter3m.cli import main
     from uniter3m.train.checkpoint import find_resume
+    from uniter3m.train.logs import read_metrics
 
     out = Path(out).resolve()
     tokenizer = tokenizer or default_tokenizer()
@@ -233,7 +232,8 @@ def run_demo(
     t0 = time.perf_counter()
     cfg = pretrain_config(dbs, out / "pretrain", tokenizer, corpus.emotions, steps)
     cfg["seed"] = seed
-    pretrain_metrics = run_pretrain(cfg)
+    _run(main, "pretrain", cfg, out / "pretrain.json")
+    pretrain_metrics = {k: v for k, v in read_metrics(out / "pretrain", "val")[-1].items() if k not in ("step", "split")}
     checkpoint = find_resume(out / "pretrain", "auto")
     if checkpoint is None:
         raise UserError(f"pretraining wrote no complete checkpoint under {out / 'pretrain'}")
@@ -247,7 +247,8 @@ def run_demo(
         ("from scratch", baseline_init, "finetune_scratch"),
     ):
         cfg_ft = finetune_config(dbs, out / folder, init, corpus.emotions, finetune_epochs, seed)
-        finetuned[name] = run_finetune(cfg_ft)
+        _run(main, "finetune", cfg_ft, out / f"{folder}.json")
+        finetuned[name] = json.loads((out / folder / "fold00-split" / "metrics.json").read_text())
     timings["finetune"] = time.perf_counter() - t0
     return {
         "pretrain": pretrain_metrics,
@@ -256,6 +257,14 @@ def run_demo(
         "steps": cfg["steps"],
         "counts": {**corpus.counts, "labelled": labelled},
     }
+
+
+def _run(main: Any, command: str, config: dict[str, Any], path: Path) -> None:
+    """Run a stage through the CLI, as a user would, from a config file written next to its outputs."""
+    path.write_text(json.dumps(config, indent=1))
+    code = main([command, "--config", str(path)])
+    if code:
+        raise UserError(f"uniter3m {command} --config {path} failed (exit {code})")
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float:
