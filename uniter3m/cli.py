@@ -54,8 +54,20 @@ def _version() -> str:
     return f"uniter3m {__version__}"
 
 
+_depth = 0  # main() calls in progress: a recipe may call main() for a sub-command (the demo does)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; the exit status (see the module docstring)."""
+    global _depth
+    _depth += 1
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        _depth -= 1
+
+
+def _main(argv: list[str]) -> int:
     if not argv:
         _top_parser().print_help(sys.stderr)
         return 2
@@ -77,9 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uniter3m {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _depth > 1:  # a nested command: the outermost one reports it, once
+            raise
         print(f"uniter3m {command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if _depth > 1:
+            raise
         _silence_stdout()
         return 141
 

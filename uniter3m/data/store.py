@@ -227,7 +227,9 @@ class DbWriter:
         self._tmp.mkdir()  # honours the umask, unlike mkdtemp's 0700
         self._lock_fd: int | None = os.open(self._tmp / _BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._env = lmdb.open(str(self._tmp), map_size=_MAP_SIZE, subdir=True, readahead=False, meminit=False)
+        self._env = lmdb.open(
+            str(self._tmp), map_size=_MAP_SIZE, subdir=True, readahead=False, meminit=False, mode=0o666
+        )
         self._txn = self._env.begin(write=True)
         self._pending = 0
         self._commit_every = commit_every
