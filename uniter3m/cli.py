@@ -111,4 +111,6 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from uniter3m import cli  # the imported module, the one recipes call back into (one _depth)
+
+    sys.exit(cli.main())

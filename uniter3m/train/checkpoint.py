@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
-from uniter3m.fileio import atomic_write_json, fsync_dir
+from uniter3m.fileio import atomic_write_json, default_file_mode, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -140,11 +140,16 @@ def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- saving
 def _fsync_tree(root: Path) -> list[dict[str, Any]]:
-    """fsync every file under `root` and list it with its size and SHA-256 (read back from disk)."""
+    """fsync every file under `root` and list it with its size and SHA-256 (read back from disk).
+
+    Each file also gets the mode the umask gives: some writers (safetensors) create files 0600.
+    """
     files = []
+    mode = default_file_mode()
     for dirpath, _, filenames in os.walk(root):
         for name in sorted(filenames):
             p = Path(dirpath) / name
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
