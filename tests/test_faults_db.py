@@ -351,3 +351,14 @@ def test_a_reader_opened_before_the_swap_in_this_process_and_a_new_one_coexist(t
     r_new = DbReader(db)  # both environments stay usable side by side
     assert np.array_equal(r_old["u002"]["feat"], old["u002"])
     assert np.array_equal(r_new["u002"]["feat"], new["u002"])
+
+
+def test_an_empty_working_directory_is_filled_in_place_not_swapped_away(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    inode = work.stat().st_ino
+    monkeypatch.chdir(work)
+    feats = feat_db(Path("."), n=3)
+    assert work.stat().st_ino == inode  # the shell sitting in it still sees the database
+    assert sorted(os.listdir(".")) == ["data.mdb", "lock.mdb", "meta.json"] and siblings(work) == []
+    assert np.array_equal(DbReader(".")["u001"]["feat"], feats["u001"])

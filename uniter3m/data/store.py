@@ -177,8 +177,8 @@ def remove_stale_builds(path: Path) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
-    for p in path.parent.glob(f".{path.name}.*"):
-        if not p.is_dir():
+    for p in path.parent.iterdir():
+        if not p.name.startswith(f".{path.name}.") or not p.is_dir():
             continue
         if p.name.startswith(f".{path.name}.building-"):
             lock = p / _BUILD_LOCK
@@ -283,12 +283,23 @@ class DbWriter:
             with open(self._tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(self._tmp)
-        trash = self._target.parent / f".{self._target.name}.old-{self.build_id[:12]}"
-        replace_dir(self._tmp, self._target, trash)
-        shutil.rmtree(trash, ignore_errors=True)  # readers that mapped the old files keep them
-        (self._target / _BUILD_LOCK).unlink(missing_ok=True)
+        (self._tmp / _BUILD_LOCK).unlink()  # our flock stays on the open descriptor
+        if self._target.is_dir() and not any(self._target.iterdir()):
+            self._fill_empty_target()
+        else:
+            trash = self._target.parent / f".{self._target.name}.old-{self.build_id[:12]}"
+            replace_dir(self._tmp, self._target, trash)
+            shutil.rmtree(trash, ignore_errors=True)  # readers that mapped the old files keep them
         self._release()
         return full
+
+    def _fill_empty_target(self) -> None:
+        """Move the files into an existing empty folder (it may be someone's working directory,
+        which must not be swapped away), meta.json last: until then a reader refuses the folder."""
+        for name in ("data.mdb", "lock.mdb", META_FILE):
+            os.rename(self._tmp / name, self._target / name)
+        fsync_dir(self._target)
+        self._tmp.rmdir()
 
     def abort(self) -> None:
         """Drop everything written; the target folder keeps what it held before. Safe to call twice."""
