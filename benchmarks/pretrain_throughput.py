@@ -84,9 +84,9 @@ def pretrain_config(args: argparse.Namespace, dbs: dict[str, Path], out: Path, t
         "model": {"config": str(REPO / "configs" / "model" / f"{args.size}.json")},
         "datasets": {
             "bench": {
-                "txt": db["txt"],
-                "face": db["face"],
-                "speech": db["speech"],
+                "txt_db": db["txt"],
+                "face_db": db["face"],
+                "speech_db": db["speech"],
                 "max_txt_len": 60,
                 "max_frames": 64,
                 "normalize": True,

@@ -31,24 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from uniter3m import streams as stream_table
 from uniter3m.config import load_config, read_json
 from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.fileio import atomic_write_bytes, fsync_dir
-
-from .config import DataConfig, load_finetune_config, parse_modalities
+from uniter3m.train.config import DataConfig
 
 POOLS = ("cls", "mean", "pooler")
 FORMATS = (".h5", ".npz")
-DATA_KEYS = {
-    "txt_db",
-    "face_db",
-    "speech_db",
-    "modalities",
-    "max_txt_len",
-    "max_frames",
-    "normalize",
-    "num_workers",
-}
+DATA_ONLY_EXTRA = ("streams",)  # a data-only JSON may declare streams beyond face and speech
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,15 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        required=True,
+        default=None,
         type=Path,
-        help="fine-tuning config JSON, or a JSON with txt_db/face_db/speech_db",
+        help="fine-tuning config JSON, or a JSON with the data keys (txt_db, <stream>_db, ...); "
+        "default: the run's resolved config.json beside a fine-tuned checkpoint",
     )
     parser.add_argument("--out", required=True, type=Path, help="output file: .h5 or .npz")
     parser.add_argument("--pool", choices=POOLS, default="cls", help="how one utterance becomes one vector")
     parser.add_argument(
         "--modalities",
-        help="subset of LVA to feed (default: the config's); e.g. --modalities LA drops the face",
+        help="modality letters to feed (default: the config's); e.g. --modalities LA drops the face",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
@@ -81,7 +73,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    data = load_data_config(args.config, args.modalities)
+    config = args.config
+    if config is None:
+        from uniter3m.train.finetune import RESOLVED_CONFIG
+
+        found = [p / RESOLVED_CONFIG for p in (args.checkpoint.parent.parent, args.checkpoint.parent)]
+        config = next((c for c in found if c.is_file()), None)
+        if config is None:
+            raise UserError(f"{args.checkpoint}: no run config.json beside it; pass --config")
+    data = load_data_config(config, args.modalities)
     result = extract(
         args.checkpoint,
         data,
@@ -105,25 +105,16 @@ def load_data_config(path: str | os.PathLike, modalities: str | None = None) -> 
     """The `data` section of a fine-tuning config, or a small data-only JSON, validated alike."""
     raw = read_json(path)
     if "data" in raw:
-        data = load_finetune_config(path).data
+        stream_table.declare_many(raw.get("streams"))
+        raw = dict(raw["data"])
     else:
-        unknown = sorted(set(raw) - DATA_KEYS)
-        if unknown:
-            raise ConfigError(
-                f"{path}: unknown key(s) {unknown}; a data-only config holds {sorted(DATA_KEYS)} "
-                "(or give a fine-tuning config with a 'data' section)"
-            )
-        raw.setdefault(
-            "modalities", "L" + ("V" if raw.get("face_db") else "") + ("A" if raw.get("speech_db") else "")
-        )
-        data = load_config(DataConfig, raw)
+        stream_table.declare_many(raw.pop("streams", None))
     if modalities:
-        try:
-            data = data.model_copy(update={"modalities": parse_modalities(modalities)})
-            DataConfig.model_validate(data.model_dump())
-        except ValueError as err:
-            raise ConfigError(f"--modalities {modalities!r}: {err}") from None
-    return data
+        raw["modalities"] = modalities
+    try:
+        return load_config(DataConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -140,28 +131,13 @@ def extract(
     from tqdm import tqdm
 
     from uniter3m.data.collate import Collator
-    from uniter3m.data.dataset import JoinedDataset
-    from uniter3m.data.store import DbReader
-    from uniter3m.data.tokenization import SpecialTokens
     from uniter3m.model.uniter import UniterModel
+    from uniter3m.train.finetune import make_dataset, special_tokens
 
     if pool not in POOLS:
         raise UserError(f"pool {pool!r}: use one of {', '.join(POOLS)}")
-    txt = DbReader(data.txt_db, kind="txt")
-    if "tokenizer" not in txt.meta:
-        raise DatabaseError(
-            f"{data.txt_db}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db"
-        )
-    special = SpecialTokens.from_dict(txt.meta["tokenizer"])
-    dataset = JoinedDataset(
-        txt,
-        data.face_db or None,
-        data.speech_db or None,
-        modalities=data.modalities,
-        max_txt_len=data.max_txt_len,
-        max_frames=data.max_frames,
-        normalize=data.normalize,
-    )
+    special = special_tokens(data)
+    dataset = make_dataset(data, None)
     model = UniterModel.from_pretrained(checkpoint)
     _check_fits(model.config, dataset, checkpoint, special)
     dev = _device(device)
@@ -173,7 +149,7 @@ def extract(
         batch_size=batch_size,
         shuffle=False,
         collate_fn=Collator(special),
-        num_workers=data.num_workers,
+        num_workers=0,
     )
     embeddings = np.zeros((len(dataset), model.config.hidden_size), dtype=np.float32)
     label_rows: list[dict[str, Any]] = [{} for _ in range(len(dataset))]
@@ -185,7 +161,8 @@ def extract(
                 attention_mask=batch["txt_mask"].to(dev),
                 **{
                     k: batch[k].to(dev)
-                    for k in ("face_feat", "face_mask", "speech_feat", "speech_mask")
+                    for s in stream_table.frame_streams()
+                    for k in (s.feat_key, s.mask_key)
                     if k in batch
                 },
             )

@@ -157,10 +157,12 @@ def pretrain_config(
     cfg["tokenizer"] = str(tokenizer)
     cfg["model"]["config"] = str(TINY_MODEL)
     ds = cfg["datasets"]["synthetic"]
-    ds.update(
-        txt=[str(dbs["txt_train"])], face=[str(dbs["face"])], speech=[str(dbs["speech"])],
-        val_txt=[str(dbs["txt_valid"])], val_face=[str(dbs["face"])], val_speech=[str(dbs["speech"])],
-    )  # fmt: skip
+    ds.update(txt_db=[str(dbs["txt_train"])], face_db=[str(dbs["face"])], speech_db=[str(dbs["speech"])])
+    ds["valid"] = {
+        "txt_db": [str(dbs["txt_valid"])],
+        "face_db": [str(dbs["face"])],
+        "speech_db": [str(dbs["speech"])],
+    }
     for task in cfg["tasks"]:
         if task["name"] == "emo_cls":
             task["options"]["classes"] = list(emotions)
@@ -194,10 +196,9 @@ def finetune_config(
             "selection_metric": "uar",
         },
         "model": {"init": str(init), "head": "linear", "dropout": 0.1},
-        "train": {
-            "epochs": epochs, "batch_size": 16, "eval_batch_size": 64, "lr": 3e-4, "warmup_ratio": 0.1,
-            "patience": epochs, "seed": seed, "device": "cpu", "precision": "fp32", "progress": False,
-        },
+        "epochs": epochs, "patience": epochs, "seed": seed, "device": "cpu", "precision": "fp32", "progress": False,
+        "batching": {"max_batch_size": 16, "val_max_batch_size": 64, "max_tokens": 8192},
+        "optim": {"lr": 3e-4, "warmup_ratio": 0.1},
     }  # fmt: skip
 
 

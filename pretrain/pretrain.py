@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from uniter3m import streams as stream_table
 from uniter3m.config import add_set_argument
 from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
@@ -28,15 +30,14 @@ from uniter3m.model.config import UniterConfig
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.tasks.base import TaskContext, build_task
 from uniter3m.train.checkpoint import find_resume
-from uniter3m.train.config import DatasetConfig, PretrainConfig, load_pretrain_config
+from uniter3m.train.config import DataConfig, PretrainConfig, load_pretrain_config
 from uniter3m.train.distributed import init_backend
 from uniter3m.train.loaders import TaskStream, validation_loader
-from uniter3m.train.loop import LoopSettings, PretrainLoop, TrainTask
+from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
 
 log = logging.getLogger("uniter3m.pretrain")
-STREAM_OF = {"V": "face", "A": "speech"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +90,7 @@ def run_pretrain(
         ]
         val_sets = [
             _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=True)
-            if cfg.datasets[t.dataset].has_validation
+            if cfg.datasets[t.dataset].valid is not None
             else None
             for t in active
         ]
@@ -103,7 +104,7 @@ def run_pretrain(
             model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps, backend.device
         )
         scheduler = warmup_linear_schedule(
-            optimizer, cfg.optim.warmup_steps, cfg.steps, cfg.optim.final_lr_ratio
+            optimizer, cfg.optim.warmup_for(cfg.steps), cfg.steps, cfg.optim.final_lr_ratio
         )
         precision = Precision(cfg.precision, backend.device)
 
@@ -155,9 +156,7 @@ def run_pretrain(
         checkpoint = find_resume(cfg.output_dir, resume)
         if checkpoint is not None and backend.is_main:
             log.info("resuming from %s", checkpoint)
-        loop = PretrainLoop(
-            settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint
-        )
+        loop = TrainLoop(settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint)
         metrics = loop.run()
         if backend.is_main and metrics:
             log.info("final validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -193,7 +192,7 @@ def _special_tokens(cfg: PretrainConfig, readers: _DbCache) -> tuple[SpecialToke
     seen: dict[str, str] = {}
     first: dict[str, Any] | None = None
     for name, ds in cfg.datasets.items():
-        for path in [*ds.txt, *(ds.val_txt or [])]:
+        for path in [*ds.txt_dbs, *(ds.valid.txt_dbs if ds.valid else [])]:
             meta = readers.get(path, "txt").meta.get("tokenizer")
             if not meta:
                 raise DatabaseError(
@@ -226,22 +225,20 @@ def _tokenizer(configured: str | None, meta: dict[str, Any]) -> Any | None:
     return tokenizer
 
 
-def _dataset(ds: DatasetConfig, modalities: str | None, readers: _DbCache, validation: bool) -> JoinedDataset:
-    prefix = "val_" if validation else ""
-    face = getattr(ds, prefix + "face")
-    speech = getattr(ds, prefix + "speech")
-    available = "L" + ("V" if face else "") + ("A" if speech else "")
-    wanted = modalities or available
+def _dataset(ds: DataConfig, modalities: str | None, readers: _DbCache, validation: bool) -> JoinedDataset:
+    dbs = ds.valid if validation else ds
+    assert dbs is not None
+    available = ds.available
+    wanted = modalities or ds.used_modalities
     lacking = sorted(set(wanted) - set(available))
     if lacking:
+        names = ", ".join(stream_table.get(m).db_key for m in lacking)
         raise ConfigError(
-            f"a task asks for modalities {wanted} but its dataset has no {', '.join(STREAM_OF[m] for m in lacking)} "
-            f"databases ({prefix}face / {prefix}speech); add them or drop those letters"
+            f"a task asks for modalities {wanted} but its dataset has no {names}; add them or drop those letters"
         )
     return JoinedDataset(
-        readers.many(getattr(ds, prefix + "txt"), "txt"),
-        readers.many(face, "feat") if "V" in wanted else None,
-        readers.many(speech, "feat") if "A" in wanted else None,
+        readers.many(dbs.txt_dbs, "txt"),
+        feat_dbs={name: readers.many(paths, "feat") for name, paths in dbs.feat_dbs.items()},
         modalities=wanted,
         max_txt_len=ds.max_txt_len,
         max_frames=ds.max_frames,
@@ -254,7 +251,8 @@ def _stream_meta(cfg: PretrainConfig, readers: _DbCache, stream: str) -> tuple[i
     """(feature dim, soft-label dim) shared by every db of `stream`, or None when no dataset has it."""
     found: dict[tuple[int, int], str] = {}
     for ds in cfg.datasets.values():
-        for path in [*(getattr(ds, stream) or []), *(getattr(ds, "val_" + stream) or [])]:
+        paths = [*ds.feat_dbs.get(stream, []), *(ds.valid.feat_dbs.get(stream, []) if ds.valid else [])]
+        for path in paths:
             meta = readers.get(path, "feat").meta
             found.setdefault((int(meta["dim"]), int(meta.get("soft_label_dim") or 0)), path)
     if len(found) > 1:
@@ -278,8 +276,8 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         if cfg.model.init
         else UniterConfig.from_json(cfg.model.config, **cfg.model.overrides)
     )
-    overrides: dict[str, Any] = dict(cfg.model.overrides)
-    for stream in ("face", "speech"):
+    overrides: dict[str, Any] = json.loads(json.dumps(cfg.model.overrides))
+    for stream in stream_table.names():
         meta = _stream_meta(cfg, readers, stream)
         have = base.stream(stream)
         if meta is None:
@@ -293,15 +291,23 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         if not cfg.model.init or not have.present:
             if have.feat_dim not in (0, dim):
                 log.info("model %s.feat_dim %d -> %d (from the databases)", stream, have.feat_dim, dim)
-            overrides[stream] = {**overrides.get(stream, {}), "feat_dim": dim, "soft_label_dim": soft}
-    if "face_classifier" in heads and not (
-        overrides.get("face", {}).get("soft_label_dim") or base.face.soft_label_dim
-    ):
-        raise ConfigError(
-            "task face_mrc needs per-frame soft labels in the face databases (meta soft_label_dim = 0)"
-        )
+            _merge(overrides, base.with_stream(stream, feat_dim=dim, soft_label_dim=soft))
+    sized = UniterConfig.from_dict(base.to_dict(), **overrides)
+    for name in heads:
+        stream, _, kind = name.rpartition("_")
+        if (
+            kind == "classifier"
+            and stream in stream_table.names()
+            and not sized.stream(stream).soft_label_dim
+        ):
+            raise ConfigError(
+                f"task {stream}_mrc needs per-frame soft labels in the {stream} databases (their meta "
+                "soft_label_dim is 0): build them with soft labels, or drop the task"
+            )
     vocab = max(
-        readers.get(p, "txt").meta["tokenizer"]["vocab_size"] for ds in cfg.datasets.values() for p in ds.txt
+        readers.get(p, "txt").meta["tokenizer"]["vocab_size"]
+        for ds in cfg.datasets.values()
+        for p in ds.txt_dbs
     )
     if base.vocab_size < vocab:
         raise ConfigError(
@@ -317,6 +323,15 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
     return UniterForPretraining(config, heads, emo_classes)
 
 
+def _merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Nested update of config overrides (a stream's keys merge with those already given)."""
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = json.loads(json.dumps(value))
+
+
 def _check_lengths(cfg: PretrainConfig, model: UniterConfig) -> None:
     """Dataset truncation limits must fit the model's position tables."""
     problems = []
@@ -326,9 +341,9 @@ def _check_lengths(cfg: PretrainConfig, model: UniterConfig) -> None:
                 f"datasets.{name}.max_txt_len {ds.max_txt_len} + [CLS]/[SEP] exceeds the model's "
                 f"max_position_embeddings {model.max_position_embeddings}"
             )
-        for stream in ("face", "speech"):
+        for stream in ds.feat_dbs:
             sc = model.stream(stream)
-            if getattr(ds, stream) and sc.position == "learned" and ds.max_frames > sc.max_frames:
+            if sc.present and sc.position == "learned" and ds.max_frames > sc.max_frames:
                 problems.append(
                     f"datasets.{name}.max_frames {ds.max_frames} exceeds the model's {stream}.max_frames {sc.max_frames}"
                 )

@@ -159,7 +159,7 @@ def test_bad_inputs_are_clear_errors(setup, capsys):
     assert "--overwrite" in capsys.readouterr().err
     (setup / "bad.json").write_text(json.dumps({"txt_db": str(setup / "txt"), "txt": 1}))
     assert cli_main([*base[:-1], str(setup / "bad.json"), "--out", str(setup / "y.npz")]) == 2
-    assert "unknown key(s) ['txt']" in capsys.readouterr().err
+    assert "txt: unknown key; feature databases are <stream>_db" in capsys.readouterr().err
     # A checkpoint without a face stream cannot read the face db: a clear error, not a crash.
     UniterModel(
         UniterConfig.from_dict(

@@ -9,24 +9,19 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from uniter3m.recipes.downstream.config import load_finetune_config
 from uniter3m.recipes.downstream.evaluate import evaluate_modalities
-from uniter3m.recipes.downstream.finetune import (
-    make_dataset,
-    make_loader,
-    predict,
-    run_finetune,
-    special_from_db,
-)
+from uniter3m.recipes.downstream.finetune import run_finetune
 
-from uniter3m.data.collate import Collator
 from uniter3m.data.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.data.text_db import TextDbSpec, build_text_db
 from uniter3m.errors import DatabaseError, UserError
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.finetuning import load_finetuned
 from uniter3m.model.uniter import UniterModel
+from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend, distributed_session
+from uniter3m.train.finetune import make_dataset, plan_protocol, predict, special_tokens, supervised_task
+from uniter3m.train.precision import Precision
 
 SENTENCES = {
     "ang": ["i am so angry at you", "this makes me furious", "stop shouting at me now"],
@@ -116,27 +111,28 @@ def config(dbs, tiny, out, **over):
         },
         "protocol": {"name": "iemocap4", "label_column": "emo"},
         "model": {"init": str(tiny), "head": "linear"},
-        "train": {
-            "epochs": 2,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "evals_per_epoch": 2,
-            "patience": 10,
-            "seed": 1,
-            "device": "cpu",
-            "progress": False,
-        },
+        "epochs": 2,
+        "batching": {"max_batch_size": 8, "max_tokens": 4096},
+        "optim": {"lr": 1e-3},
+        "evals_per_epoch": 2,
+        "patience": 10,
+        "seed": 1,
+        "device": "cpu",
+        "progress": False,
     }
     for key, value in over.items():
         section, name = key.split("__")
-        cfg[section][name] = value
+        if section == "top":
+            cfg[name] = value
+        else:
+            cfg[section][name] = value
     return cfg
 
 
 @pytest.fixture(scope="module")
 def trained(dbs, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = config(dbs, tiny, out, train__class_weighted=True)
+    cfg = config(dbs, tiny, out, top__class_weighted=True)
     return cfg, run_finetune(cfg)
 
 
@@ -147,7 +143,7 @@ def test_finetune_writes_metrics_predictions_summary_and_png(trained):
     assert set(fold["test"]) >= {"wa", "uar", "weighted_f1", "macro_f1", "confusion"}
     assert len(fold["predictions"]) == 10 and all(p["pred"] in fold["classes"] for p in fold["predictions"])
     assert fold["classes"] == ["ang", "hap", "neu", "sad"]  # exc merged into hap
-    assert fold["history"] and all(set(h) == {"step", "epoch", "valid"} for h in fold["history"])
+    assert fold["history"] and all(set(h) == {"step", "valid"} for h in fold["history"])
     assert fold["best_valid"] == max(h["valid"]["uar"] for h in fold["history"])
     out = json.loads(open(f"{cfg['output_dir']}/fold00-split/metrics.json").read())
     assert out["test"]["wa"] == fold["test"]["wa"]
@@ -176,7 +172,7 @@ def test_evaluate_rejects_a_modality_the_databases_lack(trained, dbs, tiny):
 
 
 def test_prompt_finetuning_predicts_only_label_words(dbs, tiny, tmp_path):
-    cfg = config(dbs, tiny, tmp_path, model__head="prompt", data__modalities="L", train__epochs=1)
+    cfg = config(dbs, tiny, tmp_path, model__head="prompt", data__modalities="L", top__epochs=1)
     fold = run_finetune(cfg)["folds"][0]
     assert all(p["pred"] in ("ang", "hap", "neu", "sad") for p in fold["predictions"])
     spec = json.loads((tmp_path / "fold00-split" / "best" / "finetune.json").read_text())
@@ -187,7 +183,7 @@ def test_prompt_finetuning_predicts_only_label_words(dbs, tiny, tmp_path):
 
 
 def test_regression_head_reports_mosi_metrics(dbs, tiny, tmp_path):
-    cfg = config(dbs, tiny, tmp_path, model__head="regression", train__epochs=1)
+    cfg = config(dbs, tiny, tmp_path, model__head="regression", top__epochs=1)
     cfg["protocol"] = {"name": "mosi", "target": "regression", "label_column": "score"}
     fold = run_finetune(cfg)["folds"][0]
     assert fold["selection_metric"] == "mae"
@@ -215,24 +211,27 @@ def test_checkpoint_feature_dims_must_match_the_databases(dbs, tmp_path):
         run_finetune(cfg)
 
 
+def _predictions(cfg: dict, ckpt: str, backend: Backend) -> dict:
+    parsed = load_finetune_config(cfg)
+    special = special_tokens(parsed.data)
+    model = load_finetuned(ckpt)
+    task = supervised_task(model, plan_protocol(parsed), special)
+    dataset = make_dataset(parsed.data, [f"u{i:02d}" for i in range(48)])
+    return predict(model, task, dataset, parsed, backend, Precision("fp32", backend.device))
+
+
 def _predict_rank(rank: int, world: int, port: int, cfg: dict, ckpt: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-
-    parsed = load_finetune_config(cfg)
     with distributed_session("cpu") as backend:
-        special = special_from_db(parsed.data.txt_db)
-        model = load_finetuned(ckpt, special)
-        dataset = make_dataset(parsed, [f"u{i:02d}" for i in range(48)])
-        loader = make_loader(dataset, Collator(special), 5, backend, train=False, seed=0, num_workers=0)
-        preds = predict(model, loader, backend)
+        preds = _predictions(dict(cfg, batching={"val_max_batch_size": 5}), ckpt, backend)
         if backend.rank == 0:
             with open(out, "w") as f:
                 json.dump(preds, f)
 
 
 def test_predictions_are_gathered_over_ranks(trained, tmp_path):
-    """Two gloo ranks each predict half the items; the gathered result equals one process's."""
+    """Two gloo ranks each predict part of the items; the gathered result equals one process's."""
 
     cfg, _ = trained
     ckpt = f"{cfg['output_dir']}/fold00-split/best"
@@ -242,13 +241,8 @@ def test_predictions_are_gathered_over_ranks(trained, tmp_path):
     args = (2, port, cfg, ckpt, str(tmp_path / "p.json"))
     mp.start_processes(_predict_rank, args=args, nprocs=2, join=True, start_method="fork")
     gathered = json.loads((tmp_path / "p.json").read_text())
-
-    parsed = load_finetune_config(cfg)
-    special = special_from_db(parsed.data.txt_db)
-    single = Backend(torch.device("cpu"))
-    dataset = make_dataset(parsed, [f"u{i:02d}" for i in range(48)])
-    loader = make_loader(dataset, Collator(special), 5, single, train=False, seed=0, num_workers=0)
-    assert gathered == predict(load_finetuned(ckpt, special), loader, single)
+    single = _predictions(dict(cfg, batching={"val_max_batch_size": 5}), ckpt, Backend(torch.device("cpu")))
+    assert gathered == single
     assert len(gathered) == 48
 
 
@@ -261,15 +255,19 @@ def test_cli_summarize_and_config_errors(trained, tmp_path, capsys):
     assert main(["finetune", "--config", str(good), "--summarize"]) == 0
     assert "mean ± std" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
-    bad.write_text(
-        json.dumps(dict(cfg, train=dict(cfg["train"], epoch=3), model=dict(cfg["model"], head="svm")))
-    )
+    bad.write_text(json.dumps(dict(cfg, epoch=3, model=dict(cfg["model"], head="svm"))))
     assert main(["finetune", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "train.epoch: unknown key" in err and "model.head" in err
+    assert "epoch: unknown key" in err and "model.head" in err
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(dict(cfg, train={"lr": 1e-3, "batch_size": 8})))
+    assert main(["finetune", "--config", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr is now optim.lr" in err and "train.batch_size is now batching.max_batch_size" in err
 
 
 def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
+    from uniter3m.data.prompts import add_prompt
     from uniter3m.model.finetuning import FinetuneModel, HeadSpec
 
     torch.manual_seed(0)
@@ -283,19 +281,47 @@ def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
     )
     prompt = [1045, 2572, special.mask_id, 1012]  # "i am [MASK] ."
     spec = HeadSpec(head="prompt", classes=["a", "b"], prompt_ids=prompt, verbalizer_ids=[3407, 6517])
-    model = FinetuneModel(UniterModel(config), spec, special).eval()
+    model = FinetuneModel(UniterModel(config), spec).eval()
     ids = torch.tensor(
         [[special.cls_id, 7, 8, special.sep_id], [special.cls_id, 9, special.sep_id, special.pad_id]]
     )
     mask = ids != special.pad_id
-    built, built_mask, pos = model._with_prompt(ids, mask)
+    built, built_mask, pos, cut = add_prompt(ids, mask, prompt, special)
     assert built[0].tolist() == [special.cls_id, 7, 8, *prompt, special.sep_id]
     assert built[1].tolist() == [special.cls_id, 9, *prompt, special.sep_id, special.pad_id]
     assert (built[torch.arange(2), pos] == special.mask_id).all() and built_mask.sum(1).tolist() == [8, 7]
-    out = model({"input_ids": ids, "txt_mask": mask})
+    assert cut == 0
+    out = model(input_ids=built, attention_mask=built_mask, prompt_positions=pos)
     assert out.logits.shape == (2, 2) and out.vocab_logits.shape == (2, special.vocab_size)
     assert torch.equal(out.logits, out.vocab_logits[:, [3407, 6517]])
     assert torch.equal(model.predictions(out), out.logits.argmax(-1))
+
+
+def test_finetune_writes_logs_resolved_config_and_resumes_to_the_same_weights(dbs, tiny, tmp_path):
+    """A run stopped after 3 steps (checkpoint written, as a killed job leaves it) and resumed with
+    --resume auto ends with the same selected weights and test figures as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from uniter3m.train.logs import read_metrics
+
+    base = config(dbs, tiny, tmp_path / "whole", top__epochs=2, top__evals_per_epoch=2, top__ckpt_every=1)
+    whole = run_finetune(base)["folds"][0]
+    cut = dict(base, output_dir=str(tmp_path / "cut"), stop_after=3)
+    first = run_finetune(cut)["folds"][0]
+    assert first["stopped_at"] == 3 and not (tmp_path / "cut" / "fold00-split" / "metrics.json").exists()
+    resumed = run_finetune(dict(cut, stop_after=None), resume="auto")["folds"][0]
+    assert resumed["test"] == whole["test"] and resumed["history"] == whole["history"]
+    a = load_file(str(tmp_path / "whole" / "fold00-split" / "best" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "fold00-split" / "best" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert saved["optim"]["lr"] == 1e-3 and saved["stop_after"] is None  # what the last invocation used
+    fold_dir = tmp_path / "whole" / "fold00-split"
+    train_rows = read_metrics(fold_dir, "train")
+    val_rows = read_metrics(fold_dir, "val")
+    assert train_rows and "loss/finetune" in train_rows[0]
+    assert [r["step"] for r in val_rows] == [h["step"] for h in whole["history"]]
+    assert list((fold_dir / "logs" / "tensorboard").iterdir())
 
 
 @pytest.mark.slow
@@ -305,7 +331,7 @@ def test_finetune_under_torchrun_scores_the_test_split_once(dbs, tiny, tmp_path)
     import subprocess
     import sys
 
-    cfg = config(dbs, tiny, tmp_path / "ddp", train__epochs=1)
+    cfg = config(dbs, tiny, tmp_path / "ddp", top__epochs=1)
     path = tmp_path / "ddp.json"
     path.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -68,12 +68,14 @@ def _config(dbs: dict[str, Path], out: Path, **top) -> dict:
         },  # fmt: skip
         "datasets": {
             "syn": {
-                "txt": [str(dbs["txt_train"])],
-                "face": [str(dbs["face"])],
-                "speech": [str(dbs["speech"])],
-                "val_txt": [str(dbs["txt_valid"])],
-                "val_face": [str(dbs["face"])],
-                "val_speech": [str(dbs["speech"])],
+                "txt_db": [str(dbs["txt_train"])],
+                "face_db": [str(dbs["face"])],
+                "speech_db": [str(dbs["speech"])],
+                "valid": {
+                    "txt_db": [str(dbs["txt_valid"])],
+                    "face_db": [str(dbs["face"])],
+                    "speech_db": [str(dbs["speech"])],
+                },
                 "max_txt_len": 20,
                 "max_frames": 10,
             }
@@ -85,7 +87,7 @@ def _config(dbs: dict[str, Path], out: Path, **top) -> dict:
             {"name": "itm", "dataset": "syn", "ratio": 1.0},
         ],
         "batching": {"max_tokens": 160, "num_workers": 0, "pool_size": 64},
-        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "optim": {"lr": 2e-3, "warmup_steps": 2, "betas": [0.9, 0.98], "eps": 1e-6},
         "steps": 6,
         "val_every": 0,
         "ckpt_every": 0,

@@ -249,7 +249,7 @@ def config_dict(tmp_path):
     return {
         "output_dir": str(tmp_path / "out"),
         "model": {"config": str(REPO / "configs" / "model" / "tiny.json")},
-        "datasets": {"d": {"txt": [_fake_db(tmp_path / "txt")], "face": [_fake_db(tmp_path / "face")]}},
+        "datasets": {"d": {"txt_db": [_fake_db(tmp_path / "txt")], "face_db": [_fake_db(tmp_path / "face")]}},
         "tasks": [
             {"name": "mlm", "dataset": "d", "ratio": 1},
             {"name": "face_mrfr", "dataset": "d", "ratio": 1},
@@ -270,8 +270,8 @@ def test_config_valid(config_dict):
 
 
 def test_config_missing_database(config_dict, tmp_path):
-    config_dict["datasets"]["d"]["face"] = [str(tmp_path / "no_such_db")]
-    with pytest.raises(ConfigError, match=r"face\.0: database .*no_such_db does not exist"):
+    config_dict["datasets"]["d"]["face_db"] = [str(tmp_path / "no_such_db")]
+    with pytest.raises(ConfigError, match=r"face_db: database .*no_such_db does not exist"):
         _load(config_dict)
 
 

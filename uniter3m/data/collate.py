@@ -5,6 +5,8 @@ zeros and gets a bool mask. A stream is in the batch when the examples carry it 
 example = not part of this dataset = key absent). An example whose stream has zero frames gets an
 all-False mask row, and a batch in which no example has a frame still gets `(B, 0, D)` tensors,
 so the model can treat the stream as absent per utterance without a made-up frame.
+The frame streams are those of the stream table when the collator was built (kept with it, so
+DataLoader workers need nothing else); per-frame soft labels travel as `<name>_soft`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from uniter3m import streams as stream_table
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import UserError
-
-STREAMS = ("face", "speech")
 
 
 def _full(shape: tuple[int, ...], dtype: torch.dtype, fill: float | int | bool = 0) -> torch.Tensor:
@@ -41,7 +42,7 @@ def _ids_where(examples: Sequence[dict[str, Any]], flags: Sequence[bool]) -> str
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-class Collator:
+class Collator(stream_table.CarriesStreamTable):
     """Pad a list of examples into tensors; picklable, so it runs inside DataLoader workers.
 
     max_txt_len: optional cap on text tokens (without [CLS]/[SEP]); the dataset normally
@@ -51,13 +52,14 @@ class Collator:
     def __init__(self, special: SpecialTokens, max_txt_len: int | None = None):
         self.special = special
         self.max_txt_len = max_txt_len
+        self.streams = tuple(s.name for s in stream_table.snapshot())
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise UserError("cannot collate an empty batch: the batch sampler produced no items")
         batch: dict[str, Any] = {"ids": [str(ex["id"]) for ex in examples]}
         batch.update(self._text(examples))
-        for stream in STREAMS:
+        for stream in self.streams:
             batch.update(self._frames(examples, stream))
         batch["labels"] = self._labels(examples)
         soft = self._stack_optional(examples, "soft_labels")

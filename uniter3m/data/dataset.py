@@ -1,8 +1,10 @@
-"""`JoinedDataset`: one utterance = a text record joined with its face and speech frames by id.
+"""`JoinedDataset`: one utterance = a text record joined with its frame streams by id.
 
-Several corpora can be read as one dataset: give lists of text dbs and matching lists of face
-and speech dbs (entry k of every list belongs to corpus k). Lists of unequal length are an error,
-never silently zipped short.
+The frame streams are those of the stream table (`uniter3m.streams`): face and speech by
+default, plus any declared stream; `feat_dbs={"pose": ...}` reads one, and `face_dbs` /
+`speech_dbs` are shorthands for the two defaults. Several corpora can be read as one dataset:
+give lists of text dbs and matching lists of feature dbs (entry k of every list belongs to
+corpus k). Lists of unequal length are an error, never silently zipped short.
 
 Rules, each reported (`report()` and one log line at construction) rather than applied silently:
 - an over-long text or frame stream is truncated to `max_txt_len` / `max_frames`, never dropped;
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from uniter3m import streams as stream_table
 from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, DatabaseError
@@ -34,8 +37,6 @@ from uniter3m.errors import ConfigError, DatabaseError
 log = logging.getLogger(__name__)
 
 DbLike = DbReader | str | os.PathLike
-STREAMS = ("face", "speech")
-MODALITY_OF = {"face": "V", "speech": "A"}
 MISSING_POLICIES = ("error", "drop")
 N_EXAMPLES = 5
 
@@ -97,16 +98,17 @@ def _float32_copy(arr: np.ndarray) -> np.ndarray:
     return np.array(arr, dtype=np.float32)
 
 
-class JoinedDataset(Dataset):
-    """Text db(s) joined with zero, one or two feature dbs (face, speech) by utterance id.
+class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
+    """Text db(s) joined with zero or more frame-stream feature dbs by utterance id.
 
     Args:
         txt_dbs: a text db (DbReader or path) or a list of them, one per corpus.
         face_dbs, speech_dbs: None, or a feature db / list matching `txt_dbs` one to one.
-        modalities: subset of "LVA" to read; default: L plus every stream given. With "L" off,
-            the text is empty (the collator then emits `[CLS] [SEP]`); labels are kept.
+        feat_dbs: {stream name: db or list} for any stream of the table (face and speech too).
+        modalities: letters to read (e.g. "LVA"); default: L plus every stream given. With "L"
+            off, the text is empty (the collator then emits `[CLS] [SEP]`); labels are kept.
         max_txt_len: keep at most this many text tokens (without [CLS]/[SEP]).
-        max_frames: keep at most this many frames per stream: an int for both streams or a
+        max_frames: keep at most this many frames per stream: an int for every stream or a
             mapping {"face": n, "speech": m}.
         normalize: subtract the feature db's meta `mean` and divide by max(`std`, `std_floor`).
         missing: "error" (default) or "drop" when a text id has no record in a feature db.
@@ -119,6 +121,7 @@ class JoinedDataset(Dataset):
         face_dbs: DbLike | Sequence[DbLike] | None = None,
         speech_dbs: DbLike | Sequence[DbLike] | None = None,
         *,
+        feat_dbs: Mapping[str, DbLike | Sequence[DbLike] | None] | None = None,
         modalities: str | None = None,
         max_txt_len: int | None = None,
         max_frames: int | Mapping[str, int] | None = None,
@@ -130,7 +133,10 @@ class JoinedDataset(Dataset):
         txt_list = _as_list(txt_dbs)
         if not txt_list:
             raise ConfigError("JoinedDataset needs at least one text database (txt_dbs is empty)")
-        stream_lists = {"face": _as_list(face_dbs), "speech": _as_list(speech_dbs)}
+        given = {"face": face_dbs, "speech": speech_dbs, **dict(feat_dbs or {})}
+        for name in given:
+            stream_table.get(name)  # an unknown stream is an error naming the known ones
+        stream_lists = {s: _as_list(given.get(s)) for s in stream_table.names()}
         self._check_list_lengths(txt_list, stream_lists)
         if missing not in MISSING_POLICIES:
             raise ConfigError(
@@ -148,9 +154,9 @@ class JoinedDataset(Dataset):
         self.feat_dbs: dict[str, list[DbReader]] = {
             s: [_open(db, "feat") for db in dbs]
             for s, dbs in stream_lists.items()
-            if dbs is not None and MODALITY_OF[s] in self.modalities
+            if dbs is not None and stream_table.get(s).letter in self.modalities
         }
-        self.streams = tuple(s for s in STREAMS if s in self.feat_dbs)
+        self.streams = tuple(s for s in stream_table.names() if s in self.feat_dbs)
         self._norm = {
             s: [self._norm_stats(db, std_floor) if normalize else None for db in dbs]
             for s, dbs in self.feat_dbs.items()
@@ -205,19 +211,23 @@ class JoinedDataset(Dataset):
 
     @staticmethod
     def _check_modalities(modalities: str | None, stream_lists: dict[str, list[DbLike] | None]) -> str:
-        given = "L" + "".join(MODALITY_OF[s] for s in STREAMS if stream_lists[s] is not None)
+        given = "L" + "".join(
+            stream_table.get(s).letter for s, dbs in stream_lists.items() if dbs is not None
+        )
         if modalities is None:
-            return given
-        bad = set(modalities) - set("LVA")
-        if bad or not modalities:
-            raise ConfigError(f"modalities={modalities!r}: use a non-empty subset of 'LVA' (e.g. 'LV')")
-        for s in STREAMS:
-            if MODALITY_OF[s] in modalities and stream_lists[s] is None:
+            return stream_table.parse_modalities(given)
+        if not modalities:
+            raise ConfigError(
+                f"modalities={modalities!r}: use a non-empty subset of {stream_table.letters()!r}"
+            )
+        wanted = stream_table.parse_modalities(modalities, f"modalities={modalities!r}")
+        for stream in stream_table.streams_of(wanted):
+            if stream_lists[stream.name] is None:
                 raise ConfigError(
-                    f"modalities={modalities!r} asks for {s} ({MODALITY_OF[s]}) but no {s}_dbs were given: "
-                    f"pass {s}_dbs or drop {MODALITY_OF[s]!r} from modalities"
+                    f"modalities={modalities!r} asks for {stream.name} ({stream.letter}) but no {stream.name} "
+                    f"database was given: pass one or drop {stream.letter!r} from modalities"
                 )
-        return "".join(m for m in "LVA" if m in modalities)
+        return wanted
 
     @staticmethod
     def _check_max(name: str, value: int | None) -> int | None:
@@ -226,14 +236,15 @@ class JoinedDataset(Dataset):
         return None if value is None else int(value)
 
     def _frame_limits(self, max_frames: int | Mapping[str, int] | None) -> dict[str, int | None]:
+        names = stream_table.names()
         if max_frames is None or isinstance(max_frames, (int, np.integer)):
-            return {s: self._check_max("max_frames", max_frames) for s in STREAMS}
-        unknown = set(max_frames) - set(STREAMS)
+            return {s: self._check_max("max_frames", max_frames) for s in names}
+        unknown = set(max_frames) - set(names)
         if unknown:
             raise ConfigError(
-                f"max_frames has unknown streams {sorted(unknown)}; use keys 'face' and 'speech'"
+                f"max_frames has unknown streams {sorted(unknown)}; the streams are {list(names)}"
             )
-        return {s: self._check_max(f"max_frames[{s!r}]", max_frames.get(s)) for s in STREAMS}
+        return {s: self._check_max(f"max_frames[{s!r}]", max_frames.get(s)) for s in names}
 
     @staticmethod
     def _dim(db: DbReader) -> int:
@@ -364,17 +375,13 @@ class JoinedDataset(Dataset):
             "word_ids": np.asarray(word_ids[:n], dtype=np.int64),
             "emo_flags": np.asarray(emo_flags[:n], dtype=bool),
             "labels": dict(rec.get("labels") or {}),
-            "face": None,
-            "face_soft": None,
-            "speech": None,
         }
+        for name in stream_table.names():
+            example[name] = example[f"{name}_soft"] = None
         if rec.get("soft_labels") is not None:
             example["soft_labels"] = np.array(rec["soft_labels"], dtype=np.float32)
         for s in self.streams:
-            feat, soft = self._frames(s, k, uid, int(self.frame_lengths[s][index]))
-            example[s] = feat
-            if s == "face":
-                example["face_soft"] = soft
+            example[s], example[f"{s}_soft"] = self._frames(s, k, uid, int(self.frame_lengths[s][index]))
         return example
 
     def _frames(self, stream: str, k: int, uid: str, keep: int) -> tuple[np.ndarray, np.ndarray | None]:

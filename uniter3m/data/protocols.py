@@ -6,13 +6,9 @@ A protocol turns the label columns of a text database (`{id: {column: value}}`) 
   * the validation metric used for model selection (UAR for IEMOCAP / MSP-IMPROV, weighted F1
     for MELD, accuracy for MOSI binary and 7-class, MAE for MOSI regression).
 
-Built-ins:
-  iemocap4   ang, hap (+ exc merged), neu, sad; every other IEMOCAP label dropped and counted
-  iemocap6   hap, sad, neu, ang, exc, fru
-  msp4       MSP-IMPROV ang, hap, neu, sad (letters A/H/N/S accepted)
-  meld       target "emotion" (7 classes) or "sentiment" (3), official train/dev/test
-  mosi       target "binary" (score >= 0), "7class" (rounded score) or "regression"
-  generic    any label column + class list (default: every distinct value of the column, sorted)
+The corpora, their label sets and metrics are those of the corpus table (`data/corpora.py`):
+iemocap4, iemocap6, msp4, meld (emotion | sentiment), mosi (binary | 7class | regression), emodb,
+and generic (any label column + class list; default: every distinct value of the column, sorted).
 Fold schemes:
   split      a split column (train / valid|dev / test), one fold
   session    leave one session out: test = session k; validation = whole dialogues carved from the
@@ -36,9 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uniter3m.data.corpora import CORPORA, corpus
 from uniter3m.errors import ConfigError, UserError
-
-IEMOCAP_OTHER = ("fru", "sur", "fea", "dis", "oth", "xxx")
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class ProtocolPlan:
         return self.label.regression
 
 
-BUILTINS = ("iemocap4", "iemocap6", "msp4", "meld", "mosi", "generic")
+BUILTINS = tuple(CORPORA)
 SCHEMES = ("split", "session", "speaker")
 
 
@@ -94,56 +89,25 @@ def label_spec(
     label_map: Mapping[str, str] | None = None,
     drop_labels: list[str] | None = None,
 ) -> tuple[LabelSpec, str]:
-    """The label spec and the default validation metric of a protocol."""
-    if name == "iemocap4":
-        mapping = {c: c for c in ("ang", "hap", "neu", "sad")} | {"exc": "hap"}
-        spec = LabelSpec(
-            label_column or "label", ("ang", "hap", "neu", "sad"), mapping, frozenset(IEMOCAP_OTHER)
-        )
-        metric = "uar"
-    elif name == "iemocap6":
-        cls6 = ("hap", "sad", "neu", "ang", "exc", "fru")
-        spec = LabelSpec(label_column or "label", cls6, {c: c for c in cls6}, frozenset(IEMOCAP_OTHER[1:]))
-        metric = "uar"
-    elif name == "msp4":
-        cls4 = ("ang", "hap", "neu", "sad")
-        mapping = {c: c for c in cls4} | {c[0].upper(): c for c in cls4}
-        spec = LabelSpec(label_column or "label", cls4, mapping, frozenset({"X", "O", "oth", "xxx"}))
-        metric = "uar"
-    elif name == "meld":
-        target = target or "emotion"
-        if target == "emotion":
-            cls = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
-            spec = LabelSpec(label_column or "Emotion", cls, {c: c for c in cls})
-        elif target == "sentiment":
-            cls = ("negative", "neutral", "positive")
-            spec = LabelSpec(label_column or "Sentiment", cls, {c: c for c in cls})
-        else:
-            raise ConfigError(f"protocol meld: target {target!r} is not one of emotion, sentiment")
-        metric = "weighted_f1"
-    elif name == "mosi":
-        target = target or "binary"
-        column = label_column or "score"
-        if target == "binary":
-            spec = LabelSpec(column, ("negative", "positive"), {}, score_to_class="sign")
-            metric = "wa"
-        elif target == "7class":
-            cls = tuple(str(v) for v in range(-3, 4))
-            spec = LabelSpec(column, cls, {}, score_to_class="round7")
-            metric = "wa"
-        elif target == "regression":
-            spec = LabelSpec(column, (), {}, regression=True)
-            metric = "mae"
-        else:
-            raise ConfigError(f"protocol mosi: target {target!r} is not one of binary, 7class, regression")
-    elif name == "generic":
+    """The label spec and the default validation metric of a protocol (from the corpus table)."""
+    entry = corpus(name).target(target)
+    if name == "generic":
         if not label_column or not classes:
             raise ConfigError("protocol generic needs protocol.label_column and protocol.classes")
-        classes = [str(c) for c in classes]
-        spec = LabelSpec(label_column, tuple(classes), {c: c for c in classes})
-        metric = "weighted_f1"
+        names = tuple(str(c) for c in classes)
+        spec = LabelSpec(label_column, names, {c: c for c in names})
     else:
-        raise ConfigError(f"protocol.name {name!r} is not one of {', '.join(BUILTINS)}")
+        mapping = dict(entry.mapping) or {c: c for c in entry.classes}
+        if entry.regression or entry.score_to_class:
+            mapping = {}
+        spec = LabelSpec(
+            label_column or entry.column,
+            entry.classes,
+            mapping,
+            entry.drop,
+            entry.regression,
+            entry.score_to_class,
+        )
     if label_map or drop_labels:
         if spec.regression or spec.score_to_class:
             raise ConfigError(f"protocol {name}: label_map/drop_labels do not apply to score targets")
@@ -154,7 +118,7 @@ def label_spec(
                 f"protocol {name}: protocol.label_map maps to {unknown}, which are not classes {list(spec.classes)}"
             )
         spec = LabelSpec(spec.column, spec.classes, mapping, spec.drop | frozenset(drop_labels or ()))
-    return spec, metric
+    return spec, entry.metric
 
 
 def make_targets(

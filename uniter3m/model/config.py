@@ -2,7 +2,9 @@
 
 The text side uses the HF BERT field names and meanings, so an HF `config.json` maps onto it
 (`from_hf_bert`) and an HF checkpoint loads without renaming. Each frame stream (face, speech)
-has its own section; `feat_dim = 0` means the model has no such stream.
+has its own section; `feat_dim = 0` means the model has no such stream. Face and speech keep
+their top-level sections (every saved config has them); more streams go in `streams`, each with
+the letter that names it in modality strings (see `uniter3m.streams`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from uniter3m import streams as stream_table
 from uniter3m.config import StrictModel, format_validation_error, read_json
 from uniter3m.errors import ConfigError
 from uniter3m.fileio import atomic_write_json
@@ -25,7 +28,7 @@ HiddenAct = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "sw
 
 
 class FrameStreamConfig(StrictModel):
-    """One stream of per-frame features (face or speech)."""
+    """One stream of per-frame features (face, speech, or a declared one)."""
 
     feat_dim: int = Field(0, ge=0, description="input feature size; 0 = the model has no such stream")
     max_frames: int = Field(512, ge=1, description="rows of the learned position table")
@@ -38,6 +41,9 @@ class FrameStreamConfig(StrictModel):
     )
     soft_label_dim: int = Field(
         0, ge=0, description="classes of the per-frame soft labels (frame classification); 0 = none"
+    )
+    letter: str | None = Field(
+        None, description="modality letter of a declared stream (face is V and speech A by default)"
     )
 
     @property
@@ -62,6 +68,9 @@ class UniterConfig(StrictModel):
     pad_token_id: int = Field(0, ge=0)
     face: FrameStreamConfig = Field(default_factory=FrameStreamConfig)
     speech: FrameStreamConfig = Field(default_factory=FrameStreamConfig)
+    streams: dict[str, FrameStreamConfig] = Field(
+        default_factory=dict, description="more frame streams by name, each with its letter"
+    )
     speech_type: Literal["shared", "own"] = Field(
         "shared",
         description="'shared': speech frames use the face type id (1) of the text type table; "
@@ -79,7 +88,21 @@ class UniterConfig(StrictModel):
             )
         if self.pad_token_id >= self.vocab_size:
             problems.append(f"pad_token_id: {self.pad_token_id} is not below vocab_size {self.vocab_size}")
-        uses_type_row = self.face.present or (self.speech.present and self.speech_type == "shared")
+        for name, extra in self.streams.items():
+            if name in ("face", "speech"):
+                problems.append(f"streams.{name}: face and speech have their own sections")
+            elif not extra.letter:
+                problems.append(f"streams.{name}.letter: a declared stream needs its modality letter")
+            else:
+                try:
+                    stream_table.declare(name, extra.letter)
+                except ConfigError as err:
+                    problems.append(f"streams.{name}: {err}")
+        uses_type_row = (
+            self.face.present
+            or (self.speech.present and self.speech_type == "shared")
+            or any(s.present for s in self.streams.values())
+        )
         if uses_type_row and self.face_type_id >= self.type_vocab_size:
             problems.append(
                 f"face_type_id: frame streams use type row {self.face_type_id} but type_vocab_size is "
@@ -94,9 +117,26 @@ class UniterConfig(StrictModel):
         return self.hidden_size // self.num_attention_heads
 
     def stream(self, name: str) -> FrameStreamConfig:
-        if name not in ("face", "speech"):
-            raise ConfigError(f"unknown frame stream {name!r}; the streams are 'face' and 'speech'")
-        return getattr(self, name)
+        """The section of stream `name`; a stream the model does not define has feat_dim 0."""
+        if name in ("face", "speech"):
+            return getattr(self, name)
+        if name in self.streams:
+            return self.streams[name]
+        stream_table.get(name)  # an unknown name is an error, a known one is just absent
+        return FrameStreamConfig()
+
+    def frame_streams(self) -> dict[str, FrameStreamConfig]:
+        """The streams this model has (feat_dim > 0), in the table's order."""
+        return {
+            s.name: self.stream(s.name) for s in stream_table.frame_streams() if self.stream(s.name).present
+        }
+
+    def with_stream(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Overrides that set `fields` of stream `name` (top-level for face/speech, else under streams)."""
+        if name in ("face", "speech"):
+            return {name: fields}
+        letter = stream_table.get(name).letter
+        return {"streams": {name: {"letter": letter, **fields}}}
 
     # -- JSON ------------------------------------------------------------------------------
 
@@ -131,7 +171,14 @@ class UniterConfig(StrictModel):
             raise ConfigError(
                 f"{source}: position_embedding_type {kind!r} is not supported; only BERT's absolute positions are"
             )
-        text_keys = set(cls.model_fields) - {"model_type", "face", "speech", "speech_type", "face_type_id"}
+        text_keys = set(cls.model_fields) - {
+            "model_type",
+            "face",
+            "speech",
+            "streams",
+            "speech_type",
+            "face_type_id",
+        }
         data = {k: v for k, v in config_dict.items() if k in text_keys}
         if data.get("pad_token_id") is None:
             data.pop("pad_token_id", None)

@@ -11,6 +11,9 @@ Head attributes (state-dict prefixes) and what MEmoBERT called them:
 | `itm` | matching, Linear(H, 2) | `itm_output` |
 | `emo_classifier` | utterance emotion classes (`emo_classes`) | `emo_classifier` |
 
+Frame heads exist for every stream of the stream table (`<name>_regress`, `<name>_fom`,
+`<name>_classifier`), so a declared stream gets them with no code change.
+
 `forward(**inputs)` runs the backbone (so DDP sees a forward); objectives apply heads to its output.
 """
 
@@ -23,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from uniter3m import streams as stream_table
 from uniter3m.config import read_json
 from uniter3m.errors import ConfigError
 from uniter3m.model.config import UniterConfig
@@ -45,55 +49,62 @@ from uniter3m.model.uniter import (
     write_pretrained,
 )
 
-HEADS = (
-    "mlm",
-    "face_regress",
-    "speech_regress",
-    "face_classifier",
-    "face_fom",
-    "speech_fom",
-    "itm",
-    "emo_classifier",
-)
+TEXT_HEADS = ("mlm", "itm", "emo_classifier")
+FRAME_HEAD_KINDS = ("regress", "fom", "classifier")
 HEADS_FILE = "heads.json"
+
+
+def head_names() -> list[str]:
+    """Every head a model can have with the current stream table."""
+    frame = [f"{s.name}_{kind}" for s in stream_table.frame_streams() for kind in FRAME_HEAD_KINDS]
+    return [*TEXT_HEADS, *frame]
+
+
+def _frame_head(name: str) -> tuple[str, str] | None:
+    """(stream, kind) of a frame head name, e.g. "pose_fom" -> ("pose", "fom"); None for text heads."""
+    stream, _, kind = name.rpartition("_")
+    if kind in FRAME_HEAD_KINDS and stream in stream_table.names():
+        return stream, kind
+    return None
 
 
 class UniterForPretraining(nn.Module):
     def __init__(self, config: UniterConfig, heads: Iterable[str] = ("mlm",), emo_classes: int = 0):
         super().__init__()
         heads = list(dict.fromkeys(heads))
-        unknown = [h for h in heads if h not in HEADS]
+        unknown = [h for h in heads if h not in TEXT_HEADS and _frame_head(h) is None]
         if unknown:
-            raise ConfigError(f"unknown head(s) {unknown}; the heads are {list(HEADS)}")
+            raise ConfigError(f"unknown head(s) {unknown}; the heads are {head_names()}")
         self.config = config
         self.heads = heads
         self.emo_classes = emo_classes
         self.uniter = UniterModel(config)
         h, eps = config.hidden_size, config.layer_norm_eps
         for name in heads:
-            stream = name.split("_")[0]
-            if stream in ("face", "speech") and not config.stream(stream).present:
-                raise ConfigError(
-                    f"head {name!r} needs a {stream} stream: set {stream}.feat_dim in the model config"
-                )
-            if name == "mlm":
+            frame = _frame_head(name)
+            if frame is not None:
+                stream, kind = frame
+                section = config.stream(stream)
+                if not section.present:
+                    raise ConfigError(
+                        f"head {name!r} needs a {stream} stream: give the model config a {stream} feat_dim"
+                    )
+                if kind == "regress":
+                    module = FrameRegressionHead(self.uniter.stream_embeddings(stream).feat_linear, eps)
+                elif kind == "fom":
+                    module = FrameOrderHead(h, eps)
+                else:
+                    if not section.soft_label_dim:
+                        raise ConfigError(
+                            f"head {name!r} needs per-frame soft labels: {stream}.soft_label_dim > 0 "
+                            f"(build the {stream} database with soft labels)"
+                        )
+                    module = FrameClassificationHead(h, section.soft_label_dim, eps)
+                setattr(self, name, module)
+            elif name == "mlm":
                 self.cls = nn.ModuleDict(
                     {"predictions": MlmHead(self.uniter.embeddings.word_embeddings, config.hidden_act, eps)}
                 )
-            elif name.endswith("_regress"):
-                setattr(
-                    self,
-                    name,
-                    FrameRegressionHead(getattr(self.uniter, f"{stream}_embeddings").feat_linear, eps),
-                )
-            elif name == "face_classifier":
-                if not config.face.soft_label_dim:
-                    raise ConfigError(
-                        "head 'face_classifier' needs face.soft_label_dim > 0 in the model config"
-                    )
-                self.face_classifier = FrameClassificationHead(h, config.face.soft_label_dim, eps)
-            elif name.endswith("_fom"):
-                setattr(self, name, FrameOrderHead(h, eps))
             elif name == "itm":
                 self.itm = ItmHead(h)
             elif name == "emo_classifier":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from uniter3m import streams as stream_table
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.fileio import atomic_write_bytes, atomic_write_json
 from uniter3m.model.config import CONFIG_NAME, UniterConfig
@@ -31,8 +32,13 @@ from uniter3m.model.encoder import UniterEncoder
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-STREAMS = ("face", "speech")
-BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.", "face_embeddings.", "speech_embeddings.")
+TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+
+
+def is_backbone_key(key: str) -> bool:
+    """Text backbone weights, and any frame stream's `<name>_embeddings.*`."""
+    head = key.split(".", 1)[0]
+    return key.startswith(TEXT_BACKBONE_PREFIXES) or (head.endswith("_embeddings") and head != "embeddings")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,16 +91,20 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
 
 
 class UniterModel(nn.Module):
+    """The backbone. Frame streams come from `config.frame_streams()` (the stream table): stream
+    `name` has the module `<name>_embeddings` and takes `<name>_feat`, `<name>_mask` and
+    `<name>_frame_mask` in `forward`; face and speech are spelled out in the signature only so
+    that existing callers keep working, and any declared stream goes through `**frames`."""
+
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.config = config
         self.embeddings = TextEmbeddings(config)
-        self.face_embeddings = FrameEmbeddings(config.face, config) if config.face.present else None
-        self.speech_embeddings = (
-            FrameEmbeddings(config.speech, config, own_type=config.speech_type == "own")
-            if config.speech.present
-            else None
-        )
+        self.face_embeddings: FrameEmbeddings | None = None  # weight names of every checkpoint
+        self.speech_embeddings: FrameEmbeddings | None = None
+        for name, section in config.frame_streams().items():
+            own = name == "speech" and config.speech_type == "own"
+            setattr(self, f"{name}_embeddings", FrameEmbeddings(section, config, own_type=own))
         self.encoder = UniterEncoder(config)
         self.pooler = UniterPooler(config)
         self.apply(lambda m: init_bert_weights(m, config.initializer_range))
@@ -105,6 +115,9 @@ class UniterModel(nn.Module):
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         self.encoder.gradient_checkpointing = enable
+
+    def stream_embeddings(self, name: str) -> FrameEmbeddings | None:
+        return getattr(self, f"{name}_embeddings", None)
 
     def forward(
         self,
@@ -117,7 +130,23 @@ class UniterModel(nn.Module):
         speech_mask: Tensor | None = None,
         face_frame_mask: Tensor | None = None,
         speech_frame_mask: Tensor | None = None,
+        **frames: Tensor | None,
     ) -> UniterOutput:
+        frames.update(
+            face_feat=face_feat,
+            face_mask=face_mask,
+            face_frame_mask=face_frame_mask,
+            speech_feat=speech_feat,
+            speech_mask=speech_mask,
+            speech_frame_mask=speech_frame_mask,
+        )
+        known = {k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)}
+        unknown = sorted(k for k, v in frames.items() if v is not None and k not in known)
+        if unknown:
+            raise UserError(
+                f"UniterModel got unknown inputs {unknown}; frame streams are {stream_table.describe()} "
+                "(declare a new one in the model config's `streams` section)"
+            )
         parts: list[Tensor] = []
         masks: list[Tensor] = []
         segments: dict[str, slice] = {}
@@ -136,22 +165,25 @@ class UniterModel(nn.Module):
 
         if input_ids is not None:
             add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
-        frames = {
-            "face": (face_feat, face_mask, face_frame_mask),
-            "speech": (speech_feat, speech_mask, speech_frame_mask),
-        }
-        for name, (feat, mask, frame_mask) in frames.items():
+        for stream in stream_table.frame_streams():
+            feat = frames.get(stream.feat_key)
             if feat is None:
                 continue
-            module = getattr(self, f"{name}_embeddings")
+            module = self.stream_embeddings(stream.name)
             if module is None:
                 raise UserError(
-                    f"the batch has a {name} stream but the model has none ({name}.feat_dim = 0 in its config); "
-                    f"set {name}.feat_dim in the model config or leave the {name} stream out of the data config"
+                    f"the batch has a {stream.name} stream but the model has none ({stream.name}.feat_dim = 0 "
+                    f"in its config); give the model a {stream.name} stream or leave {stream.letter} out of "
+                    "the data's modalities"
                 )
-            add(name, module(feat, self._type_embedding(name), frame_mask), mask)
+            type_embedding = self._type_embedding(stream.name)
+            add(
+                stream.name,
+                module(feat, type_embedding, frames.get(stream.frame_mask_key)),
+                frames.get(stream.mask_key),
+            )
         if not parts:
-            raise UserError("UniterModel needs at least one stream: input_ids, face_feat or speech_feat")
+            raise UserError("UniterModel needs at least one stream: input_ids or a frame stream's features")
 
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
@@ -260,7 +292,7 @@ def split_backbone(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
             if key.startswith(prefix):
                 key = key[len(prefix) :]
                 break
-        if key.startswith(BACKBONE_PREFIXES):
+        if is_backbone_key(key):
             backbone[key] = tensor
         else:
             others[name] = tensor

@@ -5,13 +5,15 @@ A task has two halves so that the costly CPU work stays out of the training step
 * ``prepare(batch, generator) -> dict`` runs in a DataLoader worker, on CPU, and is
   deterministic for a given ``torch.Generator``: it drops streams (modality dropout), masks or
   shuffles inputs and builds targets. The dict holds the model's keyword arguments
-  (``MODEL_KEYS``) plus the task's own target tensors.
+  (``model_keys()``) plus the task's own target tensors.
 * ``forward(model, inputs) -> TaskOutput`` runs the model (``UniterForPretraining``: backbone
   ``model.uniter`` plus heads) on the device and returns a loss that is a mean over the task's
   own targets, their count, and metrics as ``(numerator, denominator)`` tensors, so sums over
   ranks give exact means.
 
-Streams are named ``L`` (text), ``V`` (face) and ``A`` (speech), as in the MEmoBERT papers.
+Streams are named by letter: ``L`` (text), then the frame streams of the stream table
+(``uniter3m.streams``): ``V`` (face) and ``A`` (speech) as in the MEmoBERT papers, and any
+declared stream.
 """
 
 from __future__ import annotations
@@ -24,25 +26,19 @@ from typing import Any
 
 import torch
 
+from uniter3m import streams as stream_table
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.model.uniter import unwrap
 
-STREAMS = ("L", "V", "A")
-STREAM_NAMES = {"L": "text", "V": "face", "A": "speech"}
-FRAME_STREAMS = {"V": "face", "A": "speech"}
+STREAM_NAMES = stream_table.MODALITY_NAMES  # letter -> name, "L" -> "text"; always current
+FRAME_STREAMS = stream_table.FRAME_LETTERS  # frame letters -> names
 
-MODEL_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "face_feat",
-    "face_mask",
-    "speech_feat",
-    "speech_mask",
-    "face_frame_mask",
-    "speech_frame_mask",
-)
+
+def model_keys() -> tuple[str, ...]:
+    """The backbone's keyword arguments: text, then each frame stream's feat/mask/frame_mask."""
+    frames = [k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)]
+    return ("input_ids", "attention_mask", "token_type_ids", *frames)
 
 
 @dataclass
@@ -81,17 +77,7 @@ def ratio(
 
 def parse_streams(value: str | Iterable[str], where: str) -> frozenset[str]:
     """``"LV"``, ``["L", "V"]`` or ``["text", "face"]`` -> frozenset({"L", "V"})."""
-    by_name = {v: k for k, v in STREAM_NAMES.items()}
-    items = list(value) if isinstance(value, str) else list(value)
-    out = set()
-    for item in items:
-        key = by_name.get(str(item), str(item).upper())
-        if key not in STREAMS:
-            raise ConfigError(f"{where}: unknown stream {item!r}; use L (text), V (face), A (speech)")
-        out.add(key)
-    if not out:
-        raise ConfigError(f"{where}: an empty stream subset; give at least one of L, V, A")
-    return frozenset(out)
+    return frozenset(stream_table.parse_modalities(value, where))
 
 
 def batch_streams(batch: Mapping[str, Any]) -> frozenset[str]:
@@ -133,7 +119,7 @@ def keep_streams(batch: Mapping[str, Any], keep: frozenset[str], special: Specia
 # ----------------------------------------------------------------------------------------------- task
 
 
-class Task:
+class Task(stream_table.CarriesStreamTable):
     """Base class: option checking, modality dropout, the model call and shared helpers.
 
     Options every task takes:
@@ -276,7 +262,7 @@ def call_model(model: torch.nn.Module, **kwargs: Any) -> Any:
 
 def encode(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
     """Run the backbone on the model keys of ``inputs`` (returns a UniterOutput)."""
-    return call_model(model, **{k: inputs[k] for k in MODEL_KEYS if inputs.get(k) is not None})
+    return call_model(model, **{k: inputs[k] for k in model_keys() if inputs.get(k) is not None})
 
 
 def segment_states(output: Any, stream: str) -> torch.Tensor:
@@ -300,11 +286,6 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "wwm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "word", "emotion": False}),
     "melm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "token", "emotion": True}),
     "melm_wwm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "word", "emotion": True}),
-    "face_mrfr": ("uniter3m.tasks.frames", "FrameRegressionTask", {"stream": "V"}),
-    "speech_mrfr": ("uniter3m.tasks.frames", "FrameRegressionTask", {"stream": "A"}),
-    "face_mrc": ("uniter3m.tasks.frames", "FrameSoftLabelTask", {"stream": "V"}),
-    "face_fom": ("uniter3m.tasks.fom", "FrameOrderTask", {"stream": "V"}),
-    "speech_fom": ("uniter3m.tasks.fom", "FrameOrderTask", {"stream": "A"}),
     "itm": ("uniter3m.tasks.matching", "MatchingTask", {"hard": False}),
     "itm_hard": ("uniter3m.tasks.matching", "MatchingTask", {"hard": True}),
     "contrastive": ("uniter3m.tasks.matching", "ContrastiveTask", {}),
@@ -312,8 +293,11 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "prompt_cross": ("uniter3m.tasks.prompt", "PromptTask", {}),
     "emo_cls": ("uniter3m.tasks.emo_cls", "EmoClsTask", {}),
 }
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prompt_cross": {"cases": ["L", "V", "A", "LV", "LA", "VA", "LVA"]},
+# Frame objectives exist for every stream of the table: `<stream>_mrfr`, `<stream>_mrc`, `<stream>_fom`.
+_FRAME_TASKS: dict[str, tuple[str, str]] = {
+    "mrfr": ("uniter3m.tasks.frames", "FrameRegressionTask"),
+    "mrc": ("uniter3m.tasks.frames", "FrameSoftLabelTask"),
+    "fom": ("uniter3m.tasks.fom", "FrameOrderTask"),
 }
 _ALIASES = {
     "msrfr": "speech_mrfr",
@@ -324,15 +308,33 @@ _ALIASES = {
 }
 
 
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prompt_cross": {"cases": ["L", "V", "A", "LV", "LA", "VA", "LVA"]},
+}
+
+
+def _defaults(key: str) -> dict[str, Any]:
+    return dict(_DEFAULTS.get(key, {}))
+
+
+def _resolve(name: str) -> tuple[str, str, dict[str, Any]]:
+    key = _ALIASES.get(name, name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    stream, _, kind = key.rpartition("_")
+    if kind in _FRAME_TASKS and stream in stream_table.names():
+        module, cls = _FRAME_TASKS[kind]
+        return module, cls, {"stream": stream_table.get(stream).letter}
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+
+
 def task_names() -> list[str]:
-    return sorted(_REGISTRY)
+    frame = [f"{s.name}_{kind}" for s in stream_table.frame_streams() for kind in _FRAME_TASKS]
+    return sorted([*_REGISTRY, *frame])
 
 
 def task_class(name: str) -> type[Task]:
-    key = _ALIASES.get(name, name)
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
-    module, cls, _ = _REGISTRY[key]
+    module, cls, _ = _resolve(name)
     return getattr(importlib.import_module(module), cls)
 
 
@@ -340,7 +342,7 @@ def build_task(name: str, context: TaskContext, **options: Any) -> Task:
     """Build a registered task; unknown option keys are all listed in one ConfigError."""
     key = _ALIASES.get(name, name)
     cls = task_class(key)
-    preset = dict(_REGISTRY[key][2])
+    preset = dict(_resolve(key)[2])
     accepted = _accepted_options(cls)
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
@@ -352,7 +354,7 @@ def build_task(name: str, context: TaskContext, **options: Any) -> Task:
         raise ConfigError(
             f"task {name}: option(s) {', '.join(fixed)} are fixed by the task name; use another task"
         )
-    return cls(context, name=name, **{**_DEFAULTS.get(key, {}), **options, **preset})
+    return cls(context, name=name, **{**_defaults(key), **options, **preset})
 
 
 def _accepted_options(cls: type) -> set[str]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from uniter3m.data.labels import lookup_targets
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import Task, TaskContext, TaskOutput, encode, head, ratio, zero_loss
 
@@ -93,17 +94,14 @@ class EmoClsTask(Task):
                 f"task {self.name}: the batch has no label column {self.label_column!r} "
                 f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
             )
-        ids = list(batch.get("ids", []))
-        out = []
-        for i, value in enumerate(column):
-            target = self.label_index.get(str(value))
-            if target is None:
-                who = ids[i] if i < len(ids) else i
-                raise UserError(
-                    f"task {self.name}: utterance {who} has label {value!r}, not among {sorted(self.label_index)}; "
-                    "add it to classes or label_map, or filter the data"
-                )
-            out.append(target)
+        out = lookup_targets(
+            column,
+            self.label_index,
+            what="class",
+            where=f"task {self.name}",
+            ids=list(batch.get("ids", [])),
+            fix="add the label to classes or label_map, or filter the data",
+        )
         return torch.tensor(out, dtype=torch.long)
 
     def soft_targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,13 +63,15 @@ class FrameOrderTask(Task):
     """VFOM / SFOM. Loss: cross-entropy over the clip's positions, mean over shuffled frames.
 
     Head: ``face_fom`` / ``speech_fom``, which scores a frame state against the stream's own
-    position table (``FrameEmbeddings.position_table``); slots beyond the clip's length are excluded. Options: ``stream`` ("V" | "A", fixed by the task name),
+    position table (``FrameEmbeddings.position_table``); slots beyond the clip's length are excluded. Options: ``stream`` (the stream's letter, fixed by the task name),
     ``shuffle_prob`` (0.15), plus the modality options of ``Task``.
     """
 
     def __init__(self, context: TaskContext, *, stream: str = "V", shuffle_prob: float = 0.15, **common: Any):
         if stream not in FRAME_STREAMS:
-            raise ConfigError(f"task option stream={stream!r}; use 'V' (face) or 'A' (speech)")
+            raise ConfigError(
+                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(FRAME_STREAMS)}"
+            )
         self.stream = stream
         self.prefix = FRAME_STREAMS[stream]
         self.streams = (stream,)

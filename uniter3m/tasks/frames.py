@@ -38,7 +38,7 @@ from uniter3m.tasks.masking import ReplaceRates, check_rate, choose_frames, choo
 class MaskedFrameTask(Task):
     """Shared masking of one frame stream; subclasses define the head and the loss.
 
-    Options: ``stream`` ("V" | "A", fixed by the task name), ``mask_prob`` (0.15), ``span``
+    Options: ``stream`` (the stream's letter, fixed by the task name), ``mask_prob`` (0.15), ``span``
     (1 = independent frames; k > 1 = spans of k frames), ``replace`` ([0.8, 0.1, 0.1]), plus the
     modality options of ``Task``.
     """
@@ -54,7 +54,9 @@ class MaskedFrameTask(Task):
         **common: Any,
     ) -> None:
         if stream not in FRAME_STREAMS:
-            raise ConfigError(f"task option stream={stream!r}; use 'V' (face) or 'A' (speech)")
+            raise ConfigError(
+                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(FRAME_STREAMS)}"
+            )
         self.stream = stream
         self.prefix = FRAME_STREAMS[stream]
         self.streams = (stream,)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from uniter3m import streams as stream_table
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
     FRAME_STREAMS,
@@ -155,7 +156,7 @@ class MatchingTask(Task):
     Loss: cross-entropy of the 2-way ITM head on the pooled output, mean over scored utterances
     (B for ``itm``; up to 2B for ``itm_hard``: each positive and its mined negative).
     Options: ``neg_prob`` (0.5, itm only), ``negative_streams`` (subset -> probability, default
-    ``{"V": 1/3, "A": 1/3, "VA": 1/3}`` restricted to the streams the batch has; itm only), plus the
+    each frame stream alone and all together, e.g. ``{"V": 1/3, "A": 1/3, "VA": 1/3}``, restricted to the streams the batch has; itm only), plus the
     modality options of ``Task``. A drawn negative whose replaced streams are identical to the
     original (e.g. both utterances have no face) stays a positive; ``fallback`` counts those.
     """
@@ -174,22 +175,23 @@ class MatchingTask(Task):
     ) -> None:
         super().__init__(context, **common)
         for subset in self.modality_subsets or []:
-            if not subset & {"V", "A"}:
+            if not subset & set(FRAME_STREAMS):
                 raise ConfigError(
-                    f"task {self.name}: modality subset {''.join(sorted(subset))} has no face or speech to "
-                    "match the text with; add V or A to it"
+                    f"task {self.name}: modality subset {''.join(sorted(subset))} has no frame stream to "
+                    f"match the text with; add one of {''.join(FRAME_STREAMS)} to it"
                 )
         self.hard = bool(hard)
         if not 0.0 <= float(neg_prob) <= 1.0:
             raise ConfigError(f"task {self.name}: neg_prob={neg_prob} must be in [0, 1]")
         self.neg_prob = float(neg_prob)
-        spec = negative_streams or {"V": 1.0, "A": 1.0, "VA": 1.0}
+        frame_letters = "".join(FRAME_STREAMS)
+        spec = negative_streams or {**dict.fromkeys(frame_letters, 1.0), frame_letters: 1.0}
         self.negative_streams: list[tuple[frozenset[str], float]] = []
         for key, prob in spec.items():
             if float(prob) < 0:
                 raise ConfigError(f"task {self.name}: negative_streams[{key!r}] = {prob} must be >= 0")
             subset = parse_streams(key, f"task {self.name}: negative_streams")
-            if subset == frozenset("LVA"):
+            if subset == frozenset(stream_table.letters()):
                 raise ConfigError(
                     f"task {self.name}: negative_streams {key!r} replaces every stream; drop one"
                 )
@@ -201,9 +203,9 @@ class MatchingTask(Task):
         present = set(batch_streams(batch))
         if text_absent(batch, self.special):
             present.discard("L")
-        if not present & {"V", "A"}:
+        if not present & set(FRAME_STREAMS):
             raise UserError(
-                f"task {self.name} matches text with face or speech but the batch (ids "
+                f"task {self.name} matches text with frames but the batch (ids "
                 f"{list(batch.get('ids', []))[:3]}...) has no frame stream; give it a feature db"
             )
         inputs = self.model_inputs(batch)
@@ -300,7 +302,7 @@ class ContrastiveTask(Task):
     """InfoNCE across modalities. Loss: symmetric cross-entropy over the batch, mean over the
     utterances counted once per pair of streams and direction-averaged.
 
-    Options: ``pairs`` (default: every pair of the streams the batch has, among ``[["L","V"],
+    Options: ``pairs`` (default: every pair of the streams the batch has, e.g. ``[["L","V"],
     ["L","A"],["V","A"]]``), ``temperature`` (0.07), plus the modality options of ``Task``.
     Utterances with an empty stream are left out of that stream's pairs; a pair with fewer than
     two usable utterances contributes nothing (``skipped_pairs`` counts them). No head: the
@@ -323,13 +325,16 @@ class ContrastiveTask(Task):
                 raise ConfigError(
                     f"task {self.name}: modality subset {''.join(subset)} has one stream; contrast needs two"
                 )
-        raw = pairs if pairs is not None else [["L", "V"], ["L", "A"], ["V", "A"]]
+        letters = stream_table.letters()
+        raw = (
+            pairs if pairs is not None else [[a, b] for i, a in enumerate(letters) for b in letters[i + 1 :]]
+        )
         self.pairs: list[tuple[str, str]] = []
         for pair in raw:
             subset = parse_streams(pair, f"task {self.name}: pairs")
             if len(subset) != 2:
                 raise ConfigError(f"task {self.name}: pair {pair!r} must name exactly two streams")
-            a, b = sorted(subset, key="LVA".index)
+            a, b = sorted(subset, key=letters.index)
             self.pairs.append((a, b))
         if not 0 < float(temperature):
             raise ConfigError(f"task {self.name}: temperature={temperature} must be > 0")
@@ -359,7 +364,7 @@ class ContrastiveTask(Task):
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         pairs = [tuple(p) for p in inputs["contrastive_pairs"]]
-        needed = sorted({s for p in pairs for s in p}, key="LVA".index)
+        needed = sorted({s for p in pairs for s in p}, key=stream_table.letters().index)
         embedded = encode_streams_alone(model, inputs, needed)
         total = None
         n = 0

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from uniter3m import streams as stream_table
+from uniter3m.data.labels import lookup_targets
+from uniter3m.data.prompts import add_prompt, label_word_ids, tokenize_template
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
     STREAM_NAMES,
@@ -36,44 +39,8 @@ from uniter3m.tasks.base import (
 from uniter3m.tasks.mlm import MLM_HEAD
 
 
-def tokenize_template(tokenizer: Any, template: str, mask_id: int, task: str) -> list[int]:
-    """Token ids of ``template`` with its single mask token as ``mask_id``."""
-    mask_token = tokenizer.mask_token
-    parts = template.split(mask_token)
-    if len(parts) != 2:
-        raise ConfigError(
-            f"task {task}: template {template!r} must contain the mask token {mask_token!r} exactly once, "
-            f"e.g. 'i am {mask_token} .'"
-        )
-    left, right = (
-        tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else [] for p in parts
-    )
-    return [*left, mask_id, *right]
-
-
-def verbalizer_ids(tokenizer: Any, verbalizer: Mapping[str, str], unk_id: int, task: str) -> dict[str, int]:
-    """Label -> id of its single-piece verbaliser word; every problem is listed in one error."""
-    problems = []
-    ids: dict[str, int] = {}
-    for label, word in verbalizer.items():
-        pieces = tokenizer(str(word), add_special_tokens=False)["input_ids"]
-        if len(pieces) != 1 or pieces[0] == unk_id:
-            shown = tokenizer.convert_ids_to_tokens(pieces)
-            problems.append(f"{label!r} -> {word!r} is {shown} (needs exactly one known word piece)")
-        else:
-            ids[str(label)] = int(pieces[0])
-    seen: dict[int, str] = {}
-    for label, tid in ids.items():
-        if tid in seen:
-            problems.append(f"{seen[tid]!r} and {label!r} map to the same word {verbalizer[label]!r}")
-        seen[tid] = label
-    if problems:
-        raise ConfigError(
-            f"task {task}: bad verbalizer: "
-            + "; ".join(problems)
-            + "; choose single-piece words of the vocabulary"
-        )
-    return ids
+def STREAM_NAMES_ORDER(letter: str) -> int:  # noqa: N802 - a sort key
+    return stream_table.letters().index(letter)
 
 
 class PromptTask(Task):
@@ -124,8 +91,8 @@ class PromptTask(Task):
         self.label_column = label_column
         self.position = position
         self.loss_over = loss_over
-        self.prompt_ids = tokenize_template(tokenizer, template, self.special.mask_id, self.name)
-        self.label_ids = verbalizer_ids(tokenizer, verbalizer, self.special.unk_id, self.name)
+        self.prompt_ids = tokenize_template(tokenizer, template, self.special.mask_id, f"task {self.name}")
+        self.label_ids = label_word_ids(tokenizer, verbalizer, self.special.unk_id, f"task {self.name}")
         self.word_ids = torch.tensor(list(self.label_ids.values()), dtype=torch.long)
         if max_len < len(self.prompt_ids) + 2:
             raise ConfigError(
@@ -140,7 +107,7 @@ class PromptTask(Task):
         missing = sorted(case - batch_streams(batch))
         if missing:
             raise UserError(
-                f"task {self.name}: case {''.join(sorted(case, key='LVA'.index))} needs "
+                f"task {self.name}: case {''.join(sorted(case, key=STREAM_NAMES_ORDER))} needs "
                 f"{', '.join(STREAM_NAMES[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
                 "has none: remove the case or give the task a dataset with that stream"
             )
@@ -154,40 +121,28 @@ class PromptTask(Task):
                 f"task {self.name}: the batch has no label column {self.label_column!r} "
                 f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
             )
-        out = []
-        for i, value in enumerate(column):
-            tid = self.label_ids.get(str(value))
-            if tid is None:
-                who = ids[i] if i < len(ids) else i
-                raise UserError(
-                    f"task {self.name}: utterance {who} has label {value!r} which the verbalizer does not map "
-                    f"(it maps {sorted(self.label_ids)}); add it to the verbalizer or filter the data"
-                )
-            out.append(tid)
+        out = lookup_targets(
+            column,
+            self.label_ids,
+            what="verbalizer word",
+            where=f"task {self.name}",
+            ids=ids,
+            fix="add the label to the verbalizer or filter the data",
+        )
         return torch.tensor(out, dtype=torch.long)
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        special = self.special
         words = self.label_targets(batch)
-        room = self.max_len - 2 - len(self.prompt_ids)
-        rows: list[list[int]] = []
-        truncated = 0
-        for ids, real in zip(batch["input_ids"], batch["txt_mask"].bool()):
-            text = [t for t in ids[real].tolist() if t not in (special.cls_id, special.sep_id)]
-            if len(text) > room:
-                truncated += 1
-                text = text[:room]
-            body = self.prompt_ids + text if self.position == "before" else text + self.prompt_ids
-            rows.append([special.cls_id, *body, special.sep_id])
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), special.pad_id, dtype=torch.long)
-        txt_mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        targets = torch.full((len(rows), length), -1, dtype=torch.long)
-        for b, row in enumerate(rows):
-            input_ids[b, : len(row)] = torch.tensor(row)
-            txt_mask[b, : len(row)] = True
-            start = 1 if self.position == "before" else len(row) - 1 - len(self.prompt_ids)
-            targets[b, start + self.prompt_ids.index(special.mask_id)] = words[b]
+        input_ids, txt_mask, positions, truncated = add_prompt(
+            batch["input_ids"],
+            batch["txt_mask"],
+            self.prompt_ids,
+            self.special,
+            position=self.position,
+            max_len=self.max_len,
+        )
+        targets = torch.full(input_ids.shape, -1, dtype=torch.long)
+        targets[torch.arange(len(positions)), positions] = words
         inputs = self.model_inputs(batch)
         inputs.update(input_ids=input_ids, attention_mask=txt_mask, prompt_targets=targets)
         inputs["prompt_truncated"] = torch.tensor(truncated)

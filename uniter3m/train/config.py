@@ -1,12 +1,24 @@
-"""The typed pretraining config (`configs/pretrain/*.json`).
+"""The typed configs of the training engine: pretraining (`configs/pretrain/`) and fine-tuning
+(`configs/downstream/`) share one vocabulary.
 
-Every section forbids unknown keys; `load_pretrain_config` reports every bad key of a file in
-one ConfigError (via `uniter3m.config.load_config`). Beyond types, it checks what would
-otherwise fail hours into a run: databases that do not exist, unknown task names, mix ratios
-that are all zero, a task pointing at a dataset that is not defined.
+Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precision`, `progress`,
+`tokenizer`, `streams`, `steps`, `grad_accum`, `val_every`, `ckpt_every`, `keep_last`, `log_every`,
+`max_nonfinite_in_a_row`, `stop_after`) and the same sections:
 
-Relative paths are taken relative to the current directory (run from the repository root, as
-the launch scripts do).
+| section | keys |
+|---|---|
+| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
+| `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
+| `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size` |
+| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`; pretraining adds `valid` (the same db keys) |
+
+Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
+`evals_per_epoch` and `class_weighted`. `streams` declares frame streams beyond face (V) and speech
+(A): `{"pose": "P"}` makes `pose_db`, the letter P and the tasks `pose_mrfr` / `pose_fom` valid.
+
+Every section forbids unknown keys; `load_config` reports every bad key of a file in one
+ConfigError, and a key of the old vocabulary gets its new name in that error. Relative paths are
+taken relative to the current directory (run from the repository root, as the scripts do).
 """
 
 from __future__ import annotations
@@ -16,9 +28,61 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from uniter3m import streams as stream_table
 from uniter3m.config import StrictModel, load_config
+from uniter3m.errors import ConfigError
+
+#: old key (dotted; "*" = any dataset name) -> its name in this vocabulary
+RENAMED: dict[str, str] = {
+    **{
+        f"train.{old}": new
+        for old, new in {
+            "epochs": "epochs",
+            "batch_size": "batching.max_batch_size",
+            "eval_batch_size": "batching.val_max_batch_size",
+            "lr": "optim.lr",
+            "head_lr": "optim.head_lr",
+            "weight_decay": "optim.weight_decay",
+            "warmup_ratio": "optim.warmup_ratio",
+            "grad_clip": "optim.grad_clip",
+            "class_weighted": "class_weighted",
+            "patience": "patience",
+            "evals_per_epoch": "evals_per_epoch",
+            "max_steps": "steps",
+            "seed": "seed",
+            "device": "device",
+            "precision": "precision",
+            "progress": "progress",
+        }.items()
+    },
+    "data.num_workers": "batching.num_workers",
+    "datasets.*.txt": "datasets.*.txt_db",
+    "datasets.*.face": "datasets.*.face_db",
+    "datasets.*.speech": "datasets.*.speech_db",
+    "datasets.*.val_txt": "datasets.*.valid.txt_db",
+    "datasets.*.val_face": "datasets.*.valid.face_db",
+    "datasets.*.val_speech": "datasets.*.valid.speech_db",
+}
+
+
+def _renamed_keys(data: Mapping[str, Any]) -> list[str]:
+    """Messages for keys of the old vocabulary found in `data`."""
+    found = []
+    for old, new in RENAMED.items():
+        head, *rest = old.split(".")
+        if head == "datasets":
+            for name, section in (data.get("datasets") or {}).items():
+                if isinstance(section, Mapping) and rest[-1] in section:
+                    found.append(
+                        f"datasets.{name}.{rest[-1]} is now {new.replace('*', name)} (see configs/pretrain/)"
+                    )
+        elif isinstance(data.get(head), Mapping) and rest[0] in data[head]:
+            found.append(f"{old} is now {new} (one vocabulary for pretraining and fine-tuning)")
+    if isinstance(data.get("train"), Mapping) and not found:
+        found.append("the `train` section is gone: its keys moved to the top level, optim and batching")
+    return found
 
 
 def _check_db(path: str, where: str) -> str | None:
@@ -32,88 +96,99 @@ def _check_db(path: str, where: str) -> str | None:
     return None
 
 
-class DatasetConfig(StrictModel):
-    """Text dbs joined with face/speech dbs by utterance id (entry k of each list = corpus k)."""
+def _as_list(value: str | list[str] | None) -> list[str] | None:
+    return None if value is None else [value] if isinstance(value, str) else list(value)
 
-    txt: list[str] = Field(min_length=1)
-    face: list[str] | None = None
-    speech: list[str] | None = None
-    val_txt: list[str] | None = None
-    val_face: list[str] | None = None
-    val_speech: list[str] | None = None
-    max_txt_len: int = Field(60, ge=1)
-    max_frames: int = Field(64, ge=1)
-    normalize: bool = True  # z-score frames with the feature db's mean/std
-    missing: Literal["error", "drop"] = "error"
+
+class DbSet(StrictModel):
+    """A text db (or a list, one per corpus) and one `<stream>_db` per frame stream it is joined with."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+    txt_db: str | list[str]
 
     @model_validator(mode="after")
-    def _lists_match(self) -> DatasetConfig:
+    def _stream_keys(self) -> DbSet:
         problems = []
-        for prefix, txt in (("", self.txt), ("val_", self.val_txt)):
-            for stream in ("face", "speech"):
-                dbs = getattr(self, prefix + stream)
-                if dbs is not None and txt is not None and len(dbs) != len(txt):
-                    problems.append(
-                        f"{prefix}{stream} lists {len(dbs)} dbs but {prefix}txt lists {len(txt)}: "
-                        "give one per text db, in the same order"
-                    )
-                if prefix and dbs is not None and txt is None:
-                    problems.append(f"{prefix}{stream} is set but val_txt is not")
-        for stream in ("face", "speech"):
-            if self.val_txt is not None and (getattr(self, stream) is None) != (
-                getattr(self, "val_" + stream) is None
+        for key, value in (self.model_extra or {}).items():
+            name = key[: -len("_db")] if key.endswith("_db") else None
+            if name is None or name not in stream_table.names():
+                problems.append(
+                    f"{key}: unknown key; feature databases are <stream>_db with a stream of "
+                    f"{stream_table.describe()} (declare others in `streams`)"
+                )
+            elif value is not None and not (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
             ):
-                problems.append(f"{stream} and val_{stream} must both be set or both left out")
-        missing = [
-            msg
-            for key in ("txt", "face", "speech", "val_txt", "val_face", "val_speech")
-            for i, db in enumerate(getattr(self, key) or [])
-            if (msg := _check_db(db, f"{key}.{i}"))
-        ]
-        if problems or missing:
-            raise ValueError("; ".join(problems + missing))
+                problems.append(f"{key}: give a database path or a list of paths")
+        txt = _as_list(self.txt_db) or []
+        if not txt:
+            problems.append("txt_db: give at least one text database")
+        for name, dbs in self.feat_dbs.items():
+            if len(dbs) != len(txt):
+                problems.append(
+                    f"{name}_db lists {len(dbs)} dbs but txt_db lists {len(txt)}: give one per text db, in the same order"
+                )
+        for key, paths in [("txt_db", txt), *((f"{n}_db", d) for n, d in self.feat_dbs.items())]:
+            problems += [
+                msg
+                for i, p in enumerate(paths)
+                if (msg := _check_db(p, f"{key}.{i}" if len(paths) > 1 else key))
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
-    def has_validation(self) -> bool:
-        return bool(self.val_txt)
-
-
-class TaskConfig(StrictModel):
-    """One objective: its registered name, the dataset it reads, its share of steps, its options."""
-
-    name: str
-    dataset: str
-    ratio: float = Field(1.0, ge=0)
-    modalities: str | None = None  # subset of "LVA" read from the dataset; default: all it has
-    label: str | None = None  # display/log name; default: `name` (must be unique)
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from uniter3m.errors import ConfigError
-        from uniter3m.tasks.base import task_class
-
-        try:
-            task_class(v)
-        except ConfigError as err:  # pydantic collects ValueErrors only
-            raise ValueError(str(err)) from None
-        return v
-
-    @field_validator("modalities")
-    @classmethod
-    def _modalities(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        letters = v.strip().upper()
-        if not letters or set(letters) - set("LVA"):
-            raise ValueError(f"{v!r}: use letters from L (text), V (face), A (speech), e.g. 'LVA'")
-        return "".join(c for c in "LVA" if c in letters)
+    def txt_dbs(self) -> list[str]:
+        return _as_list(self.txt_db) or []
 
     @property
-    def key(self) -> str:
-        return self.label or self.name
+    def feat_dbs(self) -> dict[str, list[str]]:
+        """{stream name: [db per corpus]} for the frame streams given, in the table's order."""
+        extra = self.model_extra or {}
+        return {
+            s.name: _as_list(extra[s.db_key])  # type: ignore[misc]
+            for s in stream_table.frame_streams()
+            if extra.get(s.db_key) is not None
+        }
+
+    @property
+    def available(self) -> str:
+        """The modality letters these databases provide."""
+        return stream_table.parse_modalities("L" + "".join(stream_table.get(n).letter for n in self.feat_dbs))
+
+
+class DataConfig(DbSet):
+    """What one model reads: databases, which modalities, truncation and normalisation."""
+
+    modalities: str | None = None  # letters, e.g. "LVA"; default: every stream given
+    max_txt_len: int = Field(64, ge=1)
+    max_frames: int = Field(64, ge=1)
+    normalize: bool = True  # z-score frames with the feature db's mean/std (label-free statistics)
+    missing: Literal["error", "drop"] = "error"  # a text id with no record in a feature db
+    valid: DbSet | None = None  # pretraining: validation databases (same streams)
+
+    @model_validator(mode="after")
+    def _modalities_given(self) -> DataConfig:
+        if self.modalities is not None:
+            try:
+                self.__dict__["modalities"] = stream_table.parse_modalities(self.modalities, "modalities")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+            lacking = set(self.modalities) - set(self.available)
+            if lacking:
+                names = ", ".join(f"{stream_table.get(m).name}_db" for m in sorted(lacking))
+                raise ValueError(f"modalities {self.modalities} need {names}, which is not set")
+        if self.valid is not None and set(self.valid.feat_dbs) != set(self.feat_dbs):
+            raise ValueError(
+                f"valid has streams {sorted(self.valid.feat_dbs)} but the training dbs {sorted(self.feat_dbs)}"
+            )
+        return self
+
+    @property
+    def used_modalities(self) -> str:
+        return self.modalities or self.available
 
 
 class ModelSection(StrictModel):
@@ -138,49 +213,137 @@ class ModelSection(StrictModel):
         return self
 
 
+class FinetuneModelSection(ModelSection):
+    """The model section of fine-tuning: the backbone source plus the head."""
+
+    tokenizer: str | None = None  # for the prompt head; defaults to the text db's tokenizer
+    head: Literal["linear", "mlp", "prompt", "regression"] = "linear"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    freeze_layers: int = Field(0, ge=0)
+    freeze_embeddings: bool = False
+    prompt: str = "i am [MASK] ."
+    verbalizer: dict[str, str] | None = None  # class name -> label word; default: the corpus table's
+
+
 class BatchingConfig(StrictModel):
     max_tokens: int = Field(4096, ge=1)  # padded tokens + frames per micro-batch on one rank
     max_batch_size: int | None = Field(None, ge=1)
     pool_size: int = Field(8192, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(0, ge=0)
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
+    val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)  # fine-tuning: lr of the weights that start untrained
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of the steps; use this or warmup_steps
     final_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(1e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping (the norm is still logged)
 
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give optim.warmup_steps or optim.warmup_ratio, not both")
+        return self
 
-class PretrainConfig(StrictModel):
+    def warmup_for(self, total_steps: int) -> int:
+        return self.warmup_steps or int(self.warmup_ratio * total_steps)
+
+
+class RunConfig(StrictModel):
+    """Keys every run of the engine has, with the same meaning and defaults."""
+
     output_dir: str
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1 ...
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # A local tokenizer dir (prompt tasks need its words); default: the folder the text dbs were
-    # built with (their meta.json), when it exists.
+    progress: bool = True
+    # A local tokenizer dir (prompts need its words); default: the folder the text dbs were built with.
     tokenizer: str | None = None
-    model: ModelSection
-    datasets: dict[str, DatasetConfig] = Field(min_length=1)
-    tasks: list[TaskConfig] = Field(min_length=1)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    streams: dict[str, str] = Field(default_factory=dict)  # extra frame streams: name -> letter
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    steps: int = Field(ge=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     grad_accum: int = Field(1, ge=1)
-    val_every: int = Field(1000, ge=0)  # 0 = only at the end
     val_max_batches: int | None = Field(None, ge=1)  # cap per task (global batches); None = all
-    ckpt_every: int = Field(1000, ge=0)  # 0 = only at the end
     keep_last: int = Field(3, ge=0)  # 0 = keep every checkpoint
     log_every: int = Field(10, ge=1)
     max_nonfinite_in_a_row: int = Field(10, ge=1)
-    progress: bool = True
     # End this invocation after this step (a checkpoint is written there); `--resume auto` goes on.
-    # For time-limited jobs: the schedule still spans `steps`.
     stop_after: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vocabulary(cls, data: Any) -> Any:
+        """Declare the config's streams first (later keys use them); name keys of the old vocabulary."""
+        if not isinstance(data, Mapping):
+            return data
+        renamed = _renamed_keys(data)
+        if renamed:
+            raise ValueError("; ".join(renamed))
+        declared = data.get("streams") or {}
+        if isinstance(declared, Mapping):
+            try:
+                stream_table.declare_many({str(k): str(v) for k, v in declared.items()})
+            except ConfigError as err:
+                raise ValueError(f"streams: {err}") from None
+        return data
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_dir(cls, v: str | None) -> str | None:
+        if v and not Path(v).is_dir():
+            raise ValueError(f"tokenizer directory {v} does not exist")
+        return v
+
+
+class TaskConfig(StrictModel):
+    """One objective: its registered name, the dataset it reads, its share of steps, its options."""
+
+    name: str
+    dataset: str
+    ratio: float = Field(1.0, ge=0)
+    modalities: str | None = None  # letters read from the dataset; default: all it has
+    label: str | None = None  # display/log name; default: `name` (must be unique)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from uniter3m.tasks.base import task_class
+
+        try:
+            task_class(v)
+        except ConfigError as err:  # pydantic collects ValueErrors only
+            raise ValueError(str(err)) from None
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return stream_table.parse_modalities(v, repr(v))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class PretrainConfig(RunConfig):
+    model: ModelSection
+    datasets: dict[str, DataConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    val_every: int = Field(1000, ge=0)  # 0 = only at the end
+    ckpt_every: int = Field(1000, ge=0)  # 0 = only at the end
 
     @model_validator(mode="after")
     def _tasks_fit(self) -> PretrainConfig:
@@ -195,10 +358,8 @@ class PretrainConfig(StrictModel):
                 problems.append(
                     f"tasks.{i}.dataset: {t.dataset!r} is not defined; defined datasets: {', '.join(self.datasets)}"
                 )
-        if self.optim.warmup_steps > self.steps:
+        if self.optim.warmup_for(self.steps) > self.steps:
             problems.append(f"optim.warmup_steps {self.optim.warmup_steps} exceeds steps {self.steps}")
-        if self.tokenizer and not Path(self.tokenizer).is_dir():
-            problems.append(f"tokenizer directory {self.tokenizer} does not exist")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -207,8 +368,67 @@ class PretrainConfig(StrictModel):
         return [t for t in self.tasks if t.ratio > 0]
 
 
+class ProtocolConfig(StrictModel):
+    """See uniter3m/data/protocols.py for the built-in protocols and schemes."""
+
+    name: str
+    scheme: Literal["split", "session", "speaker"] = "split"
+    target: str | None = None  # meld: emotion|sentiment; mosi: binary|7class|regression
+    label_column: str | None = None
+    classes: list[str] | None = None
+    label_map: dict[str, str] | None = None
+    drop_labels: list[str] | None = None
+    split_column: str = "split"
+    split_values: dict[str, list[str]] | None = None
+    session_column: str = "session"
+    dialogue_column: str = "dialogue"
+    speaker_column: str = "speaker"
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    selection_metric: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_corpus(cls, v: str) -> str:
+        from uniter3m.data.corpora import corpus_names
+
+        if v not in corpus_names():
+            raise ValueError(f"{v!r} is not a protocol; use one of {', '.join(corpus_names())}")
+        return v
+
+
+class FinetuneConfig(RunConfig):
+    model: FinetuneModelSection
+    data: DataConfig
+    protocol: ProtocolConfig
+    epochs: int = Field(3, ge=1)
+    steps: int | None = Field(None, ge=1)  # a cap on optimiser steps per fold (smoke runs)
+    patience: int = Field(3, ge=1)  # validations without improvement before stopping
+    evals_per_epoch: int = Field(1, ge=1)
+    ckpt_every: int = Field(0, ge=0)  # 0 = at every validation (what --resume auto continues from)
+    class_weighted: bool = False
+
+    @model_validator(mode="after")
+    def _head_fits_protocol(self) -> FinetuneConfig:
+        from uniter3m.data.corpora import is_regression
+
+        regression = is_regression(self.protocol.name, self.protocol.target)
+        if regression != (self.model.head == "regression"):
+            raise ValueError(
+                "model.head 'regression' goes with a regression target (mosi/regression) and only with it"
+            )
+        if self.data.valid is not None:
+            raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
+        return self
+
+
 def load_pretrain_config(
     source: str | os.PathLike | Mapping[str, Any], overrides: Iterable[str] = ()
 ) -> PretrainConfig:
     """Read, apply `--set key=value` overrides, validate; one ConfigError lists every problem."""
     return load_config(PretrainConfig, source, overrides)
+
+
+def load_finetune_config(
+    source: str | os.PathLike | Mapping[str, Any], overrides: Iterable[str] = ()
+) -> FinetuneConfig:
+    return load_config(FinetuneConfig, source, overrides)

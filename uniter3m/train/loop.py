@@ -1,4 +1,9 @@
-"""The pretraining loop: task mixing, accumulation, skipping non-finite steps, validation, checkpoints.
+"""The training loop of pretraining AND fine-tuning: task mixing, accumulation, skipping
+non-finite steps, validation, checkpoints, exact resume.
+
+Fine-tuning is one task (`tasks/supervised.py`) plus an `Evaluator`: validation then scores the
+protocol's metric on the whole validation split, keeps the best model and stops early; its
+state is part of every checkpoint, so a resumed fine-tuning selects exactly as an uninterrupted one.
 
 One optimiser step = one task, drawn by its ratio from a generator seeded with (seed, step):
 every rank draws the same task (DDP would hang otherwise) and a resumed run draws what the
@@ -62,6 +67,26 @@ class LoopSettings:
     max_nonfinite_in_a_row: int = 10
     progress: bool = True
     stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
+    desc: str = "pretrain"  # progress bar label
+
+
+class Evaluator:
+    """Replaces the task-metric validation (fine-tuning: protocol metrics, model selection).
+
+    `evaluate(loop)` returns the metrics to log; `should_stop` ends the run early (a checkpoint is
+    still written); `state_dict()` / `load_state_dict()` travel in the trainer state.
+    """
+
+    should_stop: bool = False
+
+    def evaluate(self, loop: TrainLoop) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
@@ -129,7 +154,7 @@ class _Window:
     grad_norms: list[float] = field(default_factory=list)
 
 
-class PretrainLoop:
+class TrainLoop:
     """Owns the step counter and everything that a checkpoint must restore.
 
     Build order matters for exact resume: construct the model, call `__init__` (which loads the
@@ -146,8 +171,10 @@ class PretrainLoop:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         resume_from: str | Path | None = None,
+        evaluator: Evaluator | None = None,
     ):
         self.s = settings
+        self.evaluator = evaluator
         self.model = model
         self.tasks = list(tasks)
         self.ratios = np.array([t.ratio for t in self.tasks], dtype=np.float64)
@@ -246,8 +273,18 @@ class PretrainLoop:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """The evaluator's metrics, or the tasks' validation metrics; logged either way."""
+        if self.evaluator is not None:
+            result = self.evaluator.evaluate(self)
+        else:
+            result = self.validate_tasks()
+        self.last_validation = result
+        self.logger.log(self.step, result, split="val")
+        return result
+
+    @torch.no_grad()
+    def validate_tasks(self) -> dict[str, float]:
         """Every rank scores its share of each task's fixed validation batches; sums are gathered."""
         was_training = self.model.training
         self.model.eval()
@@ -276,12 +313,7 @@ class PretrainLoop:
                     acc = merged.setdefault(f"{key}/{name}", [0.0, 0.0])
                     acc[0] += num
                     acc[1] += den
-        result = {
-            name: (num / den if den > 0 else float("nan")) for name, (num, den) in sorted(merged.items())
-        }
-        self.last_validation = result
-        self.logger.log(self.step, result, split="val")
-        return result
+        return {name: (num / den if den > 0 else float("nan")) for name, (num, den) in sorted(merged.items())}
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
@@ -313,6 +345,8 @@ class PretrainLoop:
                 "world_size": self.backend.world_size,
                 "skipped_nonfinite": self.skipped_nonfinite,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row,
+                "evaluator": self.evaluator.state_dict() if self.evaluator is not None else None,
+                "last_validation": self.last_validation,
             }
             save_checkpoint(self.s.output_dir, self.step, self.model, state, keep_last=self.s.keep_last)
         self.backend.barrier()
@@ -340,6 +374,9 @@ class PretrainLoop:
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.last_validation = dict(state.get("last_validation") or {})
+        if self.evaluator is not None and state.get("evaluator") is not None:
+            self.evaluator.load_state_dict(state["evaluator"])
 
     # ------------------------------------------------------------------ the run
     def _log_window(self, window: _Window) -> _Window:
@@ -362,7 +399,7 @@ class PretrainLoop:
         bar = tqdm(
             total=self.s.steps,
             initial=self.step,
-            desc="pretrain",
+            desc=self.s.desc,
             disable=not (self.backend.is_main and self.s.progress),
             dynamic_ncols=True,
         )
@@ -371,7 +408,7 @@ class PretrainLoop:
         saved_at, validated_at = resumed_at, -1
         end = self.s.steps if self.s.stop_after is None else min(self.s.steps, self.s.stop_after)
         try:
-            while self.step < end:
+            while self.step < end and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.train_step(window)
                 bar.update(1)
                 if self.step % self.s.log_every == 0:
@@ -386,9 +423,11 @@ class PretrainLoop:
                 if self.s.ckpt_every and self.step % self.s.ckpt_every == 0:
                     self.save()
                     saved_at = self.step
+                if self.evaluator is not None and self.evaluator.should_stop:
+                    break
             if window.steps:
                 self._log_window(window)
-            if validated_at != self.step:
+            if validated_at != self.step and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.validate()
             if saved_at != self.step:
                 self.save()
@@ -413,4 +452,6 @@ def parameter_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["LoopSettings", "PretrainLoop", "TaskStep", "TrainTask", "to_device"]
+PretrainLoop = TrainLoop  # the name before fine-tuning moved onto this loop
+
+__all__ = ["Evaluator", "LoopSettings", "PretrainLoop", "TaskStep", "TrainLoop", "TrainTask", "to_device"]

@@ -48,15 +48,30 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
     device: torch.device | None = None,
+    head_parameters: Iterable[nn.Parameter] = (),
+    head_lr: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step on CUDA, multi-tensor (foreach) elsewhere."""
+    """AdamW, fused into one kernel per step on CUDA, multi-tensor (foreach) elsewhere.
+
+    `head_parameters` (weights that start untrained, in fine-tuning) get `head_lr` when given.
+    """
     if lr <= 0:
         raise ConfigError(f"learning rate must be > 0 (got {lr})")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0 (got {weight_decay})")
     fused = device is not None and device.type == "cuda"
+    groups = parameter_groups(model, weight_decay)
+    if head_lr is not None:
+        heads = {id(p) for p in head_parameters}
+        split = []
+        for g in groups:
+            body = [p for p in g["params"] if id(p) not in heads]
+            head = [p for p in g["params"] if id(p) in heads]
+            split += [dict(g, params=body)] if body else []
+            split += [dict(g, params=head, lr=head_lr)] if head else []
+        groups = split
     return torch.optim.AdamW(
-        parameter_groups(model, weight_decay),
+        groups,
         lr=lr,
         betas=betas,
         eps=eps,

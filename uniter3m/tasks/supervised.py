@@ -1,0 +1,92 @@
+"""Fine-tuning as a task of the training engine: one utterance-level target per id.
+
+Targets come from the protocol (`ProtocolPlan.targets`, looked up by utterance id), never from
+the batch's inputs. `prepare` runs in the data workers like every objective's: it keeps the
+modalities of the run, inserts the prompt for the prompt head (`data/prompts.py`) and attaches
+the targets; `forward` runs the `FinetuneModel` and returns the loss:
+
+* classification heads: cross-entropy over the classes (optionally class-weighted);
+* prompt head: the MLM loss over the whole vocabulary at the prompt's mask token (as in
+  pretraining), class weights applied to the label words;
+* regression head: L1 (MAE), the MOSI convention.
+
+The loss is a mean over the batch's utterances; `acc` (classification) or `mae` is the metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uniter3m.data.labels import lookup_targets
+from uniter3m.data.prompts import add_prompt
+from uniter3m.tasks.base import Task, TaskContext, TaskOutput, ratio
+
+HEAD_KINDS = ("linear", "mlp", "prompt", "regression")
+
+
+class SupervisedTask(Task):
+    """Utterance classification or regression against protocol targets. Loss: mean over utterances."""
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        context: TaskContext,
+        *,
+        targets: Mapping[str, int | float],
+        head: str = "linear",
+        prompt_ids: Sequence[int] | None = None,
+        class_weights: Sequence[float] | None = None,
+        max_len: int = 512,
+        **common: Any,
+    ) -> None:
+        super().__init__(context, **common)
+        self.targets = dict(targets)
+        self.head = head
+        self.regression = head == "regression"
+        self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
+        self.class_weights = (
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        )
+        self.max_len = int(max_len)
+
+    def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        inputs = self.model_inputs(batch)
+        if self.head == "prompt":
+            ids, mask, positions, _ = add_prompt(
+                batch["input_ids"],
+                batch["txt_mask"],
+                self.prompt_ids or [],
+                self.special,
+                max_len=self.max_len,
+            )
+            inputs.update(input_ids=ids, attention_mask=mask, prompt_positions=positions)
+        values = lookup_targets(batch["ids"], self.targets, what="protocol target", where="the fold's ids")
+        inputs["targets"] = torch.tensor(values, dtype=torch.float32 if self.regression else torch.long)
+        return inputs
+
+    def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
+        kwargs = {k: v for k, v in inputs.items() if k not in ("targets", "ids") and v is not None}
+        out = model(**kwargs)
+        target = inputs["targets"]
+        n = torch.tensor(float(target.shape[0]), device=target.device)
+        if self.regression:
+            scores = out.scores.float()
+            loss = F.l1_loss(scores, target)
+            return TaskOutput(loss, n, {"mae": ratio((scores - target).abs().sum(), n)})
+        weights = None if self.class_weights is None else self.class_weights.to(target.device)
+        if self.head == "prompt":
+            verbalizer = model.verbalizer_ids.to(target.device)
+            vocab_weights = None
+            if weights is not None:
+                vocab_weights = torch.ones(out.vocab_logits.shape[-1], device=target.device)
+                vocab_weights[verbalizer] = weights
+            loss = F.cross_entropy(out.vocab_logits.float(), verbalizer[target], weight=vocab_weights)
+        else:
+            loss = F.cross_entropy(out.logits.float(), target, weight=weights)
+        correct = (out.logits.argmax(-1) == target).sum()
+        return TaskOutput(loss, n, {"acc": ratio(correct, n)})

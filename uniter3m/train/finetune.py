@@ -1,0 +1,381 @@
+"""What fine-tuning, evaluation and extraction share: protocol plans, datasets, the fine-tuning
+model, prediction over a split, scoring, and model selection on the training engine.
+
+Honesty rules kept here: targets come from the protocol (never from a batch's inputs); the model
+is selected on the VALIDATION split only (`SelectionEvaluator`); with several ranks every rank's
+predictions are gathered (each id scored once) before any metric is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uniter3m import streams as stream_table
+from uniter3m.data.collate import Collator
+from uniter3m.data.corpora import default_verbalizer
+from uniter3m.data.dataset import JoinedDataset
+from uniter3m.data.prompts import label_word_ids, tokenize_template
+from uniter3m.data.protocols import ProtocolPlan, build_protocol
+from uniter3m.data.store import DbReader
+from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
+from uniter3m.errors import ConfigError, DatabaseError, UserError
+from uniter3m.metrics import classification_metrics, is_better, regression_metrics
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.finetuning import (
+    FinetuneModel,
+    HeadSpec,
+    check_feature_dims,
+    freeze,
+    load_mlm_head,
+    save_finetuned,
+)
+from uniter3m.model.uniter import UniterModel
+from uniter3m.tasks.base import TaskContext
+from uniter3m.tasks.supervised import SupervisedTask
+from uniter3m.train.config import DataConfig, FinetuneConfig
+from uniter3m.train.distributed import Backend
+from uniter3m.train.loaders import validation_loader
+from uniter3m.train.loop import Evaluator, TrainLoop, to_device
+from uniter3m.train.precision import Precision
+
+log = logging.getLogger(__name__)
+RESOLVED_CONFIG = "config.json"
+
+
+# ----------------------------------------------------------------------------- data
+def text_meta(data: DataConfig) -> dict[str, Any]:
+    """The text db's meta (every text db of the list must share one tokenizer)."""
+    metas = [DbReader(p, kind="txt").meta for p in data.txt_dbs]
+    hashes = {(m.get("tokenizer") or {}).get("vocab_hash") for m in metas}
+    if len(hashes) > 1:
+        raise DatabaseError(
+            f"the text databases {data.txt_dbs} were built with different tokenizers; rebuild them with one"
+        )
+    if "tokenizer" not in metas[0]:
+        raise DatabaseError(
+            f"{data.txt_dbs[0]}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db"
+        )
+    return metas[0]
+
+
+def special_tokens(data: DataConfig) -> SpecialTokens:
+    return SpecialTokens.from_dict(text_meta(data)["tokenizer"])
+
+
+def read_label_rows(data: DataConfig) -> dict[str, dict[str, Any]]:
+    """{id: labels} of every record (labels only: no input of the model is read here)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in data.txt_dbs:
+        db = DbReader(path, kind="txt")
+        rows.update({uid: dict(db[uid].get("labels") or {}) for uid in db.ids})
+    return rows
+
+
+def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
+    p = cfg.protocol
+    plan = build_protocol(
+        read_label_rows(cfg.data),
+        p.name,
+        scheme=p.scheme,
+        target=p.target,
+        label_column=p.label_column,
+        classes=p.classes,
+        label_map=p.label_map,
+        drop_labels=p.drop_labels,
+        split_column=p.split_column,
+        split_values=p.split_values,
+        session_column=p.session_column,
+        dialogue_column=p.dialogue_column,
+        speaker_column=p.speaker_column,
+        valid_fraction=p.valid_fraction,
+        selection_metric=p.selection_metric,
+        source=", ".join(cfg.data.txt_dbs),
+    )
+    if plan.dropped:
+        log.warning("protocol %s dropped rows by label value: %s", plan.name, plan.dropped)
+    return plan
+
+
+def make_dataset(data: DataConfig, ids: Sequence[str] | None, modalities: str | None = None) -> JoinedDataset:
+    """The joined dataset of `ids` (None: every utterance) reading `modalities` (default: the config's)."""
+    return JoinedDataset(
+        data.txt_dbs,
+        feat_dbs=data.feat_dbs,
+        modalities=modalities or data.used_modalities,
+        max_txt_len=data.max_txt_len,
+        max_frames=data.max_frames,
+        normalize=data.normalize,
+        missing=data.missing,
+        ids=ids,
+    )
+
+
+def feature_dims(dataset: JoinedDataset) -> dict[str, int]:
+    return {s: int(dataset.feat_dbs[s][0].meta["dim"]) for s in dataset.streams}
+
+
+# ----------------------------------------------------------------------------- model
+def build_finetune_model(
+    cfg: FinetuneConfig, plan: ProtocolPlan, feat_dims: Mapping[str, int], special: SpecialTokens
+) -> FinetuneModel:
+    """Backbone from `model.init` (or a fresh one from `model.config`) + the configured head."""
+    m = cfg.model
+    source = m.init or m.config
+    base = (
+        UniterConfig.from_pretrained(m.init, **m.overrides)
+        if m.init
+        else UniterConfig.from_json(m.config, **m.overrides)
+    )
+    overrides = dict(m.overrides)
+    for key, value in check_feature_dims(
+        base, feat_dims, str(source), dict(cfg.data.model_extra or {})
+    ).items():
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+            overrides[key] = {**overrides[key], **value}
+        else:
+            overrides[key] = value
+    if base.vocab_size != special.vocab_size:
+        raise DatabaseError(
+            f"model {source} has a {base.vocab_size}-word vocabulary but the text db was tokenised with "
+            f"{special.vocab_size} words; rebuild the text db with the model's tokenizer"
+        )
+    if m.init:
+        uniter, info = UniterModel.from_pretrained(m.init, output_loading_info=True, **overrides)
+        new_weights = set(info["missing_keys"])
+    else:
+        uniter = UniterModel(UniterConfig.from_json(m.config, **overrides))
+        new_weights = {n for n, _ in uniter.named_parameters()}
+    spec = HeadSpec(
+        head=m.head,
+        classes=list(plan.label.classes),
+        dropout=m.dropout,
+        protocol=plan.name,
+        modalities=cfg.data.used_modalities,
+    )
+    if spec.head == "prompt":
+        spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special)
+    model = FinetuneModel(uniter, spec)
+    model.new_backbone_weights = new_weights
+    if spec.head == "prompt" and m.init:
+        load_mlm_head(model, Path(m.init))
+    freeze(model, m.freeze_layers, m.freeze_embeddings)
+    return model
+
+
+def prompt_spec(
+    cfg: FinetuneConfig, plan: ProtocolPlan, special: SpecialTokens
+) -> tuple[list[int], list[int], dict[str, str]]:
+    """Prompt ids, label word ids (class order) and the verbaliser, from the one prompt builder."""
+    meta = text_meta(cfg.data)["tokenizer"]
+    tok_dir = cfg.model.tokenizer or cfg.tokenizer or meta.get("name") or cfg.model.init
+    if not tok_dir or not Path(tok_dir).is_dir():
+        raise ConfigError(f"the prompt head needs the tokenizer: set model.tokenizer (tried {tok_dir!r})")
+    tokenizer = load_tokenizer(tok_dir)
+    if meta.get("vocab_hash") and vocab_hash(tokenizer) != meta["vocab_hash"]:
+        raise DatabaseError(
+            f"tokenizer {tok_dir} differs from the one the text db was built with (vocab hash {meta['vocab_hash']}); "
+            "set model.tokenizer to that tokenizer"
+        )
+    verbalizer = cfg.model.verbalizer or default_verbalizer(plan.name, cfg.protocol.target)
+    if not verbalizer:
+        raise ConfigError(f"protocol {plan.name} has no default verbaliser: set model.verbalizer")
+    prompt_ids = tokenize_template(tokenizer, cfg.model.prompt, special.mask_id, "model.prompt")
+    words = label_word_ids(
+        tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes
+    )
+    return prompt_ids, [words[c] for c in plan.label.classes], {c: verbalizer[c] for c in plan.label.classes}
+
+
+def supervised_task(
+    model: FinetuneModel,
+    plan: ProtocolPlan,
+    special: SpecialTokens,
+    class_weights: Sequence[float] | None = None,
+) -> SupervisedTask:
+    return SupervisedTask(
+        TaskContext(special=special),
+        targets=plan.targets,
+        head=model.spec.head,
+        prompt_ids=model.spec.prompt_ids,
+        class_weights=class_weights,
+        max_len=model.config.max_position_embeddings,
+    )
+
+
+def class_weights(plan: ProtocolPlan, train_ids: Sequence[str]) -> list[float]:
+    """Inverse-frequency weights from the TRAINING split only, normalised to mean 1."""
+    counts = np.bincount([plan.targets[i] for i in train_ids], minlength=plan.label.num_classes).astype(
+        np.float64
+    )
+    absent = [plan.label.classes[c] for c in np.flatnonzero(counts == 0)]
+    if absent:
+        raise UserError(f"class_weighted: classes {absent} have no training example in this fold")
+    w = counts.sum() / (len(counts) * counts)
+    return (w / w.mean()).tolist()
+
+
+# ----------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict(
+    model: FinetuneModel,
+    task: SupervisedTask,
+    dataset: JoinedDataset,
+    cfg: FinetuneConfig,
+    backend: Backend,
+    precision: Precision,
+    desc: str = "score",
+) -> dict[str, float | int]:
+    """{id: prediction} over the WHOLE dataset: ranks score disjoint batches, then all are gathered."""
+    from tqdm.auto import tqdm
+
+    b = cfg.batching
+    loader = validation_loader(
+        task,
+        dataset,
+        Collator(task.special),
+        task_index=0,
+        seed=cfg.seed,
+        max_tokens=b.val_max_tokens or b.max_tokens,
+        max_batch_size=b.val_max_batch_size or b.max_batch_size,
+        pool_size=b.pool_size,
+        num_workers=b.num_workers,
+        world_size=backend.world_size,
+        rank=backend.rank,
+    )
+    was_training = model.training
+    model.eval()
+    local: dict[str, float | int] = {}
+    bar = tqdm(
+        loader, desc=desc, leave=False, disable=not (cfg.progress and backend.is_main), dynamic_ncols=True
+    )
+    for inputs in bar:
+        inputs = to_device(inputs, backend.device)
+        kwargs = {k: v for k, v in inputs.items() if k not in ("targets", "ids") and v is not None}
+        with precision.autocast():
+            out = model(**kwargs)
+        local.update(zip(inputs["ids"], model.predictions(out).tolist(), strict=True))
+    model.train(was_training)
+    merged: dict[str, float | int] = {}
+    for part in backend.all_gather_object(local):
+        merged.update(part)
+    return merged
+
+
+def score(plan: ProtocolPlan, predictions: Mapping[str, float | int], ids: Sequence[str]) -> dict[str, Any]:
+    missing = [i for i in ids if i not in predictions]
+    if missing:
+        raise UserError(
+            f"{len(missing)} utterances got no prediction (e.g. {missing[:3]}); a data shard was lost"
+        )
+    gold = [plan.targets[i] for i in ids]
+    pred = [predictions[i] for i in ids]
+    if plan.regression:
+        return regression_metrics(gold, pred)
+    return classification_metrics(gold, pred, plan.label.num_classes)
+
+
+def scalars(scores: Mapping[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in scores.items() if not isinstance(v, list)}
+
+
+class SelectionEvaluator(Evaluator):
+    """Validation of fine-tuning: the protocol's metric on the validation split; the best model
+    is written to `best_dir` (main rank), `patience` validations without improvement stop the run."""
+
+    def __init__(
+        self,
+        model: FinetuneModel,
+        task: SupervisedTask,
+        valid_set: JoinedDataset,
+        plan: ProtocolPlan,
+        cfg: FinetuneConfig,
+        backend: Backend,
+        precision: Precision,
+        best_dir: Path,
+        extra: Mapping[str, Any],
+    ):
+        self.model, self.task, self.valid_set, self.plan = model, task, valid_set, plan
+        self.cfg, self.backend, self.precision = cfg, backend, precision
+        self.best_dir, self.extra = best_dir, dict(extra)
+        self.metric = plan.selection_metric
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.history: list[dict[str, Any]] = []
+        self.should_stop = False
+
+    def evaluate(self, loop: TrainLoop) -> dict[str, float]:
+        preds = predict(
+            self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
+        )
+        scores = scalars(score(self.plan, preds, self.valid_set.ids))
+        value = float(scores[self.metric])
+        self.history.append({"step": loop.step, "valid": scores})
+        if is_better(self.metric, value, self.best_value):
+            self.best_value, self.best_step, self.bad_evals = value, loop.step, 0
+            if self.backend.is_main:
+                save_finetuned(self.model, self.best_dir, {**self.extra, "step": loop.step, "valid": scores})
+            self.backend.barrier()
+        else:
+            self.bad_evals += 1
+        self.should_stop = self.bad_evals >= self.cfg.patience
+        if self.backend.is_main:
+            log.info(
+                "step %d: valid %s = %.4f (best %.4f at step %s)",
+                loop.step,
+                self.metric,
+                value,
+                self.best_value,
+                self.best_step,
+            )
+        return {**scores, f"best_{self.metric}": float(self.best_value)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "should_stop": self.should_stop,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_value = state["best_value"]
+        self.best_step = state["best_step"]
+        self.bad_evals = int(state["bad_evals"])
+        self.history = list(state["history"])
+        self.should_stop = bool(state["should_stop"])
+
+
+def evaluation_cases(
+    cfg: FinetuneConfig, model_config: UniterConfig, cases: Sequence[str] | None
+) -> list[str]:
+    """Modality cases to score: given ones (checked), or every non-empty subset the config's modalities allow."""
+    allowed = cfg.data.used_modalities
+    if not cases:
+        from itertools import combinations
+
+        return ["".join(c) for r in range(1, len(allowed) + 1) for c in combinations(allowed, r)]
+    out = []
+    for raw in cases:
+        case = stream_table.parse_modalities(raw, f"--modalities {raw}")
+        for letter in case.replace("L", ""):
+            stream = stream_table.get(letter)
+            if stream.name not in cfg.data.feat_dbs:
+                raise UserError(
+                    f"--modalities {raw}: {stream.name} ({letter}) was asked for but the config sets no "
+                    f"data.{stream.db_key}; add it (--set data.{stream.db_key}=DIR) or drop {letter} from the cases"
+                )
+            if not model_config.stream(stream.name).present:
+                raise UserError(
+                    f"--modalities {raw}: the checkpoint has no {stream.name} stream (it was fine-tuned without "
+                    f"{letter}); drop {letter} from the cases"
+                )
+        out.append(case)
+    return out
