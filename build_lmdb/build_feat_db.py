@@ -23,6 +23,7 @@ from uniter3m.data.feat_db import (
     parse_patterns,
     summary_lines,
 )
+from uniter3m.data.store import claim_database_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    claim_database_dir(args.out.resolve(), args.overwrite)  # before any work: refuse a folder not ours
     spec = FeatDbSpec(
         input=args.input,
         format=args.format,

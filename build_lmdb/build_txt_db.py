@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from uniter3m.data.store import claim_database_dir
 from uniter3m.data.text_db import DEFAULT_MAX_LEN, TextDbSpec, build_text_db, summary_lines
 
 
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    claim_database_dir(args.out.resolve(), args.overwrite)  # before any work: refuse a folder not ours
     spec = TextDbSpec(
         input=args.input,
         id_cols=split_columns([args.id_col]),

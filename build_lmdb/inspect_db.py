@@ -1,4 +1,7 @@
-"""`uniter3m inspect DIR [--json]`: what a database holds, from its meta.json and index.
+"""`uniter3m inspect DIR [--json] [--verify]`: what a database holds, from its meta.json and index.
+
+`--verify` also reads every record and checks it (its CRC-32 in databases of format 2): the
+damaged ids are listed and the exit status is 1 when any is found.
 
 Opening goes through DbReader, so an interrupted build (no meta.json), a foreign folder or a
 damaged index is reported as such. The lengths come from the index itself (not only from
@@ -26,19 +29,30 @@ _SHOW = 10  # skipped/dropped items listed in the human-readable view
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db", type=Path, metavar="DIR", help="a database folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every record and check its checksum; list damaged ids, exit 1 when any",
+    )
 
 
-def describe(path: Path) -> dict[str, Any]:
-    """meta.json, completed with what the index says (lengths) and the first record's layout."""
+def describe(path: Path, verify: bool = False) -> dict[str, Any]:
+    """meta.json, completed with what the index says (lengths) and the first record's layout;
+    with `verify`, the result of reading every record under "verify" (see DbReader.verify)."""
     reader = DbReader(path)
     try:
         info: dict[str, Any] = {"path": str(path), **reader.meta}
+        info["checksums"] = reader.meta.get("checksums")
+        if verify:
+            info["verify"] = reader.verify()
         info["count"] = len(reader)
         lengths = reader.lengths.tolist()
         unit = "frames" if reader.kind == "feat" else "tokens"
         info["lengths"] = {"unit": unit, **length_stats(lengths), "histogram": length_histogram(lengths)}
-        if len(reader):
-            first = reader[reader.ids[0]]
+        damaged = {d["id"] for d in info.get("verify", {}).get("damaged", [])}
+        intact = [i for i in reader.ids[:50] if i not in damaged]
+        if intact:
+            first = reader[intact[0]]
             info["record_layout"] = _layout(first)
             if reader.kind == "feat" and "dim" not in info and "feat" in first:
                 info["dim"] = int(first["feat"].shape[-1])
@@ -77,6 +91,30 @@ def text_lines(info: dict[str, Any]) -> Iterator[str]:
     source = info.get("source")
     if isinstance(source, dict):
         yield "source: " + ", ".join(f"{k}={v}" for k, v in source.items() if not isinstance(v, (list, dict)))
+    if info.get("checksums"):
+        yield f"record checksums: {info['checksums']}"
+    else:
+        yield "record checksums: none (built before format 2); rebuild it with --overwrite to add them"
+    if "verify" in info:
+        yield from _verify_lines(info["path"], info["verify"])
+
+
+def _verify_lines(path: str, result: dict[str, Any]) -> Iterator[str]:
+    bad = result["damaged"]
+    yield (
+        f"verify: {result['checked']} records read, {len(bad)} damaged, {len(result['missing'])} missing, "
+        f"{result['unindexed']} not in the index"
+    )
+    for item in bad[:_SHOW]:
+        yield f"  damaged {item['id']}: {item['reason']}"
+    if len(bad) > _SHOW:
+        yield f"  ... {len(bad) - _SHOW} more (--json lists them all)"
+    for uid in result["missing"][:_SHOW]:
+        yield f"  missing {uid}"
+    if not result["checksums"]:
+        yield "  (no checksums: only records that no longer decode can be found)"
+    if not verify_ok(result):
+        yield f"rebuild {path} with --overwrite (or restore it from a copy)"
 
 
 def _histogram_lines(histogram: dict[str, int]) -> Iterator[str]:
@@ -153,11 +191,15 @@ def _items(title: str, items: list[dict[str, Any]] | None, fmt: Any) -> Iterator
         yield f"  ... {len(items) - _SHOW} more (see meta.json or --json)"
 
 
+def verify_ok(result: dict[str, Any]) -> bool:
+    return not (result["damaged"] or result["missing"] or result["unindexed"])
+
+
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.db)
+    info = describe(args.db, verify=args.verify)
     if args.json:
         print(json.dumps(info, default=json_default))
     else:
         for line in text_lines(info):
             print(line)
-    return 0
+    return 0 if "verify" not in info or verify_ok(info["verify"]) else 1

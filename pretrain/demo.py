@@ -8,6 +8,11 @@
    setting where pretraining pays: much unlabelled data, few labels), once from the pretrained
    checkpoint and once from a randomly initialised model of the same size;
 5. print the pretraining validation metrics and test UAR/WA of both fine-tunings.
+
+--out must be new, empty, or a folder an earlier demo made (it carries the run marker): a re-run
+replaces the demo's own pretraining and fine-tuning folders and rebuilds its databases with
+--overwrite (which replaces databases only); anything else in the folder is left alone, and a
+non-empty folder that is not a demo's is refused. A lock keeps two demos out of one folder.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from uniter3m.data.synthetic import SyntheticSpec, generate_corpus, read_transcr
 from uniter3m.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+# what the demo writes directly under --out; on a re-run the run folders among them are replaced
+RUN_FOLDERS = ("pretrain", "random_init", "finetune_pretrained", "finetune_scratch")
 DEMO_CONFIG = REPO / "configs" / "pretrain" / "demo.json"
 TINY_MODEL = REPO / "configs" / "model" / "tiny.json"
 log = logging.getLogger("uniter3m.demo")
@@ -217,11 +224,40 @@ def run_demo(
     seed: int = 0,
     tokenizer: Path | None = None,
 ) -> dict[str, Any]:
+    """The whole demo in `out` (see the module docstring for what `out` may already hold)."""
+    from uniter3m.train.rundir import lock_run_dir
+
+    out = Path(out).resolve()
+    with lock_run_dir(out):
+        claim_demo_dir(out)
+        return _run_demo(out, steps, finetune_epochs, utterances, labelled, seed, tokenizer)
+
+
+def claim_demo_dir(out: Path) -> None:
+    """Refuse a non-empty folder that no demo made; in one that a demo made, drop its old run folders."""
+    import shutil
+
+    from uniter3m.train.rundir import claim_output_dir
+
+    claim_output_dir(out, overwrite=False, marker="demo", resume=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _run_demo(
+    out: Path,
+    steps: int | None,
+    finetune_epochs: int,
+    utterances: int,
+    labelled: int,
+    seed: int,
+    tokenizer: Path | None,
+) -> dict[str, Any]:
     from uniter3m.cli import main
     from uniter3m.train.checkpoint import find_resume
     from uniter3m.train.logs import read_metrics
 
-    out = Path(out).resolve()
     tokenizer = tokenizer or default_tokenizer()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

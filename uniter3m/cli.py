@@ -3,13 +3,17 @@
 Each sub-command lives in its own module that defines `add_arguments(parser)` and
 `run(args) -> int | None`. Only the chosen command's module is imported, so a slow or
 optional dependency of one command never slows down or breaks another.
-A `UserError` is printed without a traceback and exits with status 2.
+A `UserError` is printed without a traceback and exits with status 2; no command at all prints
+the help and exits 2; Ctrl-C (SIGINT) prints one line and exits 130 (128 + SIGINT, as shells do);
+a closed stdout (`uniter3m inspect DB --json | head`) ends the command quietly with 141
+(128 + SIGPIPE, what a tool killed by the pipe reports).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,24 +54,63 @@ def _version() -> str:
     return f"uniter3m {__version__}"
 
 
+_depth = 0  # main() calls in progress: a recipe may call main() for a sub-command (the demo does)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "--version"}:
-        _top_parser().parse_args(argv or ["--help"])
+    """Run one command; the exit status (see the module docstring)."""
+    global _depth
+    _depth += 1
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        _depth -= 1
+
+
+def _main(argv: list[str]) -> int:
+    if not argv:
+        _top_parser().print_help(sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help", "--version"}:
+        _top_parser().parse_args(argv)
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         _top_parser().parse_args([command])  # prints the usage error and exits 2
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = argparse.ArgumentParser(prog=f"uniter3m {command}", description=COMMANDS[command][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        module = importlib.import_module(COMMANDS[command][0])
+        parser = argparse.ArgumentParser(prog=f"uniter3m {command}", description=COMMANDS[command][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return status
     except UserError as err:
         print(f"uniter3m {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if _depth > 1:  # a nested command: the outermost one reports it, once
+            raise
+        print(f"uniter3m {command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if _depth > 1:
+            raise
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away: point stdout at /dev/null so the exit flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from uniter3m import cli  # the imported module, the one recipes call back into (one _depth)
+
+    sys.exit(cli.main())

@@ -9,13 +9,33 @@ Layout of a database folder:
 Records are dicts whose numpy arrays travel as msgpack extension objects (dtype, shape, raw
 bytes), so a reader gets arrays back without pickle. `lengths` is the per-utterance length
 the batch sampler needs (tokens for text, frames for features) without reading every record.
+
+Faults (format version 2):
+- every value is a CRC-32 of its msgpack bytes followed by those bytes; a read verifies it, so a
+  flipped byte is an error naming the record instead of training data. Version-1 databases (no
+  checksums; `meta["checksums"]` absent) still open and read as before.
+- a database is built in a hidden sibling folder (`.NAME.building-*`) and swapped in whole by
+  `finish()`; a reader that already has the old one open keeps reading the old records, and a
+  process that opens the folder later checks that it holds the build its index came from
+  (`build_id`), so a rebuild under a running job is an error, never a silent switch of data.
+- a data.mdb shorter than the pages its own header says it uses (a cut copy, a full disk) is
+  refused when opened: reading it would kill the process with SIGBUS.
+- `meta["content_digest"]` hashes every (id, record) in order: `database_digest(path)` is what a
+  run records at its start to refuse resuming on a database that changed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +44,23 @@ import msgpack
 import numpy as np
 
 from uniter3m.errors import DatabaseError
-from uniter3m.fileio import atomic_write_json
+from uniter3m.fileio import atomic_write_json, fsync_dir, replace_dir
 
 FORMAT = "uniter3m-lmdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUM = "crc32"
 INDEX_KEY = b"\x00index"
+BUILD_KEY = b"\x00build"
 META_FILE = "meta.json"
+DB_FILES = frozenset({"data.mdb", "lock.mdb", META_FILE})
+_BUILD_LOCK = ".building.lock"  # inside a folder under construction: held (flock) by its writer
+_STALE_UNLOCKED_S = 600  # a build folder without its lock file is left alone this long
 _NDARRAY_EXT = 1
 _MAP_SIZE = 1 << 40  # virtual; the file grows only as data is written
 
-# One read-only environment per (process, folder): LMDB refuses a second open of the same
+# One read-only environment per (process, folder, build): LMDB refuses a second open of the same
 # environment in one process, and an environment must never be used across a fork.
-_READ_ENVS: dict[tuple[int, str], lmdb.Environment] = {}
+_READ_ENVS: dict[tuple[int, str, str | None], lmdb.Environment] = {}
 
 
 def _encode(obj: Any) -> Any:
@@ -64,9 +89,109 @@ def unpack(data: bytes) -> dict[str, Any]:
     return msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, strict_map_key=False)
 
 
+def seal(payload: bytes) -> bytes:
+    """A stored value: the CRC-32 of `payload` (4 bytes, little-endian), then `payload`."""
+    return zlib.crc32(payload).to_bytes(4, "little") + payload
+
+
+def unseal(value: bytes) -> bytes:
+    """The payload of a sealed value; ValueError naming both checksums when they differ."""
+    if len(value) < 4:
+        raise ValueError(f"the value holds {len(value)} bytes, fewer than its 4-byte checksum")
+    stored, payload = int.from_bytes(value[:4], "little"), value[4:]
+    computed = zlib.crc32(payload)
+    if stored != computed:
+        raise ValueError(f"checksum mismatch: stored {stored:08x}, computed {computed:08x}")
+    return payload
+
+
 def is_database(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / META_FILE).is_file() or (path / "data.mdb").exists()
+
+
+def claim_database_dir(path: Path, overwrite: bool) -> bool:
+    """Check that `path` may receive a new database; True when it holds one that will be replaced.
+
+    Only what is recognisably ours is ever replaced: a folder holding nothing but data.mdb,
+    lock.mdb and a uniter3m meta.json (or an interrupted build: LMDB files without meta.json), or
+    an empty folder. Anything else is refused with what was found; nothing is deleted here.
+    """
+    if path.exists() and not path.is_dir():
+        raise DatabaseError(
+            f"--out {path} is a file, not a folder; give a folder path for the database (it is created)"
+        )
+    if not path.exists():
+        return False
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return False
+    foreign = [name for name in entries if name not in DB_FILES and name != _BUILD_LOCK]
+    meta_path = path / META_FILE
+    meta: dict[str, Any] | None = None
+    if not foreign and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            foreign = [META_FILE + " (not a uniter3m database's)"]
+    if foreign or "data.mdb" not in entries and meta is None:
+        shown = ", ".join(foreign[:8] or entries[:8]) + (" ..." if len(foreign or entries) > 8 else "")
+        raise DatabaseError(
+            f"--out {path} is not empty and is not a uniter3m database (it holds {shown}); nothing was "
+            "changed. Choose a new or empty folder: --overwrite replaces only a database folder "
+            f"(nothing but {', '.join(sorted(DB_FILES))})"
+        )
+    if not overwrite:
+        what = (
+            f"a {meta.get('kind')} database of {meta.get('count')} records"
+            if meta
+            else "an interrupted build"
+        )
+        raise DatabaseError(
+            f"--out {path} already holds {what}; pass --overwrite to replace it or choose another --out"
+        )
+    return True
+
+
+def _held(lock_file: Path) -> bool:
+    """True while some process holds the flock on `lock_file` (a live writer)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing releases a lock we may just have taken
+    return False
+
+
+def remove_stale_builds(path: Path) -> list[Path]:
+    """Delete what killed writers of `path` left: `.NAME.building-*` folders nobody holds, `.NAME.old-*`."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        if not p.name.startswith(f".{path.name}.") or not p.is_dir():
+            continue
+        if p.name.startswith(f".{path.name}.building-"):
+            lock = p / _BUILD_LOCK
+            if lock.exists():
+                if _held(lock):
+                    continue
+            elif time.time() - p.stat().st_mtime < _STALE_UNLOCKED_S:
+                continue  # a writer between mkdir and taking its lock
+        elif not p.name.startswith(f".{path.name}.old-"):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def _close_inherited(path: str) -> None:
@@ -83,25 +208,33 @@ def _close_inherited(path: str) -> None:
 class DbWriter:
     """Write records in batched transactions; `finish(meta)` writes the index, then meta.json.
 
-    Refuses a folder that already holds a database unless `overwrite=True` (which deletes it
-    first), so a rebuild never mixes old and new records.
+    The database is built in a hidden sibling folder and swapped in whole by `finish()`, so the
+    target keeps the previous database (if any) until the new one is complete and a killed build
+    changes nothing. A target that already holds a database is replaced only with `overwrite=True`;
+    a target holding anything else is refused (see `claim_database_dir`).
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, overwrite: bool = False, commit_every: int = 512):
         self.path = Path(path)
         self.kind = kind
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise DatabaseError(
-                    f"{self.path} is not empty (it may hold a database); pass --overwrite to replace it "
-                    "or choose another --out"
-                )
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self.path), map_size=_MAP_SIZE, subdir=True, readahead=False, meminit=False)
+        target = self.path.resolve()
+        claim_database_dir(target, overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(target)
+        self.build_id = uuid.uuid4().hex
+        self._target = target
+        self._tmp = target.parent / f".{target.name}.building-{self.build_id[:12]}"
+        self._tmp.mkdir()  # honours the umask, unlike mkdtemp's 0700
+        self._lock_fd: int | None = os.open(self._tmp / _BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._env = lmdb.open(
+            str(self._tmp), map_size=_MAP_SIZE, subdir=True, readahead=False, meminit=False, mode=0o666
+        )
         self._txn = self._env.begin(write=True)
         self._pending = 0
         self._commit_every = commit_every
+        self._digest = hashlib.sha256(kind.encode())
+        self._closed = False
         self.ids: list[str] = []
         self.lengths: list[int] = []
         self._seen: set[str] = set()
@@ -115,7 +248,11 @@ class DbWriter:
         if "\x00" in key:
             raise DatabaseError(f"utterance id {key!r} contains a NUL character, which ids may not hold")
         self._seen.add(key)
-        self._txn.put(key.encode("utf-8"), pack(record))
+        payload = pack(record)
+        encoded = key.encode("utf-8")
+        self._digest.update(len(encoded).to_bytes(4, "little") + encoded)
+        self._digest.update(len(payload).to_bytes(8, "little") + payload)
+        self._txn.put(encoded, seal(payload))
         self.ids.append(key)
         self.lengths.append(int(length))
         self._pending += 1
@@ -125,8 +262,9 @@ class DbWriter:
             self._pending = 0
 
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Commit everything, then write meta.json (atomically, last). Returns the full meta."""
-        self._txn.put(INDEX_KEY, pack({"ids": self.ids, "lengths": self.lengths}))
+        """Commit everything, write meta.json (atomically, last), swap the folder in. Returns the meta."""
+        self._txn.put(INDEX_KEY, seal(pack({"ids": self.ids, "lengths": self.lengths})))
+        self._txn.put(BUILD_KEY, seal(pack({"build_id": self.build_id})))
         self._txn.commit()
         self._env.sync(True)
         self._env.close()
@@ -135,17 +273,53 @@ class DbWriter:
             "version": FORMAT_VERSION,
             "kind": self.kind,
             "count": len(self.ids),
+            "checksums": CHECKSUM,
+            "build_id": self.build_id,
+            "content_digest": "sha256:" + self._digest.hexdigest(),
             **meta,
         }
-        atomic_write_json(self.path / META_FILE, full)
+        atomic_write_json(self._tmp / META_FILE, full)
+        for name in ("data.mdb", "lock.mdb"):
+            with open(self._tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(self._tmp)
+        (self._tmp / _BUILD_LOCK).unlink()  # our flock stays on the open descriptor
+        if self._target.is_dir() and not any(self._target.iterdir()):
+            self._fill_empty_target()
+        else:
+            trash = self._target.parent / f".{self._target.name}.old-{self.build_id[:12]}"
+            replace_dir(self._tmp, self._target, trash)
+            shutil.rmtree(trash, ignore_errors=True)  # readers that mapped the old files keep them
+        self._release()
         return full
 
+    def _fill_empty_target(self) -> None:
+        """Move the files into an existing empty folder (it may be someone's working directory,
+        which must not be swapped away), meta.json last: until then a reader refuses the folder."""
+        for name in ("data.mdb", "lock.mdb", META_FILE):
+            os.rename(self._tmp / name, self._target / name)
+        fsync_dir(self._target)
+        self._tmp.rmdir()
+
     def abort(self) -> None:
-        """Drop the open transaction and close; the folder stays without meta.json (refused on open)."""
+        """Drop everything written; the target folder keeps what it held before. Safe to call twice."""
+        if self._closed:
+            return
         try:
-            self._txn.abort()
-        finally:
+            try:
+                self._txn.abort()
+            except lmdb.Error:
+                pass
             self._env.close()
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class DbReader:
@@ -153,6 +327,8 @@ class DbReader:
 
     The LMDB environment is opened lazily in each process (an environment must not cross a
     fork), with `readonly=True, lock=False, readahead=False` so many readers on NFS are safe.
+    Each open checks that data.mdb is not truncated and that the folder still holds the build
+    this reader's index came from; each read of a version-2 database verifies the record's CRC.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str | None = None):
@@ -168,8 +344,6 @@ class DbReader:
                 f"{self.path} has no {META_FILE}: its build was interrupted or it is not a uniter3m database; "
                 "rebuild it with --overwrite"
             )
-        import json
-
         try:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -184,6 +358,8 @@ class DbReader:
             raise DatabaseError(
                 f"{self.path} is a {self.meta.get('kind')!r} database where a {kind!r} one was expected"
             )
+        self.checksummed = self.meta.get("checksums") == CHECKSUM
+        self.build_id: str | None = self.meta.get("build_id")
         index = self._read(INDEX_KEY)
         if index is None:
             raise DatabaseError(
@@ -203,31 +379,67 @@ class DbReader:
         return str(self.meta["kind"])
 
     def _txn_env(self) -> lmdb.Environment:
-        key = (os.getpid(), self._env_path)
+        key = (os.getpid(), self._env_path, self.build_id)
         env = _READ_ENVS.get(key)
         if env is None:
-            _close_inherited(key[1])
+            _close_inherited(self._env_path)
             try:
                 env = lmdb.open(
-                    key[1], readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024
+                    self._env_path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024
                 )
             except lmdb.Error as err:
                 raise DatabaseError(
                     f"cannot open {self.path} as an LMDB ({err}); the file is truncated or foreign: "
                     "rebuild it with --overwrite"
                 ) from err
+            try:
+                self._check_opened(env)
+            except BaseException:
+                env.close()
+                raise
             _READ_ENVS[key] = env
         return env
+
+    def _check_opened(self, env: lmdb.Environment) -> None:
+        """Refuse a truncated data.mdb (reading it would SIGBUS) and a folder rebuilt since `__init__`."""
+        data = Path(self._env_path) / "data.mdb"
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        have = data.stat().st_size
+        if have < need:
+            raise DatabaseError(
+                f"{data} is truncated: {have} bytes where its own header says it uses {need}; a copy was cut "
+                "short or the disk filled up. Copy it again or rebuild the database with --overwrite"
+            )
+        if self.build_id is None:
+            return
+        with env.begin(buffers=False) as txn:
+            raw = txn.get(BUILD_KEY)
+        try:
+            found = None if raw is None else unpack(unseal(raw)).get("build_id")
+        except (ValueError, msgpack.exceptions.UnpackException) as err:
+            raise DatabaseError(
+                f"{self.path}: its build record is damaged ({err}); rebuild it with --overwrite"
+            ) from err
+        if found != self.build_id:
+            raise DatabaseError(
+                f"{self.path} was rebuilt after this reader read its index (build {self.build_id[:12]} is now "
+                f"{str(found)[:12]}): its records no longer match the ids and lengths in use. Restart the job; "
+                "a run resumed on a changed database is refused (see database_digest)"
+            )
 
     def _read(self, key: bytes) -> dict[str, Any] | None:
         env = self._txn_env()
         try:
             with env.begin(buffers=False) as txn:
                 data = txn.get(key)
-            return None if data is None else unpack(data)
-        except (lmdb.Error, msgpack.exceptions.ExtraData, ValueError) as err:
+            if data is None:
+                return None
+            return unpack(unseal(data) if self.checksummed else data)
+        except (lmdb.Error, msgpack.exceptions.UnpackException, ValueError, TypeError) as err:
+            name = key.decode("utf-8", "replace") if not key.startswith(b"\x00") else key.decode("latin-1")
             raise DatabaseError(
-                f"{self.path}: record {key!r} cannot be read ({err}); rebuild with --overwrite"
+                f"{self.path}: record {name!r} is damaged ({err}); rebuild the database with --overwrite "
+                f"(`uniter3m inspect {self.path} --verify` lists every damaged record)"
             ) from err
 
     def __getitem__(self, key: str) -> dict[str, Any]:
@@ -248,8 +460,73 @@ class DbReader:
     def length_of(self, key: str) -> int:
         return int(self.lengths[self._pos[key]])
 
+    def verify(self) -> dict[str, Any]:
+        """Read and check every record: {"checked", "checksums", "damaged": [{id, reason}], "missing", "unindexed"}.
+
+        `missing` = ids in the index without a record; `unindexed` = records the index does not list.
+        Without checksums (a version-1 database) only records that no longer decode are found.
+        """
+        damaged: list[dict[str, str]] = []
+        missing: list[str] = []
+        for uid in self.ids:
+            try:
+                if self._read(uid.encode("utf-8")) is None:
+                    missing.append(uid)
+            except DatabaseError as err:
+                damaged.append({"id": uid, "reason": str(err.__cause__ or err)})
+        listed = set(self._pos)
+        unindexed = 0
+        with self._txn_env().begin(buffers=False) as txn:
+            for raw in txn.cursor().iternext(keys=True, values=False):
+                if not raw.startswith(b"\x00") and raw.decode("utf-8", "replace") not in listed:
+                    unindexed += 1
+        return {
+            "checked": len(self.ids),
+            "checksums": self.checksummed,
+            "damaged": damaged,
+            "missing": missing,
+            "unindexed": unindexed,
+        }
+
     def close(self) -> None:
         """Close this process's environment for the folder (other readers of it reopen lazily)."""
-        env = _READ_ENVS.pop((os.getpid(), self._env_path), None)
+        env = _READ_ENVS.pop((os.getpid(), self._env_path, self.build_id), None)
         if env is not None:
             env.close()
+
+
+def database_digest(path: str | os.PathLike) -> str:
+    """A digest of a database's content, to record at a run's start and compare on resume.
+
+    Version 2: the `content_digest` the writer computed over every (id, record) in order (free to
+    read; rebuilding from the same input gives the same digest). Version 1 (no such field): a hash
+    of meta.json and the index record, which changes with any rebuild that changes ids, lengths,
+    statistics or source, though not with a change of feature values that leaves those equal.
+    """
+    reader = DbReader(path)
+    try:
+        digest = reader.meta.get("content_digest")
+        if digest:
+            return str(digest)
+        h = hashlib.sha256((Path(path) / META_FILE).read_bytes())
+        h.update(pack({"ids": reader.ids, "lengths": reader.lengths.tolist()}))
+        return "legacy-sha256:" + h.hexdigest()
+    finally:
+        reader.close()
+
+
+def changed_databases(recorded: Mapping[str, str]) -> list[str]:
+    """For each {path: digest} a run recorded at its start, a line for every database now different."""
+    problems = []
+    for path, digest in recorded.items():
+        try:
+            now = database_digest(path)
+        except DatabaseError as err:
+            problems.append(f"{path}: cannot be opened any more ({err})")
+            continue
+        if now != digest:
+            problems.append(
+                f"{path}: its content changed since the run started (digest {digest[:19]}... is now {now[:19]}...); "
+                "resuming would train on other data: restore the database or start a new run"
+            )
+    return problems

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from uniter3m.data.store import DbWriter
-from uniter3m.data.tokenization import load_tokenizer, special_tokens, vocab_hash
+from uniter3m.data.tokenization import encode_text, load_tokenizer, special_tokens, vocab_hash
 from uniter3m.errors import UserError
 
 NRC_EMOTIONS = frozenset({"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"})
@@ -442,6 +442,11 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
         raise UserError(f"tokenizer {spec.tokenizer} is not a fast tokenizer; word ids need tokenizer.json")
     ids = special_tokens(tokenizer)
 
+    if not rows:
+        raise UserError(
+            f"{spec.input} holds no utterance (a header or nothing, no data rows); "
+            "check --input: an empty database would train on nothing"
+        )
     utterances, skipped = _collect(spec, rows)
     encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     truncated_ids: list[str] = []
@@ -449,7 +454,7 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
     bar = tqdm(total=len(utterances), desc="tokenising", unit="utt", disable=tqdm_disable(spec.progress))
     for start in range(0, len(utterances), _TOKENIZE_CHUNK):
         chunk = utterances[start : start + _TOKENIZE_CHUNK]
-        enc = tokenizer([u.text for u in chunk], add_special_tokens=False)
+        enc = encode_text(tokenizer, [u.text for u in chunk])  # a typed [SEP] stays text
         for i, utt in enumerate(chunk):
             tokens, words, input_ids = enc.tokens(i), enc.word_ids(i), enc["input_ids"][i]
             if not input_ids:
@@ -469,6 +474,12 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
         bar.update(len(chunk))
     bar.close()
     skipped.sort(key=lambda s: s["row"])
+    if not keep:
+        reasons = Counter(s["reason"] for s in skipped)
+        raise UserError(
+            f"{spec.input}: every one of its {len(rows)} rows was skipped "
+            f"({', '.join(f'{n} {r}' for r, n in reasons.items())}); check --text-col {spec.text_col!r}"
+        )
 
     writer = DbWriter(spec.out, "txt", overwrite=spec.overwrite)
     try:
@@ -524,17 +535,8 @@ def tqdm_disable(progress: bool | None) -> bool | None:
 
 
 def discard_partial(writer: DbWriter) -> None:
-    """Abort a half-written database and remove its LMDB files (the folder was ours: DbWriter emptied it)."""
-    try:
-        writer.abort()
-    except Exception:  # already closed; the files are removed below either way
-        pass
-    for name in ("data.mdb", "lock.mdb"):
-        (writer.path / name).unlink(missing_ok=True)
-    try:
-        writer.path.rmdir()
-    except OSError:
-        pass
+    """Abort a half-written database: its build folder goes, the target keeps what it held before."""
+    writer.abort()
 
 
 def summary_lines(meta: dict[str, Any]) -> Iterator[str]:

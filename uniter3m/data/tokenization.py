@@ -3,6 +3,10 @@
 Special ids ([CLS], [SEP], [MASK], [PAD], [UNK]) are always read from the tokenizer (and stored
 in the text database's meta.json), never hard-coded, so a RoBERTa- or BERT-family vocabulary
 both work.
+
+Transcripts are text: a literal "[SEP]" or "[MASK]" typed in one is tokenised as the characters it
+is made of (`encode_text`), never as the special id, which would let a transcript forge the
+sequence structure or the masking targets.
 """
 
 from __future__ import annotations
@@ -82,3 +86,27 @@ def vocab_hash(tokenizer: Any) -> str:
     items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     digest = hashlib.sha256("\n".join(f"{tok}\t{i}" for tok, i in items).encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def encode_text(tokenizer: Any, texts: list[str]) -> Any:
+    """Tokenise `texts` without [CLS]/[SEP], treating special-token strings in them as plain text.
+
+    Returns the fast tokenizer's BatchEncoding (`tokens(i)`, `word_ids(i)`, `["input_ids"]`).
+    """
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+    special = special_tokens(tokenizer)
+    forged = {special.cls_id, special.sep_id, special.mask_id, special.pad_id}
+    for i, ids in enumerate(enc["input_ids"]):
+        if forged.intersection(ids):
+            raise UserError(
+                f"the tokenizer turned text {texts[i][:60]!r} into a special id although asked not to "
+                f"(transformers {_transformers_version()} ignores split_special_tokens); "
+                "upgrade transformers (pip install -U transformers)"
+            )
+    return enc
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)

@@ -5,15 +5,23 @@ Layout under `<output_dir>/checkpoints/`:
         model/               the model's save_pretrained dir (config.json + model.safetensors)
         trainer_state.pt     optimiser, scaler, scheduler, step, every RNG and loader position
                              (one entry per rank), counters
-        checkpoint.json      written LAST: step, the file list with sizes; its presence and a
-                             match of every listed size make the checkpoint COMPLETE
+        checkpoint.json      written LAST: step, the file list with sizes and SHA-256; its presence
+                             and a match of every listed size make the checkpoint COMPLETE, a match
+                             of every hash (and readable, finite contents) make it INTACT
     latest                   JSON pointer {"step", "dir"} replaced atomically after each save
 
 A save writes everything into `.tmp-step_N-<pid>/`, fsyncs each file and folder, renames the
 folder to `step_N` (atomic on POSIX) and only then moves the `latest` pointer. A process killed
 at any moment therefore leaves either the previous checkpoints untouched plus a `.tmp-*` folder
-(ignored, removed by the next save) or the new complete one. `find_resume` trusts `latest` only
-after checking the folder it names, and otherwise falls back to the newest complete `step_*`.
+(ignored, removed by the next save) or the new complete one.
+
+Files on disk can still be damaged later (a bad disk, a cut copy, a flipped bit). `--resume auto`
+therefore verifies each candidate, newest first (`verify_checkpoint`: sizes, hashes, a readable
+safetensors header, finite weights, a loadable trainer state of the right step) and resumes from
+the newest intact one, printing one line for every damaged checkpoint it passes over and why.
+Checkpoints written before hashes were recorded are checked for everything else; the loop then
+compares the loaded weights with the parameter digest the trainer state holds
+(`check_parameter_digest`).
 
 The trainer state is loaded with `torch.load(weights_only=True)`: RNG states are stored as
 tensors and plain Python values, so loading never runs pickled code.
@@ -21,11 +29,14 @@ tensors and plain Python values, so loading never runs pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +45,7 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
-from uniter3m.fileio import atomic_write_json, fsync_dir
+from uniter3m.fileio import atomic_write_json, default_file_mode, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -112,7 +123,14 @@ def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
     file = Path(model_dir) / "model.safetensors"
     if not file.is_file():
         raise UserError(f"{file} is missing: the checkpoint is damaged; resume from an older one")
-    missing, unexpected = st_load(model, str(file), strict=False)
+    try:
+        missing, unexpected = st_load(model, str(file), strict=False)
+    except (RuntimeError, ValueError, OSError) as err:  # SafetensorError is an Exception subclass too
+        raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
     if missing or unexpected:
         raise UserError(
             f"{file} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
@@ -122,13 +140,20 @@ def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- saving
 def _fsync_tree(root: Path) -> list[dict[str, Any]]:
+    """fsync every file under `root` and list it with its size and SHA-256 (read back from disk).
+
+    Each file also gets the mode the umask gives: some writers (safetensors) create files 0600.
+    """
     files = []
+    mode = default_file_mode()
     for dirpath, _, filenames in os.walk(root):
         for name in sorted(filenames):
             p = Path(dirpath) / name
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-            files.append({"path": str(p.relative_to(root)), "size": p.stat().st_size})
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            files.append({"path": str(p.relative_to(root)), "size": p.stat().st_size, "sha256": digest})
         fsync_dir(dirpath)
     return files
 
@@ -204,35 +229,171 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: None/'' = start fresh; 'auto' = the last complete one
-    under `output_dir` (None when there is none yet); a path = that checkpoint, which must be complete."""
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Everything wrong with checkpoint folder `path`, one line each; [] when it is intact.
+
+    Reads every file: the sizes and SHA-256 of the manifest (when it has them), the safetensors
+    header and every weight (finite), and the trainer state (loadable, of the manifest's step,
+    finite floating tensors). Cost: one read of the checkpoint.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = list(manifest["files"])
+        step = int(manifest["step"])
+    except FileNotFoundError:
+        return [f"no {MANIFEST}: its save was interrupted or the folder was not written by uniter3m"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{MANIFEST} is unreadable ({err})"]
+    problems = []
+    for entry in files:
+        file = path / entry["path"]
+        if not file.is_file():
+            problems.append(f"{entry['path']} is missing")
+            continue
+        size = file.stat().st_size
+        if size != entry["size"]:
+            problems.append(
+                f"{entry['path']} is {size} bytes where {entry['size']} were written (truncated or cut)"
+            )
+            continue
+        if "sha256" in entry:
+            with open(file, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                    problems.append(
+                        f"{entry['path']} differs from what was written (SHA-256 mismatch: bytes changed on disk)"
+                    )
+    if problems:
+        return problems
+    problems += _weight_problems(path / MODEL_DIR / "model.safetensors")
+    problems += _trainer_state_problems(path / TRAINER_STATE, step)
+    return problems
+
+
+def _weight_problems(file: Path) -> list[str]:
+    if not file.is_file():
+        return [f"{file.relative_to(file.parents[1])} is missing"]
+    from safetensors import safe_open
+
+    name = f"{MODEL_DIR}/{file.name}"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return [f"{name}: weight {key} holds NaN or Inf"]
+    except Exception as err:  # SafetensorError and friends: any failure means unreadable
+        return [f"{name} cannot be read ({type(err).__name__}: {err})"]
+    return []
+
+
+def _trainer_state_problems(file: Path, step: int) -> list[str]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and tensor errors alike mean unreadable
+        return [f"{TRAINER_STATE} cannot be loaded ({type(err).__name__}: {err})"]
+    if not isinstance(state, dict) or state.get("step") != step:
+        found = state.get("step") if isinstance(state, dict) else type(state).__name__
+        return [f"{TRAINER_STATE} is for step {found}, the manifest for step {step}"]
+    for where, tensor in _tensors(state, TRAINER_STATE):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return [f"{where} holds NaN or Inf"]
+    return []
+
+
+def _tensors(obj: Any, where: str) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def _print_stderr(line: str) -> None:
+    print(f"uniter3m: {line}", file=sys.stderr, flush=True)
+
+
+def find_resume(
+    output_dir: str | os.PathLike, resume: str | None, report: Callable[[str], None] | None = None
+) -> Path | None:
+    """The checkpoint to resume from: None/'' = start fresh; 'auto' = the newest INTACT one under
+    `output_dir` (None when there is none yet); a path = that checkpoint, which must be intact.
+
+    With 'auto', each damaged checkpoint passed over is reported (to stderr unless `report` is
+    given) with the reason; when checkpoints exist but none is intact, that is an error.
+    """
     if not resume:
         return None
+    report = report or _print_stderr
     if resume != "auto":
         path = Path(resume)
-        if not is_complete(path):
+        problems = verify_checkpoint(path)
+        if problems:
             raise UserError(
-                f"--resume {path}: not a complete checkpoint (no {MANIFEST} or a file is missing/short); "
-                f"use --resume auto to take the last complete one under {output_dir}"
+                f"--resume {path}: not a complete checkpoint, or a damaged one ({'; '.join(problems)}); "
+                f"use --resume auto to take the newest intact one under {output_dir}"
             )
         return path
     root = Path(output_dir) / CHECKPOINT_DIR
-    try:
-        pointer = json.loads((root / LATEST).read_text())
-        candidate = root / pointer["dir"]
-        if is_complete(candidate):
-            newer = [p for p in complete_checkpoints(output_dir) if p.name > candidate.name]
-            return newer[-1] if newer else candidate
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    done = complete_checkpoints(output_dir)
-    return done[-1] if done else None
+    if not root.is_dir():
+        return None
+    candidates = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    damaged = []
+    for _, candidate in candidates:
+        problems = verify_checkpoint(candidate)
+        if not problems:
+            if damaged:
+                report(f"resuming from {candidate}, the newest intact checkpoint")
+            return candidate
+        damaged.append(candidate)
+        report(f"checkpoint {candidate} is damaged, skipping it: {'; '.join(problems)}")
+    if damaged:
+        raise UserError(
+            f"every checkpoint under {root} is damaged (see above); nothing to resume from: "
+            "restore one from a backup, or start a new run in another output_dir"
+        )
+    return None
 
 
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     path = Path(checkpoint) / TRAINER_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise UserError(f"cannot read {path} ({err}); resume from an older checkpoint") from err
+    except Exception as err:  # pickle, zip and tensor errors alike: the file is damaged
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); {_OLDER}") from err
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in name order: equal exactly when the weights are.
+
+    The same value as `uniter3m.train.loop.parameter_digest`, which a trainer state records per rank.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_parameter_digest(model: nn.Module, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+    """After loading `checkpoint` into `model`: raise when its weights differ from the digest recorded
+    in its trainer state (`state["ranks"][r]["param_digest"]`); a state without digests passes."""
+    recorded = {r.get("param_digest") for r in state.get("ranks", []) if isinstance(r, dict)} - {None}
+    if not recorded:
+        return
+    now = parameter_digest(model)
+    if now not in recorded:
+        raise UserError(
+            f"{checkpoint}: the loaded weights differ from those its trainer state recorded "
+            f"(digest {now[:12]} vs {sorted(recorded)[0][:12]}); {MODEL_DIR}/model.safetensors was changed after "
+            f"the save. {_OLDER}"
+        )
+
+
+_OLDER = "resume from an older checkpoint (--resume auto takes the newest intact one)"
