@@ -176,6 +176,9 @@ def media_source(
 
     extractor = opts.extractor or default_extractor(fmt)
     check_extractor(fmt, extractor)
+    shard = media.parse_shard(opts.shard)  # flags first: a typo costs no decoding
+    if opts.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {opts.workers}")
     suffixes = media.MEDIA_SUFFIXES if fmt == "wav" else media.VIDEO_SUFFIXES
     if opts.manifest is not None:
         base = path if path is not None and path.is_dir() else None
@@ -186,15 +189,12 @@ def media_source(
                 f"--format {fmt} needs --input (a folder or file) or --manifest (id,path,start,end)"
             )
         segments, ignored = media.folder_segments(path, suffixes)
-    shard = media.parse_shard(opts.shard)
     tasks = media.file_tasks(segments, shard)
     if not tasks:
         raise UserError(
             f"--shard {opts.shard} holds no file: the input has {len(media.file_tasks(segments))} file(s); "
             "use at most that many shards"
         )
-    if opts.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {opts.workers}")
     info: dict[str, Any] = {
         "segments": sum(len(t.segments) for t in tasks),
         "files": len(tasks),
@@ -253,7 +253,9 @@ def media_source(
             flat = encoder.encode(np.concatenate([it.crops for it in items]))
             feats = np.split(flat, np.cumsum(sizes)[:-1])
         elif extractor == "pixels":
-            feats = [it.crops.reshape(len(it.crops), -1).astype(np.float32) / 255.0 for it in items]
+            feats = [
+                it.crops.reshape(len(it.crops), int(np.prod(it.crops.shape[1:]))) / 255.0 for it in items
+            ]
         else:
             feats = [it.feat for it in items]
         for it, feat in zip(items, feats):
