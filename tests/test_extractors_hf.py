@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _media import make_video, read_wav
+from _media import make_video
 
 from uniter3m.cli import main
 from uniter3m.data.encoders import AudioEncoder, VisionEncoder, pool_frames
@@ -49,7 +49,12 @@ def clip_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
     )
     path = tmp_path_factory.mktemp("clip") / "vision"
     CLIPVisionModel(config).eval().save_pretrained(path)
@@ -61,9 +66,9 @@ def bert_dir(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel
 
     path = tmp_path_factory.mktemp("bert") / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
-        path
-    )
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(path)
     return path
 
 
@@ -94,11 +99,15 @@ def test_wav2vec2_build_frame_rate_layers_and_pooling(w2v, shared_data, tmp_path
     assert db.meta["dim"] == 32 and db.meta["dtype"] == "float16"
     ext = db.meta["source"]["extractor"]
     assert ext["frame_rate"] == 50.0 and ext["layers"] == [3] and ext["sample_rate"] == 16000
-    assert db.length_of("full") == 99 and db.length_of("half") == 49  # 20 ms frames, conv receptive field 25 ms
+    assert (
+        db.length_of("full") == 99 and db.length_of("half") == 49
+    )  # 20 ms frames, conv receptive field 25 ms
     assert db.length_of("blip") == 0 and db.meta["empty_ids"] == ["blip"]  # 10 ms: shorter than one frame
     assert main([*base, "--layer", "1-2", "--pool-frames", "3", "--out", str(tmp_path / "pooled")]) == 0
     pooled = DbReader(tmp_path / "pooled", "feat")
-    assert pooled.length_of("full") == 33 and pooled.meta["source"]["extractor"]["frame_rate"] == pytest.approx(50 / 3)
+    assert pooled.length_of("full") == 33 and pooled.meta["source"]["extractor"][
+        "frame_rate"
+    ] == pytest.approx(50 / 3)
     # the stored features are the mean of hidden states 1 and 2, pooled by 3 -- recomputed by hand
     from uniter3m.data import media
 
