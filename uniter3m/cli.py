@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pack face/speech frame features into an LMDB",
     ),
     "inspect": ("uniter3m.recipes.build_lmdb.inspect_db", "show what a database holds"),
+    "merge-db": ("uniter3m.recipes.build_lmdb.merge_db", "join feature databases (e.g. --shard K/N outputs)"),
     "pretrain": ("uniter3m.recipes.pretrain.pretrain", "pretrain with a mix of tasks"),
     "finetune": ("uniter3m.recipes.downstream.finetune", "fine-tune and test on an emotion corpus"),
     "evaluate": ("uniter3m.recipes.downstream.evaluate", "score a checkpoint per modality case"),

@@ -11,10 +11,16 @@ Sources (`--format`):
   for npz. Frames with success == 0 or confidence below `--min-confidence` are dropped and
   counted; columns are picked by glob patterns (`AU*_r,pose_*,gaze_*`), by default every column
   but frame, face_id, timestamp, confidence and success.
-- `wav`: a folder of audio files (.wav/.flac, recursive; or one file), one utterance each, id as
-  for npz; frames are openSMILE's ComParE_2016 LLDs + deltas (130-d, 10 ms apart: MEmoBERT's
-  speech features; `uniter3m.data.speech`, optional extra `uniter3m[speech]`). Use --dtype float32:
-  ComParE energies overflow float16.
+- `wav`: a folder of audio or video files (wav, flac, mp3, mp4, mkv, avi, flv, webm, ...;
+  recursive; or one file), one utterance each, id as for npz, or a `--manifest` CSV
+  (`id,path,start,end`) cutting utterances out of longer recordings. Audio is decoded with PyAV,
+  mono, resampled for the extractor: `compare` (default; openSMILE ComParE_2016 LLD + deltas,
+  130-d, 10 ms: MEmoBERT's), `egemaps` (25-d) or `hf:DIR` (a local speech encoder). openSMILE
+  extractors store float32 by default (ComParE energies exceed float16 on real speech).
+- `video`: video files (or a manifest) -> one face per sampled frame (`--fps`), embedded by
+  `--extractor geometric | pixels | hf:DIR`; frames without a face are skipped and counted.
+  Both media formats are in `uniter3m.data.recordings`; any other file in an input folder is
+  listed in meta `source.ignored_files` and in the printed report, never skipped silently.
 - `csv`: one CSV, one row per utterance holding one frame; `--id-col` names the id column(s)
   (several are joined with '_'); `--columns` picks the features, by default every numeric column
   but the ids. An empty cell is a missing value and counts as NaN.
@@ -46,11 +52,13 @@ from typing import Any
 
 import numpy as np
 
+from uniter3m.data.recordings import MediaOptions, default_dtype, media_source
 from uniter3m.data.store import DbWriter
 from uniter3m.data.text_db import discard_partial, length_histogram, length_stats, tqdm_disable
 from uniter3m.errors import UserError
 
-FORMATS = ("npz", "h5", "openface", "csv", "wav")
+FORMATS = ("npz", "h5", "openface", "csv", "wav", "video")
+MEDIA_FORMATS = ("wav", "video")
 DTYPES = ("float16", "float32")
 NAN_POLICIES = ("error", "drop")
 OPENFACE_BOOKKEEPING = ("frame", "face_id", "timestamp", "confidence", "success")
@@ -145,6 +153,18 @@ def _files(path: Path, suffixes: str | tuple[str, ...]) -> list[tuple[str, Path]
     return [(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
 
 
+def _ignored_files(path: Path, suffixes: str | tuple[str, ...]) -> list[str]:
+    """Files under a folder that a format does not read: reported, never skipped silently."""
+    if path.is_file():
+        return []
+    suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
+    return sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and not any(p.name.endswith(s) for s in suffixes)
+    )
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -175,20 +195,8 @@ def npz_source(path: Path) -> FrameSource:
             soft = None if soft is None else as_frames(soft, str(file), f"array {SOFT_KEY!r}")
             yield Utterance(uid, str(file), feat, soft)
 
-    return FrameSource(len(files), read(), {"files": len(files)})
-
-
-def wav_source(path: Path) -> FrameSource:
-    from uniter3m.data.speech import AUDIO_SUFFIXES, COMPARE_DIM, FEATURE_SET, compare_frames
-
-    files = _files(path, AUDIO_SUFFIXES)
-
-    def read() -> Iterator[Utterance]:
-        for uid, file in files:
-            yield Utterance(uid, str(file), compare_frames(file, uid))
-
-    features = f"openSMILE {FEATURE_SET} LLD+delta ({COMPARE_DIM}-d)"
-    return FrameSource(len(files), read(), {"files": len(files), "features": features})
+    info = {"files": len(files), "ignored_files": _ignored_files(path, ".npz")}
+    return FrameSource(len(files), read(), info)
 
 
 def h5_source(path: Path) -> FrameSource:
@@ -269,7 +277,12 @@ def _read_csv(file: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 def openface_source(path: Path, patterns: Sequence[str], min_confidence: float) -> FrameSource:
     files = _files(path, ".csv")
     first: dict[str, Any] = {}
-    info: dict[str, Any] = {"files": len(files), "min_confidence": min_confidence, "patterns": list(patterns)}
+    info: dict[str, Any] = {
+        "files": len(files),
+        "min_confidence": min_confidence,
+        "patterns": list(patterns),
+        "ignored_files": _ignored_files(path, ".csv"),
+    }
 
     def read() -> Iterator[Utterance]:
         for uid, file in files:
@@ -415,23 +428,29 @@ class RunningMoments:
 class FeatDbSpec:
     """What to read and how to store it (mirrors the CLI flags)."""
 
-    input: Path
+    input: Path | None
     format: str
     out: Path
     id_cols: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     min_confidence: float | None = None
-    dtype: str = "float16"
+    dtype: str | None = None  # None: float32 for openSMILE speech features, float16 otherwise
     nan_policy: str = "error"
     overwrite: bool = False
     progress: bool | None = None  # None: tqdm decides (on for a terminal)
+    media: MediaOptions | None = None  # wav/video: extractor, manifest, workers, shard, face options
+
+    def resolved_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return default_dtype(self.format, self.media.extractor if self.media else None)
 
 
 def open_source(spec: FeatDbSpec) -> FrameSource:
     """Check that the flags fit the format and the input exists, then open the source."""
     if spec.format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {spec.format!r}")
-    if spec.dtype not in DTYPES:
+    if spec.dtype is not None and spec.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
     if spec.nan_policy not in NAN_POLICIES:
         raise UserError(f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {spec.nan_policy!r}")
@@ -442,16 +461,23 @@ def open_source(spec: FeatDbSpec) -> FrameSource:
         misplaced.append("--columns (openface and csv only)")
     if spec.min_confidence is not None and spec.format != "openface":
         misplaced.append("--min-confidence (openface only)")
+    if spec.media is not None and spec.format not in MEDIA_FORMATS:
+        misplaced.append(
+            "--extractor/--manifest/--workers/--shard and the other recording flags (wav, video only)"
+        )
     if misplaced:
         raise UserError(f"--format {spec.format} does not take " + "; ".join(misplaced))
-    if not spec.input.exists():
+    if spec.input is not None and not spec.input.exists():
         raise UserError(f"input {spec.input} does not exist; check --input")
+    if spec.format in MEDIA_FORMATS:
+        count, utterances, info = media_source(spec.format, spec.input, spec.media or MediaOptions())
+        return FrameSource(count, utterances, info)
+    if spec.input is None:
+        raise UserError(f"--format {spec.format} needs --input")
     if spec.format == "npz":
         return npz_source(spec.input)
     if spec.format == "h5":
         return h5_source(spec.input)
-    if spec.format == "wav":
-        return wav_source(spec.input)
     if spec.format == "openface":
         return openface_source(spec.input, spec.columns, spec.min_confidence or 0.0)
     return csv_source(spec.input, spec.id_cols, spec.columns)
@@ -471,7 +497,8 @@ def build_feat_db(spec: FeatDbSpec) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     source = open_source(spec)
-    dtype = np.dtype(spec.dtype)
+    dtype_name = spec.resolved_dtype()
+    dtype = np.dtype(dtype_name)
     writer = DbWriter(spec.out, "feat", overwrite=spec.overwrite)
     first: Utterance | None = None
     stats: RunningMoments | None = None
@@ -505,7 +532,7 @@ def build_feat_db(spec: FeatDbSpec) -> dict[str, Any]:
                 feat = utt.feat.astype(dtype)
             if not np.all(np.isfinite(feat)):
                 raise UserError(
-                    f"{utt.source}: utterance {utt.id!r} has values beyond the {spec.dtype} range "
+                    f"{utt.source}: utterance {utt.id!r} has values beyond the {dtype_name} range "
                     f"(|x| > {float(np.finfo(dtype).max):g}); pass --dtype float32 or rescale the features"
                 )
             record: dict[str, Any] = {"feat": feat}
@@ -520,7 +547,7 @@ def build_feat_db(spec: FeatDbSpec) -> dict[str, Any]:
             raise UserError(f"{spec.input} holds no utterance; check --input and --format")
         meta = {
             "dim": int(first.feat.shape[1]),
-            "dtype": spec.dtype,
+            "dtype": dtype_name,
             "frames": int(sum(frame_counts)),
             "frame_histogram": length_histogram(frame_counts),
             "frame_stats": length_stats(frame_counts),
@@ -532,7 +559,11 @@ def build_feat_db(spec: FeatDbSpec) -> dict[str, Any]:
             "empty_ids": empty_ids,
             "frames_dropped": dict(frames_dropped),
             "nan_policy": spec.nan_policy,
-            "source": {"path": str(spec.input), "format": spec.format, **source.info},
+            "source": {
+                "path": None if spec.input is None else str(spec.input),
+                "format": spec.format,
+                **source.info,
+            },
         }
         return writer.finish(meta)
     except BaseException:
@@ -587,3 +618,12 @@ def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
         yield "dropped frames: " + ", ".join(f"{n} {r}" for r, n in frames.items())
     if meta.get("soft_label_dim"):
         yield f"per-frame soft labels: {meta['soft_label_dim']} classes"
+    extractor = src.get("extractor")
+    if extractor:
+        yield f"extractor: {extractor.get('name')} ({extractor.get('dim')}-d, {extractor.get('frame_rate')} frames/s)"
+    if src.get("upsampled"):
+        yield f"upsampled (recorded below the extractor's rate): {src['upsampled']} utterances"
+    ignored = src.get("ignored_files") or []
+    if ignored:
+        more = f", ... (all {len(ignored)} in meta.json source.ignored_files)" if len(ignored) > 5 else ""
+        yield f"ignored files (not read by --format {src.get('format')}): {len(ignored)}: {', '.join(ignored[:5])}{more}"
