@@ -31,8 +31,8 @@ from uniter3m.data.feat_db import (
     parse_patterns,
     summary_lines,
 )
-from uniter3m.data.store import claim_database_dir
 from uniter3m.data.recordings import MediaOptions
+from uniter3m.data.store import claim_database_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
