@@ -202,6 +202,13 @@ def split_folds(
     split_values: Mapping[str, list[str]],
 ) -> list[Fold]:
     role_of = {v: role for role, values in split_values.items() for v in values}
+    lacking = [uid for uid in ids if rows[uid].get(split_column) is None]
+    if lacking:
+        raise UserError(
+            f"{len(lacking)} of {len(ids)} rows have no split column {split_column!r} (e.g. id {lacking[0]!r}); "
+            "build the text db with that label column (--label-col ...,split), or set protocol.split_column / "
+            "protocol.scheme"
+        )
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     unknown: Counter[str] = Counter()
     for uid in ids:

@@ -61,12 +61,14 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         ids: Sequence[str] | None = None,
+        budget_key: str = "max_tokens",
     ):
+        self.budget_key = budget_key  # the config key of the budget, named in errors
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             raise UserError(
                 f"the batch sampler needs a non-empty 1-d list of item lengths (got shape {self.lengths.shape}): "
-                "check that the dataset is not empty (ids filter, missing='drop')"
+                "check that the dataset is not empty (the ids of the split or fold, and the data's `missing` rule)"
             )
         if (self.lengths < 0).any():
             raise UserError(
@@ -108,8 +110,9 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         worst = int(over[np.argmax(self.lengths[over])])
         name = f"id {ids[worst]!r}" if ids is not None else f"index {worst}"
         raise UserError(
-            f"{len(over)} items do not fit in one batch of max_tokens={self.max_tokens}: the longest is {name} with "
-            f"{int(self.lengths[worst])} tokens+frames; raise max_tokens to at least {int(self.lengths[worst])} or "
+            f"{len(over)} items do not fit in one batch of {self.budget_key}={self.max_tokens}: the longest is {name} "
+            f"with {int(self.lengths[worst])} tokens+frames; raise {self.budget_key} to at least "
+            f"{int(self.lengths[worst])} or "
             "lower max_txt_len / max_frames"
         )
 

@@ -31,6 +31,7 @@ from uniter3m.model.encoder import UniterEncoder
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_FILE = "tokenizer_meta.json"  # the tokenizer a model was trained with (name, vocab_hash, size)
 TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 
@@ -234,6 +235,9 @@ def write_pretrained(
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     for name, content in (extra_files or {}).items():
         atomic_write_json(directory / name, content)
+    record = getattr(model, "tokenizer_record", None)
+    if record:
+        atomic_write_json(directory / TOKENIZER_FILE, dict(record))
     atomic_write_json(directory / CONFIG_NAME, model.config.to_dict())
 
 

@@ -354,7 +354,13 @@ def build_task(name: str, context: TaskContext, **options: Any) -> Task:
         raise ConfigError(
             f"task {name}: option(s) {', '.join(fixed)} are fixed by the task name; use another task"
         )
-    return cls(context, name=name, **{**_defaults(key), **options, **preset})
+    try:
+        return cls(context, name=name, **{**_defaults(key), **options, **preset})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"task {name}: an option has the wrong type or value ({type(err).__name__}: {err}); options given: "
+            f"{options}; see the {cls.__name__} docstring for each option's type"
+        ) from None
 
 
 def _accepted_options(cls: type) -> set[str]:

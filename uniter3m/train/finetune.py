@@ -64,6 +64,21 @@ def text_meta(data: DataConfig) -> dict[str, Any]:
     return metas[0]
 
 
+def tokenizer_record(data: DataConfig) -> dict[str, Any]:
+    """The tokenizer of the text dbs as a model records it (name, vocab hash, size)."""
+    meta = text_meta(data)["tokenizer"]
+    return {k: meta.get(k) for k in ("name", "vocab_hash", "vocab_size")}
+
+
+def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
+    """Classes of the fold's test split that no training utterance has (scored, but listed)."""
+    if plan.regression:
+        return []
+    trained = {int(plan.targets[i]) for i in fold.train}
+    tested = {int(plan.targets[i]) for i in fold.test}
+    return [plan.label.classes[c] for c in sorted(tested - trained)]
+
+
 def special_tokens(data: DataConfig) -> SpecialTokens:
     return SpecialTokens.from_dict(text_meta(data)["tokenizer"])
 

@@ -131,6 +131,7 @@ class TaskStream:
             num_replicas=world_size,
             rank=rank,
             ids=getattr(dataset, "ids", None),
+            budget_key="batching.max_tokens",
         )
         self.loader = _loader(
             dataset,
@@ -193,11 +194,13 @@ def validation_loader(
     rank: int = 0,
     max_batches: int | None = None,
     pin_memory: bool = False,
+    budget_key: str = "batching.val_max_tokens",
 ) -> DataLoader:
     """This rank's share of the fixed validation batches (see the module docstring)."""
     sampler = TokenBucketBatchSampler(
         dataset.lengths,
         max_tokens,
+        budget_key=budget_key,
         shuffle=False,
         pool_size=pool_size,
         max_batch_size=max_batch_size,

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from torch import nn
 from uniter3m.errors import UserError
 from uniter3m.train.checkpoint import (
     capture_rng_state,
+    check_parameter_digest,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
@@ -68,6 +71,7 @@ class LoopSettings:
     progress: bool = True
     stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
     desc: str = "pretrain"  # progress bar label
+    databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
 
 
 class Evaluator:
@@ -250,6 +254,14 @@ class TrainLoop:
         if nonfinite or (self.precision.scaler is None and not math.isfinite(grad_norm)):
             self.skipped_nonfinite += 1
             self._nonfinite_in_a_row += 1
+            if self.backend.is_main:
+                what = "loss" if nonfinite else "gradient norm"
+                print(
+                    f"step {self.step} (task {t.key}): non-finite {what}, step skipped "
+                    f"({self._nonfinite_in_a_row} in a row, {self.skipped_nonfinite} in this run; the run stops at "
+                    f"{self.s.max_nonfinite_in_a_row} in a row)",
+                    file=sys.stderr,
+                )
             if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
                 what = "loss" if nonfinite else "gradient norm"
                 raise UserError(
@@ -346,14 +358,19 @@ class TrainLoop:
                 "skipped_nonfinite": self.skipped_nonfinite,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row,
                 "evaluator": self.evaluator.state_dict() if self.evaluator is not None else None,
+                "databases": self.s.databases,
                 "last_validation": self.last_validation,
             }
             save_checkpoint(self.s.output_dir, self.step, self.model, state, keep_last=self.s.keep_last)
         self.backend.barrier()
 
     def _load(self, checkpoint: Path) -> None:
+        from uniter3m.train.session import check_databases
+
         load_model_weights(self.model, checkpoint / "model")
         state = load_trainer_state(checkpoint)
+        check_parameter_digest(self.model, state, checkpoint)
+        check_databases(state.get("databases"), checkpoint)
         if state["world_size"] != self.backend.world_size:
             raise UserError(
                 f"{checkpoint} was written by {state['world_size']} ranks but this run has {self.backend.world_size}; "
@@ -407,10 +424,18 @@ class TrainLoop:
         resumed_at = self.step if self.step > 0 else -1
         saved_at, validated_at = resumed_at, -1
         end = self.s.steps if self.s.stop_after is None else min(self.s.steps, self.s.stop_after)
+        preempt = _PreemptionFlag()
         try:
             while self.step < end and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.train_step(window)
                 bar.update(1)
+                if self._all_ranks_agree(preempt.raised):
+                    if saved_at != self.step:
+                        self.save()
+                    raise Preempted(
+                        f"{preempt.name} received: stopped after step {self.step} with a checkpoint in "
+                        f"{self.s.output_dir}; continue with the same command and --resume auto"
+                    )
                 if self.step % self.s.log_every == 0:
                     if window.losses:
                         bar.set_postfix(
@@ -432,8 +457,31 @@ class TrainLoop:
             if saved_at != self.step:
                 self.save()
         finally:
+            preempt.restore()
             bar.close()
         return self.last_validation
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """True on every rank when any rank was signalled (all stop at the same step)."""
+        if self.backend.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.backend.device)
+        self.backend.all_reduce(t, op="max")
+        return bool(t.item())
+
+    def apply_lr_change(self, old: float, new: float, head: bool = False) -> None:
+        """A resumed run's new learning rate: the schedule continues from the step it reached, scaled to `new`."""
+        for group, base in zip(self.optimizer.param_groups, list(self.scheduler.base_lrs), strict=True):
+            if math.isclose(group.get("initial_lr", base), old):
+                group["initial_lr"] = new
+        self.scheduler.base_lrs = [new if math.isclose(b, old) else b for b in self.scheduler.base_lrs]
+        for group, base, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas],
+            strict=True,
+        ):
+            group["lr"] = base * factor
 
     def close(self) -> None:
         """Stop loader workers and close logs; the caller then drops its references and shuts down."""
@@ -441,6 +489,37 @@ class TrainLoop:
             t.stream.close()
         self.logger.close()
         self.step_module = None  # type: ignore[assignment]
+
+
+class Preempted(UserError):
+    """SIGTERM/SIGINT during training: the step finished and a checkpoint was written."""
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM (what schedulers send before a kill) and SIGINT into a flag the loop checks
+    after each step; a second signal of the same kind interrupts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.name = ""
+        self._previous: dict[int, Any] = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            self.restore()
+            raise KeyboardInterrupt
+        self.raised = True
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -454,4 +533,13 @@ def parameter_digest(model: nn.Module) -> str:
 
 PretrainLoop = TrainLoop  # the name before fine-tuning moved onto this loop
 
-__all__ = ["Evaluator", "LoopSettings", "PretrainLoop", "TaskStep", "TrainLoop", "TrainTask", "to_device"]
+__all__ = [
+    "Evaluator",
+    "Preempted",
+    "LoopSettings",
+    "PretrainLoop",
+    "TaskStep",
+    "TrainLoop",
+    "TrainTask",
+    "to_device",
+]
