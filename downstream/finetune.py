@@ -177,7 +177,7 @@ def train_fold(
     t0 = time.time()
     torch.manual_seed(cfg.seed)  # identical initial head weights on every rank
     special = special_tokens(cfg.data)
-    collator = Collator(special)
+    collator = Collator(special, pad_multiple=cfg.batching.pad_multiple)
     train_set = make_dataset(cfg.data, fold.train)
     valid_set = make_dataset(cfg.data, fold.valid)
     model = build_finetune_model(cfg, plan, feature_dims(train_set), special).to(backend.device)

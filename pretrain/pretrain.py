@@ -111,7 +111,7 @@ def run_pretrain(
                 read_tokenizer_record(cfg.model.init), tokenizer_meta, cfg.model.init, "the text dbs"
             )
         tokenizer = _tokenizer(cfg.tokenizer, tokenizer_meta)
-        collator = Collator(special)
+        collator = Collator(special, pad_multiple=cfg.batching.pad_multiple)
 
         # 3. tasks, each with its training dataset (and validation dataset when it has one)
         context = TaskContext(special=special, tokenizer=tokenizer)

@@ -47,11 +47,14 @@ class Collator(stream_table.CarriesStreamTable):
 
     max_txt_len: optional cap on text tokens (without [CLS]/[SEP]); the dataset normally
         truncates already (and counts it), this only guards examples built elsewhere.
+    pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
+        counts the same rounding), so a compiled step sees few distinct shapes.
     """
 
-    def __init__(self, special: SpecialTokens, max_txt_len: int | None = None):
+    def __init__(self, special: SpecialTokens, max_txt_len: int | None = None, pad_multiple: int = 1):
         self.special = special
         self.max_txt_len = max_txt_len
+        self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)
         self.streams = tuple(s.name for s in stream_table.snapshot())
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -71,7 +74,7 @@ class Collator(stream_table.CarriesStreamTable):
         sp = self.special
         cut = slice(None, self.max_txt_len)
         tokens = [np.asarray(ex["input_ids"])[cut] for ex in examples]
-        width = max(len(t) for t in tokens) + 2
+        width = self._round(max(len(t) for t in tokens) + 2)
         b = len(examples)
         out = {
             "input_ids": _full((b, width), torch.long, sp.pad_id),
@@ -108,7 +111,7 @@ class Collator(stream_table.CarriesStreamTable):
                 "every example needs (T, D) frames with one D; rebuild the feature databases with one extractor"
             )
         dim = dims.pop()
-        b, t = len(feats), max(f.shape[0] for f in feats)
+        b, t = len(feats), self._round(max(f.shape[0] for f in feats))
         out = {
             f"{stream}_feat": _full((b, t, dim), torch.float32),
             f"{stream}_mask": _full((b, t), torch.bool),
@@ -133,6 +136,10 @@ class Collator(stream_table.CarriesStreamTable):
             for i, s in enumerate(softs):
                 soft[i, : len(s)] = s
         return out
+
+    def _round(self, width: int) -> int:
+        m = self.pad_multiple
+        return (width + m - 1) // m * m
 
     @staticmethod
     def _labels(examples: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -374,6 +374,12 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         self.lengths: np.ndarray = total
 
     # ------------------------------------------------------------------ access
+    @property
+    def stream_lengths(self) -> np.ndarray:
+        """(N, 1 + streams) lengths as the collator pads them: text + 2, then each stream's frames."""
+        parts = [self.txt_lengths + 2, *(self.frame_lengths[s] for s in self.streams)]
+        return np.stack(parts, axis=1)
+
     def report(self) -> JoinReport:
         """Counts of kept, dropped, truncated and empty utterances (also logged at construction)."""
         return self._report

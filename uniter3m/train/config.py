@@ -232,6 +232,7 @@ class BatchingConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
     val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
+    pad_multiple: int = Field(1, ge=1)  # round each stream's padded width up (8 for a compiled GPU step)
 
 
 class OptimConfig(StrictModel):

@@ -253,7 +253,7 @@ def predict(
     loader = validation_loader(
         task,
         dataset,
-        Collator(task.special),
+        Collator(task.special, pad_multiple=b.pad_multiple),
         task_index=0,
         seed=cfg.seed,
         max_tokens=b.val_max_tokens or b.max_tokens,

@@ -121,8 +121,9 @@ class TaskStream:
         pin_memory: bool = False,
     ):
         self.task = task
+        pad_multiple = getattr(collator, "pad_multiple", 1)
         self.sampler = TokenBucketBatchSampler(
-            dataset.lengths,
+            getattr(dataset, "stream_lengths", dataset.lengths),
             max_tokens,
             shuffle=True,
             seed=mix_seed(seed, task_index) % (1 << 31),
@@ -132,6 +133,7 @@ class TaskStream:
             rank=rank,
             ids=getattr(dataset, "ids", None),
             budget_key="batching.max_tokens",
+            pad_multiple=pad_multiple,
         )
         self.loader = _loader(
             dataset,
@@ -198,9 +200,10 @@ def validation_loader(
 ) -> DataLoader:
     """This rank's share of the fixed validation batches (see the module docstring)."""
     sampler = TokenBucketBatchSampler(
-        dataset.lengths,
+        getattr(dataset, "stream_lengths", dataset.lengths),
         max_tokens,
         budget_key=budget_key,
+        pad_multiple=getattr(collator, "pad_multiple", 1),
         shuffle=False,
         pool_size=pool_size,
         max_batch_size=max_batch_size,
