@@ -257,6 +257,7 @@ def train_fold(
         max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
         progress=cfg.progress,
         stop_after=cfg.stop_after,
+        compile=cfg.compile,
         desc=f"fold {fold.name}",
         databases=database_digests(
             [*cfg.data.txt_dbs, *(p for ps in cfg.data.feat_dbs.values() for p in ps)]

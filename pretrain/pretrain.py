@@ -186,6 +186,7 @@ def run_pretrain(
             max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
             progress=cfg.progress,
             stop_after=cfg.stop_after,
+            compile=cfg.compile,
             databases=database_digests(readers.paths()),
         )
         if checkpoint is not None and backend.is_main:

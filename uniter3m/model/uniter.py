@@ -51,12 +51,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class UniterOutput:
-    """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; segments name -> slice."""
+    """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; `segments` name -> slice.
+
+    The segment bounds are computed when read, from the per-stream views in `stream_states`: a
+    compiled forward returns only tensors, so its graph never depends on a stream's length as a
+    Python number (which would recompile it for every length).
+    """
 
     last_hidden_state: Tensor
     pooler_output: Tensor
     attention_mask: Tensor
-    segments: dict[str, slice] = field(default_factory=dict)
+    stream_states: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T, H) view
+
+    @property
+    def segments(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, states in self.stream_states.items():
+            out[name] = slice(start, start + states.shape[1])
+            start += states.shape[1]
+        return out
 
 
 class UniterPooler(nn.Module):
@@ -130,8 +143,11 @@ class UniterModel(nn.Module):
         speech_mask: Tensor | None = None,
         face_frame_mask: Tensor | None = None,
         speech_frame_mask: Tensor | None = None,
+        padded: bool | None = None,
         **frames: Tensor | None,
     ) -> UniterOutput:
+        """`padded=False` promises every mask given is all True (the collator knows; the model then
+        passes SDPA no mask, without asking the device); None checks the masks."""
         frames.update(
             face_feat=face_feat,
             face_mask=face_mask,
@@ -149,19 +165,16 @@ class UniterModel(nn.Module):
             )
         parts: list[Tensor] = []
         masks: list[Tensor] = []
-        segments: dict[str, slice] = {}
-        start = 0
+        names: list[str] = []
 
         def add(name: str, emb: Tensor, mask: Tensor | None) -> None:
-            nonlocal start
             if mask is None:
                 mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
             elif mask.shape != emb.shape[:2]:
                 raise UserError(f"{name} mask has shape {tuple(mask.shape)}, expected {tuple(emb.shape[:2])}")
             parts.append(emb)
             masks.append(mask.to(device=emb.device, dtype=torch.bool))
-            segments[name] = slice(start, start + emb.shape[1])
-            start += emb.shape[1]
+            names.append(name)
 
         if input_ids is not None:
             add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
@@ -187,8 +200,9 @@ class UniterModel(nn.Module):
 
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
-        hidden = self.encoder(hidden, mask)
-        return UniterOutput(hidden, self.pooler(hidden, mask), mask, segments)
+        hidden = self.encoder(hidden, mask, padded)
+        views = torch.split(hidden, [p.shape[1] for p in parts], dim=1)
+        return UniterOutput(hidden, self.pooler(hidden, mask), mask, dict(zip(names, views, strict=True)))
 
     def _type_embedding(self, stream: str) -> Tensor | None:
         """The shared frame type vector (row `face_type_id` of the text type table), or None for an own type."""

@@ -276,6 +276,7 @@ class RunConfig(StrictModel):
     max_nonfinite_in_a_row: int = Field(10, ge=1)
     # End this invocation after this step (a checkpoint is written there); `--resume auto` goes on.
     stop_after: int | None = Field(None, ge=1)
+    compile: bool = False  # torch.compile the training step (GPU; use with batching.pad_multiple 8)
 
     @model_validator(mode="before")
     @classmethod

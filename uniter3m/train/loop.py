@@ -72,6 +72,8 @@ class LoopSettings:
     stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
     desc: str = "pretrain"  # progress bar label
     databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
+    compile: bool = False  # torch.compile the training step (set batching.pad_multiple so shapes repeat)
+    compile_backend: str = "inductor"
 
 
 class Evaluator:
@@ -199,6 +201,10 @@ class TrainLoop:
             # Same parameters on every rank come from the model seed; dropout differs per rank.
             torch.manual_seed(mix_seed(self.s.seed, backend.rank, 3) % (1 << 63))
         self.step_module = backend.wrap_model(TaskStep(model, {t.key: t.task for t in self.tasks}))
+        if self.s.compile:
+            # dynamic=None: the first new shape recompiles with symbolic sizes, so an epoch of
+            # varied lengths costs a few graphs, not one per length
+            self.step_module = torch.compile(self.step_module, backend=self.s.compile_backend)
         backend.broadcast_initial_state(self.step_module, optimizer)
         self.logger = MetricsLogger(
             self.s.output_dir,
