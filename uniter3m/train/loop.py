@@ -131,12 +131,15 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def positions_of(inputs: Mapping[str, Any]) -> int:
-    """Real (unpadded) sequence positions of a batch: text tokens + face frames + speech frames."""
+    """Real (unpadded) sequence positions of a CPU batch: text tokens + every frame stream's frames.
+    Counted with numpy, before the batch moves to the device, so it never waits on it."""
+    from uniter3m.tasks.base import model_keys
+
     total = 0
-    for key in ("attention_mask", "face_mask", "speech_mask"):
+    for key in model_keys():
         mask = inputs.get(key)
-        if isinstance(mask, torch.Tensor):
-            total += int(mask.sum())
+        if key.endswith("mask") and not key.endswith("frame_mask") and isinstance(mask, torch.Tensor):
+            total += int(mask.numpy().sum())
     return total
 
 
@@ -158,6 +161,10 @@ class _Window:
     steps: int = 0
     data_wait: float = 0.0
     grad_norms: list[float] = field(default_factory=list)
+    # the sync-free step keeps its numbers on the device until the window is logged
+    device_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> [sum, count]
+    device_norm: list[torch.Tensor] = field(default_factory=list)  # [sum, count]
+    device_skipped: torch.Tensor | None = None
 
 
 class TrainLoop:
@@ -194,6 +201,7 @@ class TrainLoop:
         self.step = 0
         self.skipped_nonfinite = 0
         self._nonfinite_in_a_row = 0
+        self._streak: torch.Tensor | None = None  # the sync-free step's count of non-finite steps in a row
         self.last_validation: dict[str, float] = {}
         if resume_from is not None:
             self._load(Path(resume_from))
@@ -219,7 +227,108 @@ class TrainLoop:
         return self.tasks[int(rng.choice(len(self.tasks), p=self.ratios))]
 
     # ------------------------------------------------------------------ one step
+    @property
+    def sync_free(self) -> bool:
+        """A fused AdamW skips a non-finite step on the device (`found_inf`), so the host never waits
+        for the step's numbers; they are read when the window is logged. fp16's GradScaler and
+        non-fused optimisers take the host path."""
+        return bool(getattr(self.optimizer, "defaults", {}).get("fused")) and self.precision.scaler is None
+
     def train_step(self, window: _Window) -> None:
+        if self.sync_free:
+            self._train_step_on_device(window)
+        else:
+            self._train_step_on_host(window)
+
+    def _forward_backward(self, t: TrainTask, window: _Window) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The step's micro-batches: (loss sum, non-finite count) on the device, samples, real positions."""
+        device = self.backend.device
+        self.step_module.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        samples = positions = 0
+        for micro in range(self.s.grad_accum):
+            wait = time.perf_counter()
+            inputs = t.stream.next()
+            window.data_wait += time.perf_counter() - wait
+            samples += batch_size_of(inputs)
+            positions += positions_of(inputs)
+            inputs = to_device(inputs, device)
+            sync = micro == self.s.grad_accum - 1
+            with self.backend.no_sync(self.step_module, sync):
+                with self.precision.autocast():
+                    out = self.step_module(t.key, inputs)
+                loss = out["loss"].float()
+                self.precision.backward(loss / self.s.grad_accum)
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0).double()
+            nonfinite += (~finite).double()
+        self.backend.sync_gradients(self.step_module)
+        return loss_sum, nonfinite, samples, positions
+
+    def _train_step_on_device(self, window: _Window) -> None:
+        t = self.task_for_step(self.step)
+        loss_sum, nonfinite, samples, positions = self._forward_backward(t, window)
+        stats = torch.stack([loss_sum, nonfinite])
+        self.backend.all_reduce(stats)  # a collective on the device: no host wait
+        self.precision.unscale_(self.optimizer)
+        norm = clip_gradients(self._params(), self.s.grad_clip).to(stats.device)
+        bad = (stats[1] > 0) | ~torch.isfinite(norm)
+        self.optimizer.found_inf = bad.float()  # fused AdamW leaves weights, moments and step alone
+        self.optimizer.grad_scale = None
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        n = self.s.grad_accum * self.backend.world_size
+        good = (~bad).double()
+        acc = window.device_losses.setdefault(t.key, [torch.zeros_like(stats[0]), torch.zeros_like(stats[0])])
+        acc[0] += torch.where(bad, 0.0, stats[0] / n)
+        acc[1] += good
+        if not window.device_norm:
+            window.device_norm = [torch.zeros_like(stats[0]), torch.zeros_like(stats[0])]
+        window.device_norm[0] += torch.where(bad, 0.0, norm.double())
+        window.device_norm[1] += good
+        window.device_skipped = bad.double() if window.device_skipped is None else window.device_skipped + bad
+        self._streak = bad.double() if self._streak is None else (self._streak + 1) * bad
+        self.step += 1
+        window.steps += 1
+        window.samples += samples * self.backend.world_size  # exact sums are reduced at log time
+        window.positions += positions * self.backend.world_size
+        window.last_task = t.key
+
+    def _read_device_window(self, window: _Window) -> None:
+        """Bring the sync-free step's numbers to the host (once per logged window) and apply the
+        non-finite rules the host path applies every step."""
+        for key, (total, count) in window.device_losses.items():
+            c = float(count)
+            if c:
+                window.losses.setdefault(key, []).append(float(total) / c)
+        if window.device_norm and float(window.device_norm[1]):
+            window.grad_norms.append(float(window.device_norm[0]) / float(window.device_norm[1]))
+        skipped = int(float(window.device_skipped)) if window.device_skipped is not None else 0
+        window.device_losses, window.device_norm, window.device_skipped = {}, [], None
+        if skipped:
+            self.skipped_nonfinite += skipped
+            self._nonfinite_in_a_row = int(float(self._streak))
+            if self.backend.is_main:
+                print(
+                    f"steps up to {self.step}: {skipped} step(s) with a non-finite loss or gradient norm skipped "
+                    f"({self.skipped_nonfinite} in this run; the run stops at {self.s.max_nonfinite_in_a_row} in a row)",
+                    file=sys.stderr,
+                )
+            if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
+                raise UserError(
+                    f"training stopped at step {self.step} (last task {getattr(window, 'last_task', '?')}): "
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm; lower "
+                    "optim.lr, raise warmup, check the task's data for NaN/Inf, or use bf16/fp32 instead of fp16"
+                )
+        elif self._streak is not None:
+            self._nonfinite_in_a_row = int(float(self._streak))
+
+    def _train_step_on_host(self, window: _Window) -> None:
         t = self.task_for_step(self.step)
         device = self.backend.device
         self.step_module.train()
@@ -347,6 +456,8 @@ class TrainLoop:
         Each rank also sends a digest of its parameters: ranks that drifted apart (a bug, or a
         broken interconnect) stop the run here instead of training on silently.
         """
+        if self._streak is not None:  # the sync-free step's count, brought to the host at a checkpoint
+            self._nonfinite_in_a_row = int(float(self._streak))
         ranks = self.backend.all_gather_object(self._local_state())
         digests = {r["param_digest"] for r in ranks}
         if len(digests) > 1:
@@ -397,12 +508,15 @@ class TrainLoop:
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        if self.sync_free:
+            self._streak = torch.tensor(float(self._nonfinite_in_a_row), dtype=torch.float64, device=self.backend.device)
         self.last_validation = dict(state.get("last_validation") or {})
         if self.evaluator is not None and state.get("evaluator") is not None:
             self.evaluator.load_state_dict(state["evaluator"])
 
     # ------------------------------------------------------------------ the run
     def _log_window(self, window: _Window) -> _Window:
+        self._read_device_window(window)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         scalars: dict[str, float] = {f"loss/{k}": float(np.mean(v)) for k, v in window.losses.items()}
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
@@ -443,9 +557,10 @@ class TrainLoop:
                         f"{self.s.output_dir}; continue with the same command and --resume auto"
                     )
                 if self.step % self.s.log_every == 0:
-                    if window.losses:
+                    self._read_device_window(window)
+                    if window.losses:  # keys in a fixed (sorted) order, so the bar does not jump
                         bar.set_postfix(
-                            {k: f"{np.mean(v):.3f}" for k, v in window.losses.items()}, refresh=False
+                            {k: f"{np.mean(window.losses[k]):.3f}" for k in sorted(window.losses)}, refresh=False
                         )
                     window = self._log_window(window)
                 if self.s.val_every and self.step % self.s.val_every == 0:
