@@ -177,7 +177,11 @@ def train_fold(
     t0 = time.time()
     torch.manual_seed(cfg.seed)  # identical initial head weights on every rank
     special = special_tokens(cfg.data)
-    collator = Collator(special, pad_multiple=cfg.batching.pad_multiple)
+    collator = Collator(
+        special,
+        pad_multiple=cfg.batching.pad_multiple,
+        feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+    )
     train_set = make_dataset(cfg.data, fold.train)
     valid_set = make_dataset(cfg.data, fold.valid)
     model = build_finetune_model(cfg, plan, feature_dims(train_set), special).to(backend.device)
@@ -210,7 +214,7 @@ def train_fold(
         max_tokens=b.max_tokens,
         max_batch_size=b.max_batch_size,
         pool_size=b.pool_size,
-        num_workers=b.num_workers,
+        num_workers=b.workers_for(backend.device, backend.local_world_size),
         world_size=backend.world_size,
         rank=backend.rank,
         pin_memory=backend.device.type == "cuda",

@@ -111,7 +111,11 @@ def run_pretrain(
                 read_tokenizer_record(cfg.model.init), tokenizer_meta, cfg.model.init, "the text dbs"
             )
         tokenizer = _tokenizer(cfg.tokenizer, tokenizer_meta)
-        collator = Collator(special, pad_multiple=cfg.batching.pad_multiple)
+        collator = Collator(
+            special,
+            pad_multiple=cfg.batching.pad_multiple,
+            feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+        )
 
         # 3. tasks, each with its training dataset (and validation dataset when it has one)
         context = TaskContext(special=special, tokenizer=tokenizer)
@@ -152,7 +156,7 @@ def run_pretrain(
                 seed=cfg.seed,
                 max_batch_size=b.max_batch_size,
                 pool_size=b.pool_size,
-                num_workers=b.num_workers,
+                num_workers=b.workers_for(backend.device, backend.local_world_size),
                 world_size=backend.world_size,
                 rank=backend.rank,
                 pin_memory=pin,

@@ -49,10 +49,18 @@ class Collator(stream_table.CarriesStreamTable):
         truncates already (and counts it), this only guards examples built elsewhere.
     pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
         counts the same rounding), so a compiled step sees few distinct shapes.
+    feature_dtype: dtype of the frame tensors ("float16" on GPU: the model casts to its own dtype).
     """
 
-    def __init__(self, special: SpecialTokens, max_txt_len: int | None = None, pad_multiple: int = 1):
+    def __init__(
+        self,
+        special: SpecialTokens,
+        max_txt_len: int | None = None,
+        pad_multiple: int = 1,
+        feature_dtype: str = "float32",
+    ):
         self.special = special
+        self.feature_dtype = getattr(torch, feature_dtype)  # float16 halves the host->device copy
         self.max_txt_len = max_txt_len
         self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)
         self.streams = tuple(s.name for s in stream_table.snapshot())
@@ -114,7 +122,7 @@ class Collator(stream_table.CarriesStreamTable):
         dim = dims.pop()
         b, t = len(feats), self._round(max(f.shape[0] for f in feats))
         out = {
-            f"{stream}_feat": _full((b, t, dim), torch.float32),
+            f"{stream}_feat": _full((b, t, dim), self.feature_dtype),
             f"{stream}_mask": _full((b, t), torch.bool),
         }
         feat, mask = out[f"{stream}_feat"].numpy(), out[f"{stream}_mask"].numpy()

@@ -229,10 +229,31 @@ class BatchingConfig(StrictModel):
     max_tokens: int = Field(4096, ge=1)  # padded tokens + frames per micro-batch on one rank
     max_batch_size: int | None = Field(None, ge=1)
     pool_size: int = Field(8192, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = "auto"  # auto: 0 on CPU; on GPU the cores per local rank, up to 8
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
     val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
     pad_multiple: int = Field(1, ge=1)  # round each stream's padded width up (8 for a compiled GPU step)
+    feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frames on their way to the
+    # device; auto: float16 on GPU (half the transfer; the model computes in its own dtype), float32 on CPU
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("num_workers must be >= 0 or 'auto'")
+        return v
+
+    def workers_for(self, device: Any, local_world_size: int = 1) -> int:
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if getattr(device, "type", str(device)) != "cuda":
+            return 0
+        return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+
+    def feature_dtype_for(self, device: Any) -> str:
+        if self.feature_dtype != "auto":
+            return self.feature_dtype
+        return "float16" if getattr(device, "type", str(device)) == "cuda" else "float32"
 
 
 class OptimConfig(StrictModel):

@@ -253,13 +253,15 @@ def predict(
     loader = validation_loader(
         task,
         dataset,
-        Collator(task.special, pad_multiple=b.pad_multiple),
+        Collator(
+            task.special, pad_multiple=b.pad_multiple, feature_dtype=b.feature_dtype_for(backend.device)
+        ),
         task_index=0,
         seed=cfg.seed,
         max_tokens=b.val_max_tokens or b.max_tokens,
         max_batch_size=b.val_max_batch_size or b.max_batch_size,
         pool_size=b.pool_size,
-        num_workers=b.num_workers,
+        num_workers=b.workers_for(backend.device, backend.local_world_size),
         world_size=backend.world_size,
         rank=backend.rank,
     )

@@ -509,7 +509,9 @@ class TrainLoop:
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         if self.sync_free:
-            self._streak = torch.tensor(float(self._nonfinite_in_a_row), dtype=torch.float64, device=self.backend.device)
+            self._streak = torch.tensor(
+                float(self._nonfinite_in_a_row), dtype=torch.float64, device=self.backend.device
+            )
         self.last_validation = dict(state.get("last_validation") or {})
         if self.evaluator is not None and state.get("evaluator") is not None:
             self.evaluator.load_state_dict(state["evaluator"])
@@ -560,7 +562,8 @@ class TrainLoop:
                     self._read_device_window(window)
                     if window.losses:  # keys in a fixed (sorted) order, so the bar does not jump
                         bar.set_postfix(
-                            {k: f"{np.mean(window.losses[k]):.3f}" for k in sorted(window.losses)}, refresh=False
+                            {k: f"{np.mean(window.losses[k]):.3f}" for k in sorted(window.losses)},
+                            refresh=False,
                         )
                     window = self._log_window(window)
                 if self.s.val_every and self.step % self.s.val_every == 0:
