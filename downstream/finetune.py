@@ -181,6 +181,7 @@ def train_fold(
         special,
         pad_multiple=cfg.batching.pad_multiple,
         feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+        packing=cfg.batching.packing,
     )
     train_set = make_dataset(cfg.data, fold.train)
     valid_set = make_dataset(cfg.data, fold.valid)

@@ -115,6 +115,7 @@ def run_pretrain(
             special,
             pad_multiple=cfg.batching.pad_multiple,
             feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+            packing=cfg.batching.packing,
         )
 
         # 3. tasks, each with its training dataset (and validation dataset when it has one)

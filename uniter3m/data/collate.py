@@ -58,8 +58,10 @@ class Collator(stream_table.CarriesStreamTable):
         max_txt_len: int | None = None,
         pad_multiple: int = 1,
         feature_dtype: str = "float32",
+        packing: bool = False,
     ):
         self.special = special
+        self.packing = packing  # read by the loaders: plan packed rows after the task's prepare
         self.feature_dtype = getattr(torch, feature_dtype)  # float16 halves the host->device copy
         self.max_txt_len = max_txt_len
         self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)

@@ -144,10 +144,14 @@ class UniterModel(nn.Module):
         face_frame_mask: Tensor | None = None,
         speech_frame_mask: Tensor | None = None,
         padded: bool | None = None,
+        pack_src: Tensor | None = None,
+        pack_dst: Tensor | None = None,
+        pack_doc: Tensor | None = None,
         **frames: Tensor | None,
     ) -> UniterOutput:
         """`padded=False` promises every mask given is all True (the collator knows; the model then
-        passes SDPA no mask, without asking the device); None checks the masks."""
+        passes SDPA no mask, without asking the device); None checks the masks. `pack_*` (a plan of
+        `uniter3m.data.packing.pack_plan`) runs the encoder on packed rows; the output is the same."""
         frames.update(
             face_feat=face_feat,
             face_mask=face_mask,
@@ -200,7 +204,10 @@ class UniterModel(nn.Module):
 
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
-        hidden = self.encoder(hidden, mask, padded)
+        if pack_doc is not None:
+            hidden = self.encoder.forward_packed(hidden, pack_src, pack_dst, pack_doc)
+        else:
+            hidden = self.encoder(hidden, mask, padded)
         views = torch.split(hidden, [p.shape[1] for p in parts], dim=1)
         return UniterOutput(hidden, self.pooler(hidden, mask), mask, dict(zip(names, views, strict=True)))
 

@@ -38,7 +38,16 @@ FRAME_STREAMS = stream_table.FRAME_LETTERS  # frame letters -> names
 def model_keys() -> tuple[str, ...]:
     """The backbone's keyword arguments: text, then each frame stream's feat/mask/frame_mask."""
     frames = [k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)]
-    return ("input_ids", "attention_mask", "token_type_ids", "padded", *frames)
+    return (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "padded",
+        "pack_src",
+        "pack_dst",
+        "pack_doc",
+        *frames,
+    )
 
 
 @dataclass

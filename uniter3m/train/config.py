@@ -233,6 +233,7 @@ class BatchingConfig(StrictModel):
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
     val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
     pad_multiple: int = Field(1, ge=1)  # round each stream's padded width up (8 for a compiled GPU step)
+    packing: bool = False  # several utterances per encoder row, attention confined to each (data/packing.py)
     feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frames on their way to the
     # device; auto: float16 on GPU (half the transfer; the model computes in its own dtype), float32 on CPU
 

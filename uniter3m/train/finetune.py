@@ -254,7 +254,10 @@ def predict(
         task,
         dataset,
         Collator(
-            task.special, pad_multiple=b.pad_multiple, feature_dtype=b.feature_dtype_for(backend.device)
+            task.special,
+            pad_multiple=b.pad_multiple,
+            feature_dtype=b.feature_dtype_for(backend.device),
+            packing=b.packing,
         ),
         task_index=0,
         seed=cfg.seed,
