@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +37,10 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from uniter3m.data.protocols import Fold, build_protocol
+from uniter3m.metrics import classification_metrics
 
-from uniter3m.data.protocols import Fold, build_protocol  # noqa: E402
-from uniter3m.metrics import classification_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 C_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 CASES = ("L", "A", "LA")
@@ -136,7 +134,8 @@ def run_svm(data: Path, out: Path, folds: Sequence[int]) -> tuple[dict[str, list
 # ----------------------------------------------------------------------------- uniter3m
 def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], steps: int | None) -> str:
     """In-domain speech pretraining on the fold's TRAINING speakers only; returns the checkpoint."""
-    from pretrain.pretrain import run_pretrain
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
     from uniter3m.train.checkpoint import complete_checkpoints
 
     run_dir = out / "pretrain" / fold.name
@@ -163,7 +162,7 @@ def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], s
 def run_variant(
     name: str, db: Path, out: Path, seeds: Sequence[int], folds: Sequence[int], args: argparse.Namespace
 ) -> tuple[dict[int, list[dict]], float]:
-    from downstream.finetune import run_finetune
+    from uniter3m.recipes.downstream.finetune import run_finetune
 
     spec = VARIANTS[name]
     t0 = time.process_time()
@@ -200,7 +199,8 @@ def _best_dir(run: Path, k: int) -> Path:
 
 def case_table(runs: dict[int, list[dict]]) -> dict[str, list]:
     """{case: [fold-mean UAR per seed]}: from the run's own test_cases, else by `evaluate`."""
-    from downstream.evaluate import evaluate_modalities
+    from uniter3m.recipes.downstream.evaluate import evaluate_modalities
+
     from uniter3m.train.config import load_finetune_config
 
     per_case: dict[str, list[float]] = {c: [] for c in CASES}
