@@ -20,6 +20,7 @@ Contenders (`--variants`, default all):
   F           uniter3m on ONE frame: the ComParE_2016 functionals (6373-d, per-speaker z-scored) as a
               declared stream `func` (F) (configs/downstream/emodb_loso_func.json, --set data.modalities=F)
   AF          the pooled LLD frames (A) and the functionals frame (F) in one sequence
+  LF          the functionals frame and the (emotion-free) sentence text
   LA          A_p10_spk + the (emotion-free) sentence text (configs/downstream/emodb_loso_la.json)
   LA_cases    LA with modality_cases L, A, LA (configs/downstream/emodb_loso_cases.json)
 
@@ -56,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "A_pre": {"config": FT, "set": [], "pretrain": True},
     "F": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=F"]},
     "AF": {"config": "configs/downstream/emodb_loso_func.json", "set": []},
+    "LF": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=LF"]},
     "LA": {"config": "configs/downstream/emodb_loso_la.json", "set": []},
     "LA_cases": {"config": "configs/downstream/emodb_loso_cases.json", "set": []},
 }  # fmt: skip
@@ -158,7 +160,12 @@ def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], s
             "datasets.emodb.valid.speech_db=" + json.dumps([speech] * len(valid_spk)),
         ]
         if steps:
-            sets += [f"steps={steps}", f"ckpt_every={steps}", f"val_every={steps}"]
+            sets += [
+                f"steps={steps}",
+                f"ckpt_every={steps}",
+                f"val_every={steps}",
+                f"optim.warmup_steps={steps // 10}",
+            ]
         run_pretrain(REPO / "configs/pretrain/emodb_speech.json", sets)
         done = complete_checkpoints(run_dir)
     return str(done[-1] / "model")
