@@ -201,13 +201,17 @@ def train_fold(
             sum(plan.label.classes[int(plan.targets[i])] in untrained for i in fold.test),
         )
     weights = class_weights(plan, fold.train) if cfg.class_weighted and not plan.regression else None
-    task = supervised_task(model, plan, special, weights)
+    task = supervised_task(model, plan, special, weights)  # scores whole splits (no modality dropout)
+    train_task = (
+        supervised_task(model, plan, special, weights, cfg.modality_cases) if cfg.modality_cases else task
+    )
+    case_sets = {c: make_dataset(cfg.data, fold.valid, modalities=c) for c in cfg.modality_cases or []}
     if backend.is_main:
         log.info("fold %s: sizes %s; %s", fold.name, fold.sizes(), model.describe())
 
     b = cfg.batching
     stream = TaskStream(
-        task,
+        train_task,
         train_set,
         collator,
         task_index=0,
@@ -248,6 +252,7 @@ def train_fold(
         precision,
         out_dir / "best",
         {"fold_index": k, "fold": fold.name},
+        cases=case_sets,
     )
     settings = LoopSettings(
         output_dir=str(out_dir),
@@ -274,7 +279,7 @@ def train_fold(
     loop = TrainLoop(
         settings,
         model,
-        [TrainTask("finetune", task, 1.0, stream)],
+        [TrainTask("finetune", train_task, 1.0, stream)],
         backend,
         precision,
         optimizer,
@@ -298,6 +303,12 @@ def train_fold(
     test_set = make_dataset(cfg.data, fold.test)
     test_pred = predict(best, task, test_set, cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
+    test_cases = {}
+    for case in cfg.modality_cases or []:  # the same selected model, scored once per case
+        case_pred = predict(
+            best, task, make_dataset(cfg.data, fold.test, modalities=case), cfg, backend, precision, case
+        )
+        test_cases[case] = scalars(score(plan, case_pred, fold.test))
     result = {
         "protocol": f"{plan.name}/{cfg.protocol.scheme}"
         + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
@@ -318,6 +329,7 @@ def train_fold(
         "early_stopped": stopped_early,
         "history": evaluator.history,
         "test": test_scores,
+        **({"modality_cases": list(cfg.modality_cases), "test_cases": test_cases} if test_cases else {}),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
         "predictions": _prediction_rows(plan, test_pred, fold.test),

@@ -396,7 +396,7 @@ class ProtocolConfig(StrictModel):
     """See uniter3m/data/protocols.py for the built-in protocols and schemes."""
 
     name: str
-    scheme: Literal["split", "session", "speaker"] = "split"
+    scheme: Literal["split", "session", "speaker", "loso"] = "split"
     target: str | None = None  # meld: emotion|sentiment; mosi: binary|7class|regression
     label_column: str | None = None
     classes: list[str] | None = None
@@ -408,6 +408,8 @@ class ProtocolConfig(StrictModel):
     dialogue_column: str = "dialogue"
     speaker_column: str = "speaker"
     valid_fraction: float = Field(0.1, gt=0, lt=1)
+    # loso: how many training speakers validate (the next ones in sorted order) or {test: [valid]}
+    valid_speakers: int | dict[str, list[str]] = 1
     selection_metric: str | None = None
 
     @field_validator("name")
@@ -430,6 +432,24 @@ class FinetuneConfig(RunConfig):
     evals_per_epoch: int = Field(1, ge=1)
     ckpt_every: int = Field(0, ge=0)  # 0 = at every validation (what --resume auto continues from)
     class_weighted: bool = False
+    # Missing-modality training: each batch keeps one of these cases (e.g. ["L", "A", "LA"]), drawn
+    # uniformly; the model is selected on the mean of the validation metric over the cases.
+    modality_cases: list[str] | None = None
+
+    @field_validator("modality_cases")
+    @classmethod
+    def _cases(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("modality_cases is empty; leave it out or list cases such as ['L', 'A', 'LA']")
+        try:
+            cases = [stream_table.parse_modalities(c, f"modality_cases {c!r}") for c in v]
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        if len(set(cases)) != len(cases):
+            raise ValueError(f"modality_cases {v} lists a case twice")
+        return cases
 
     @model_validator(mode="after")
     def _head_fits_protocol(self) -> FinetuneConfig:
@@ -442,6 +462,11 @@ class FinetuneConfig(RunConfig):
             )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
+        for case in self.modality_cases or []:
+            if set(case) - set(self.data.used_modalities):
+                raise ValueError(
+                    f"modality_cases: case {case} uses streams outside data.modalities {self.data.used_modalities}"
+                )
         return self
 
 
