@@ -283,30 +283,6 @@ def normalise_key(key: str) -> str | None:
     return key
 
 
-def split_backbone(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(backbone weights in UniterModel names, everything else) from any supported layout.
-
-    Keys may carry `uniter.` (ours with heads) or `bert.` (HF BertFor*) or no prefix (UniterModel,
-    HF BertModel); heads (`cls.*`, `face_regress.*`, ...) land in the second dict unchanged.
-    """
-    backbone: dict[str, Tensor] = {}
-    others: dict[str, Tensor] = {}
-    for raw, tensor in state.items():
-        name = normalise_key(raw)
-        if name is None:
-            continue
-        key = name
-        for prefix in ("uniter.", "bert."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        if is_backbone_key(key):
-            backbone[key] = tensor
-        else:
-            others[name] = tensor
-    return backbone, others
-
-
 def tied_aliases(model: nn.Module) -> set[str]:
     """State-dict names that are a second name of an already-named parameter (tied weights)."""
     named = {name for name, _ in model.named_parameters()}
@@ -335,14 +311,3 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str | os
         "mismatched_keys": set(),
         "error_msgs": [],
     }
-
-
-def log_loading_info(model_name: str, source: str | os.PathLike, info: Mapping[str, Any]) -> None:
-    for kind, verb in (
-        ("missing_keys", "newly initialised (not in the checkpoint)"),
-        ("unexpected_keys", "unused"),
-    ):
-        keys = sorted(info[kind])
-        if keys:
-            groups = sorted({".".join(k.split(".")[:2]) for k in keys})
-            log.info("%s from %s: %d weights %s: %s", model_name, source, len(keys), verb, ", ".join(groups))

@@ -330,29 +330,7 @@ class TrainLoop:
 
     def _train_step_on_host(self, window: _Window) -> None:
         t = self.task_for_step(self.step)
-        device = self.backend.device
-        self.step_module.train()
-        # loss sum and non-finite count stay on the device: one host sync per step, not per micro-batch
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        nonfinite = torch.zeros((), dtype=torch.float64, device=device)
-        samples = positions = 0
-        for micro in range(self.s.grad_accum):
-            wait = time.perf_counter()
-            inputs = t.stream.next()
-            window.data_wait += time.perf_counter() - wait
-            samples += batch_size_of(inputs)
-            positions += positions_of(inputs)
-            inputs = to_device(inputs, device)
-            sync = micro == self.s.grad_accum - 1
-            with self.backend.no_sync(self.step_module, sync):
-                with self.precision.autocast():
-                    out = self.step_module(t.key, inputs)
-                loss = out["loss"].float()
-                self.precision.backward(loss / self.s.grad_accum)
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach(), 0.0).double()
-            nonfinite += (~finite).double()
-        self.backend.sync_gradients(self.step_module)
+        loss_sum, nonfinite, samples, positions = self._forward_backward(t, window)
         stats = torch.stack([loss_sum, nonfinite]).cpu()
         stats = torch.cat([stats, torch.tensor([samples, positions], dtype=torch.float64)])
         self.backend.all_reduce(stats)
