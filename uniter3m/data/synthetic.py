@@ -5,20 +5,21 @@ are drawn from distributions that depend on them, so each pretraining objective 
 find, and no single stream gives the emotion away (each alone is a weak cue, roughly 40-60 %):
 
 - text: real English words (the real tokenizer applies). The speaker's habit word opens the
-  sentence ("well", "honestly", ...); then carrier words follow a fixed word order (each carrier
-  word has one usual successor, taken `word_order` of the time); most utterances carry one or two
+  sentence ("well", "honestly", ...); then carrier words of one topic (6 topics of 8 words) follow
+  a fixed word order (each has one usual successor in its topic, taken `word_order` of the time); most utterances carry one or two
   words of their emotion from the NRC emotion lexicon's vocabulary (the first word of each class
   list is the most common), some none, a few a misleading one;
 - face frames: class prototype + the speaker's face style + a small per-utterance offset + a
   course over time shared by every clip (an "expression clock": a few sinusoids of the absolute
   frame index) + per-frame noise; a variable number of frames, a few clips with none (T = 0, as a
-  face detector would give); per-frame soft labels (a softmax of noisy class scores);
+  face detector would give); per-frame soft labels (a softmax of class scores of the noise-free
+  expression, plus a little noise);
 - speech frames: class prototype + the speaker's voice style + a per-utterance offset + a
   class-specific oscillation and the clock over time + noise, more frames than face.
 
 What each objective can learn here (and what it cannot, i.e. its chance level):
 
-- MLM / WWM: a masked carrier word from its neighbours (word order); the habit word from the
+- MLM / WWM: a masked carrier word from the sentence's topic and its neighbours; the habit word from the
   speaker's face and voice style. Chance: always answering the most common target word.
 - MELM / MELM+WWM: a masked emotion word from the other cue word, the face and the speech (the
   class), then the class's most common word. Chance: the most common target word.
@@ -117,14 +118,21 @@ class SyntheticCorpus:
     emotions: tuple[str, ...]
 
 
+TOPICS = 6  # carrier words fall into topics of len(CARRIER_WORDS) // TOPICS words each
+
+
 def _carriers(rng: np.random.Generator, successor: np.ndarray, n: int, word_order: float) -> list[str]:
-    """`n` carrier words following the corpus's word order (a random jump otherwise)."""
-    index = int(rng.integers(len(CARRIER_WORDS)))
+    """`n` carrier words of one topic, following the corpus's word order (else another word of the
+    topic): a masked word is predictable from the sentence's other words, and better from its
+    neighbour."""
+    size = len(CARRIER_WORDS) // TOPICS
+    topic = int(rng.integers(TOPICS))
+    index = topic * size + int(rng.integers(size))
     words = []
     for _ in range(n):
         words.append(CARRIER_WORDS[index])
         follow = rng.random() < word_order
-        index = int(successor[index]) if follow else int(rng.integers(len(CARRIER_WORDS)))
+        index = int(successor[index]) if follow else topic * size + int(rng.integers(size))
     return words
 
 
@@ -174,6 +182,7 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
     n_cls = len(spec.emotions)
     face_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.face_dim))
     speech_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.speech_dim))
+    unit_proto = face_proto / np.linalg.norm(face_proto, axis=1, keepdims=True)
     speech_wave = rng.normal(0, spec.temporal_scale, (n_cls, spec.speech_dim))
     speech_freq = np.linspace(0.15, 0.6, n_cls)
     # unit-norm directions per wave, so clock_scale is the clock's size whatever the feature dim
@@ -186,9 +195,11 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
     latent = rng.normal(0, 1, (spec.speakers, 2))
     face_style = latent @ rng.normal(0, spec.style_scale, (2, spec.face_dim))
     voice_style = latent @ rng.normal(0, spec.style_scale, (2, spec.speech_dim))
-    order = rng.permutation(len(CARRIER_WORDS))  # one cycle through every carrier word
-    successor = np.empty_like(order)
-    successor[order] = np.roll(order, -1)
+    size = len(CARRIER_WORDS) // TOPICS
+    successor = np.arange(len(CARRIER_WORDS))
+    for topic in range(TOPICS):  # one cycle through each topic's words
+        order = topic * size + rng.permutation(size)
+        successor[order] = np.roll(order, -1)
 
     rows = []
     shares = np.cumsum(spec.split_shares) / np.sum(spec.split_shares)
@@ -213,14 +224,11 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
         if rng.random() < spec.empty_face_rate:
             t_face = 0
         offset = rng.normal(0, spec.offset_scale, spec.face_dim)
-        face = (
-            face_proto[c]
-            + face_style[spk]
-            + offset
-            + _clock(t_face, clock_face)
-            + rng.normal(0, 1.0, (t_face, spec.face_dim))
-        )
-        scores = face @ face_proto.T / spec.face_dim**0.5 + rng.normal(0, 0.5, (t_face, n_cls))
+        expression = face_proto[c] + face_style[spk] + offset + _clock(t_face, clock_face)
+        face = expression + rng.normal(0, 1.0, (t_face, spec.face_dim))
+        # a face classifier's scores see the expression (not the sensor noise): a masked frame's top
+        # class follows from the clip's class and style and the clock at its slot
+        scores = 3.0 * expression @ unit_proto.T + rng.normal(0, 0.3, (t_face, n_cls))
         soft = np.exp(scores - scores.max(-1, keepdims=True)) if t_face else np.zeros((0, n_cls))
         soft = soft / np.maximum(soft.sum(-1, keepdims=True), 1e-12)
         np.savez(face_dir / f"{uid}.npz", feat=face.astype(np.float32), soft_labels=soft.astype(np.float32))
