@@ -158,5 +158,9 @@ class EmoClsTask(Task):
             gold = inputs["emo_targets"][keep]
             loss = F.cross_entropy(logits, gold)
         correct = (logits.argmax(-1) == gold).sum()
-        metrics = {"acc": ratio(correct, n), "chance": majority(gold, len(self.classes)), "filtered": filtered}
+        metrics = {
+            "acc": ratio(correct, n),
+            "chance": majority(gold, len(self.classes)),
+            "filtered": filtered,
+        }
         return TaskOutput(loss, n, metrics)
