@@ -390,7 +390,10 @@ class TrainLoop:
 
     @torch.no_grad()
     def validate_tasks(self) -> dict[str, float]:
-        """Every rank scores its share of each task's fixed validation batches; sums are gathered."""
+        """Every rank scores its share of each task's fixed validation batches; sums are gathered.
+
+        A numerator with a class dimension (per-class counts, a `chance` metric) is summed per class
+        and reported as its largest entry over the denominator, so the majority is the whole set's."""
         was_training = self.model.training
         self.model.eval()
         local: dict[str, dict[str, list[float]]] = {}
@@ -408,7 +411,7 @@ class TrainLoop:
                     sums["loss"][1] += n
                 for name, (num, den) in out.metrics.items():
                     acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += float(num)
+                    acc[0] = acc[0] + _numerator(num)
                     acc[1] += float(den)
         self.model.train(was_training)
         merged: dict[str, list[float]] = {}
@@ -418,7 +421,10 @@ class TrainLoop:
                     acc = merged.setdefault(f"{key}/{name}", [0.0, 0.0])
                     acc[0] += num
                     acc[1] += den
-        return {name: (num / den if den > 0 else float("nan")) for name, (num, den) in sorted(merged.items())}
+        return {
+            name: (float(np.max(num)) / den if den > 0 else float("nan"))
+            for name, (num, den) in sorted(merged.items())
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
@@ -622,6 +628,13 @@ class _PreemptionFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _numerator(value: torch.Tensor) -> float | np.ndarray:
+    """A metric numerator as a float, or per-class counts as an array (summed per class, then
+    reduced to their largest entry: the majority rate that `tasks/chance.py` reports)."""
+    value = value.detach().double().cpu()
+    return float(value) if value.numel() == 1 else value.reshape(-1).numpy()
 
 
 def parameter_digest(model: nn.Module) -> str:
