@@ -239,6 +239,7 @@ def train_fold(
         backend.device,
         head_parameters=model.head_parameters(),
         head_lr=o.head_lr,
+        fused=o.fused,
     )
     scheduler = warmup_linear_schedule(optimizer, o.warmup_for(total), total, o.final_lr_ratio)
     precision = Precision(cfg.precision, backend.device)

@@ -140,7 +140,13 @@ def run_pretrain(
 
         # 5. optimiser, schedule, precision
         optimizer = build_optimizer(
-            model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps, backend.device
+            model,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            tuple(cfg.optim.betas),
+            cfg.optim.eps,
+            backend.device,
+            fused=cfg.optim.fused,
         )
         scheduler = warmup_linear_schedule(
             optimizer, cfg.optim.warmup_for(cfg.steps), cfg.steps, cfg.optim.final_lr_ratio

@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.test_finetune import config, dbs, tiny  # noqa: F401 - the tiny real corpus and checkpoint
+from tests.test_pretrain_run import tiny_dbs  # noqa: F401 - the synthetic pretraining dbs
 from uniter3m.data.collate import Collator
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend
@@ -34,6 +35,14 @@ from uniter3m.train.precision import Precision
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
 
 
+def _from_the_data_loader() -> bool:
+    """A DataLoader drawing its workers' base seed (`.item()` on a CPU tensor when an epoch's iterator
+    starts) is data loading, not the step; on a GPU it touches no device tensor."""
+    import traceback
+
+    return any("torch/utils/data/" in frame.filename for frame in traceback.extract_stack())
+
+
 class SyncCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -42,7 +51,7 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         kwargs = kwargs or {}
-        if name in SYNC_OPS:
+        if name in SYNC_OPS and not _from_the_data_loader():
             self.counts[name] += 1
         elif name in ("_to_copy", "copy_") and str(kwargs.get("device", "")) == "cpu":
             src = args[0] if args else None
@@ -92,3 +101,53 @@ def test_the_fused_step_has_no_host_sync_outside_logging_steps(dbs, tiny, tmp_pa
         loop.close()
     assert counts[True] == {}, counts[True]
     assert sum(counts[False].values()) >= 4  # the host path reads the step's numbers every step
+
+
+def test_every_pretraining_objective_steps_without_a_host_sync(tiny_dbs, tmp_path, monkeypatch):  # noqa: F811
+    """A real pretraining run mixing the objectives (fused AdamW, data prepared in a worker): the
+    steps between logging steps dispatch no sync-forcing operation, whatever the task."""
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
+    from tests.test_pretrain_run import _config
+    from uniter3m.train.loop import TrainLoop
+
+    cfg = _config(tiny_dbs, tmp_path / "run", steps=80, log_every=1000)
+    cfg["tasks"] = [
+        {"name": name, "dataset": "syn", "ratio": 1.0, "options": options}
+        for name, options in (
+            ("mlm", {}),
+            ("melm_wwm", {}),
+            ("face_mrfr", {}),
+            ("speech_mrfr", {"span": 2}),
+            ("face_mrc", {}),
+            ("face_fom", {}),
+            ("speech_fom", {}),
+            ("itm", {}),
+            ("itm_hard", {}),
+            ("contrastive", {}),
+            ("emo_cls", {"label_column": "emotion", "classes": ["anger", "joy", "neutral", "sadness"]}),
+            (
+                "prompt_cross",
+                {
+                    "label_column": "emotion",
+                    "verbalizer": {"anger": "angry", "joy": "happy", "neutral": "neutral", "sadness": "sad"},
+                },
+            ),
+        )
+    ]
+    cfg["batching"]["num_workers"] = 1
+    cfg["optim"]["fused"] = True
+    seen: dict[str, list[dict]] = {}
+    original = TrainLoop.train_step
+
+    def counted(self, window):
+        key = self.task_for_step(self.step).key
+        with SyncCounter() as counter:
+            original(self, window)
+        seen.setdefault(key, []).append(dict(counter.counts))
+
+    monkeypatch.setattr(TrainLoop, "train_step", counted)
+    run_pretrain(cfg)
+    assert set(seen) == {t["name"] for t in cfg["tasks"]}, sorted(seen)
+    offending = {k: [c for c in v if c] for k, v in seen.items() if any(v)}
+    assert not offending, offending

@@ -76,9 +76,42 @@ def ratio(
             if isinstance(value, torch.Tensor):
                 device = value.device
                 break
-    num = torch.as_tensor(numerator, device=device).detach().float()
-    den = torch.as_tensor(denominator, device=device).detach().float()
-    return num, den
+    return _as_metric(numerator, device), _as_metric(denominator, device)
+
+
+def _as_metric(value: torch.Tensor | float, device: torch.device | None) -> torch.Tensor:
+    # a Python number becomes a device tensor by a fill kernel, not a copy that waits on the host
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().to(device) if device is not None else value.detach().float()
+    return torch.full((), float(value), device=device)
+
+
+# ------------------------------------------------------------------------- sync-free gathering
+def flat_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat positions (N,) of the True entries of a (B, T) CPU mask. Computed in `prepare` (in the
+    data workers), so the training step gathers with an index of known size and never waits for
+    the device to say how many targets there are (boolean indexing does: a `nonzero` sync)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def gather_flat(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) -> (N, ...) at the flat positions `index` (an index_select: no host sync)."""
+    return values.reshape(-1, *values.shape[2:]).index_select(0, index.to(values.device))
+
+
+def count(reference: torch.Tensor, n: int) -> torch.Tensor:
+    """The number of targets as a float tensor on `reference`'s device (a fill, no host copy)."""
+    return torch.full((), float(n), device=reference.device)
+
+
+def mean_over(total: torch.Tensor, n: int) -> torch.Tensor:
+    """A loss summed over `n` targets as their mean; 0 targets give 0, still attached to the graph."""
+    return total / max(n, 1)
+
+
+def wants_chance(model: torch.nn.Module) -> bool:
+    """Chance levels are validation figures: training steps skip them (some need a host sync)."""
+    return not unwrap(model).training
 
 
 # ------------------------------------------------------------------------------------- modality subsets

@@ -23,7 +23,17 @@ import torch.nn.functional as F
 
 from uniter3m.data.labels import lookup_targets
 from uniter3m.errors import ConfigError, UserError
-from uniter3m.tasks.base import Task, TaskContext, TaskOutput, encode, head, ratio, zero_loss
+from uniter3m.tasks.base import (
+    Task,
+    TaskContext,
+    TaskOutput,
+    count,
+    encode,
+    head,
+    mean_over,
+    ratio,
+    wants_chance,
+)
 from uniter3m.tasks.chance import majority
 
 EMO_HEAD = "emo_classifier"
@@ -131,36 +141,30 @@ class EmoClsTask(Task):
         else:
             inputs["emo_targets"] = self.hard_targets(batch)
             inputs["emo_keep"] = torch.ones(len(inputs["emo_targets"]), dtype=torch.bool)
+        inputs["emo_index"] = inputs["emo_keep"].nonzero().squeeze(1)  # on the CPU, in the workers
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         output = encode(model, inputs)
-        keep = inputs["emo_keep"]
-        n = keep.sum()
-        filtered = ratio((~keep).sum(), keep.numel(), device=keep.device)
-        if not bool(n):
-            return TaskOutput(
-                zero_loss(output.pooler_output),
-                n,
-                {"acc": ratio(0.0, n), "chance": ratio(0.0, n), "filtered": filtered},
-            )
-        logits = head(model, EMO_HEAD, self.name)(output.pooler_output[keep]).float()
+        keep, index = inputs["emo_keep"], inputs["emo_index"]
+        n = index.numel()
+        total = count(output.pooler_output, n)
+        filtered = ratio((~keep).sum(), count(output.pooler_output, keep.numel()))
+        logits = head(model, EMO_HEAD, self.name)(output.pooler_output.index_select(0, index)).float()
         if logits.shape[-1] != len(self.classes):
             raise UserError(
                 f"task {self.name}: the emo_classifier head has {logits.shape[-1]} outputs but classes lists "
                 f"{len(self.classes)}; build the model with emo_classes={len(self.classes)}"
             )
         if self.soft:
-            target = inputs["emo_soft"][keep]
-            loss = F.kl_div(F.log_softmax(logits, -1), target, reduction="none").sum(-1).mean()
+            target = inputs["emo_soft"].index_select(0, index)
+            loss = mean_over(F.kl_div(F.log_softmax(logits, -1), target, reduction="none").sum(), n)
             gold = target.argmax(-1)
         else:
-            gold = inputs["emo_targets"][keep]
-            loss = F.cross_entropy(logits, gold)
+            gold = inputs["emo_targets"].index_select(0, index)
+            loss = mean_over(F.cross_entropy(logits, gold, reduction="sum"), n)
         correct = (logits.argmax(-1) == gold).sum()
-        metrics = {
-            "acc": ratio(correct, n),
-            "chance": majority(gold, len(self.classes)),
-            "filtered": filtered,
-        }
-        return TaskOutput(loss, n, metrics)
+        metrics = {"acc": ratio(correct, total), "filtered": filtered}
+        if wants_chance(model):
+            metrics["chance"] = majority(gold, len(self.classes))
+        return TaskOutput(loss, total, metrics)

@@ -31,8 +31,12 @@ from uniter3m.tasks.base import (
     TaskContext,
     TaskOutput,
     backbone,
+    count,
     encode,
+    flat_index,
+    gather_flat,
     head,
+    mean_over,
     ratio,
     segment_states,
     zero_loss,
@@ -89,23 +93,29 @@ class FrameOrderTask(Task):
         inputs = self.model_inputs(batch)
         inputs[f"{self.prefix}_feat"] = shuffled
         inputs["order_targets"] = targets
+        inputs["order_index"] = flat_index(targets >= 0)
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         output = encode(model, inputs)
         states = segment_states(output, self.prefix)
         targets = inputs["order_targets"]
-        selected = targets >= 0
-        n = selected.sum()
-        if not bool(n):
-            return TaskOutput(zero_loss(states), n, {"acc": ratio(0.0, n), "chance": ratio(0.0, n)})
-        lengths = inputs[f"{self.prefix}_mask"].long().sum(1, keepdim=True).expand_as(targets)[selected]
+        index = inputs["order_index"]
+        n = index.numel()
+        total = count(states, n)
+        if n == 0:  # known on the host from the index's size: no sync
+            return TaskOutput(
+                zero_loss(states), total, {"acc": ratio(0.0, total), "chance": ratio(0.0, total)}
+            )
+        lengths = gather_flat(
+            inputs[f"{self.prefix}_mask"].long().sum(1, keepdim=True).expand_as(targets), index
+        )
         table = getattr(backbone(model), f"{self.prefix}_embeddings").position_table(states.shape[1])
-        logits = head(model, self.head_name, self.name)(states[selected], table).float()
+        logits = head(model, self.head_name, self.name)(gather_flat(states, index), table).float()
         positions = torch.arange(logits.shape[-1], device=logits.device)
         logits = logits.masked_fill(positions[None, :] >= lengths[:, None], float("-inf"))
-        gold = targets[selected]
-        loss = F.cross_entropy(logits, gold)
+        gold = gather_flat(targets, index)
+        loss = mean_over(F.cross_entropy(logits, gold, reduction="sum"), n)
         correct = (logits.argmax(-1) == gold).sum()
         chance = (1.0 / (lengths.float() - 1).clamp(min=1)).sum()
-        return TaskOutput(loss, n, {"acc": ratio(correct, n), "chance": ratio(chance, n)})
+        return TaskOutput(loss, total, {"acc": ratio(correct, total), "chance": ratio(chance, total)})

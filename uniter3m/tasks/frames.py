@@ -26,11 +26,15 @@ from uniter3m.tasks.base import (
     Task,
     TaskContext,
     TaskOutput,
+    count,
     encode,
+    flat_index,
+    gather_flat,
     head,
+    mean_over,
     ratio,
     segment_states,
-    zero_loss,
+    wants_chance,
 )
 from uniter3m.tasks.chance import majority, mean_prediction_error
 from uniter3m.tasks.masking import ReplaceRates, check_rate, choose_frames, choose_spans, corrupt_frames
@@ -80,6 +84,7 @@ class MaskedFrameTask(Task):
         inputs[f"{self.prefix}_feat"] = masking.feat
         inputs[f"{self.prefix}_frame_mask"] = masking.frame_mask
         inputs["frame_targets"] = masking.targets
+        inputs["frame_index"] = flat_index(masking.targets)
         self.add_targets(inputs, batch, masking.targets)
         return inputs
 
@@ -92,7 +97,7 @@ class MaskedFrameTask(Task):
         """The stream's states (B, T, H) and those at the target frames (N, H)."""
         output = encode(model, inputs)
         states = segment_states(output, self.prefix)
-        return states, states[inputs["frame_targets"]]
+        return states, gather_flat(states, inputs["frame_index"])
 
 
 class FrameRegressionTask(MaskedFrameTask):
@@ -113,13 +118,16 @@ class FrameRegressionTask(MaskedFrameTask):
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         states, selected = self.target_states(model, inputs)
-        n = inputs["frame_targets"].sum()
-        if not bool(n):
-            return TaskOutput(zero_loss(states), n, {"mse": ratio(0.0, n), "chance": ratio(0.0, n)})
+        n = inputs["frame_index"].numel()
+        total = count(states, n)
         prediction = head(model, self.head_name, self.name)(selected).float()
         per_frame = F.mse_loss(prediction, inputs["frame_values"], reduction="none").mean(-1)
-        metrics = {"mse": ratio(per_frame.sum(), n), "chance": mean_prediction_error(inputs["frame_values"])}
-        return TaskOutput(per_frame.mean(), n, metrics)
+        metrics = {"mse": ratio(per_frame.sum(), total)}
+        if wants_chance(model) and n:
+            metrics["chance"] = mean_prediction_error(inputs["frame_values"])
+        elif wants_chance(model):
+            metrics["chance"] = ratio(0.0, total)
+        return TaskOutput(mean_over(per_frame.sum(), n), total, metrics)
 
 
 class FrameSoftLabelTask(MaskedFrameTask):
@@ -146,25 +154,26 @@ class FrameSoftLabelTask(MaskedFrameTask):
         labels = soft[targets].float()
         total = labels.sum(-1, keepdim=True)
         labelled = total.squeeze(-1) > 0
-        inputs["frame_soft"] = labels / total.clamp(min=1e-12)
+        inputs["frame_soft"] = (labels / total.clamp(min=1e-12))[labelled]
         inputs["frame_labelled"] = labelled
+        # the labelled targets' positions among all targets: gathered without a host sync
+        inputs["frame_labelled_index"] = labelled.nonzero().squeeze(1)
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         states, selected = self.target_states(model, inputs)
         labelled = inputs["frame_labelled"]
-        n = labelled.sum()
-        unlabelled = ratio((~labelled).sum(), labelled.numel())
-        if not bool(n):
-            metrics = {"acc": ratio(0.0, n), "chance": ratio(0.0, n), "unlabelled": unlabelled}
-            return TaskOutput(zero_loss(states), n, metrics)
-        logits = head(model, self.head_name, self.name)(selected[labelled]).float()
-        target = inputs["frame_soft"][labelled]
+        index = inputs["frame_labelled_index"]
+        n = index.numel()
+        total = count(states, n)
+        unlabelled = ratio((~labelled).sum(), count(states, labelled.numel()))
+        logits = head(model, self.head_name, self.name)(
+            selected.index_select(0, index.to(selected.device))
+        ).float()
+        target = inputs["frame_soft"]
         log_q = F.log_softmax(logits, -1)
         kl = F.kl_div(log_q, target, reduction="none").sum(-1)
         correct = (logits.argmax(-1) == target.argmax(-1)).sum()
-        metrics = {
-            "acc": ratio(correct, n),
-            "chance": majority(target.argmax(-1), target.shape[-1]),
-            "unlabelled": unlabelled,
-        }
-        return TaskOutput(kl.mean(), n, metrics)
+        metrics = {"acc": ratio(correct, total), "unlabelled": unlabelled}
+        if wants_chance(model):
+            metrics["chance"] = majority(target.argmax(-1), target.shape[-1])
+        return TaskOutput(mean_over(kl.sum(), n), total, metrics)

@@ -31,13 +31,14 @@ from uniter3m.tasks.base import (
     TaskOutput,
     batch_streams,
     call_model,
+    count,
     head,
     parse_streams,
     ratio,
     text_absent,
+    wants_chance,
     zero_loss,
 )
-from uniter3m.tasks.chance import majority
 
 ITM_HEAD = "itm"
 TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags")
@@ -126,6 +127,7 @@ def encode_streams_alone(
         own_mask = text_mask if own == "text" else frames[f"{own}_mask"]
         has[stream] = inputs["has_text"].to(own_mask.device) if stream == "L" else own_mask.any(1)
     kwargs["attention_mask"] = torch.cat(masks.pop("text"))
+    kwargs["padded"] = True  # the other streams are masked out: always padded, no need to ask the device
     for name, parts in masks.items():
         kwargs[f"{name}_feat"] = frames[f"{name}_feat"].repeat(copies, 1, 1)
         kwargs[f"{name}_mask"] = torch.cat(parts)
@@ -134,21 +136,33 @@ def encode_streams_alone(
 
 
 def itm_loss(
-    model: torch.nn.Module, inputs: Mapping[str, Any], targets: torch.Tensor, task: str
+    model: torch.nn.Module,
+    inputs: Mapping[str, Any],
+    targets: torch.Tensor,
+    task: str,
+    weights: torch.Tensor | None = None,
 ) -> TaskOutput:
-    """Binary cross-entropy (2-way softmax) on the pooled output; mean over utterances."""
+    """Binary cross-entropy (2-way softmax) on the pooled output; mean over the scored pairs
+    (`weights`: 1 for a pair that counts, 0 for one that does not, so no pair has to be removed
+    on the host)."""
     kwargs = {
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs["attention_mask"],
+        "padded": inputs.get("padded"),
         **frame_kwargs(inputs),
     }
     output = call_model(model, **kwargs)
     logits = head(model, ITM_HEAD, task)(output.pooler_output).float()
-    n = torch.tensor(targets.numel(), device=targets.device)
-    loss = F.cross_entropy(logits, targets)
-    correct = (logits.argmax(-1) == targets).sum()
-    negatives = (targets == 0).sum()
-    metrics = {"acc": ratio(correct, n), "chance": majority(targets, 2), "neg_rate": ratio(negatives, n)}
+    if weights is None:
+        weights = torch.ones(targets.shape, device=logits.device)
+    n = weights.sum()
+    loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / n.clamp(min=1)
+    correct = ((logits.argmax(-1) == targets).float() * weights).sum()
+    negatives = ((targets == 0).float() * weights).sum()
+    metrics = {"acc": ratio(correct, n), "neg_rate": ratio(negatives, n)}
+    if wants_chance(model):
+        counts = torch.bincount(targets, weights=weights, minlength=2)
+        metrics["chance"] = ratio(counts, n)
     return TaskOutput(loss, n, metrics)
 
 
@@ -261,18 +275,24 @@ class MatchingTask(Task):
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         if not self.hard:
             result = itm_loss(model, inputs, inputs["itm_targets"], self.name)
-            n = inputs["itm_targets"].numel()
-            result.metrics["fallback"] = ratio(inputs["itm_fallback"], n, device=inputs["itm_targets"].device)
+            n = count(result.loss, inputs["itm_targets"].numel())
+            result.metrics["fallback"] = ratio(inputs["itm_fallback"], n)
             return result
         return self.hard_forward(model, inputs)
 
     def hard_forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         bsz = inputs["input_ids"].shape[0]
+        padded = inputs.get("padded")
         with torch.no_grad():
             text = pooled(
-                call_model(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                call_model(
+                    model,
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    padded=padded,
+                )
             )
-            frames_out = call_model(model, **frame_kwargs(inputs))
+            frames_out = call_model(model, padded=padded, **frame_kwargs(inputs))
             frames = pooled(frames_out)
             has_frames = frames_out.attention_mask.any(1)
             sim = text @ frames.T
@@ -282,21 +302,24 @@ class MatchingTask(Task):
             sim = sim.masked_fill(same | ~has_frames[None, :], float("-inf"))
             donors = sim.argmax(1)
             valid = torch.isfinite(sim.max(1).values) & has_frames
+        # every utterance is scored with its own frames and with its mined donor's; a row with no
+        # valid donor keeps its negative pair at weight 0 (no data-dependent shapes: no host sync)
         rows = torch.arange(bsz, device=donors.device)
-        neg_rows = rows[valid]
-        pair_text = torch.cat([rows, neg_rows])
-        pair_frames = torch.cat([rows, donors[valid]])
+        pair_text = torch.cat([rows, rows])
+        pair_frames = torch.cat([rows, donors])
         paired: dict[str, Any] = {
-            "input_ids": inputs["input_ids"][pair_text],
-            "attention_mask": inputs["attention_mask"][pair_text],
+            "input_ids": inputs["input_ids"].index_select(0, pair_text),
+            "attention_mask": inputs["attention_mask"].index_select(0, pair_text),
+            "padded": padded,
         }
         for name in FRAME_STREAMS.values():
             if inputs.get(f"{name}_feat") is not None:
-                paired[f"{name}_feat"] = inputs[f"{name}_feat"][pair_frames]
-                paired[f"{name}_mask"] = inputs[f"{name}_mask"][pair_frames]
-        targets = torch.cat([torch.ones(bsz, dtype=torch.long), torch.zeros(len(neg_rows), dtype=torch.long)])
-        result = itm_loss(model, paired, targets.to(rows.device), self.name)
-        result.metrics["mined"] = ratio(valid.sum(), bsz)
+                paired[f"{name}_feat"] = inputs[f"{name}_feat"].index_select(0, pair_frames)
+                paired[f"{name}_mask"] = inputs[f"{name}_mask"].index_select(0, pair_frames)
+        targets = torch.cat([torch.ones_like(rows), torch.zeros_like(rows)])
+        weights = torch.cat([torch.ones(bsz, device=rows.device), valid.float()])
+        result = itm_loss(model, paired, targets, self.name, weights)
+        result.metrics["mined"] = ratio(valid.sum(), count(weights, bsz))
         return result
 
 
@@ -362,6 +385,16 @@ class ContrastiveTask(Task):
         inputs = self.model_inputs(batch)
         inputs["has_text"] = torch.full((batch["input_ids"].shape[0],), "L" in present)
         inputs["contrastive_pairs"] = ["".join(p) for p in usable]
+        has = {"L": inputs["has_text"]}
+        has.update(
+            {
+                letter: batch[f"{name}_mask"].bool().any(1)
+                for letter, name in FRAME_STREAMS.items()
+                if f"{name}_mask" in batch
+            }
+        )
+        # the utterances of each pair with data in both streams, found here on the CPU
+        inputs["contrastive_rows"] = {f"{a}{b}": (has[a] & has[b]).nonzero().squeeze(1) for a, b in usable}
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
@@ -374,21 +407,21 @@ class ContrastiveTask(Task):
         skipped = 0
         guessed = 0  # chance: a blind guess among `count` candidates is right 1 / count of the time
         for a, b in pairs:
-            (za, ha), (zb, hb) = embedded[a], embedded[b]
-            rows = ha & hb
-            count = int(rows.sum())
-            if count < 2:
+            (za, _), (zb, _) = embedded[a], embedded[b]
+            rows = inputs["contrastive_rows"][f"{a}{b}"]
+            size = rows.numel()  # known on the host: no sync
+            if size < 2:
                 skipped += 1
                 continue
-            logits = za[rows] @ zb[rows].T / self.temperature
-            gold = torch.arange(count, device=logits.device)
+            logits = za.index_select(0, rows) @ zb.index_select(0, rows).T / self.temperature
+            gold = torch.arange(size, device=logits.device)
             per_row = (
                 F.cross_entropy(logits, gold, reduction="none")
                 + F.cross_entropy(logits.T, gold, reduction="none")
             ) / 2
             total = per_row.sum() if total is None else total + per_row.sum()
-            n += count
-            correct += int((logits.argmax(1) == gold).sum())
+            n += size
+            correct = correct + (logits.argmax(1) == gold).sum()
             guessed += 1
         reference = next(iter(embedded.values()))[0]
         device = reference.device
@@ -398,5 +431,5 @@ class ContrastiveTask(Task):
             "skipped_pairs": ratio(skipped, len(pairs), device=device),
         }
         if total is None:
-            return TaskOutput(zero_loss(reference), torch.tensor(0, device=device), metrics)
-        return TaskOutput(total / n, torch.tensor(n, device=device), metrics)
+            return TaskOutput(zero_loss(reference), count(reference, 0), metrics)
+        return TaskOutput(total / n, count(reference, n), metrics)

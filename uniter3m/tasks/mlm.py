@@ -25,7 +25,20 @@ import torch
 import torch.nn.functional as F
 
 from uniter3m.errors import ConfigError
-from uniter3m.tasks.base import Task, TaskContext, TaskOutput, encode, head, ratio, segment_states, zero_loss
+from uniter3m.tasks.base import (
+    Task,
+    TaskContext,
+    TaskOutput,
+    count,
+    encode,
+    flat_index,
+    gather_flat,
+    head,
+    mean_over,
+    ratio,
+    segment_states,
+    wants_chance,
+)
 from uniter3m.tasks.chance import majority
 from uniter3m.tasks.masking import (
     ReplaceRates,
@@ -44,24 +57,31 @@ MLM_HEAD = "cls.predictions"
 
 
 def mlm_loss(
-    model: torch.nn.Module, text_states: torch.Tensor, targets: torch.Tensor, task: str
+    model: torch.nn.Module,
+    text_states: torch.Tensor,
+    targets: torch.Tensor,
+    task: str,
+    index: torch.Tensor | None = None,
 ) -> TaskOutput:
     """Cross-entropy over the vocabulary at target tokens only; mean over target tokens.
 
     ``chance`` is the rate of the most common target token (always answering it).
+    `index`: the targets' flat positions, prepared by the data workers (see `flat_index`).
 
     The head runs on the gathered target states, not on the whole sequence (the vocabulary
     projection is the most expensive matmul of the step).
     """
-    selected = targets >= 0
-    n = selected.sum()
-    if not bool(n):
-        return TaskOutput(zero_loss(text_states), n, {"acc": ratio(0.0, n), "chance": ratio(0.0, n)})
-    logits = head(model, MLM_HEAD, task)(text_states[selected])
-    gold = targets[selected]
-    loss = F.cross_entropy(logits.float(), gold)
-    correct = (logits.argmax(-1) == gold).sum()
-    return TaskOutput(loss, n, {"acc": ratio(correct, n), "chance": majority(gold, logits.shape[-1])})
+    if index is None:
+        index = flat_index(targets.detach().cpu() >= 0)
+    n = index.numel()
+    gold = gather_flat(targets, index)
+    logits = head(model, MLM_HEAD, task)(gather_flat(text_states, index)).float()
+    loss = mean_over(F.cross_entropy(logits, gold, reduction="sum"), n)
+    total = count(text_states, n)
+    metrics = {"acc": ratio((logits.argmax(-1) == gold).sum(), total)}
+    if wants_chance(model):
+        metrics["chance"] = majority(gold, logits.shape[-1])
+    return TaskOutput(loss, total, metrics)
 
 
 class MlmTask(Task):
@@ -114,8 +134,11 @@ class MlmTask(Task):
         inputs = self.model_inputs(batch)
         inputs["input_ids"] = masked.input_ids
         inputs["mlm_targets"] = masked.targets
+        inputs["mlm_index"] = flat_index(masked.targets >= 0)
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         output = encode(model, inputs)
-        return mlm_loss(model, segment_states(output, "text"), inputs["mlm_targets"], self.name)
+        return mlm_loss(
+            model, segment_states(output, "text"), inputs["mlm_targets"], self.name, inputs["mlm_index"]
+        )

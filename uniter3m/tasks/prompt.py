@@ -30,11 +30,16 @@ from uniter3m.tasks.base import (
     TaskContext,
     TaskOutput,
     batch_streams,
+    count,
     encode,
+    flat_index,
+    gather_flat,
     head,
     keep_streams,
+    mean_over,
     ratio,
     segment_states,
+    wants_chance,
 )
 from uniter3m.tasks.chance import majority
 from uniter3m.tasks.mlm import MLM_HEAD
@@ -146,28 +151,27 @@ class PromptTask(Task):
         targets[torch.arange(len(positions)), positions] = words
         inputs = self.model_inputs(batch)
         inputs.update(input_ids=input_ids, attention_mask=txt_mask, prompt_targets=targets)
+        inputs["prompt_index"] = flat_index(targets >= 0)
         inputs["prompt_truncated"] = torch.tensor(truncated)
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         output = encode(model, inputs)
         states = segment_states(output, "text")
-        targets = inputs["prompt_targets"]
-        selected = targets >= 0
-        gold = targets[selected]
-        n = selected.sum()
-        logits = head(model, MLM_HEAD, self.name)(states[selected]).float()
+        targets, index = inputs["prompt_targets"], inputs["prompt_index"]
+        gold = gather_flat(targets, index)
+        n = index.numel()
+        total = count(states, n)
+        logits = head(model, MLM_HEAD, self.name)(gather_flat(states, index)).float()
         word_ids = self.word_ids.to(logits.device)
         word_logits = logits[:, word_ids]
         gold_word = (gold[:, None] == word_ids[None, :]).float().argmax(1)
         if self.loss_over == "vocab":
-            loss = F.cross_entropy(logits, gold)
+            loss = mean_over(F.cross_entropy(logits, gold, reduction="sum"), n)
         else:
-            loss = F.cross_entropy(word_logits, gold_word)
+            loss = mean_over(F.cross_entropy(word_logits, gold_word, reduction="sum"), n)
         correct = (word_logits.argmax(1) == gold_word).sum()
-        metrics = {
-            "acc": ratio(correct, n),
-            "chance": majority(gold_word, len(word_ids)),
-            "truncated": ratio(inputs["prompt_truncated"], n, device=n.device),
-        }
-        return TaskOutput(loss, n, metrics)
+        metrics = {"acc": ratio(correct, total), "truncated": ratio(inputs["prompt_truncated"], total)}
+        if wants_chance(model):
+            metrics["chance"] = majority(gold_word, len(word_ids))
+        return TaskOutput(loss, total, metrics)

@@ -267,6 +267,9 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping (the norm is still logged)
+    fused: bool | None = (
+        None  # fused AdamW (default: on GPU); it lets the step skip non-finite updates on the device
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimConfig:
