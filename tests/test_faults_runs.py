@@ -176,3 +176,78 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
     assert "SIGTERM received: stopped after step" in err and "--resume auto" in err
     ckpt = find_resume(tmp_path / "run", "auto")
     assert ckpt is not None and 2 <= int(ckpt.name.split("_")[1]) < 400
+
+
+def test_a_class_only_in_the_test_split_is_listed_not_silently_scored():
+    from uniter3m.data.protocols import Fold, LabelSpec, ProtocolPlan
+    from uniter3m.train.finetune import untrained_classes
+
+    spec = LabelSpec("label", ("a", "b", "c"), {"a": "a", "b": "b", "c": "c"})
+    targets = {"u1": 0, "u2": 1, "u3": 0, "u4": 2, "u5": 1}
+    plan = ProtocolPlan("generic", spec, targets, [Fold("split", ["u1", "u2"], ["u3"], ["u4", "u5"])], "uar")
+    assert untrained_classes(plan, plan.folds[0]) == ["c"]
+
+
+def test_raw_frames_far_from_unit_scale_are_warned_about_when_normalisation_is_off(
+    tmp_path, minilm_dir, caplog
+):
+    from uniter3m.cli import main
+    from uniter3m.data.dataset import JoinedDataset
+
+    frames = tmp_path / "npz"
+    frames.mkdir()
+    rows = tmp_path / "t.csv"
+    rows.write_text("id,text\n" + "".join(f"u{i},hello there\n" for i in range(3)))
+    for i in range(3):
+        np.savez(frames / f"u{i}.npz", feat=np.full((4, 3), 1e6 * (i + 1), np.float32))
+    assert (
+        main(
+            [
+                "build-feat-db",
+                "--input",
+                str(frames),
+                "--format",
+                "npz",
+                "--dtype",
+                "float32",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
+    args = [
+        "build-txt-db",
+        "--input",
+        str(rows),
+        "--id-col",
+        "id",
+        "--text-col",
+        "text",
+        "--tokenizer",
+        str(minilm_dir),
+    ]
+    assert main([*args, "--out", str(tmp_path / "t")]) == 0
+    JoinedDataset(tmp_path / "t", tmp_path / "f", normalize=False)
+    assert "reach about" in caplog.text and "set the data's normalize to true" in caplog.text
+    caplog.clear()
+    JoinedDataset(tmp_path / "t", tmp_path / "f", normalize=True)
+    assert "reach about" not in caplog.text
+
+
+def test_face_mrc_without_soft_labels_names_the_databases(tiny_dbs, tmp_path):  # noqa: F811
+    from uniter3m.cli import main
+    from uniter3m.data.store import DbReader
+
+    frames = tmp_path / "npz"
+    frames.mkdir()
+    for uid in DbReader(tiny_dbs["face"]).ids:
+        np.savez(frames / f"{uid}.npz", feat=np.ones((3, 6), np.float32))
+    assert (
+        main(["build-feat-db", "--input", str(frames), "--format", "npz", "--out", str(tmp_path / "nosoft")])
+        == 0
+    )
+    cfg = _config(dict(tiny_dbs, face=tmp_path / "nosoft"), tmp_path / "run", steps=2)
+    cfg["tasks"] = [{"name": "face_mrc", "dataset": "syn", "ratio": 1.0}]
+    with pytest.raises(ConfigError, match=r"face_mrc needs per-frame soft labels in the face databases"):
+        run_pretrain(cfg)
