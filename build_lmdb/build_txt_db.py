@@ -8,10 +8,12 @@ Example (MELD):
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from uniter3m.data.store import claim_database_dir
 from uniter3m.data.text_db import DEFAULT_MAX_LEN, TextDbSpec, build_text_db, summary_lines
+from uniter3m.errors import UserError
 
 
 def split_columns(values: list[str] | None) -> list[str]:
@@ -31,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--id-col", required=True, help="id column(s), comma-separated; several are joined with '_'"
     )
-    parser.add_argument("--text-col", required=True, help="the column holding the transcript")
+    parser.add_argument(
+        "--text-col",
+        default=None,
+        help="the column holding the transcript (required without --asr; with --asr the column written, default 'text')",
+    )
     parser.add_argument("--tokenizer", required=True, type=Path, help="local HF tokenizer directory")
     parser.add_argument("--out", required=True, type=Path, help="output database folder")
     parser.add_argument(
@@ -59,14 +65,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoding", default="utf-8", help="text encoding of the input (default utf-8)")
     parser.add_argument("--overwrite", action="store_true", help="replace a database already in --out")
+    asr = parser.add_argument_group(
+        "transcripts from recordings (--input is then a manifest id,path,start,end,...)"
+    )
+    asr.add_argument(
+        "--asr", type=Path, default=None, metavar="DIR", help="local Whisper-family model folder"
+    )
+    asr.add_argument("--asr-batch-size", type=int, default=8)
+    asr.add_argument("--asr-language", default=None, help="e.g. 'en', 'de' (default: the model detects it)")
+    asr.add_argument("--asr-max-tokens", type=int, default=128, help="longest transcript, in model tokens")
+    asr.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
 
 
 def run(args: argparse.Namespace) -> int:
     claim_database_dir(args.out.resolve(), args.overwrite)  # before any work: refuse a folder not ours
+    if args.asr is None and not args.text_col:
+        raise UserError("--text-col is required (or --asr DIR to transcribe the recordings of a manifest)")
+    with tempfile.TemporaryDirectory(prefix="uniter3m_asr_") as tmp:
+        source, text_col, extra = args.input, args.text_col or "text", None
+        if args.asr is not None:
+            from uniter3m.data.asr import Transcriber, transcribe_manifest
+
+            transcriber = Transcriber(
+                args.asr, args.device, args.asr_batch_size, args.asr_language, args.asr_max_tokens
+            )
+            source = Path(tmp) / "transcripts.jsonl"
+            extra = {"asr": transcribe_manifest(args.input, transcriber, source, text_col, progress=True)}
+        return _build(args, source, text_col, extra)
+
+
+def _build(args: argparse.Namespace, source: Path, text_col: str, extra: dict | None) -> int:
     spec = TextDbSpec(
-        input=args.input,
+        input=source,
         id_cols=split_columns([args.id_col]),
-        text_col=args.text_col,
+        text_col=text_col,
         tokenizer=args.tokenizer,
         out=args.out,
         label_cols=split_columns(args.label_col),
@@ -75,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         encoding=args.encoding,
         overwrite=args.overwrite,
+        source_extra=extra,
     )
     meta = build_text_db(spec)
     for line in summary_lines(meta):

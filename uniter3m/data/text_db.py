@@ -331,6 +331,7 @@ class TextDbSpec:
     encoding: str = "utf-8"
     overwrite: bool = False
     progress: bool | None = None  # None: tqdm decides (on for a terminal)
+    source_extra: dict[str, Any] | None = None  # more about the input, kept in meta source (e.g. asr)
 
 
 @dataclass
@@ -509,6 +510,7 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
                 "id_columns": spec.id_cols,
                 "text_column": spec.text_col,
                 "rows": len(rows),
+                **(spec.source_extra or {}),
             },
             "max_len": spec.max_len,
             "truncated": len(truncated_ids),
