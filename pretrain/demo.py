@@ -26,12 +26,13 @@ from typing import Any
 
 from uniter3m.data.synthetic import SyntheticSpec, generate_corpus, read_transcripts, write_transcripts
 from uniter3m.errors import UserError
+from uniter3m.resources import config_file
 
 REPO = Path(__file__).resolve().parents[1]
 # what the demo writes directly under --out; on a re-run the run folders among them are replaced
 RUN_FOLDERS = ("pretrain", "random_init", "finetune_pretrained", "finetune_scratch")
-DEMO_CONFIG = REPO / "configs" / "pretrain" / "demo.json"
-TINY_MODEL = REPO / "configs" / "model" / "tiny.json"
+DEMO_CONFIG = config_file("pretrain/demo.json")  # shipped in the wheel too (uniter3m/configs)
+TINY_MODEL = config_file("model/tiny.json")
 log = logging.getLogger("uniter3m.demo")
 
 

@@ -86,7 +86,9 @@ def test_older_directories_with_uniter_prefix_still_load(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     again = UniterForPretraining.from_pretrained(tmp_path)
-    assert torch.equal(again.uniter.embeddings.word_embeddings.weight, model.uniter.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        again.uniter.embeddings.word_embeddings.weight, model.uniter.embeddings.word_embeddings.weight
+    )
 
 
 def test_sharded_and_bin_hf_layouts_load(tmp_path, minilm_dir):
