@@ -270,7 +270,11 @@ def _run_demo(
     cfg = pretrain_config(dbs, out / "pretrain", tokenizer, corpus.emotions, steps)
     cfg["seed"] = seed
     _run(main, "pretrain", cfg, out / "pretrain.json")
-    pretrain_metrics = {k: v for k, v in read_metrics(out / "pretrain", "val")[-1].items() if k not in ("step", "split", "time")}
+    pretrain_metrics = {
+        k: v
+        for k, v in read_metrics(out / "pretrain", "val")[-1].items()
+        if k not in ("step", "split", "time")
+    }
     checkpoint = find_resume(out / "pretrain", "auto")
     if checkpoint is None:
         raise UserError(f"pretraining wrote no complete checkpoint under {out / 'pretrain'}")

@@ -197,7 +197,9 @@ def test_two_process_torchrun_matches_one_process_with_accumulation(tiny_dbs, tm
 @pytest.mark.slow
 def test_two_process_horovod_matches_one_process(tiny_dbs, tmp_path):
     # the venv's horovodrun, also when the venv is not activated (make test runs .venv/bin/python)
-    horovodrun = shutil.which("horovodrun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    horovodrun = shutil.which(
+        "horovodrun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
     if importlib.util.find_spec("horovod") is None or horovodrun is None:
         if os.environ.get("UNITER3M_REQUIRE_HOROVOD"):  # CI (make ci): the launcher must really run
             pytest.fail("UNITER3M_REQUIRE_HOROVOD is set but Horovod is not installed (make horovod)")
