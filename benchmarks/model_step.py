@@ -3,9 +3,11 @@
     python benchmarks/model_step.py                      # base, B=128, text 30 + face 64x342 + speech 64x768, cuda
     python benchmarks/model_step.py --device cpu --size tiny --batch 8 --steps 3   # smoke check
 
-Reports ms/step, samples/s, TFLOP/s and MFU (against a bf16 matmul measured in the same run) for
-UniterModel and, as the baseline, HF `BertModel` with SDPA attention at the same total sequence
-length, with the ratio. FLOPs count matmuls only: 6 x (weights in matmuls) x (tokens they see),
+The contenders (ours eager, ours compiled, ours packed on ragged batches, HF `BertModel` with SDPA
+eager and compiled, at the same total sequence length) are timed ROUND BY ROUND in one process:
+each round runs every contender for `--steps` steps, so a busy machine slows them alike; the
+table gives min and median ms/step over all rounds and the ratio of medians to HF SDPA. MFU is
+against a bf16 matmul measured in the same run and counts REAL (unpadded) positions only. FLOPs count matmuls only: 6 x (weights in matmuls) x (tokens they see),
 plus attention 12 x B x L^2 x H per layer (QK^T and AV, forward and backward); embeddings
 lookups, LayerNorm and softmax are not counted, so MFU is a lower bound.
 """
@@ -38,10 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ragged", action="store_true", help="pad streams to random lengths (mask path, not flash)"
     )
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; contenders alternate within each")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer")
-    p.add_argument("--no-hf", action="store_true", help="skip the HF BertModel baseline")
+    p.add_argument(
+        "--contenders",
+        default="ours,ours-compiled,ours-packed,hf,hf-compiled",
+        help="comma-separated: ours, ours-compiled (whole model), ours-packed (ragged batch, packed rows), "
+        "hf, hf-compiled",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -133,18 +140,25 @@ def train_step_fn(model, inputs: dict, device: torch.device, dtype: torch.dtype,
     return step
 
 
-def run_ours(cfg, args, device, dtype) -> dict:
+def run_ours(cfg, args, device, dtype, compiled: bool = False, packed: bool = False) -> dict:
     from uniter3m.model.uniter import UniterModel
 
     torch.manual_seed(0)
     model = UniterModel(cfg).to(device).train()
-    if args.compile:
-        for layer in model.encoder.layer:
-            layer.compile()
-    inputs = make_inputs(cfg, args, device)
+    if packed:
+        from uniter3m.data.packing import joint_mask, pack_plan
+
+        ragged = argparse.Namespace(**{**vars(args), "ragged": True})
+        inputs = make_inputs(cfg, ragged, torch.device("cpu"))
+        plan = pack_plan(joint_mask(inputs, [k for k in ("face_mask", "speech_mask") if k in inputs]))
+        inputs = {k: v.to(device) for k, v in {**inputs, **plan}.items()}
+    else:
+        inputs = make_inputs(cfg, args, device)
+    inputs["padded"] = any(not bool(v.all()) for k, v in inputs.items() if k.endswith("mask"))
+    runner = torch.compile(model) if compiled else model
 
     def forward(m, x):
-        out = m(**x)
+        out = runner(**x)
         return out.last_hidden_state, out.pooler_output
 
     lengths = {"text": args.text_len}
@@ -154,10 +168,11 @@ def run_ours(cfg, args, device, dtype) -> dict:
             lengths[name] = inputs[f"{name}_feat"].shape[1]
             dims[name] = cfg.stream(name).feat_dim
     flops = matmul_flops(cfg, args.batch, lengths, dims)
-    return measure("uniter3m UniterModel", model, inputs, forward, flops, args, device, dtype)
+    name = "uniter3m" + (" compiled" if compiled else "") + (" packed (ragged batch)" if packed else "")
+    return prepare(name, model, inputs, forward, flops, args, device, dtype)
 
 
-def run_hf(cfg, args, device, dtype, seq: int) -> dict:
+def run_hf(cfg, args, device, dtype, seq: int, compiled: bool = False) -> dict:
     from transformers import BertConfig, BertModel
 
     hf_cfg = BertConfig(
@@ -181,35 +196,41 @@ def run_hf(cfg, args, device, dtype, seq: int) -> dict:
         "attention_mask": torch.ones(args.batch, seq, dtype=torch.long, device=device),
     }
 
+    runner = torch.compile(model) if compiled else model
+
     def forward(m, x):
-        out = m(**x)
+        out = runner(**x)
         return out.last_hidden_state, out.pooler_output
 
     flops = matmul_flops(cfg, args.batch, {"text": seq}, {})
-    return measure("HF BertModel (sdpa)", model, inputs, forward, flops, args, device, dtype)
+    name = "HF BertModel (sdpa)" + (" compiled" if compiled else "")
+    return prepare(name, model, inputs, forward, flops, args, device, dtype)
 
 
-def measure(name, model, inputs, forward, flops, args, device, dtype) -> dict:
+def prepare(name, model, inputs, forward, flops, args, device, dtype) -> dict:
+    """A contender: its warmed-up step function and what it computes."""
     step = train_step_fn(model, inputs, device, dtype, forward)
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    secs = timed(step, args.steps, device)
-    sec = statistics.median(secs)
-    result = {
+    real = sum(int(v.sum()) for k, v in inputs.items() if k.endswith("mask") and v.dtype == torch.bool)
+    real = real or args.batch * sum(v.shape[1] for k, v in inputs.items() if k.endswith("mask"))
+    return {
         "model": name,
+        "step": step,
         "seq_len": sum(v.shape[1] for k, v in inputs.items() if k.endswith("mask")),
-        "ms_per_step": 1000 * sec,
-        "samples_per_s": args.batch / sec,
-        "tflops": flops / sec / 1e12,
+        "real_positions": real,
+        "flops": flops,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "times": [],
     }
-    if device.type == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model
-    return result
+
+
+def run_rounds(contenders: list[dict], args, device) -> None:
+    """Every round times every contender for `args.steps` steps, in a rotating order."""
+    for r in range(args.rounds):
+        order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+        for c in order:
+            c["times"] += timed(c["step"], args.steps, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,34 +245,71 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     cfg = load_config(args.size)
     peak = measure_matmul_peak(device, dtype)
-    rows = [run_ours(cfg, args, device, dtype)]
-    if not args.no_hf:
-        rows.append(run_hf(cfg, args, device, dtype, rows[0]["seq_len"]))
-    for row in rows:
-        row["mfu"] = row["tflops"] / peak
-
+    contenders = build_contenders(cfg, args, device, dtype)
+    run_rounds(contenders, args, device)
+    baseline = next((c for c in contenders if c["model"].startswith("HF")), contenders[0])
+    base_median = statistics.median(baseline["times"])
+    rows = []
+    for c in contenders:
+        med, low = statistics.median(c["times"]), min(c["times"])
+        # MFU on real positions: the FLOPs of the unpadded work over the measured time
+        useful = c["flops"] * c["real_positions"] / (args.batch * c["seq_len"])
+        rows.append(
+            {
+                "model": c["model"],
+                "seq_len": c["seq_len"],
+                "ms_min": 1000 * low,
+                "ms_median": 1000 * med,
+                "samples_per_s": args.batch / med,
+                "tflops": c["flops"] / med / 1e12,
+                "mfu_real": useful / med / 1e12 / peak,
+                "ratio_to_hf_sdpa": base_median / med,
+                "params_m": c["params_m"],
+            }
+        )
     title = (
         f"{args.size}: B={args.batch}, text {args.text_len} + face {args.face_frames} + speech "
         f"{args.speech_frames} frames, {args.dtype}, {device.type}"
-        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
-        f"{', compiled layers' if args.compile else ''}; matmul roof {peak:.3g} TFLOP/s"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}; "
+        f"{args.rounds} rounds x {args.steps} steps, interleaved; matmul roof {peak:.3g} TFLOP/s"
     )
     print(title)
-    print("| model | seq | ms/step | samples/s | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| contender | seq | ms/step min | ms/step median | samples/s | TFLOP/s | MFU (real positions) | speed vs HF SDPA |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['seq_len']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.0f} | "
-            f"{r['tflops']:.3g} | {r['mfu']:.2g} |"
+            f"| {r['model']} | {r['seq_len']} | {r['ms_min']:.1f} | {r['ms_median']:.1f} | "
+            f"{r['samples_per_s']:.0f} | {r['tflops']:.3g} | {r['mfu_real']:.2g} | {r['ratio_to_hf_sdpa']:.2f}x |"
         )
-    if len(rows) == 2:
-        ratio = rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
-        print(f"speed-up over HF BertModel (sdpa) at the same sequence length: {ratio:.2f}x")
     if args.json:
         args.json.write_text(
             json.dumps({"title": title, "matmul_tflops": peak, "rows": rows}, indent=2) + "\n"
         )
     return 0
+
+
+def build_contenders(cfg, args, device, dtype) -> list[dict]:
+    wanted = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    out = []
+    ours = None
+    for name in wanted:
+        if name in ("ours", "ours-compiled", "ours-packed"):
+            out.append(
+                run_ours(
+                    cfg, args, device, dtype, compiled=name == "ours-compiled", packed=name == "ours-packed"
+                )
+            )
+            ours = ours or out[-1]
+        elif name in ("hf", "hf-compiled"):
+            seq = (ours or run_ours(cfg, args, device, dtype))["seq_len"]
+            out.append(run_hf(cfg, args, device, dtype, seq, compiled=name == "hf-compiled"))
+        else:
+            raise SystemExit(
+                f"unknown contender {name!r}; use ours, ours-compiled, ours-packed, hf, hf-compiled"
+            )
+    return out
 
 
 if __name__ == "__main__":

@@ -9,8 +9,14 @@ and reports, over the steps after warm-up (the JSONL log's windows):
   measured in the same run in the same precision (bf16 on GPU, fp32 on CPU);
 - the share of step time the main rank spent waiting for the next batch.
 
-GPU:   python benchmarks/pretrain_throughput.py --size base --device cuda --utterances 20000 --steps 300
-smoke: python benchmarks/pretrain_throughput.py --size tiny --device cpu
+Contenders (`--contenders plain,packed,pad8`, and `compiled` on a GPU) run ROUND BY ROUND in one
+process: each round continues every contender's own run for `--chunk` steps (`stop_after` +
+`--resume auto`, so each run is one exact pretraining), and the table gives min / median over the
+rounds' windows (the first window of each chunk, with the worker start, is left out) and the
+ratio of medians to `plain`.
+
+GPU:   python benchmarks/pretrain_throughput.py --size base --device cuda --utterances 20000 --rounds 3 --chunk 100
+smoke: python benchmarks/pretrain_throughput.py --size tiny --device cpu --rounds 2 --chunk 10
 """
 
 from __future__ import annotations
@@ -122,6 +128,24 @@ def model_flops_per_position(size: str, mean_len: float) -> tuple[float, int]:
     return 6 * n_params + attention, n_params
 
 
+CONTENDERS = {
+    "plain": {},
+    "packed": {"batching": {"packing": True}},
+    "pad8": {"batching": {"pad_multiple": 8}},
+    "compiled": {"batching": {"pad_multiple": 8}, "compile": True},
+}
+
+
+def _merge(cfg: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(cfg))
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,70 +154,91 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--utterances", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=15, help="steps per contender per round")
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=2048, help="padded positions per batch")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--contenders", default="plain,packed,pad8", help=f"comma-separated of {sorted(CONTENDERS)}"
+    )
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep the corpus here (default: a temp dir)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    args.steps = args.rounds * args.chunk
 
     from uniter3m.recipes.pretrain.demo import default_tokenizer
     from uniter3m.recipes.pretrain.pretrain import run_pretrain
 
     from uniter3m.train.logs import read_metrics
 
+    names = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
     tokenizer = default_tokenizer()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pretrain_bench_"))
     t0 = time.perf_counter()
     dbs = build_corpus(work, args.size, args.utterances, tokenizer)
     build_s = time.perf_counter() - t0
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    run_pretrain(pretrain_config(args, dbs, out, tokenizer))
-    run_s = time.perf_counter() - t0
-
-    windows = [r for r in read_metrics(out, "train")][1:]  # the first window holds warm-up
-    if not windows:
-        print("not enough steps for a measurement after warm-up: raise --steps", file=sys.stderr)
-        return 1
-    samples = float(np.mean([w["samples_per_s"] for w in windows]))
-    positions = float(np.mean([w["positions_per_s"] for w in windows]))
-    wait = float(np.mean([w["data_wait_share"] for w in windows]))
+    base = pretrain_config(args, dbs, work / "run", tokenizer)
+    windows: dict[str, list[dict]] = {n: [] for n in names}
+    for n in names:
+        shutil.rmtree(work / f"run_{n}", ignore_errors=True)
+    for r in range(args.rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            cfg = _merge(
+                base,
+                {**CONTENDERS[n], "output_dir": str(work / f"run_{n}"), "stop_after": (r + 1) * args.chunk},
+            )
+            before = len(read_metrics(work / f"run_{n}", "train"))
+            run_pretrain(cfg, resume="auto" if r else None)
+            windows[n] += read_metrics(work / f"run_{n}", "train")[before + 1 :]  # first window: warm-up
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu and args.precision in ("auto", "bf16") else torch.float32
     peak = measure_peak_flops(device, dtype, 8192 if on_gpu else 1024)
-    mean_len = positions / samples
-    per_position, n_params = model_flops_per_position(args.size, mean_len)
-    achieved = per_position * positions
-    result = {
-        "size": args.size,
-        "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
-        "precision": args.precision,
-        "utterances": args.utterances,
-        "steps": args.steps,
-        "workers": args.workers,
-        "max_tokens": args.max_tokens,
-        "mean_positions_per_sample": round(mean_len, 1),
-        "samples_per_s": round(samples, 1),
-        "positions_per_s": round(positions, 0),
-        "model_tflops": round(achieved / 1e12, 3),
-        "peak_matmul_tflops": round(peak / 1e12, 3),
-        "mfu": round(achieved / peak, 4),
-        "data_wait_share": round(wait, 4),
-        "non_embedding_params": n_params,
-        "build_s": round(build_s, 1),
-        "run_s": round(run_s, 1),
-    }
-    print("| metric | value |\n|---|---|")
-    for key, value in result.items():
-        print(f"| {key} | {value} |")
+    rows = []
+    for n in names:
+        if not windows[n]:
+            print(f"{n}: not enough steps after warm-up: raise --chunk", file=sys.stderr)
+            return 1
+        sps = [w["samples_per_s"] for w in windows[n]]
+        pps = [w["positions_per_s"] for w in windows[n]]
+        mean_len = float(np.median(pps) / np.median(sps))
+        per_position, n_params = model_flops_per_position(args.size, mean_len)
+        rows.append(
+            {
+                "contender": n,
+                "samples_per_s_min": round(min(sps), 1),
+                "samples_per_s_median": round(float(np.median(sps)), 1),
+                "positions_per_s_median": round(float(np.median(pps)), 0),
+                "mfu_real": round(per_position * float(np.median(pps)) / peak, 4),
+                "data_wait_share": round(float(np.median([w["data_wait_share"] for w in windows[n]])), 4),
+            }
+        )
+    plain = rows[0]["samples_per_s_median"]
+    for row in rows:
+        row["ratio_to_first"] = round(row["samples_per_s_median"] / plain, 3)
+    title = (
+        f"{args.size} on {torch.cuda.get_device_name() if on_gpu else f'cpu ({torch.get_num_threads()} threads)'}, "
+        f"{args.utterances} utterances, {args.rounds} rounds x {args.chunk} steps per contender, interleaved; "
+        f"corpus build {build_s:.0f} s"
+    )
+    print(title)
+    print(
+        "| contender | samples/s min | samples/s median | positions/s median | MFU (real positions) | data wait | vs first |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['contender']} | {r['samples_per_s_min']} | {r['samples_per_s_median']} | "
+            f"{r['positions_per_s_median']:.0f} | {r['mfu_real']} | {r['data_wait_share']} | {r['ratio_to_first']}x |"
+        )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -94,7 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "A-B or A,B,C for their mean, 'all' for the mean of every layer",
     )
     rec.add_argument(
-        "--pool-frames", type=int, default=1, help="hf audio: mean-pool every K frames (MEmoBERT: 3)"
+        "--pool-frames",
+        type=int,
+        default=1,
+        help="speech (hf, compare, egemaps): mean-pool every K frames (MEmoBERT wav2vec: 3; "
+        "ComParE 10 -> 10 frames/s)",
     )
     rec.add_argument(
         "--pool", choices=TOKEN_POOLS, default="cls", help="hf vision: CLS token, mean token or pooled output"

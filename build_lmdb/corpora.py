@@ -3,6 +3,8 @@
     python -m uniter3m.recipes.build_lmdb.corpora meld    --data ../shared/data --tokenizer TOK --out db/
     python -m uniter3m.recipes.build_lmdb.corpora iemocap --data ../shared/data --tokenizer TOK --out db/
     python -m uniter3m.recipes.build_lmdb.corpora mosi    --data ../shared/data --tokenizer TOK --out db/
+    python -m uniter3m.recipes.build_lmdb.corpora emodb   --data ../shared/data --tokenizer TOK --out db/ \
+        [--pool-frames 10] [--split-dbs]
 
 Each recipe reads the corpus files in place (nothing is copied into the project), writes one
 intermediate file per database into a temporary folder (a JSONL transcript with the label
@@ -23,6 +25,16 @@ CMU-MOSI  `<out>/mosi_txt`, `<out>/mosi_audio` (73-d), `<out>/mosi_video` (100-d
           split. The validation split is carved from train BY VIDEO (speaker independent, like the
           train/test split): the `MOSI_VALID_VIDEOS` train videos with the smallest SHA-256 of their id,
           a fixed choice that needs no seed.
+EmoDB     `<out>/emodb_txt`: ids = the file stem (`03a01Fa`); text = the German sentence (identical across
+          emotions, so it carries no emotion); labels emotion (7), speaker (03..16), gender, sentence.
+          `<out>/emodb_compare`: openSMILE ComParE LLD + deltas (130-d, 100 frames/s, float32) of each
+          wav; with --pool-frames K also `<out>/emodb_compare_p{K}` (K frames mean-pooled: 100/K frames/s).
+          With --split-dbs also `<out>/emodb_txt_spk{NN}`, one text db per speaker, so pretraining can
+          read exactly the training speakers of a leave-one-speaker-out fold. With --speaker-norm also
+          `<name>_spk` for each speech db: every dimension z-scored with the mean/std of ALL frames of
+          the utterance's speaker (label-free, the per-speaker normalisation of the classic baselines).
+          With --functionals also `<out>/emodb_func`: the openSMILE ComParE_2016 functionals of each wav
+          as ONE 6373-d frame (a stream to declare in a config, e.g. "streams": {"func": "F"}).
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import json
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +293,146 @@ def build_mosi(
     return metas
 
 
-RECIPES = {"meld": build_meld, "iemocap": build_iemocap, "mosi": build_mosi}
+# ----------------------------------------------------------------------------- EmoDB
+EMODB_LABELS = ["emotion", "speaker", "gender", "sentence"]
+
+
+def emodb_rows(emodb: Path) -> list[dict[str, Any]]:
+    """One row per utterance of emodb.csv, with the wav's absolute path checked to exist."""
+    path = _need(emodb / "emodb.csv")
+    rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                wav = _need(emodb / row["wav"])
+                rows.append(
+                    {
+                        "id": row["id"],
+                        "wav": str(wav.resolve()),
+                        "text": row["text"],
+                        **{k: row[k] for k in EMODB_LABELS},
+                    }
+                )
+            except KeyError as err:
+                raise UserError(
+                    f"{path} line {line}: no column {err} (need id, wav, text, {EMODB_LABELS})"
+                ) from err
+    if not rows:
+        raise UserError(f"{path} holds no utterance")
+    return rows
+
+
+def _speech_db(manifest: Path, out: Path, pool: int, overwrite: bool) -> dict:
+    from uniter3m.data.recordings import MediaOptions
+
+    spec = FeatDbSpec(
+        input=None,
+        format="wav",
+        out=out,
+        dtype="float32",
+        overwrite=overwrite,
+        progress=False,
+        media=MediaOptions(extractor="compare", manifest=manifest, pool_frames=pool),
+    )
+    return build_feat_db(spec)
+
+
+def speaker_normalised_db(
+    src: Path, out: Path, speaker_of: Mapping[str, str], overwrite: bool = False
+) -> dict[str, Any]:
+    """A copy of feature db `src` whose frames are z-scored per speaker (statistics over every frame
+    of that speaker's utterances; no label is read)."""
+    import numpy as np
+
+    from uniter3m.data.store import DbReader
+
+    db = DbReader(src, kind="feat")
+    feats = {uid: np.asarray(db[uid]["feat"], dtype=np.float64) for uid in db.ids}
+    missing = sorted(set(feats) - set(speaker_of))
+    if missing:
+        raise UserError(f"{src}: ids without a speaker, e.g. {missing[:3]}")
+    stats = {}
+    for spk in sorted({speaker_of[u] for u in feats}):
+        frames = np.concatenate([f for u, f in feats.items() if speaker_of[u] == spk and len(f)])
+        stats[spk] = (frames.mean(0), np.maximum(frames.std(0), 1e-6))
+    with tempfile.TemporaryDirectory() as tmp:
+        for uid, f in feats.items():
+            mean, std = stats[speaker_of[uid]]
+            np.savez(Path(tmp) / f"{uid}.npz", feat=((f - mean) / std).astype(np.float32))
+        spec = FeatDbSpec(
+            input=Path(tmp), format="npz", out=out, dtype="float32", overwrite=overwrite, progress=False
+        )
+        return build_feat_db(spec)
+
+
+def functionals_db(wavs: Sequence[str], ids: Sequence[str], out: Path, overwrite: bool = False) -> dict:
+    """openSMILE ComParE_2016 functionals (6373-d) of each wav, stored as a one-frame stream."""
+    import numpy as np
+    import opensmile
+
+    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+    with tempfile.TemporaryDirectory() as tmp:
+        for uid, wav in zip(ids, wavs, strict=True):
+            feat = smile.process_file(wav).to_numpy()[:1].astype(np.float32)
+            np.savez(Path(tmp) / f"{uid}.npz", feat=feat)
+        spec = FeatDbSpec(
+            input=Path(tmp), format="npz", out=out, dtype="float32", overwrite=overwrite, progress=False
+        )
+        return build_feat_db(spec)
+
+
+def build_emodb(
+    data: Path,
+    out: Path,
+    tokenizer: Path,
+    overwrite: bool = False,
+    lexicon: str = "nrc",
+    split_dbs: bool = False,
+    pool_frames: Sequence[int] = (),
+    limit: int | None = None,
+    speaker_norm: bool = False,
+    functionals: bool = False,
+) -> dict:
+    """Text db + ComParE speech db(s) of EmoDB (`limit`: the first N rows only, for tests)."""
+    rows = emodb_rows(data / "emodb")[:limit]
+    metas: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = Path(tmp) / "emodb.jsonl"
+        _write_jsonl(jsonl, ({k: v for k, v in r.items() if k != "wav"} for r in rows))
+        metas["emodb_txt"] = _text_db(jsonl, out / "emodb_txt", tokenizer, EMODB_LABELS, overwrite, lexicon)
+        if split_dbs:
+            for spk in sorted({r["speaker"] for r in rows}):
+                part = Path(tmp) / f"emodb_{spk}.jsonl"
+                _write_jsonl(
+                    part, ({k: v for k, v in r.items() if k != "wav"} for r in rows if r["speaker"] == spk)
+                )
+                metas[f"emodb_txt_spk{spk}"] = _text_db(
+                    part, out / f"emodb_txt_spk{spk}", tokenizer, EMODB_LABELS, overwrite, lexicon
+                )
+        manifest = Path(tmp) / "manifest.csv"
+        with manifest.open("w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "path"])
+            w.writerows((r["id"], r["wav"]) for r in rows)
+        metas["emodb_compare"] = _speech_db(manifest, out / "emodb_compare", 1, overwrite)
+        for k in pool_frames:
+            if k > 1:
+                metas[f"emodb_compare_p{k}"] = _speech_db(manifest, out / f"emodb_compare_p{k}", k, overwrite)
+    if functionals:
+        metas["emodb_func"] = functionals_db(
+            [r["wav"] for r in rows], [r["id"] for r in rows], out / "emodb_func", overwrite
+        )
+    if speaker_norm:
+        speaker_of = {r["id"]: r["speaker"] for r in rows}
+        for name in [n for n in metas if n.startswith(("emodb_compare", "emodb_func"))]:
+            metas[f"{name}_spk"] = speaker_normalised_db(
+                out / name, out / f"{name}_spk", speaker_of, overwrite
+            )
+    metas["emotion_counts"] = dict(Counter(r["emotion"] for r in rows))
+    return metas
+
+
+RECIPES = {"meld": build_meld, "iemocap": build_iemocap, "mosi": build_mosi, "emodb": build_emodb}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,13 +446,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--split-dbs",
         action="store_true",
-        help="mosi: also one text db per split (mosi_txt_{train,valid,test})",
+        help="mosi: also one text db per split (mosi_txt_{train,valid,test}); emodb: one per speaker",
+    )
+    parser.add_argument(
+        "--pool-frames",
+        type=int,
+        action="append",
+        default=None,
+        help="emodb: also a speech db with every K ComParE frames mean-pooled (repeatable; e.g. 10)",
+    )
+    parser.add_argument(
+        "--functionals",
+        action="store_true",
+        help="emodb: also emodb_func, the ComParE_2016 functionals as one 6373-d frame per utterance",
+    )
+    parser.add_argument(
+        "--speaker-norm",
+        action="store_true",
+        help="emodb: also a per-speaker z-normalised copy (<name>_spk) of each speech db",
     )
     args = parser.parse_args(argv)
     try:
-        extra = {"split_dbs": True} if args.split_dbs else {}
-        if extra and args.corpus != "mosi":
-            raise UserError("--split-dbs applies to mosi only")
+        extra: dict[str, Any] = {"split_dbs": True} if args.split_dbs else {}
+        if extra and args.corpus not in ("mosi", "emodb"):
+            raise UserError("--split-dbs applies to mosi and emodb only")
+        if args.pool_frames:
+            if args.corpus != "emodb":
+                raise UserError("--pool-frames applies to emodb only")
+            extra["pool_frames"] = args.pool_frames
+        if args.speaker_norm:
+            if args.corpus != "emodb":
+                raise UserError("--speaker-norm applies to emodb only")
+            extra["speaker_norm"] = True
+        if args.functionals:
+            if args.corpus != "emodb":
+                raise UserError("--functionals applies to emodb only")
+            extra["functionals"] = True
         metas = RECIPES[args.corpus](
             args.data, args.out, args.tokenizer, args.overwrite, args.lexicon, **extra
         )

@@ -36,8 +36,10 @@ from uniter3m.train.finetune import (
     score,
     special_tokens,
     supervised_task,
+    tokenizer_record,
 )
 from uniter3m.train.precision import Precision
+from uniter3m.train.session import check_vocabulary, read_tokenizer_record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +106,7 @@ def evaluate_modalities(
     backend = init_backend(cfg.device)
     try:
         special = special_tokens(cfg.data)
+        check_vocabulary(read_tokenizer_record(ckpt), tokenizer_record(cfg.data), str(ckpt), "data.txt_db")
         model = load_finetuned(ckpt)
         cases = evaluation_cases(cfg, model.config, cases)
         plan = plan_protocol(cfg)

@@ -132,11 +132,15 @@ def extract(
 
     from uniter3m.data.collate import Collator
     from uniter3m.model.uniter import UniterModel
-    from uniter3m.train.finetune import make_dataset, special_tokens
+    from uniter3m.train.finetune import make_dataset, special_tokens, tokenizer_record
+    from uniter3m.train.session import check_vocabulary, read_tokenizer_record
 
     if pool not in POOLS:
         raise UserError(f"pool {pool!r}: use one of {', '.join(POOLS)}")
     special = special_tokens(data)
+    check_vocabulary(
+        read_tokenizer_record(checkpoint), tokenizer_record(data), str(checkpoint), "the text db"
+    )
     dataset = make_dataset(data, None)
     model = UniterModel.from_pretrained(checkpoint)
     _check_fits(model.config, dataset, checkpoint, special)

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,20 @@ from uniter3m.train.finetune import (
     score,
     special_tokens,
     supervised_task,
+    tokenizer_record,
+    untrained_classes,
 )
 from uniter3m.train.loaders import TaskStream
 from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
+from uniter3m.train.session import (
+    check_vocabulary,
+    database_digests,
+    open_run_dir,
+    read_tokenizer_record,
+    settings_on_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="auto",
         help="'auto': folds with results are kept, an interrupted fold continues from its last checkpoint",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (only a uniter3m run folder)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         summary = write_summary(cfg.output_dir, load_fold_results(cfg.output_dir))
         print(Path(cfg.output_dir, "summary.md").read_text())
         return 0 if summary else 1
-    result = run_finetune(cfg, fold=args.fold, resume=args.resume)
+    result = run_finetune(cfg, fold=args.fold, resume=args.resume, overwrite=args.overwrite)
     if result.get("summary_md"):
         print(result["summary_md"])
     print(f"results in {cfg.output_dir} (summary.md, per-fold metrics.json, best/ checkpoints)")
@@ -95,6 +110,7 @@ def run_finetune(
     fold: int | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     resume: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune fold `fold` (or every fold), write per-fold outputs and the summary.
 
@@ -107,13 +123,23 @@ def run_finetune(
             f"--resume {resume!r}: fine-tuning resumes with 'auto' (each fold from its own checkpoints)"
         )
     backend = init_backend(cfg.device)
+    run_dir = ExitStack()
     try:
         plan = plan_protocol(cfg)
         if fold is not None and not 0 <= fold < len(plan.folds):
             raise UserError(f"--fold {fold}: protocol {plan.name} has folds 0..{len(plan.folds) - 1}")
+        # A fold loop runs one fold per invocation into one folder: another fold is not a conflict.
+        other_folds = fold is not None and Path(cfg.output_dir, RESOLVED_CONFIG).is_file() and not overwrite
+        run_dir.enter_context(
+            open_run_dir(
+                cfg.output_dir, "finetune", backend, resume=bool(resume) or other_folds, overwrite=overwrite
+            )
+        )
+        recorded = Path(cfg.output_dir) / RESOLVED_CONFIG
+        if resume or other_folds:
+            settings_on_resume(recorded, cfg.model_dump(mode="json"))
         if backend.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(cfg.output_dir) / RESOLVED_CONFIG, cfg.model_dump(mode="json"))
+            atomic_write_json(recorded, cfg.model_dump(mode="json"))
         chosen = range(len(plan.folds)) if fold is None else [fold]
         results = [train_fold(cfg, plan, k, backend, resume) for k in chosen]
         summary = summary_md = None
@@ -129,6 +155,7 @@ def run_finetune(
         return {"folds": results, "test": test, "summary": summary, "summary_md": summary_md}
     finally:
         gc.collect()
+        run_dir.close()
         backend.shutdown()
 
 
@@ -150,18 +177,41 @@ def train_fold(
     t0 = time.time()
     torch.manual_seed(cfg.seed)  # identical initial head weights on every rank
     special = special_tokens(cfg.data)
-    collator = Collator(special)
+    collator = Collator(
+        special,
+        pad_multiple=cfg.batching.pad_multiple,
+        feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+        packing=cfg.batching.packing,
+    )
     train_set = make_dataset(cfg.data, fold.train)
     valid_set = make_dataset(cfg.data, fold.valid)
     model = build_finetune_model(cfg, plan, feature_dims(train_set), special).to(backend.device)
+    model.tokenizer_record = tokenizer_record(cfg.data)
+    if cfg.model.init:
+        check_vocabulary(
+            read_tokenizer_record(cfg.model.init), model.tokenizer_record, cfg.model.init, "data.txt_db"
+        )
+    untrained = untrained_classes(plan, fold)
+    if untrained and backend.is_main:
+        log.warning(
+            "fold %s: classes %s have no training utterance but %d test utterances; they are scored (the model "
+            "cannot predict them well) and listed in metrics.json as untrained_classes",
+            fold.name,
+            untrained,
+            sum(plan.label.classes[int(plan.targets[i])] in untrained for i in fold.test),
+        )
     weights = class_weights(plan, fold.train) if cfg.class_weighted and not plan.regression else None
-    task = supervised_task(model, plan, special, weights)
+    task = supervised_task(model, plan, special, weights)  # scores whole splits (no modality dropout)
+    train_task = (
+        supervised_task(model, plan, special, weights, cfg.modality_cases) if cfg.modality_cases else task
+    )
+    case_sets = {c: make_dataset(cfg.data, fold.valid, modalities=c) for c in cfg.modality_cases or []}
     if backend.is_main:
         log.info("fold %s: sizes %s; %s", fold.name, fold.sizes(), model.describe())
 
     b = cfg.batching
     stream = TaskStream(
-        task,
+        train_task,
         train_set,
         collator,
         task_index=0,
@@ -169,7 +219,7 @@ def train_fold(
         max_tokens=b.max_tokens,
         max_batch_size=b.max_batch_size,
         pool_size=b.pool_size,
-        num_workers=b.num_workers,
+        num_workers=b.workers_for(backend.device, backend.local_world_size),
         world_size=backend.world_size,
         rank=backend.rank,
         pin_memory=backend.device.type == "cuda",
@@ -202,6 +252,7 @@ def train_fold(
         precision,
         out_dir / "best",
         {"fold_index": k, "fold": fold.name},
+        cases=case_sets,
     )
     settings = LoopSettings(
         output_dir=str(out_dir),
@@ -216,15 +267,19 @@ def train_fold(
         max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
         progress=cfg.progress,
         stop_after=cfg.stop_after,
+        compile=cfg.compile,
         desc=f"fold {fold.name}",
+        databases=database_digests(
+            [*cfg.data.txt_dbs, *(p for ps in cfg.data.feat_dbs.values() for p in ps)]
+        ),
     )
-    checkpoint = find_resume(out_dir, resume)
+    checkpoint = find_resume(out_dir, resume, report=print if backend.is_main else (lambda _: None))
     if checkpoint is not None and backend.is_main:
         log.info("fold %s: resuming from %s", fold.name, checkpoint)
     loop = TrainLoop(
         settings,
         model,
-        [TrainTask("finetune", task, 1.0, stream)],
+        [TrainTask("finetune", train_task, 1.0, stream)],
         backend,
         precision,
         optimizer,
@@ -248,6 +303,12 @@ def train_fold(
     test_set = make_dataset(cfg.data, fold.test)
     test_pred = predict(best, task, test_set, cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
+    test_cases = {}
+    for case in cfg.modality_cases or []:  # the same selected model, scored once per case
+        case_pred = predict(
+            best, task, make_dataset(cfg.data, fold.test, modalities=case), cfg, backend, precision, case
+        )
+        test_cases[case] = scalars(score(plan, case_pred, fold.test))
     result = {
         "protocol": f"{plan.name}/{cfg.protocol.scheme}"
         + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
@@ -256,6 +317,7 @@ def train_fold(
         "sizes": fold.sizes(),
         "dropped_by_label": plan.dropped,
         "classes": list(plan.label.classes),
+        "untrained_classes": untrained,
         "modalities": cfg.data.used_modalities,
         "head": cfg.model.head,
         "init": cfg.model.init or cfg.model.config,
@@ -267,6 +329,7 @@ def train_fold(
         "early_stopped": stopped_early,
         "history": evaluator.history,
         "test": test_scores,
+        **({"modality_cases": list(cfg.modality_cases), "test_cases": test_cases} if test_cases else {}),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
         "predictions": _prediction_rows(plan, test_pred, fold.test),

@@ -3,11 +3,14 @@
 1. generate the synthetic three-modality corpus (uniter3m.data.synthetic; not real data);
 2. build its databases with the real commands (`uniter3m build-txt-db`, `uniter3m build-feat-db`);
 3. pretrain the `tiny` model mixing every objective (configs/pretrain/demo.json holds the mix) on the
-   train split, seeing only the corpus' WEAK labels (a noisy labeller's, as MEmoBERT's EmoCls used);
+   train split, seeing only the corpus' WEAK labels (a noisy labeller's, as MEmoBERT's EmoCls used),
+   and once more with the self-supervised objectives alone (without the weak-label ones, EmoCls and
+   prompt), to show what those bring on their own;
 4. fine-tune on the gold emotion labels of a small labelled part of the train split (the usual
-   setting where pretraining pays: much unlabelled data, few labels), once from the pretrained
-   checkpoint and once from a randomly initialised model of the same size;
-5. print the pretraining validation metrics and test UAR/WA of both fine-tunings.
+   setting where pretraining pays: much unlabelled data, few labels), from each pretrained
+   checkpoint and from a randomly initialised model of the same size;
+5. print, per objective, its validation metric, its chance level and the margin between them
+   (saying plainly which objectives stayed at chance), and the test UAR/WA of the fine-tunings.
 
 --out must be new, empty, or a folder an earlier demo made (it carries the run marker): a re-run
 replaces the demo's own pretraining and fine-tuning folders and rebuilds its databases with
@@ -30,7 +33,18 @@ from uniter3m.resources import config_file
 
 REPO = Path(__file__).resolve().parents[1]
 # what the demo writes directly under --out; on a re-run the run folders among them are replaced
-RUN_FOLDERS = ("pretrain", "random_init", "finetune_pretrained", "finetune_scratch")
+RUN_FOLDERS = (
+    "pretrain",
+    "pretrain_selfsup",
+    "random_init",
+    "finetune_pretrained",
+    "finetune_selfsup",
+    "finetune_scratch",
+)
+# objectives that learn from the (weak) emotion labels; the rest are self-supervised
+WEAK_LABEL_TASKS = frozenset({"emo_cls", "prompt", "prompt_cross"})
+# an objective whose margin over chance is below this (accuracy points, or normalised MSE) "stayed at chance"
+AT_CHANCE = 0.02
 DEMO_CONFIG = config_file("pretrain/demo.json")  # shipped in the wheel too (uniter3m/configs)
 TINY_MODEL = config_file("model/tiny.json")
 log = logging.getLogger("uniter3m.demo")
@@ -150,9 +164,15 @@ def build_databases(corpus: Any, db_dir: Path, tokenizer: Path, labelled: int) -
 
 
 def pretrain_config(
-    dbs: dict[str, Path], out: Path, tokenizer: Path, emotions: tuple[str, ...], steps: int | None
+    dbs: dict[str, Path],
+    out: Path,
+    tokenizer: Path,
+    emotions: tuple[str, ...],
+    steps: int | None,
+    selfsup: bool = False,
 ) -> dict[str, Any]:
-    """configs/pretrain/demo.json with this run's paths filled in."""
+    """configs/pretrain/demo.json with this run's paths filled in; `selfsup` drops the objectives
+    that learn from the weak emotion labels (EmoCls, prompt), leaving the self-supervised ones."""
     cfg = json.loads(DEMO_CONFIG.read_text())
     cfg["output_dir"] = str(out)
     cfg["tokenizer"] = str(tokenizer)
@@ -164,6 +184,8 @@ def pretrain_config(
         "face_db": [str(dbs["face"])],
         "speech_db": [str(dbs["speech"])],
     }
+    if selfsup:
+        cfg["tasks"] = [t for t in cfg["tasks"] if t["name"] not in WEAK_LABEL_TASKS]
     for task in cfg["tasks"]:
         if task["name"] == "emo_cls":
             task["options"]["classes"] = list(emotions)
@@ -267,32 +289,36 @@ def _run_demo(
     timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = pretrain_config(dbs, out / "pretrain", tokenizer, corpus.emotions, steps)
-    cfg["seed"] = seed
-    _run(main, "pretrain", cfg, out / "pretrain.json")
-    pretrain_metrics = {
-        k: v
-        for k, v in read_metrics(out / "pretrain", "val")[-1].items()
-        if k not in ("step", "split", "time")
-    }
-    checkpoint = find_resume(out / "pretrain", "auto")
-    if checkpoint is None:
-        raise UserError(f"pretraining wrote no complete checkpoint under {out / 'pretrain'}")
+    pretrained: dict[str, tuple[dict[str, float], Path]] = {}
+    for folder, selfsup in (("pretrain", False), ("pretrain_selfsup", True)):
+        cfg = pretrain_config(dbs, out / folder, tokenizer, corpus.emotions, steps, selfsup=selfsup)
+        cfg["seed"] = seed
+        _run(main, "pretrain", cfg, out / f"{folder}.json")
+        metrics = read_metrics(out / folder, "val")[-1]
+        checkpoint = find_resume(out / folder, "auto")
+        if checkpoint is None:
+            raise UserError(f"pretraining wrote no complete checkpoint under {out / folder}")
+        pretrained[folder] = (
+            {k: v for k, v in metrics.items() if k not in ("step", "split", "time")},
+            checkpoint,
+        )
     timings["pretrain"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    baseline_init = random_init_dir(checkpoint / "model", out / "random_init", seed)
+    baseline_init = random_init_dir(pretrained["pretrain"][1] / "model", out / "random_init", seed)
     finetuned = {}
     for name, init, folder in (
-        ("pretrained", checkpoint / "model", "finetune_pretrained"),
         ("from scratch", baseline_init, "finetune_scratch"),
+        ("self-supervised pretraining", pretrained["pretrain_selfsup"][1] / "model", "finetune_selfsup"),
+        ("full pretraining (+ weak labels)", pretrained["pretrain"][1] / "model", "finetune_pretrained"),
     ):
         cfg_ft = finetune_config(dbs, out / folder, init, corpus.emotions, finetune_epochs, seed)
         _run(main, "finetune", cfg_ft, out / f"{folder}.json")
         finetuned[name] = json.loads((out / folder / "fold00-split" / "metrics.json").read_text())
     timings["finetune"] = time.perf_counter() - t0
     return {
-        "pretrain": pretrain_metrics,
+        "pretrain": pretrained["pretrain"][0],
+        "pretrain_selfsup": pretrained["pretrain_selfsup"][0],
         "finetune": finetuned,
         "timings": timings,
         "steps": cfg["steps"],
@@ -316,25 +342,70 @@ def _metric(metrics: dict[str, Any], name: str) -> float:
     return float("nan")
 
 
+def objective_rows(metrics: dict[str, float]) -> list[tuple[str, str, float, float, float]]:
+    """(objective, metric, value, chance, margin) for every objective that logged a chance level.
+
+    The metric is the objective's accuracy, or its MSE for frame regression (lower is better, so
+    the margin is chance − MSE); a positive margin means the objective beat a blind predictor."""
+    rows = []
+    for key in sorted(metrics):
+        task, _, name = key.rpartition("/")
+        if name != "chance":
+            continue
+        metric = "mse" if f"{task}/mse" in metrics else "acc"
+        value, chance = metrics[f"{task}/{metric}"], metrics[key]
+        margin = chance - value if metric == "mse" else value - chance
+        rows.append((task, metric, value, chance, margin))
+    return rows
+
+
+def at_chance(metrics: dict[str, float]) -> list[str]:
+    """Objectives whose margin over chance is below AT_CHANCE (or not a number)."""
+    return [task for task, _, _, _, margin in objective_rows(metrics) if not margin >= AT_CHANCE]
+
+
 def format_report(results: dict[str, Any]) -> str:
+    full = results["pretrain"]
+    selfsup = results.get("pretrain_selfsup", {})
+    selfsup_rows = {row[0]: row for row in objective_rows(selfsup)}
     lines = [
         "uniter3m demo on a SYNTHETIC corpus "
         f"({results['counts']['train']} train, of which {results['counts']['labelled']} labelled for fine-tuning / "
         f"{results['counts']['valid']} valid / {results['counts']['test']} test utterances)",
         "",
-        f"Pretraining validation after {results['steps']} steps (tiny model, every objective mixed):",
-        "| task/metric | value |",
-        "|---|---|",
+        f"Pretraining validation after {results['steps']} steps (tiny model), each objective against its chance",
+        "level (what a model blind to the input scores on the same targets; mse: lower is better):",
+        "| objective | metric | all objectives | chance | margin | self-supervised only | margin |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in results["pretrain"].items()]
+    for task, metric, value, chance, margin in objective_rows(full):
+        if task in selfsup_rows:
+            other = f"{selfsup_rows[task][2]:.3f} | {selfsup_rows[task][4]:+.3f}"
+        else:
+            other = "- | -"
+        lines.append(f"| {task} | {metric} | {value:.3f} | {chance:.3f} | {margin:+.3f} | {other} |")
+    for label, metrics in (("all objectives", full), ("self-supervised only", selfsup)):
+        if not metrics:
+            continue
+        stuck = at_chance(metrics)
+        if stuck:
+            lines.append(
+                f"{label}: STAYED AT CHANCE (margin below {AT_CHANCE}): {', '.join(stuck)}; these objectives "
+                "learned nothing here"
+            )
+        else:
+            lines.append(f"{label}: every objective ended above its chance level (margin >= {AT_CHANCE}).")
     lines += [
         "",
         "Fine-tuning on the gold labels (test split, model selected on valid), in %:",
-        "| init | UAR | WA |",
-        "|---|---|---|",
+        "| init | UAR | WA | UAR gain over scratch |",
+        "|---|---|---|---|",
     ]
+    scratch = _metric(results["finetune"].get("from scratch", {}), "uar")
     for name, metrics in results["finetune"].items():
-        lines.append(f"| {name} | {_metric(metrics, 'uar'):.2f} | {_metric(metrics, 'wa'):.2f} |")
+        uar = _metric(metrics, "uar")
+        gain = "-" if name == "from scratch" else f"{uar - scratch:+.2f}"
+        lines.append(f"| {name} | {uar:.2f} | {_metric(metrics, 'wa'):.2f} | {gain} |")
     t = results["timings"]
     lines += [
         "",

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ from uniter3m.train.loaders import TaskStream, validation_loader
 from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
+from uniter3m.train.session import (
+    check_vocabulary,
+    database_digests,
+    open_run_dir,
+    read_tokenizer_record,
+    settings_on_resume,
+)
 
 log = logging.getLogger("uniter3m.pretrain")
 
@@ -51,11 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'auto': continue from the last complete checkpoint in output_dir (start fresh if none); "
         "DIR: that checkpoint",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (only a uniter3m run folder)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_pretrain(args.config, args.overrides, args.resume)
+    cfg = load_pretrain_config(args.config, args.overrides)
+    run_pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(
+        f"checkpoints and logs in {cfg.output_dir} (checkpoints/latest, logs/metrics.jsonl, logs/tensorboard)"
+    )
     return 0
 
 
@@ -63,42 +80,63 @@ def run_pretrain(
     config: str | os.PathLike | Mapping[str, Any] | PretrainConfig,
     overrides: Iterable[str] = (),
     resume: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Pretrain as the config says; returns the final validation metrics ('task/metric' -> value)."""
-    # 1. config
+    # 1. config, and the run folder: locked for the whole run, claimed (never someone else's folder)
     cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config, overrides)
     backend = init_backend(cfg.device)
     if not backend.is_main:  # one copy of the data reports, not one per rank
         logging.getLogger("uniter3m").setLevel(logging.WARNING)
     loop = optimizer = scheduler = model = None
+    run_dir = ExitStack()
     try:
+        run_dir.enter_context(
+            open_run_dir(cfg.output_dir, "pretrain", backend, resume=bool(resume), overwrite=overwrite)
+        )
+        checkpoint = find_resume(cfg.output_dir, resume, report=print if backend.is_main else _quiet)
+        changes = (
+            settings_on_resume(Path(cfg.output_dir) / "config.json", cfg.model_dump(mode="json"))
+            if checkpoint
+            else {}
+        )
         if backend.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(cfg.output_dir) / "config.json", cfg.model_dump(mode="json"))
 
         # 2. data: every text db must share one tokenizer; the special ids come from it
         readers = _DbCache()
         special, tokenizer_meta = _special_tokens(cfg, readers)
+        if cfg.model.init:
+            check_vocabulary(
+                read_tokenizer_record(cfg.model.init), tokenizer_meta, cfg.model.init, "the text dbs"
+            )
         tokenizer = _tokenizer(cfg.tokenizer, tokenizer_meta)
-        collator = Collator(special)
+        collator = Collator(
+            special,
+            pad_multiple=cfg.batching.pad_multiple,
+            feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+            packing=cfg.batching.packing,
+        )
 
         # 3. tasks, each with its training dataset (and validation dataset when it has one)
         context = TaskContext(special=special, tokenizer=tokenizer)
         active = cfg.active_tasks()
         tasks = [build_task(t.name, context, **t.options) for t in active]
         train_sets = [
-            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=False) for t in active
+            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=False, task=task)
+            for t, task in zip(active, tasks, strict=True)
         ]
         val_sets = [
-            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=True)
+            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=True, task=task)
             if cfg.datasets[t.dataset].valid is not None
             else None
-            for t in active
+            for t, task in zip(active, tasks, strict=True)
         ]
 
         # 4. model: the heads the tasks use, stream dims from the databases
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = _build_model(cfg, tasks, readers).to(backend.device)
+        model.tokenizer_record = {k: tokenizer_meta.get(k) for k in ("name", "vocab_hash", "vocab_size")}
 
         # 5. optimiser, schedule, precision
         optimizer = build_optimizer(
@@ -119,7 +157,7 @@ def run_pretrain(
                 seed=cfg.seed,
                 max_batch_size=b.max_batch_size,
                 pool_size=b.pool_size,
-                num_workers=b.num_workers,
+                num_workers=b.workers_for(backend.device, backend.local_world_size),
                 world_size=backend.world_size,
                 rank=backend.rank,
                 pin_memory=pin,
@@ -153,11 +191,14 @@ def run_pretrain(
             max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
             progress=cfg.progress,
             stop_after=cfg.stop_after,
+            compile=cfg.compile,
+            databases=database_digests(readers.paths()),
         )
-        checkpoint = find_resume(cfg.output_dir, resume)
         if checkpoint is not None and backend.is_main:
             log.info("resuming from %s", checkpoint)
         loop = TrainLoop(settings, model, train_tasks, backend, precision, optimizer, scheduler, checkpoint)
+        if "optim.lr" in changes:
+            loop.apply_lr_change(*changes["optim.lr"])
         metrics = loop.run()
         if backend.is_main and metrics:
             log.info("final validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -168,7 +209,12 @@ def run_pretrain(
             loop.close()
         del loop, scheduler, optimizer, model
         gc.collect()
+        run_dir.close()
         backend.shutdown()
+
+
+def _quiet(line: str) -> None:
+    """Damaged-checkpoint lines are printed by the main rank only."""
 
 
 # ------------------------------------------------------------------------------------ data helpers
@@ -183,6 +229,9 @@ class _DbCache:
         if key not in self._open:
             self._open[key] = DbReader(path, kind=kind)
         return self._open[key]
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self._open]
 
     def many(self, paths: Sequence[str] | None, kind: str) -> list[DbReader] | None:
         return None if paths is None else [self.get(p, kind) for p in paths]
@@ -226,7 +275,9 @@ def _tokenizer(configured: str | None, meta: dict[str, Any]) -> Any | None:
     return tokenizer
 
 
-def _dataset(ds: DataConfig, modalities: str | None, readers: _DbCache, validation: bool) -> JoinedDataset:
+def _dataset(
+    ds: DataConfig, modalities: str | None, readers: _DbCache, validation: bool, task: Any = None
+) -> JoinedDataset:
     dbs = ds.valid if validation else ds
     assert dbs is not None
     available = ds.available
@@ -237,7 +288,7 @@ def _dataset(ds: DataConfig, modalities: str | None, readers: _DbCache, validati
         raise ConfigError(
             f"a task asks for modalities {wanted} but its dataset has no {names}; add them or drop those letters"
         )
-    return JoinedDataset(
+    dataset = JoinedDataset(
         readers.many(dbs.txt_dbs, "txt"),
         feat_dbs={name: readers.many(paths, "feat") for name, paths in dbs.feat_dbs.items()},
         modalities=wanted,
@@ -246,6 +297,17 @@ def _dataset(ds: DataConfig, modalities: str | None, readers: _DbCache, validati
         normalize=ds.normalize,
         missing=ds.missing,
     )
+    for letter in getattr(task, "streams", ()):
+        if letter == "L":
+            continue
+        name = stream_table.get(letter).name
+        if name in dataset.frame_lengths and int(dataset.frame_lengths[name].sum()) == 0:
+            raise ConfigError(
+                f"task {task.name} learns from {name} frames but no utterance of its "
+                f"{'validation ' if validation else ''}dataset has any ({', '.join(dbs.feat_dbs[name])}: every "
+                f"{name} stream is empty); give it a {name} database with frames, or drop the task"
+            )
+    return dataset
 
 
 def _stream_meta(cfg: PretrainConfig, readers: _DbCache, stream: str) -> tuple[int, int] | None:

@@ -100,3 +100,16 @@ def test_inconsistent_batches_raise_naming_ids(special):
         col([example("a", 1, soft=np.ones(2, np.float32)), example("b", 1)])
     with pytest.raises(UserError, match="empty batch"):
         col([])
+
+
+def test_pad_multiple_rounds_every_stream_width_and_keeps_masks_exact(special):
+    batch = Collator(special, pad_multiple=8)(
+        [
+            example("a", 3, face=frames(9, 4, 1.0), speech=frames(2, 3, 2.0)),
+            example("b", 1, face=frames(0, 4, 0.0), speech=frames(5, 3, 1.0)),
+        ]
+    )
+    assert batch["input_ids"].shape == (2, 8) and batch["txt_mask"].sum(1).tolist() == [5, 3]
+    assert batch["face_feat"].shape == (2, 16, 4) and batch["face_mask"].sum(1).tolist() == [9, 0]
+    assert batch["speech_feat"].shape == (2, 8, 3) and batch["speech_mask"].sum(1).tolist() == [2, 5]
+    assert (batch["input_ids"][0, 5:] == special.pad_id).all() and (batch["face_feat"][0, 9:] == 0).all()

@@ -30,7 +30,7 @@ def test_synthetic_corpus_is_deterministic_and_labelled(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, minilm_dir):
     import torch
-    from uniter3m.recipes.pretrain.demo import format_report, run_demo
+    from uniter3m.recipes.pretrain.demo import WEAK_LABEL_TASKS, at_chance, format_report, run_demo
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -44,8 +44,31 @@ def test_demo_runs_end_to_end(tmp_path, minilm_dir):
     config = json.loads((REPO / "configs" / "pretrain" / "demo.json").read_text())
     names = {t["name"] for t in config["tasks"]}
     assert {key.split("/")[0] for key in results["pretrain"]} == names  # every objective validated
-    for name in ("pretrained", "from scratch"):
+    assert {f"{n}/chance" for n in names} <= set(results["pretrain"])  # ... each beside its chance level
+    selfsup = {key.split("/")[0] for key in results["pretrain_selfsup"]}
+    assert selfsup == names - WEAK_LABEL_TASKS and selfsup  # the weak-label objectives left out
+    for name in ("from scratch", "self-supervised pretraining", "full pretraining (+ weak labels)"):
         uar = results["finetune"][name]["test"]["uar"]
         assert 0.0 <= uar <= 100.0 and not math.isnan(uar)
     report = format_report(results)
-    assert "| pretrained |" in report and "| from scratch |" in report and "SYNTHETIC" in report
+    assert (
+        "SYNTHETIC" in report and "| from scratch |" in report and "| self-supervised pretraining |" in report
+    )
+    for task in names:
+        assert f"| {task} | " in report  # one row per objective, with chance and margin
+    assert ("STAYED AT CHANCE" in report) == bool(
+        at_chance(results["pretrain"]) or at_chance(results["pretrain_selfsup"])
+    )
+
+
+def test_report_names_objectives_at_chance():
+    """The verdict follows the margins: an objective at its chance level is named, whatever its metric."""
+    from uniter3m.recipes.pretrain.demo import AT_CHANCE, at_chance, objective_rows
+
+    metrics = {"mlm/acc": 0.40, "mlm/chance": 0.05, "itm/acc": 0.51, "itm/chance": 0.50,
+               "face_mrfr/mse": 0.96, "face_mrfr/chance": 0.95, "speech_mrfr/mse": 0.5,
+               "speech_mrfr/chance": 0.9, "itm/loss": 0.69}  # fmt: skip
+    rows = {task: margin for task, _, _, _, margin in objective_rows(metrics)}
+    assert rows["mlm"] == pytest.approx(0.35) and rows["speech_mrfr"] == pytest.approx(0.4)
+    assert rows["face_mrfr"] < 0  # an MSE above the mean predictor's is below chance
+    assert sorted(at_chance(metrics)) == ["face_mrfr", "itm"] and AT_CHANCE > 0

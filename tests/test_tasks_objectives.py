@@ -155,7 +155,8 @@ def test_objective_overfits_and_every_used_parameter_learns(name, batch, context
         assert out.loss.dim() == 0 and torch.isfinite(out.loss)
         assert int(out.n_targets) > 0
         for metric, (num, den) in out.metrics.items():
-            assert num.shape == () and den.shape == (), metric
+            # a scalar, or per-class counts (a majority chance level, tasks/chance.py)
+            assert num.dim() <= 1 and den.shape == (), metric
         optimiser.zero_grad()
         out.loss.backward()
         if step == 0:
@@ -266,8 +267,8 @@ def test_fom_on_noise_stays_at_chance_but_learns_structure(context, special):
 
     noise_acc, chance = run(structured=False, steps=40)
     structured_acc, _ = run(structured=True, steps=40)
-    # chance among the k shuffled slots is 1 / (k - 1); blind to WHICH slots were shuffled, the model's
-    # floor is 1 / (T - 1) = 0.09 here. A leak of the original positions would push this towards 1.
+    # chance: blind to WHICH slots were shuffled, a guess among the clip's other T - 1 slots is right
+    # 1 / (T - 1) = 0.09 of the time. A leak of the original positions would push this towards 1.
     assert noise_acc <= chance + 0.05, (
         f"noise accuracy {noise_acc:.2f} above chance {chance:.2f}: order leaks"
     )

@@ -47,11 +47,24 @@ class Collator(stream_table.CarriesStreamTable):
 
     max_txt_len: optional cap on text tokens (without [CLS]/[SEP]); the dataset normally
         truncates already (and counts it), this only guards examples built elsewhere.
+    pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
+        counts the same rounding), so a compiled step sees few distinct shapes.
+    feature_dtype: dtype of the frame tensors ("float16" on GPU: the model casts to its own dtype).
     """
 
-    def __init__(self, special: SpecialTokens, max_txt_len: int | None = None):
+    def __init__(
+        self,
+        special: SpecialTokens,
+        max_txt_len: int | None = None,
+        pad_multiple: int = 1,
+        feature_dtype: str = "float32",
+        packing: bool = False,
+    ):
         self.special = special
+        self.packing = packing  # read by the loaders: plan packed rows after the task's prepare
+        self.feature_dtype = getattr(torch, feature_dtype)  # float16 halves the host->device copy
         self.max_txt_len = max_txt_len
+        self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)
         self.streams = tuple(s.name for s in stream_table.snapshot())
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -61,6 +74,7 @@ class Collator(stream_table.CarriesStreamTable):
         batch.update(self._text(examples))
         for stream in self.streams:
             batch.update(self._frames(examples, stream))
+        batch["padded"] = self._padded(batch)
         batch["labels"] = self._labels(examples)
         soft = self._stack_optional(examples, "soft_labels")
         if soft is not None:
@@ -71,7 +85,7 @@ class Collator(stream_table.CarriesStreamTable):
         sp = self.special
         cut = slice(None, self.max_txt_len)
         tokens = [np.asarray(ex["input_ids"])[cut] for ex in examples]
-        width = max(len(t) for t in tokens) + 2
+        width = self._round(max(len(t) for t in tokens) + 2)
         b = len(examples)
         out = {
             "input_ids": _full((b, width), torch.long, sp.pad_id),
@@ -108,9 +122,9 @@ class Collator(stream_table.CarriesStreamTable):
                 "every example needs (T, D) frames with one D; rebuild the feature databases with one extractor"
             )
         dim = dims.pop()
-        b, t = len(feats), max(f.shape[0] for f in feats)
+        b, t = len(feats), self._round(max(f.shape[0] for f in feats))
         out = {
-            f"{stream}_feat": _full((b, t, dim), torch.float32),
+            f"{stream}_feat": _full((b, t, dim), self.feature_dtype),
             f"{stream}_mask": _full((b, t), torch.bool),
         }
         feat, mask = out[f"{stream}_feat"].numpy(), out[f"{stream}_mask"].numpy()
@@ -133,6 +147,16 @@ class Collator(stream_table.CarriesStreamTable):
             for i, s in enumerate(softs):
                 soft[i, : len(s)] = s
         return out
+
+    @staticmethod
+    def _padded(batch: dict[str, Any]) -> bool:
+        """Whether any mask of the batch has a False (decided here, on the CPU, once)."""
+        masks = [batch["txt_mask"], *(v for k, v in batch.items() if k.endswith("_mask"))]
+        return any(not bool(m.all()) for m in masks)
+
+    def _round(self, width: int) -> int:
+        m = self.pad_multiple
+        return (width + m - 1) // m * m
 
     @staticmethod
     def _labels(examples: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -175,6 +175,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
                     "stream: rebuild them with the same extractor"
                 )
 
+        if not normalize:
+            self._warn_large_values()
         self._report = JoinReport()
         self._join(ids)
         log.info(self._report.line())
@@ -268,6 +270,28 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         inv_std = 1.0 / np.maximum(np.asarray(std, dtype=np.float32), np.float32(std_floor))
         return mean, inv_std
 
+    LARGE_VALUE = 1e3
+
+    def _warn_large_values(self) -> None:
+        """Raw frames far from unit scale (openSMILE energies, pixel sums) make training diverge
+        (loss 1e12 with no other sign); say so when normalisation is off."""
+        for s, dbs in self.feat_dbs.items():
+            for db in dbs:
+                mean, std = db.meta.get("mean") or [0.0], db.meta.get("std") or [0.0]
+                scale = (
+                    float(np.max(np.abs(np.asarray(mean)) + np.asarray(std)))
+                    if len(mean) == len(std)
+                    else 0.0
+                )
+                if scale > self.LARGE_VALUE:
+                    log.warning(
+                        "%s frames of %s reach about %.3g with normalize off; training on them is likely to "
+                        "diverge: set the data's normalize to true (z-score with the db's mean/std)",
+                        s,
+                        db.path,
+                        scale,
+                    )
+
     # ------------------------------------------------------------------- join
     def _join(self, ids: Iterable[str] | None) -> None:
         """Build the item table (corpus index, id, lengths) from the dbs' indexes only."""
@@ -306,8 +330,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
                 paths = ", ".join(str(d.path) for d in self.feat_dbs[s])
                 raise DatabaseError(
                     f"{len(lost)} utterances of the text database have no record in the {s} database ({paths}), "
-                    f"e.g. {_examples(lost)}: rebuild the {s} database with these ids, or pass missing='drop' "
-                    "to leave them out (the count is logged)"
+                    f"e.g. {_examples(lost)}: rebuild the {s} database with these ids, or set the data's `missing` to 'drop' "
+                    "(missing='drop' in Python) to leave them out (the count is logged)"
                 )
             self._report.dropped_missing[s] = len(lost)
             self._report.dropped_examples[s] = lost[:N_EXAMPLES]
@@ -350,6 +374,12 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         self.lengths: np.ndarray = total
 
     # ------------------------------------------------------------------ access
+    @property
+    def stream_lengths(self) -> np.ndarray:
+        """(N, 1 + streams) lengths as the collator pads them: text + 2, then each stream's frames."""
+        parts = [self.txt_lengths + 2, *(self.frame_lengths[s] for s in self.streams)]
+        return np.stack(parts, axis=1)
+
     def report(self) -> JoinReport:
         """Counts of kept, dropped, truncated and empty utterances (also logged at construction)."""
         return self._report

@@ -15,6 +15,11 @@ Fold schemes:
              training sessions (deterministic, `valid_fraction`), so the test session never selects
   speaker    leave one speaker out: test = one speaker; validation = the other speaker of the same
              session; train = every other session (10 folds on IEMOCAP, 12 on MSP-IMPROV)
+  loso       leave one speaker out over a flat speaker column (EmoDB: 10 folds): test = one speaker;
+             validation = `valid_speakers` speakers drawn from the OTHER speakers (a count: the
+             next ones after the test speaker in sorted order, cyclically, so every speaker
+             validates equally often; or an explicit map {test speaker: [validation speakers]});
+             train = the rest. Deterministic: no seed, the same folds in every run.
 
 Sessions come from a `session` column or, failing that, from the dialogue name (IEMOCAP
 `Ses01F_impro01` -> `Ses01`); a speaker is (session, `speaker` column), e.g. IEMOCAP's M/F.
@@ -78,7 +83,7 @@ class ProtocolPlan:
 
 
 BUILTINS = tuple(CORPORA)
-SCHEMES = ("split", "session", "speaker")
+SCHEMES = ("split", "session", "speaker", "loso")
 
 
 def label_spec(
@@ -202,6 +207,13 @@ def split_folds(
     split_values: Mapping[str, list[str]],
 ) -> list[Fold]:
     role_of = {v: role for role, values in split_values.items() for v in values}
+    lacking = [uid for uid in ids if rows[uid].get(split_column) is None]
+    if lacking:
+        raise UserError(
+            f"{len(lacking)} of {len(ids)} rows have no split column {split_column!r} (e.g. id {lacking[0]!r}); "
+            "build the text db with that label column (--label-col ...,split), or set protocol.split_column / "
+            "protocol.scheme"
+        )
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     unknown: Counter[str] = Counter()
     for uid in ids:
@@ -286,6 +298,53 @@ def speaker_folds(
     return folds
 
 
+def loso_folds(
+    rows: Mapping[str, Mapping[str, Any]],
+    ids: list[str],
+    speaker_column: str,
+    valid_speakers: int | Mapping[str, list[str]] = 1,
+) -> list[Fold]:
+    """Leave one speaker out; validation speakers come from the training speakers, never the test one."""
+    speaker: dict[str, str] = {}
+    for uid in ids:
+        value = rows[uid].get(speaker_column)
+        if value in (None, ""):
+            raise UserError(f"id {uid!r} has no {speaker_column!r} value; the loso scheme needs one per row")
+        speaker[uid] = str(value)
+    spks = sorted(set(speaker.values()))
+    if isinstance(valid_speakers, int):
+        if not 1 <= valid_speakers <= len(spks) - 2:
+            raise ConfigError(
+                f"protocol.valid_speakers {valid_speakers}: with {len(spks)} speakers give 1..{len(spks) - 2} "
+                "(at least one speaker must remain for training)"
+            )
+        chosen = {
+            spk: [spks[(i + j) % len(spks)] for j in range(1, valid_speakers + 1)]
+            for i, spk in enumerate(spks)
+        }
+    else:
+        chosen = {str(k): [str(v) for v in vs] for k, vs in valid_speakers.items()}
+        problems = [f"no entry for test speaker {s!r}" for s in spks if s not in chosen]
+        for test, vs in chosen.items():
+            if test not in spks:
+                problems.append(f"{test!r} is not a speaker ({', '.join(spks)})")
+            problems += [f"{test!r}: validation speaker {v!r} is not a speaker" for v in vs if v not in spks]
+            if test in vs:
+                problems.append(f"{test!r} validates on itself (its test speaker)")
+            if not vs or len(set(vs) | {test}) >= len(spks):
+                problems.append(f"{test!r}: give 1..{len(spks) - 2} validation speakers, got {vs}")
+        if problems:
+            raise ConfigError("protocol.valid_speakers: " + "; ".join(problems))
+    folds = []
+    for spk in spks:
+        valid_set = set(chosen[spk])
+        train = [u for u in ids if speaker[u] != spk and speaker[u] not in valid_set]
+        valid = [u for u in ids if speaker[u] in valid_set]
+        test = [u for u in ids if speaker[u] == spk]
+        folds.append(Fold(f"{spk}-valid{'+'.join(sorted(valid_set))}", train, valid, test))
+    return folds
+
+
 def build_protocol(
     rows: Mapping[str, Mapping[str, Any]],
     name: str,
@@ -304,6 +363,7 @@ def build_protocol(
     valid_fraction: float = 0.1,
     selection_metric: str | None = None,
     source: str = "text db",
+    valid_speakers: int | Mapping[str, list[str]] = 1,
 ) -> ProtocolPlan:
     """Targets + folds for `rows` ({id: labels}); every split of every fold must be non-empty."""
     if name == "generic" and not classes and label_column:
@@ -326,6 +386,8 @@ def build_protocol(
         folds = session_folds(rows, ids, session_column, dialogue_column, valid_fraction)
     elif scheme == "speaker":
         folds = speaker_folds(rows, ids, session_column, dialogue_column, speaker_column)
+    elif scheme == "loso":
+        folds = loso_folds(rows, ids, speaker_column, valid_speakers)
     else:
         raise ConfigError(f"protocol.scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     for fold in folds:

@@ -88,15 +88,17 @@ def check_extractor(fmt: str, extractor: str) -> None:
 # --------------------------------------------------------------------------- worker stage
 
 
-def speech_stage(task: media.FileTask, kind: str, rate: int) -> list[Item]:
-    """Decode one file once; openSMILE runs here too, a neural encoder later in the main process."""
+def speech_stage(task: media.FileTask, kind: str, rate: int, pool: int = 1) -> list[Item]:
+    """Decode one file once; openSMILE runs here too (its frames mean-pooled `pool` at a time), a
+    neural encoder later in the main process."""
+    from uniter3m.data.encoders import pool_frames
     from uniter3m.data.speech import opensmile_signal_frames
 
     items = []
     for seg, audio, native in media.segment_audio(task, rate):
         item = Item(seg, upsampled=0 < native < rate)
         if kind in OPENSMILE_KINDS:
-            item.feat = opensmile_signal_frames(kind, audio, rate, seg.where())
+            item.feat = pool_frames(opensmile_signal_frames(kind, audio, rate, seg.where()), pool)
         else:
             item.audio = audio
         items.append(item)
@@ -210,13 +212,16 @@ def media_source(
             from uniter3m.data.speech import COMPARE_DIM, EGEMAPS_DIM, OPENSMILE_FRAME_RATE, OPENSMILE_RATE
 
             rate = OPENSMILE_RATE
+            if opts.pool_frames < 1:
+                raise UserError(f"--pool-frames must be >= 1, got {opts.pool_frames}")
             info["extractor"] = {
                 "name": extractor,
                 "dim": COMPARE_DIM if extractor == "compare" else EGEMAPS_DIM,
                 "sample_rate": rate,
-                "frame_rate": OPENSMILE_FRAME_RATE,
+                "frame_rate": OPENSMILE_FRAME_RATE / opts.pool_frames,
+                "pool_frames": opts.pool_frames,
             }
-            stage = partial(speech_stage, kind=extractor, rate=rate)
+            stage = partial(speech_stage, kind=extractor, rate=rate, pool=opts.pool_frames)
         else:
             from uniter3m.data.encoders import AudioEncoder
 

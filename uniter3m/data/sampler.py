@@ -4,8 +4,10 @@ One epoch, identical on every rank (it depends only on seed, epoch and the lengt
 1. shuffle all item indices with a generator seeded by (seed, epoch) (no shuffle: keep the order);
 2. cut them into pools of `pool_size` items and sort each pool by length, so a batch holds items
    of similar length (little padding) while the pools keep the epoch random;
-3. pack each sorted pool greedily: a batch's cost is its size times its longest item (what its
-   padded tensors hold), and it never exceeds `max_tokens` (nor `max_batch_size` items);
+3. pack each sorted pool greedily: a batch's cost is what the collator allocates for it, its size
+   times the sum over streams of each stream's longest item (text, face, speech are padded
+   separately, each to a multiple of `pad_multiple`), and it never exceeds `max_tokens` (nor
+   `max_batch_size` items);
 4. shuffle the order of the batches (so long batches do not all come together);
 5. pad the global batch list by repeating batches from its start until its length divides
    `num_replicas`; rank r takes batches r, r + R, r + 2R, ... Every rank thus gets the SAME
@@ -36,10 +38,12 @@ from uniter3m.errors import ConfigError, UserError
 
 
 class TokenBucketBatchSampler(Sampler[list[int]]):
-    """Yield lists of dataset indices whose padded cost (size x longest) fits `max_tokens`.
+    """Yield lists of dataset indices whose padded cost fits `max_tokens`.
 
     Args:
-        lengths: per-item cost (e.g. `JoinedDataset.lengths`: text + 2 + frames).
+        lengths: per-item lengths, either (N,) totals or (N, S) per stream (e.g.
+            `JoinedDataset.stream_lengths`: text + 2, then each frame stream's frames); with per-stream
+            lengths a batch costs size x sum of per-stream maxima, exactly what the collator pads to.
         max_tokens: the padded token budget of one batch (on one rank).
         shuffle: random epochs (training) or the dataset order with sorted pools (evaluation).
         seed: with the epoch, fixes every batch.
@@ -47,6 +51,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         max_batch_size: optional cap on the items of one batch.
         num_replicas, rank: the data-parallel world size and this process's rank.
         ids: optional item names, used in error messages.
+        pad_multiple: the collator rounds each stream's padded length up to a multiple of this.
     """
 
     def __init__(
@@ -61,12 +66,20 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         ids: Sequence[str] | None = None,
+        budget_key: str = "max_tokens",
+        pad_multiple: int = 1,
     ):
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.budget_key = budget_key  # the config key of the budget, named in errors
+        parts = np.asarray(lengths, dtype=np.int64)
+        self.parts = parts[:, None] if parts.ndim == 1 else parts
+        self.pad_multiple = int(pad_multiple)
+        if self.pad_multiple < 1:
+            raise ConfigError(f"pad_multiple={pad_multiple!r} must be an integer >= 1")
+        self.lengths = self.parts.sum(axis=1) if parts.ndim == 2 and len(parts) else parts
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             raise UserError(
                 f"the batch sampler needs a non-empty 1-d list of item lengths (got shape {self.lengths.shape}): "
-                "check that the dataset is not empty (ids filter, missing='drop')"
+                "check that the dataset is not empty (the ids of the split or fold, and the data's `missing` rule)"
             )
         if (self.lengths < 0).any():
             raise UserError(
@@ -101,29 +114,44 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self._yielded = 0  # batches handed out since construction or the last load_state_dict
         self._cache: tuple[int, list[list[int]]] | None = None
 
+    def _padded(self, widths: np.ndarray) -> int:
+        """Positions one row holds for these per-stream widths (each rounded up to pad_multiple)."""
+        m = self.pad_multiple
+        return int(((np.maximum(widths, 0) + m - 1) // m * m).sum())
+
     def _check_budget(self, ids: Sequence[str] | None) -> None:
-        over = np.flatnonzero(self.lengths > self.max_tokens)
+        m = self.pad_multiple
+        single = ((self.parts + m - 1) // m * m).sum(axis=1)
+        over = np.flatnonzero(single > self.max_tokens)
         if len(over) == 0:
             return
-        worst = int(over[np.argmax(self.lengths[over])])
+        worst = int(over[np.argmax(single[over])])
         name = f"id {ids[worst]!r}" if ids is not None else f"index {worst}"
         raise UserError(
-            f"{len(over)} items do not fit in one batch of max_tokens={self.max_tokens}: the longest is {name} with "
-            f"{int(self.lengths[worst])} tokens+frames; raise max_tokens to at least {int(self.lengths[worst])} or "
+            f"{len(over)} items do not fit in one batch of {self.budget_key}={self.max_tokens}: the longest is {name} "
+            f"with {int(single[worst])} padded tokens+frames; raise {self.budget_key} to at least "
+            f"{int(single[worst])} or "
             "lower max_txt_len / max_frames"
         )
 
     # ----------------------------------------------------------------- batches
     def _pack(self, pool: np.ndarray) -> list[list[int]]:
-        """Greedy packing of a pool sorted by ascending length: the new item is the longest."""
+        """Greedy packing of a pool sorted by ascending total length.
+
+        The cost of adding an item is computed per stream (each stream pads to its own longest),
+        so a batch never allocates more than `max_tokens` positions."""
         batches: list[list[int]] = []
         cur: list[int] = []
+        widths = np.zeros(self.parts.shape[1], dtype=np.int64)
         cap = self.max_batch_size or len(pool)
-        for idx, length in zip(pool.tolist(), self.lengths[pool].tolist(), strict=True):
-            if cur and ((len(cur) + 1) * max(length, 1) > self.max_tokens or len(cur) >= cap):
+        for idx in pool.tolist():
+            grown = np.maximum(widths, self.parts[idx])
+            if cur and ((len(cur) + 1) * max(self._padded(grown), 1) > self.max_tokens or len(cur) >= cap):
                 batches.append(cur)
                 cur = []
+                grown = self.parts[idx].copy()
             cur.append(idx)
+            widths = grown
         if cur:
             batches.append(cur)
         return batches
@@ -184,7 +212,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
             "max_batch_size": self.max_batch_size,
             "shuffle": self.shuffle,
             "n_items": len(self.lengths),
-            "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
+            "lengths_crc32": zlib.crc32(self.parts.tobytes()),
+            "pad_multiple": self.pad_multiple,
         }
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:

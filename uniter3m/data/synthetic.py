@@ -1,21 +1,40 @@
 """A SYNTHETIC three-modality emotion corpus for the demo and the tests (no real people, no real data).
 
-Every utterance gets an emotion; its words, face frames and speech frames are all drawn from
-distributions that depend on that emotion, so there is something to learn within and across
-modalities, and no single stream gives the answer away:
+Every utterance has an emotion, a speaker and a duration; its words, face frames and speech frames
+are drawn from distributions that depend on them, so each pretraining objective has a signal to
+find, and no single stream gives the emotion away (each alone is a weak cue, roughly 40-60 %):
 
-- text: real English words (the real tokenizer applies), a few neutral carrier words plus, for
-  most utterances, one or two words of the emotion taken from the NRC emotion lexicon's
-  vocabulary (so MELM finds emotion words to mask); some utterances carry no cue, a few a
-  misleading one;
-- face frames: a class prototype + a per-utterance offset + per-frame noise, with a slow drift
-  along a class direction over time (so frame order is learnable), a variable number of frames,
-  and a small share of utterances with no face at all (T = 0, as a face detector would give);
-  per-frame soft labels (a softmax of noisy class scores) for the frame-classification task;
-- speech frames: a class prototype modulated by a class-specific sinusoid over time, more frames
-  than face, plus noise;
-- a `weak_emotion` column: what a noisy automatic labeller would say (right `weak_label_accuracy`
-  of the time), for the objectives that pretrain on weak labels (EmoCls, prompt), as MEmoBERT did.
+- text: real English words (the real tokenizer applies). The speaker's habit word opens the
+  sentence ("well", "honestly", ...); then carrier words of one topic (6 topics of 8 words) follow
+  a fixed word order (each has one usual successor in its topic, taken `word_order` of the time); most utterances carry one or two
+  words of their emotion from the NRC emotion lexicon's vocabulary (the first word of each class
+  list is the most common), some none, a few a misleading one;
+- face frames: class prototype + the speaker's face style + a small per-utterance offset + a
+  course over time shared by every clip (an "expression clock": a few sinusoids of the absolute
+  frame index) + per-frame noise; a variable number of frames, a few clips with none (T = 0, as a
+  face detector would give); per-frame soft labels (a softmax of class scores of the noise-free
+  expression, plus a little noise);
+- speech frames: class prototype + the speaker's voice style + a per-utterance offset + a
+  class-specific oscillation and the clock over time + noise, more frames than face.
+
+What each objective can learn here (and what it cannot, i.e. its chance level):
+
+- MLM / WWM: a masked carrier word from the sentence's topic and its neighbours; the habit word from the
+  speaker's face and voice style. Chance: always answering the most common target word.
+- MELM / MELM+WWM: a masked emotion word from the other cue word, the face and the speech (the
+  class), then the class's most common word. Chance: the most common target word.
+- MRFR / MSRFR: a masked frame from the clip's other frames (prototype + styles are constant over
+  the clip) and the clock at its slot; only the per-frame noise is unpredictable. Chance: the error
+  of predicting the per-dimension mean.
+- MRC: a masked frame's top soft label from the clip's class and style. Chance: the majority class.
+- VFOM / SFOM: a shuffled frame's origin from the clock it carries (and the class oscillation).
+  Chance: a blind guess among the clip's other slots.
+- ITM / contrastive: matched streams share the speaker (habit word, face style, voice style) and
+  the emotion; a stream taken from another utterance usually does not. Chance: the majority target
+  (ITM), one over the candidates (contrastive).
+- prompt / EmoCls: the emotion from the cue words, face and speech, against the WEAK labels (the
+  `weak_emotion` column: a noisy labeller's guess, right `weak_label_accuracy` of the time, as
+  MEmoBERT pretrained on). Chance: the majority class.
 
 Written as files the REAL build commands read: `transcripts_{all,train,valid,test}.csv` for
 `uniter3m build-txt-db` and one `.npz` per utterance in `face/` and `speech/` (frames under
@@ -46,6 +65,8 @@ CARRIER_WORDS = (
     "after", "work", "morning", "is", "it", "a", "little", "call", "later", "with", "family", "news",
     "idea", "week", "city", "road", "book", "table", "phone", "office", "car", "window", "back", "again",
 )  # fmt: skip
+# The word each speaker opens with (speaker k uses HABIT_WORDS[k % len]): text's link to the speaker.
+HABIT_WORDS = ("well", "so", "okay", "look", "honestly", "right", "listen", "anyway", "yeah", "oh")
 SPLITS = ("train", "valid", "test")
 FIELDS = ["id", "text", "emotion", "weak_emotion", "split", "speaker"]
 
@@ -60,7 +81,7 @@ class SyntheticSpec:
     speech_dim: int = 32
     face_frames: tuple[int, int] = (4, 24)
     speech_frames: tuple[int, int] = (8, 40)
-    carrier_words: tuple[int, int] = (4, 9)  # neutral words per utterance (before the emotion cues)
+    carrier_words: tuple[int, int] = (4, 9)  # carrier words per utterance (besides habit and cue words)
     # Realistic lengths: when set, each utterance lasts exp(N(mu, sigma)) seconds and its word and
     # frame counts follow that duration (clipped to the ranges above) instead of being independent.
     duration_lognormal: tuple[float, float] | None = None
@@ -68,11 +89,16 @@ class SyntheticSpec:
     face_fps: float = 8.0
     speech_fps: float = 16.0
     split_shares: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    # Each stream alone is a weak cue (roughly 50-65 % accuracy); together they are much better.
+    # Each stream alone is a weak cue of the emotion; together they are much better.
     text_cue_rate: float = 0.5  # utterances with an emotion word of their own class
     misleading_cue_rate: float = 0.15  # ... with an emotion word of another class instead
-    prototype_scale: float = 0.15  # class separation of the frame prototypes (vs unit utterance offsets)
-    temporal_scale: float = 0.5  # size of the drift (face) and oscillation (speech) over time
+    prototype_scale: float = 0.15  # class separation of the frame prototypes (vs the styles and offsets)
+    temporal_scale: float = 0.5  # size of the class oscillation (speech) over time
+    clock_scale: float = 1.5  # size of the course over time every clip shares (frame order's signal)
+    style_scale: float = 1.0  # size of a speaker's face / voice style (matching's signal)
+    offset_scale: float = 0.5  # per-utterance offset of each stream, independent across streams
+    word_order: float = 0.8  # how often a carrier word is followed by its usual successor
+    habit_rate: float = 0.9  # utterances that open with the speaker's habit word
     empty_face_rate: float = 0.03
     weak_label_accuracy: float = 0.7  # the `weak_emotion` column: a noisy labeller's guess
     seed: int = 0
@@ -92,11 +118,29 @@ class SyntheticCorpus:
     emotions: tuple[str, ...]
 
 
-def _sentence(rng: np.random.Generator, words: list[str], n_carrier: int) -> str:
-    tokens = list(rng.choice(CARRIER_WORDS, size=n_carrier))
-    for w in words:
+TOPICS = 6  # carrier words fall into topics of len(CARRIER_WORDS) // TOPICS words each
+
+
+def _carriers(rng: np.random.Generator, successor: np.ndarray, n: int, word_order: float) -> list[str]:
+    """`n` carrier words of one topic, following the corpus's word order (else another word of the
+    topic): a masked word is predictable from the sentence's other words, and better from its
+    neighbour."""
+    size = len(CARRIER_WORDS) // TOPICS
+    topic = int(rng.integers(TOPICS))
+    index = topic * size + int(rng.integers(size))
+    words = []
+    for _ in range(n):
+        words.append(CARRIER_WORDS[index])
+        follow = rng.random() < word_order
+        index = int(successor[index]) if follow else topic * size + int(rng.integers(size))
+    return words
+
+
+def _sentence(rng: np.random.Generator, carriers: list[str], cues: list[str], habit: str | None) -> str:
+    tokens = list(carriers)
+    for w in cues:
         tokens.insert(int(rng.integers(0, len(tokens) + 1)), w)
-    return " ".join(tokens)
+    return " ".join(([habit] if habit else []) + tokens)
 
 
 def _cue_words(rng: np.random.Generator, emotion: str, spec: SyntheticSpec) -> list[str]:
@@ -110,7 +154,18 @@ def _cue_words(rng: np.random.Generator, emotion: str, spec: SyntheticSpec) -> l
     pool = EMOTION_WORDS.get(source, ())
     if not pool:
         return []
-    return list(rng.choice(pool, size=int(rng.integers(1, 3)), replace=False))
+    # Zipf-like: the first word of the list is the most common, so a known class predicts its word.
+    weights = 1.0 / np.arange(1, len(pool) + 1)
+    size = min(int(rng.integers(1, 3)), len(pool))
+    return list(rng.choice(pool, size=size, replace=False, p=weights / weights.sum()))
+
+
+def _clock(t: int, projection: np.ndarray) -> np.ndarray:
+    """The course over time every clip shares: sinusoids of the absolute frame index, projected."""
+    steps = np.arange(t)[:, None]
+    periods = np.array([6.0, 13.0, 29.0, 61.0])
+    waves = np.concatenate([np.sin(2 * np.pi * steps / periods), np.cos(2 * np.pi * steps / periods)], 1)
+    return waves @ projection
 
 
 def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = None) -> SyntheticCorpus:
@@ -126,10 +181,25 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
     rng = np.random.default_rng(spec.seed)
     n_cls = len(spec.emotions)
     face_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.face_dim))
-    face_drift = rng.normal(0, spec.temporal_scale, (n_cls, spec.face_dim))
     speech_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.speech_dim))
+    unit_proto = face_proto / np.linalg.norm(face_proto, axis=1, keepdims=True)
     speech_wave = rng.normal(0, spec.temporal_scale, (n_cls, spec.speech_dim))
     speech_freq = np.linspace(0.15, 0.6, n_cls)
+    # unit-norm directions per wave, so clock_scale is the clock's size whatever the feature dim
+    clock_face = rng.normal(0, 1, (8, spec.face_dim))
+    clock_face *= spec.clock_scale / np.linalg.norm(clock_face, axis=1, keepdims=True)
+    clock_speech = rng.normal(0, 1, (8, spec.speech_dim))
+    clock_speech *= spec.clock_scale / np.linalg.norm(clock_speech, axis=1, keepdims=True)
+    # a speaker's face and voice styles are two views of one latent (e.g. age, build), so a model
+    # can tell from the frames alone whether a face and a voice belong to the same speaker
+    latent = rng.normal(0, 1, (spec.speakers, 2))
+    face_style = latent @ rng.normal(0, spec.style_scale, (2, spec.face_dim))
+    voice_style = latent @ rng.normal(0, spec.style_scale, (2, spec.speech_dim))
+    size = len(CARRIER_WORDS) // TOPICS
+    successor = np.arange(len(CARRIER_WORDS))
+    for topic in range(TOPICS):  # one cycle through each topic's words
+        order = topic * size + rng.permutation(size)
+        successor[order] = np.roll(order, -1)
 
     rows = []
     shares = np.cumsum(spec.split_shares) / np.sum(spec.split_shares)
@@ -137,6 +207,7 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
         uid = f"syn{i:05d}"
         c = int(rng.integers(n_cls))
         emotion = spec.emotions[c]
+        spk = i % spec.speakers
         split = SPLITS[int(np.searchsorted(shares, rng.random(), side="right"))]
         if spec.duration_lognormal is None:
             n_words = int(rng.integers(*spec.carrier_words, endpoint=True))
@@ -147,15 +218,17 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
             n_words = int(np.clip(round(spec.words_per_second * seconds), *spec.carrier_words))
             t_face = int(np.clip(round(spec.face_fps * seconds), *spec.face_frames))
             t_sp = int(np.clip(round(spec.speech_fps * seconds), *spec.speech_frames))
-        text = _sentence(rng, _cue_words(rng, emotion, spec), n_words)
+        habit = HABIT_WORDS[spk % len(HABIT_WORDS)] if rng.random() < spec.habit_rate else None
+        carriers = _carriers(rng, successor, n_words, spec.word_order)
+        text = _sentence(rng, carriers, _cue_words(rng, emotion, spec), habit)
         if rng.random() < spec.empty_face_rate:
             t_face = 0
-        time_face = np.linspace(0, 1, max(t_face, 1))[:t_face, None]
-        offset = rng.normal(0, 1.0, spec.face_dim)  # who is speaking: does not average out over frames
-        face = (
-            face_proto[c] + offset + time_face * face_drift[c] + rng.normal(0, 1.0, (t_face, spec.face_dim))
-        )
-        scores = face @ face_proto.T / spec.face_dim**0.5 + rng.normal(0, 0.5, (t_face, n_cls))
+        offset = rng.normal(0, spec.offset_scale, spec.face_dim)
+        expression = face_proto[c] + face_style[spk] + offset + _clock(t_face, clock_face)
+        face = expression + rng.normal(0, 1.0, (t_face, spec.face_dim))
+        # a face classifier's scores see the expression (not the sensor noise): a masked frame's top
+        # class follows from the clip's class and style and the clock at its slot
+        scores = 3.0 * expression @ unit_proto.T + rng.normal(0, 0.3, (t_face, n_cls))
         soft = np.exp(scores - scores.max(-1, keepdims=True)) if t_face else np.zeros((0, n_cls))
         soft = soft / np.maximum(soft.sum(-1, keepdims=True), 1e-12)
         np.savez(face_dir / f"{uid}.npz", feat=face.astype(np.float32), soft_labels=soft.astype(np.float32))
@@ -163,13 +236,15 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
         steps = np.arange(t_sp)[:, None]
         speech = (
             speech_proto[c]
-            + rng.normal(0, 1.0, spec.speech_dim)
-            + np.sin(speech_freq[c] * steps + rng.uniform(0, 2 * np.pi)) * speech_wave[c]
+            + voice_style[spk]
+            + rng.normal(0, spec.offset_scale, spec.speech_dim)
+            + np.sin(speech_freq[c] * steps) * speech_wave[c]
+            + _clock(t_sp, clock_speech)
             + rng.normal(0, 1.0, (t_sp, spec.speech_dim))
         )
         np.savez(speech_dir / f"{uid}.npz", feat=speech.astype(np.float32))
         weak = emotion if rng.random() < spec.weak_label_accuracy else str(rng.choice(spec.emotions))
-        speaker = f"spk{i % spec.speakers:02d}"
+        speaker = f"spk{spk:02d}"
         rows.append(
             {
                 "id": uid,

@@ -29,13 +29,15 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
-def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+def attention_bias(mask: Tensor, dtype: torch.dtype, padded: bool | None = None) -> Tensor | None:
     """(B, L) bool keep-mask -> additive (B, 1, 1, L) bias, or None when nothing is padded.
 
+    `padded` is the collator's answer to "does this batch hold padding?" (it knows, on the CPU);
+    None asks the mask, which costs a device->host sync and breaks a compiled graph.
     A row with no valid key at all (an utterance whose every stream is empty) would make softmax
     divide 0 by 0; such rows attend to every position instead: finite, and the caller ignores them.
     """
-    if bool(mask.all()):
+    if padded is False or (padded is None and bool(mask.all())):
         return None
     keep = mask | ~mask.any(dim=1, keepdim=True)
     bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
@@ -136,9 +138,32 @@ class UniterEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, mask: Tensor, padded: bool | None = None) -> Tensor:
         """hidden (B, L, H), mask (B, L) bool (True = real position) -> (B, L, H)."""
-        bias = attention_bias(mask, compute_dtype(hidden))
+        return self.run_layers(hidden, attention_bias(mask, compute_dtype(hidden), padded))
+
+    def forward_packed(self, hidden: Tensor, src: Tensor, dst: Tensor, doc: Tensor) -> Tensor:
+        """The same layers on packed rows (see `uniter3m/data/packing.py`): the real positions of
+        `hidden` (B, L, H) are moved to rows (P, Lp) where each attends only within its utterance
+        (`doc`), then put back; padding positions come back as zeros."""
+        b, length, h = hidden.shape
+        rows, width = doc.shape
+        flat = hidden.reshape(b * length, h)
+        packed = flat.new_zeros(rows * width, h).index_copy(0, dst, flat.index_select(0, src))
+        same = doc[:, :, None] == doc[:, None, :]  # padding slots attend to padding only: finite, unused
+        dtype = compute_dtype(hidden)
+        bias = torch.zeros(same.shape, dtype=dtype, device=hidden.device).masked_fill_(
+            ~same, torch.finfo(dtype).min
+        )
+        out = self.run_layers(packed.view(rows, width, h), bias[:, None])
+        out = out.reshape(rows * width, -1)
+        return (
+            out.new_zeros(b * length, out.shape[-1])
+            .index_copy(0, src, out.index_select(0, dst))
+            .view(b, length, -1)
+        )
+
+    def run_layers(self, hidden: Tensor, bias: Tensor | None) -> Tensor:
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if recompute:

@@ -31,6 +31,7 @@ from uniter3m.model.encoder import UniterEncoder
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_FILE = "tokenizer_meta.json"  # the tokenizer a model was trained with (name, vocab_hash, size)
 TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 
@@ -50,12 +51,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class UniterOutput:
-    """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; segments name -> slice."""
+    """last_hidden_state (B, L, H); pooler_output (B, H); attention_mask (B, L) bool; `segments` name -> slice.
+
+    The segment bounds are computed when read, from the per-stream views in `stream_states`: a
+    compiled forward returns only tensors, so its graph never depends on a stream's length as a
+    Python number (which would recompile it for every length).
+    """
 
     last_hidden_state: Tensor
     pooler_output: Tensor
     attention_mask: Tensor
-    segments: dict[str, slice] = field(default_factory=dict)
+    stream_states: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T, H) view
+
+    @property
+    def segments(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, states in self.stream_states.items():
+            out[name] = slice(start, start + states.shape[1])
+            start += states.shape[1]
+        return out
 
 
 class UniterPooler(nn.Module):
@@ -129,8 +143,15 @@ class UniterModel(nn.Module):
         speech_mask: Tensor | None = None,
         face_frame_mask: Tensor | None = None,
         speech_frame_mask: Tensor | None = None,
+        padded: bool | None = None,
+        pack_src: Tensor | None = None,
+        pack_dst: Tensor | None = None,
+        pack_doc: Tensor | None = None,
         **frames: Tensor | None,
     ) -> UniterOutput:
+        """`padded=False` promises every mask given is all True (the collator knows; the model then
+        passes SDPA no mask, without asking the device); None checks the masks. `pack_*` (a plan of
+        `uniter3m.data.packing.pack_plan`) runs the encoder on packed rows; the output is the same."""
         frames.update(
             face_feat=face_feat,
             face_mask=face_mask,
@@ -148,19 +169,16 @@ class UniterModel(nn.Module):
             )
         parts: list[Tensor] = []
         masks: list[Tensor] = []
-        segments: dict[str, slice] = {}
-        start = 0
+        names: list[str] = []
 
         def add(name: str, emb: Tensor, mask: Tensor | None) -> None:
-            nonlocal start
             if mask is None:
                 mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
             elif mask.shape != emb.shape[:2]:
                 raise UserError(f"{name} mask has shape {tuple(mask.shape)}, expected {tuple(emb.shape[:2])}")
             parts.append(emb)
             masks.append(mask.to(device=emb.device, dtype=torch.bool))
-            segments[name] = slice(start, start + emb.shape[1])
-            start += emb.shape[1]
+            names.append(name)
 
         if input_ids is not None:
             add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
@@ -186,8 +204,12 @@ class UniterModel(nn.Module):
 
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)
-        hidden = self.encoder(hidden, mask)
-        return UniterOutput(hidden, self.pooler(hidden, mask), mask, segments)
+        if pack_doc is not None:
+            hidden = self.encoder.forward_packed(hidden, pack_src, pack_dst, pack_doc)
+        else:
+            hidden = self.encoder(hidden, mask, padded)
+        views = torch.split(hidden, [p.shape[1] for p in parts], dim=1)
+        return UniterOutput(hidden, self.pooler(hidden, mask), mask, dict(zip(names, views, strict=True)))
 
     def _type_embedding(self, stream: str) -> Tensor | None:
         """The shared frame type vector (row `face_type_id` of the text type table), or None for an own type."""
@@ -236,6 +258,9 @@ def write_pretrained(
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     for name, content in (extra_files or {}).items():
         atomic_write_json(directory / name, content)
+    record = getattr(model, "tokenizer_record", None)
+    if record:
+        atomic_write_json(directory / TOKENIZER_FILE, dict(record))
     architecture = "BertForMaskedLM" if any(k.startswith("cls.predictions.") for k in state) else "BertModel"
     atomic_write_json(directory / CONFIG_NAME, model.config.to_disk(architecture))
 
@@ -272,30 +297,6 @@ def normalise_key(key: str) -> str | None:
     return key
 
 
-def split_backbone(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(backbone weights in UniterModel names, everything else) from any supported layout.
-
-    Keys may carry `uniter.` (ours with heads) or `bert.` (HF BertFor*) or no prefix (UniterModel,
-    HF BertModel); heads (`cls.*`, `face_regress.*`, ...) land in the second dict unchanged.
-    """
-    backbone: dict[str, Tensor] = {}
-    others: dict[str, Tensor] = {}
-    for raw, tensor in state.items():
-        name = normalise_key(raw)
-        if name is None:
-            continue
-        key = name
-        for prefix in ("uniter.", "bert."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        if is_backbone_key(key):
-            backbone[key] = tensor
-        else:
-            others[name] = tensor
-    return backbone, others
-
-
 def tied_aliases(model: nn.Module) -> set[str]:
     """State-dict names that are a second name of an already-named parameter (tied weights)."""
     named = {name for name, _ in model.named_parameters()}
@@ -324,14 +325,3 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str | os
         "mismatched_keys": set(),
         "error_msgs": [],
     }
-
-
-def log_loading_info(model_name: str, source: str | os.PathLike, info: Mapping[str, Any]) -> None:
-    for kind, verb in (
-        ("missing_keys", "newly initialised (not in the checkpoint)"),
-        ("unexpected_keys", "unused"),
-    ):
-        keys = sorted(info[kind])
-        if keys:
-            groups = sorted({".".join(k.split(".")[:2]) for k in keys})
-            log.info("%s from %s: %d weights %s: %s", model_name, source, len(keys), verb, ", ".join(groups))

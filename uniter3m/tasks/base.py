@@ -38,7 +38,16 @@ FRAME_STREAMS = stream_table.FRAME_LETTERS  # frame letters -> names
 def model_keys() -> tuple[str, ...]:
     """The backbone's keyword arguments: text, then each frame stream's feat/mask/frame_mask."""
     frames = [k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)]
-    return ("input_ids", "attention_mask", "token_type_ids", *frames)
+    return (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "padded",
+        "pack_src",
+        "pack_dst",
+        "pack_doc",
+        *frames,
+    )
 
 
 @dataclass
@@ -87,6 +96,13 @@ def batch_streams(batch: Mapping[str, Any]) -> frozenset[str]:
         if batch.get(f"{name}_feat") is not None:
             present.add(key)
     return frozenset(present)
+
+
+def has_padding(inputs: Mapping[str, Any]) -> bool:
+    """Whether any mask the backbone will get has a False: decided on the CPU, in the data worker,
+    so the model passes SDPA no mask for unpadded batches without a device->host sync."""
+    keys = ["attention_mask", *(s.mask_key for s in stream_table.frame_streams())]
+    return any(isinstance(inputs.get(k), torch.Tensor) and not bool(inputs[k].all()) for k in keys)
 
 
 def text_absent(batch: Mapping[str, Any], special: SpecialTokens) -> bool:
@@ -182,6 +198,8 @@ class Task(stream_table.CarriesStreamTable):
         self.check_streams(batch)
         inputs = self.build(batch, generator)
         inputs.setdefault("ids", batch.get("ids"))
+        if isinstance(inputs.get("attention_mask"), torch.Tensor):
+            inputs["padded"] = has_padding(inputs)
         return inputs
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -267,10 +285,10 @@ def encode(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
 
 def segment_states(output: Any, stream: str) -> torch.Tensor:
     """Hidden states of one stream's slots, (B, T, H)."""
-    seg = output.segments.get(stream)
-    if seg is None:
+    states = output.stream_states.get(stream)
+    if states is None:
         raise UserError(f"the model output has no {stream} segment; was the {stream} stream passed?")
-    return output.last_hidden_state[:, seg]
+    return states
 
 
 def zero_loss(reference: torch.Tensor) -> torch.Tensor:
@@ -354,7 +372,13 @@ def build_task(name: str, context: TaskContext, **options: Any) -> Task:
         raise ConfigError(
             f"task {name}: option(s) {', '.join(fixed)} are fixed by the task name; use another task"
         )
-    return cls(context, name=name, **{**_defaults(key), **options, **preset})
+    try:
+        return cls(context, name=name, **{**_defaults(key), **options, **preset})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"task {name}: an option has the wrong type or value ({type(err).__name__}: {err}); options given: "
+            f"{options}; see the {cls.__name__} docstring for each option's type"
+        ) from None
 
 
 def _accepted_options(cls: type) -> set[str]:

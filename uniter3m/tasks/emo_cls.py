@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from uniter3m.data.labels import lookup_targets
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import Task, TaskContext, TaskOutput, encode, head, ratio, zero_loss
+from uniter3m.tasks.chance import majority
 
 EMO_HEAD = "emo_classifier"
 
@@ -139,7 +140,9 @@ class EmoClsTask(Task):
         filtered = ratio((~keep).sum(), keep.numel(), device=keep.device)
         if not bool(n):
             return TaskOutput(
-                zero_loss(output.pooler_output), n, {"acc": ratio(0.0, n), "filtered": filtered}
+                zero_loss(output.pooler_output),
+                n,
+                {"acc": ratio(0.0, n), "chance": ratio(0.0, n), "filtered": filtered},
             )
         logits = head(model, EMO_HEAD, self.name)(output.pooler_output[keep]).float()
         if logits.shape[-1] != len(self.classes):
@@ -155,4 +158,9 @@ class EmoClsTask(Task):
             gold = inputs["emo_targets"][keep]
             loss = F.cross_entropy(logits, gold)
         correct = (logits.argmax(-1) == gold).sum()
-        return TaskOutput(loss, n, {"acc": ratio(correct, n), "filtered": filtered})
+        metrics = {
+            "acc": ratio(correct, n),
+            "chance": majority(gold, len(self.classes)),
+            "filtered": filtered,
+        }
+        return TaskOutput(loss, n, metrics)

@@ -8,9 +8,12 @@ model adds position embeddings in slot order, so a frame carries no trace of whe
 answer leaked.)
 
 The shuffle is a random cycle over the chosen slots, so every shuffled frame really moves. On
-frames without content (noise) the model can do no better than guessing: for a slot known to be
-shuffled, 1 / (k − 1) among the other k − 1 shuffled positions, and less since it cannot see
-which slots were shuffled; the ``chance`` metric reports 1 / (k − 1) averaged over targets.
+frames without content (noise) the model can do no better than guessing. It knows a scored slot
+was shuffled (only those are scored), so its own position is never the answer, but it cannot see
+which of the clip's other T − 1 slots were shuffled: every one of them is equally likely to be the
+origin, and a blind guess is right 1 / (T − 1) of the time. The ``chance`` metric reports that,
+averaged over targets. (An earlier formula, 1 / (k − 1) over the k shuffled slots, assumed the
+model knows which slots were shuffled; it lay above what a blind model can reach.)
 """
 
 from __future__ import annotations
@@ -104,6 +107,5 @@ class FrameOrderTask(Task):
         gold = targets[selected]
         loss = F.cross_entropy(logits, gold)
         correct = (logits.argmax(-1) == gold).sum()
-        shuffled_per_clip = selected.sum(1, keepdim=True).expand_as(targets)[selected].float()
-        chance = (1.0 / (shuffled_per_clip - 1).clamp(min=1)).sum()
+        chance = (1.0 / (lengths.float() - 1).clamp(min=1)).sum()
         return TaskOutput(loss, n, {"acc": ratio(correct, n), "chance": ratio(chance, n)})

@@ -32,6 +32,7 @@ from uniter3m.tasks.base import (
     segment_states,
     zero_loss,
 )
+from uniter3m.tasks.chance import majority, mean_prediction_error
 from uniter3m.tasks.masking import ReplaceRates, check_rate, choose_frames, choose_spans, corrupt_frames
 
 
@@ -98,6 +99,7 @@ class FrameRegressionTask(MaskedFrameTask):
     """MRFR / MSRFR: regress the ORIGINAL input frame (as normalised in the batch) at every target.
 
     Loss: squared error averaged over feature dimensions, then mean over target frames.
+    ``chance``: the same error for predicting the per-dimension mean of the target frames.
     Head: ``face_regress`` / ``speech_regress``.
     """
 
@@ -113,10 +115,11 @@ class FrameRegressionTask(MaskedFrameTask):
         states, selected = self.target_states(model, inputs)
         n = inputs["frame_targets"].sum()
         if not bool(n):
-            return TaskOutput(zero_loss(states), n, {"mse": ratio(0.0, n)})
+            return TaskOutput(zero_loss(states), n, {"mse": ratio(0.0, n), "chance": ratio(0.0, n)})
         prediction = head(model, self.head_name, self.name)(selected).float()
         per_frame = F.mse_loss(prediction, inputs["frame_values"], reduction="none").mean(-1)
-        return TaskOutput(per_frame.mean(), n, {"mse": ratio(per_frame.sum(), n)})
+        metrics = {"mse": ratio(per_frame.sum(), n), "chance": mean_prediction_error(inputs["frame_values"])}
+        return TaskOutput(per_frame.mean(), n, metrics)
 
 
 class FrameSoftLabelTask(MaskedFrameTask):
@@ -124,6 +127,7 @@ class FrameSoftLabelTask(MaskedFrameTask):
 
     Loss: KL summed over classes, mean over target frames. Frames whose soft label sums to 0 (no
     label) are not targets; they are counted in the ``unlabelled`` metric. Head: ``face_classifier``.
+    ``acc``: the predicted top class is the soft label's top class; ``chance``: the majority top class.
     """
 
     def __init__(self, context: TaskContext, **options: Any) -> None:
@@ -151,12 +155,16 @@ class FrameSoftLabelTask(MaskedFrameTask):
         n = labelled.sum()
         unlabelled = ratio((~labelled).sum(), labelled.numel())
         if not bool(n):
-            metrics = {"acc": ratio(0.0, n), "unlabelled": unlabelled}
+            metrics = {"acc": ratio(0.0, n), "chance": ratio(0.0, n), "unlabelled": unlabelled}
             return TaskOutput(zero_loss(states), n, metrics)
         logits = head(model, self.head_name, self.name)(selected[labelled]).float()
         target = inputs["frame_soft"][labelled]
         log_q = F.log_softmax(logits, -1)
         kl = F.kl_div(log_q, target, reduction="none").sum(-1)
         correct = (logits.argmax(-1) == target.argmax(-1)).sum()
-        metrics = {"acc": ratio(correct, n), "unlabelled": unlabelled}
+        metrics = {
+            "acc": ratio(correct, n),
+            "chance": majority(target.argmax(-1), target.shape[-1]),
+            "unlabelled": unlabelled,
+        }
         return TaskOutput(kl.mean(), n, metrics)

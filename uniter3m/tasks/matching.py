@@ -37,6 +37,7 @@ from uniter3m.tasks.base import (
     text_absent,
     zero_loss,
 )
+from uniter3m.tasks.chance import majority
 
 ITM_HEAD = "itm"
 TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags")
@@ -147,7 +148,8 @@ def itm_loss(
     loss = F.cross_entropy(logits, targets)
     correct = (logits.argmax(-1) == targets).sum()
     negatives = (targets == 0).sum()
-    return TaskOutput(loss, n, {"acc": ratio(correct, n), "neg_rate": ratio(negatives, n)})
+    metrics = {"acc": ratio(correct, n), "chance": majority(targets, 2), "neg_rate": ratio(negatives, n)}
+    return TaskOutput(loss, n, metrics)
 
 
 class MatchingTask(Task):
@@ -370,6 +372,7 @@ class ContrastiveTask(Task):
         n = 0
         correct = 0
         skipped = 0
+        guessed = 0  # chance: a blind guess among `count` candidates is right 1 / count of the time
         for a, b in pairs:
             (za, ha), (zb, hb) = embedded[a], embedded[b]
             rows = ha & hb
@@ -386,10 +389,12 @@ class ContrastiveTask(Task):
             total = per_row.sum() if total is None else total + per_row.sum()
             n += count
             correct += int((logits.argmax(1) == gold).sum())
+            guessed += 1
         reference = next(iter(embedded.values()))[0]
         device = reference.device
         metrics = {
             "acc": ratio(correct, n, device=device),
+            "chance": ratio(guessed, n, device=device),
             "skipped_pairs": ratio(skipped, len(pairs), device=device),
         }
         if total is None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from uniter3m.errors import ConfigError
 from uniter3m.tasks.base import Task, TaskContext, TaskOutput, encode, head, ratio, segment_states, zero_loss
+from uniter3m.tasks.chance import majority
 from uniter3m.tasks.masking import (
     ReplaceRates,
     check_rate,
@@ -47,18 +48,20 @@ def mlm_loss(
 ) -> TaskOutput:
     """Cross-entropy over the vocabulary at target tokens only; mean over target tokens.
 
+    ``chance`` is the rate of the most common target token (always answering it).
+
     The head runs on the gathered target states, not on the whole sequence (the vocabulary
     projection is the most expensive matmul of the step).
     """
     selected = targets >= 0
     n = selected.sum()
     if not bool(n):
-        return TaskOutput(zero_loss(text_states), n, {"acc": ratio(0.0, n)})
+        return TaskOutput(zero_loss(text_states), n, {"acc": ratio(0.0, n), "chance": ratio(0.0, n)})
     logits = head(model, MLM_HEAD, task)(text_states[selected])
     gold = targets[selected]
     loss = F.cross_entropy(logits.float(), gold)
     correct = (logits.argmax(-1) == gold).sum()
-    return TaskOutput(loss, n, {"acc": ratio(correct, n)})
+    return TaskOutput(loss, n, {"acc": ratio(correct, n), "chance": majority(gold, logits.shape[-1])})
 
 
 class MlmTask(Task):

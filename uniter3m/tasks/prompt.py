@@ -36,6 +36,7 @@ from uniter3m.tasks.base import (
     ratio,
     segment_states,
 )
+from uniter3m.tasks.chance import majority
 from uniter3m.tasks.mlm import MLM_HEAD
 
 
@@ -166,6 +167,7 @@ class PromptTask(Task):
         correct = (word_logits.argmax(1) == gold_word).sum()
         metrics = {
             "acc": ratio(correct, n),
+            "chance": majority(gold_word, len(word_ids)),
             "truncated": ratio(inputs["prompt_truncated"], n, device=n.device),
         }
         return TaskOutput(loss, n, metrics)

