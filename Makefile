@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean horovod wheel-check ci
 
 venv: $(STAMP)
 
@@ -27,6 +27,20 @@ demo: venv
 test: venv
 	$(VENV)/bin/python -m pytest -q tests
 
+# Horovod built from its sdist (scripts/install_horovod.sh); the wheel is cached under build/wheels,
+# so only the first run pays the ~2 min build. With it installed, `make test` runs the horovodrun test.
+horovod: venv
+	PYTHON=$(PY) scripts/install_horovod.sh
+
+# Build the wheel, install it in a fresh venv outside the checkout, run a short demo from there.
+wheel-check: venv
+	PYTHON=$(PY) TORCH=$(TORCH) scripts/check_wheel.sh
+
+# What CI runs (.ci/run): Horovod, the suite with the horovodrun test required, the wheel check.
+ci: horovod
+	UNITER3M_REQUIRE_HOROVOD=1 $(MAKE) test
+	$(MAKE) wheel-check
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -35,4 +49,4 @@ bench: venv
 	$(VENV)/bin/python benchmarks/data_throughput.py --quick
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache build

@@ -5,6 +5,8 @@
     uniter3m convert --from memobert --src model_step_N.pt   --out OURS   # MEmoBERT research code
     uniter3m convert --from uniter   --src model_step_N.pt   --out OURS   # UNITER research code
     uniter3m convert --to hf-bert    --src OURS              --out HF_DIR # our text encoder -> HF BERT
+                                                                          # (a fine-tuned text classifier ->
+                                                                          #  BertForSequenceClassification)
 
 The key mapping lives in `uniter3m.model.conversion` (pure functions); this recipe reads the
 source, builds the model the weights describe (frame dims from the tensor shapes), checks every
@@ -25,19 +27,11 @@ import torch
 from uniter3m.errors import UserError
 from uniter3m.fileio import atomic_write_bytes, atomic_write_json
 from uniter3m.model import conversion as conv
+from uniter3m.model.card import copy_tokenizer, find_tokenizer_dir, native_loading_note, write_model_card
 
 SOURCE_KINDS = ("hf-bert", "tf-bert", "uniter", "memobert")
 TARGET_KINDS = ("hf-bert",)
 REPORT_NAME = "conversion_report.json"
-TOKENIZER_FILES = (
-    "vocab.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--to hf-bert: export the encoder only (BertModel keys), even when the checkpoint has an MLM head",
     )
     parser.add_argument(
+        "--no-head",
+        action="store_true",
+        help="--to hf-bert of a fine-tuned checkpoint: export the encoder without its classifier",
+    )
+    parser.add_argument(
         "--allow-new",
         action="append",
         default=[],
@@ -90,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         )
     _check_out(args.out, args.overwrite)
     if args.target_kind:
-        report = export_to_hf_bert(args.src, args.out, with_mlm_head=not args.no_mlm_head)
+        report = export_to_hf_bert(
+            args.src, args.out, with_mlm_head=not args.no_mlm_head, with_head=not args.no_head
+        )
     else:
         report = convert_to_ours(
             args.source_kind, args.src, args.out, args.model_config, args.seed, allow_new=args.allow_new
@@ -137,7 +138,7 @@ def convert_to_ours(
     model.save_pretrained(out)
     if not heads:
         (out / "heads.json").unlink(missing_ok=True)  # a stale file from an earlier --overwrite run
-    copied = _copy_tokenizer(loaded.tokenizer_dir, out) if loaded.tokenizer_dir else []
+    copied = copy_tokenizer(loaded.tokenizer_dir, out)
     _write_report(
         out,
         report,
@@ -148,30 +149,95 @@ def convert_to_ours(
         tokenizer=copied,
         allow_new=list(allow_new),
     )
+    architecture = "BertForMaskedLM" if "mlm" in heads else "BertModel"
+    write_model_card(
+        out,
+        f"uniter3m checkpoint converted from {kind}",
+        f"`{src}` ({kind}) in uniter3m form"
+        + (
+            ""
+            if copied
+            else "; no tokenizer files were found beside the source: add the ones it was trained with"
+        )
+        + ".",
+        transformers_use=native_loading_note(architecture),
+        sections={
+            "Config": config.to_dict(),
+            "Conversion": {"new": report.new, "ignored": sorted(report.ignored)},
+        },
+    )
     return report
 
 
 # ------------------------------------------------------------------------------ out of ours
-def export_to_hf_bert(src: str | Path, out: str | Path, with_mlm_head: bool = True) -> conv.ConversionReport:
-    """Our checkpoint dir -> an HF BERT dir (config.json in HF form + model.safetensors)."""
+def export_to_hf_bert(
+    src: str | Path, out: str | Path, with_mlm_head: bool = True, with_head: bool = True
+) -> conv.ConversionReport:
+    """Our checkpoint dir -> an HF BERT dir (config.json in HF form + model.safetensors + tokenizer).
+
+    A fine-tuned text-only classifier (`finetune.json`, modalities L, linear head) becomes a
+    `BertForSequenceClassification` with id2label/label2id, so `transformers.pipeline(
+    "text-classification", model=out)` predicts what `uniter3m evaluate` does; `with_head=False`
+    exports its encoder alone. Other checkpoints give BertForMaskedLM (with an MLM head) or BertModel.
+    """
     from safetensors.torch import save
 
+    from uniter3m.model.finetuning import FINETUNE_FILE
     from uniter3m.model.loading import read_checkpoint
 
     src, out = Path(src), Path(out)
     loaded = read_checkpoint(src)  # a damaged file or a config that disagrees: a clear error, naming it
     config = loaded.config
-    state, report = conv.export_hf_bert(loaded.state, with_mlm_head=with_mlm_head)
+    spec_file = src / FINETUNE_FILE
+    spec = json.loads(spec_file.read_text(encoding="utf-8")) if spec_file.is_file() else None
+    if spec is not None and with_head:
+        modalities = spec.get("modalities", "L")
+        if modalities != "L":
+            raise UserError(
+                f"{src} was fine-tuned on modalities {modalities}: a text-only BERT classifier would not make "
+                "its predictions; export the encoder alone with --no-head, or fine-tune with data.modalities=L"
+            )
+        state, report = conv.export_hf_classifier(loaded.state, spec["head"], spec["classes"])
+        hf_config = conv.hf_classifier_config(config.to_dict(), spec["head"], spec["classes"])
+    else:
+        state, report = conv.export_hf_bert(loaded.state, with_mlm_head=with_mlm_head)
+        architecture = "BertForMaskedLM" if any(k.startswith("cls.") for k in state) else "BertModel"
+        hf_config = conv.hf_bert_config(config.to_dict(), architecture)
     if not state:
         raise UserError(f"{src} holds no text-encoder weights (embeddings.*, encoder.*): nothing to export")
-    architecture = "BertForMaskedLM" if any(k.startswith("cls.") for k in state) else "BertModel"
+    architecture = hf_config["architectures"][0]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     atomic_write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_json(out / "config.json", conv.hf_bert_config(config.to_dict(), architecture))
-    copied = _copy_tokenizer(src, out)
+    atomic_write_json(out / "config.json", hf_config)
+    tok_dir = find_tokenizer_dir([src, (spec or {}).get("tokenizer")])
+    copied = copy_tokenizer(tok_dir, out)
     _write_report(
         out, report, src=src, kind="uniter3m -> hf-bert", architecture=architecture, tokenizer=copied
+    )
+    use = (
+        f'`transformers.pipeline("text-classification", model=DIR)` or '
+        f"`transformers.{architecture}.from_pretrained(DIR)`"
+        if architecture == "BertForSequenceClassification"
+        else f"`transformers.{architecture}.from_pretrained(DIR)` (and `AutoTokenizer.from_pretrained(DIR)`)"
+    )
+    write_model_card(
+        out,
+        f"{architecture} exported from uniter3m",
+        f"Text encoder{' and classifier' if spec and with_head else ''} of the uniter3m checkpoint `{src}`, "
+        "in plain transformers form. Frame streams (face/speech) are not part of it."
+        + (
+            ""
+            if copied
+            else " No tokenizer files were found beside the source: add the ones it was trained with."
+        ),
+        transformers_use=use,
+        sections={
+            "Config": hf_config,
+            "Labels": (spec or {}).get("classes"),
+            "Validation (selection)": (spec or {}).get("valid"),
+            "Conversion": {"ignored": sorted(report.ignored), "tokenizer files": copied},
+        },
     )
     return report
 
@@ -184,17 +250,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UserError(
             f"--out {out} is not empty; pass --overwrite to write into it or choose another folder"
         )
-
-
-def _copy_tokenizer(folder: Path, out: Path) -> list[str]:
-    """Copy the tokenizer files found next to the source, so the output is self-contained."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        file = folder / name
-        if file.is_file() and file.resolve() != (out / name).resolve():
-            atomic_write_bytes(out / name, file.read_bytes())
-            copied.append(name)
-    return copied
 
 
 def _write_report(out: Path, report: conv.ConversionReport, **context: Any) -> None:

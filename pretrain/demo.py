@@ -29,6 +29,7 @@ from typing import Any
 
 from uniter3m.data.synthetic import SyntheticSpec, generate_corpus, read_transcripts, write_transcripts
 from uniter3m.errors import UserError
+from uniter3m.resources import config_file
 
 REPO = Path(__file__).resolve().parents[1]
 # what the demo writes directly under --out; on a re-run the run folders among them are replaced
@@ -44,8 +45,8 @@ RUN_FOLDERS = (
 WEAK_LABEL_TASKS = frozenset({"emo_cls", "prompt", "prompt_cross"})
 # an objective whose margin over chance is below this (accuracy points, or normalised MSE) "stayed at chance"
 AT_CHANCE = 0.02
-DEMO_CONFIG = REPO / "configs" / "pretrain" / "demo.json"
-TINY_MODEL = REPO / "configs" / "model" / "tiny.json"
+DEMO_CONFIG = config_file("pretrain/demo.json")  # shipped in the wheel too (uniter3m/configs)
+TINY_MODEL = config_file("model/tiny.json")
 log = logging.getLogger("uniter3m.demo")
 
 

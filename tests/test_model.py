@@ -148,7 +148,8 @@ def test_hf_masked_lm_directory_loads_backbone_and_mlm_head(tmp_path):
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_model(face={"projection": True})
     model.save_pretrained(tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "uniter3m"
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["model_type"] == "bert" and saved["uniter3m_format"] == 2  # HF-readable, and ours
     loaded, info = UniterModel.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     assert loaded.config == model.config

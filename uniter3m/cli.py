@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("uniter3m.recipes.downstream.convert", "convert BERT/UNITER/MEmoBERT checkpoints"),
     "extract": ("uniter3m.recipes.downstream.extract", "write utterance embeddings to h5/npz"),
     "demo": ("uniter3m.recipes.pretrain.demo", "full run on a bundled synthetic corpus"),
+    "config": ("uniter3m.recipes.downstream.config_show", "config show: print a resolved config (JSON/YAML)"),
 }
 
 

@@ -1,4 +1,7 @@
-"""Typed JSON configs: load, apply `--set key=value` overrides, validate with pydantic.
+"""Typed configs (JSON or YAML): load, apply `--set key=value` overrides, validate with pydantic.
+
+A `.yaml`/`.yml` file holds the same schema as the JSON one (comments allowed); `config_text`
+renders a resolved config for `uniter3m config show`.
 
 Every config class is a pydantic model with `extra="forbid"`. A config with several mistakes
 raises ONE `ConfigError` that lists every bad key with its dotted path, so a user fixes them
@@ -28,9 +31,15 @@ class StrictModel(BaseModel):
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    """A config file as a dict: JSON, or YAML by suffix (`.yaml`/`.yml`); a missing relative path that
+    names a shipped config (`configs/model/tiny.json`) reads the shipped copy."""
+    from uniter3m.resources import resolve_config_path
+
+    path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix in YAML_SUFFIXES:
+        return _read_yaml(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -40,6 +49,32 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
     return data
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def config_text(data: Mapping[str, Any], fmt: str = "json") -> str:
+    """A resolved config as JSON (default) or YAML text."""
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(json.loads(json.dumps(dict(data))), sort_keys=False)
+    return json.dumps(data, indent=2)
 
 
 def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:

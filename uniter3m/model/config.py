@@ -24,6 +24,10 @@ from uniter3m.fileio import atomic_write_json
 
 MODEL_TYPE = "uniter3m"
 CONFIG_NAME = "config.json"
+# Saved config.json files are HF BERT configs (model_type "bert") that also carry our fields and
+# this marker, so transformers reads the text backbone and we read the whole model (see `to_disk`).
+FORMAT_KEY = "uniter3m_format"
+DISK_FORMAT = 2
 HiddenAct = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish"]
 
 
@@ -145,7 +149,7 @@ class UniterConfig(StrictModel):
         cls, data: Mapping[str, Any], source: str = "model config", **overrides: Any
     ) -> UniterConfig:
         """Validate `data` with `overrides` merged in (nested dicts merge key by key)."""
-        merged = _deep_merge(dict(data), overrides)
+        merged = _deep_merge(from_disk(data), overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
@@ -159,7 +163,21 @@ class UniterConfig(StrictModel):
         return self.model_dump(mode="json")
 
     def to_json(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, self.to_dict())
+        atomic_write_json(path, self.to_disk())
+
+    def to_disk(self, architecture: str = "BertModel") -> dict[str, Any]:
+        """The saved `config.json`: an HF BERT config (`architecture`, model_type "bert") whose extra
+        fields (face, speech, streams, ...) and `uniter3m_format` marker only uniter3m reads."""
+        data = self.to_dict()
+        data.pop("model_type")
+        return {
+            "architectures": [architecture],
+            "model_type": "bert",
+            FORMAT_KEY: DISK_FORMAT,
+            **data,
+            "position_embedding_type": "absolute",
+            "tie_word_embeddings": True,
+        }
 
     @classmethod
     def from_hf_bert(
@@ -194,9 +212,23 @@ class UniterConfig(StrictModel):
                 f"{path}: no {CONFIG_NAME}; give a directory written by save_pretrained or an HF BERT model folder"
             )
         data = read_json(file)
-        if data.get("model_type") == MODEL_TYPE:
+        if is_ours(data):
             return cls.from_dict(data, str(file), **overrides)
         return cls.from_hf_bert(data, str(file), **overrides)
+
+
+def is_ours(data: Mapping[str, Any]) -> bool:
+    """A config.json written by uniter3m (this format, or the older model_type "uniter3m" one)."""
+    return data.get("model_type") == MODEL_TYPE or FORMAT_KEY in data
+
+
+def from_disk(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Our fields of a saved config.json: the HF view (architectures, model_type "bert", anything
+    transformers adds when it re-saves) is dropped; other configs pass unchanged."""
+    if FORMAT_KEY not in data:
+        return dict(data)
+    fields = set(UniterConfig.model_fields)
+    return {**{k: v for k, v in data.items() if k in fields}, "model_type": MODEL_TYPE}
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from uniter3m.errors import UserError
 StateDict = dict[str, torch.Tensor]
 
 BACKBONE = "uniter."
+HF_BACKBONE = "bert."  # our `uniter.` on disk, where HF BertFor* models keep their backbone
 TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 TF_INSTALL_HINT = "pip install 'uniter3m[tf]'"
 
@@ -693,6 +694,56 @@ def hf_bert_config(config: Mapping[str, Any], architecture: str = "BertModel") -
         **{k: config[k] for k in keys},
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
+    }
+
+
+def export_hf_classifier(
+    state: Mapping[str, torch.Tensor], head: str, classes: Sequence[str]
+) -> tuple[StateDict, ConversionReport]:
+    """A fine-tuned text model (`uniter.*` + `head.net.*`) -> BertForSequenceClassification names.
+
+    Only a `linear` head (dropout + Linear on the pooled [CLS], exactly HF's classifier) or a
+    linear `regression` head has an HF equivalent; any other head is a UserError.
+    """
+    if head not in ("linear", "regression"):
+        raise UserError(
+            f"a {head!r} head has no BertForSequenceClassification equivalent (only 'linear' and 'regression' "
+            "heads do): fine-tune with model.head=linear to export a classifier, or pass --no-head to export "
+            "the encoder alone"
+        )
+    report = ConversionReport(source_kind="uniter3m")
+    out: StateDict = {}
+    full = to_full_namespace(state)
+    for key, tensor in full.items():
+        name = key[len(BACKBONE) :] if key.startswith(BACKBONE) else None
+        if name is not None and _HF_TEXT_KEYS.match(name):
+            _put(out, report, HF_BACKBONE + name, key, tensor)
+        elif key in ("head.net.1.weight", "head.net.1.bias"):
+            _put(out, report, "classifier." + key.rsplit(".", 1)[1], key, tensor)
+        elif name is not None and frame_stream_name(name):
+            report.ignore(key, "frame-stream weight: BERT has no face/speech input")
+        else:
+            report.ignore(key, "no place in BertForSequenceClassification")
+    if "classifier.weight" not in out:
+        raise UserError("the checkpoint has no linear head (head.net.1.*): is it a fine-tuned `best` dir?")
+    rows = out["classifier.weight"].shape[0]
+    if rows != (1 if head == "regression" else len(classes)):
+        raise UserError(f"the head has {rows} outputs but finetune.json lists {len(classes)} classes")
+    return out, report
+
+
+def frame_stream_name(name: str) -> bool:
+    return bool(re.match(r"^\w+_embeddings\.", name)) and not name.startswith("embeddings.")
+
+
+def hf_classifier_config(config: Mapping[str, Any], head: str, classes: Sequence[str]) -> dict[str, Any]:
+    """HF config of a BertForSequenceClassification export: labels by index, the problem type."""
+    labels = ["score"] if head == "regression" else list(classes)
+    return {
+        **hf_bert_config(config, "BertForSequenceClassification"),
+        "id2label": {str(i): c for i, c in enumerate(labels)},
+        "label2id": {c: i for i, c in enumerate(labels)},
+        "problem_type": "regression" if head == "regression" else "single_label_classification",
     }
 
 

@@ -15,7 +15,7 @@ Building the model for a corpus (checkpoint, streams, tokenizer, verbaliser) is 
 engine's job (`uniter3m/train/finetune.py`); this module knows no corpus.
 
 Saved fine-tuned models are ordinary checkpoint dirs (`config.json` + `model.safetensors`, backbone
-under `uniter.`) plus `finetune.json` (head, classes, verbaliser, prompt, modalities), so
+under `bert.` as in HF BertFor* models) plus `finetune.json` (head, classes, verbaliser, prompt, modalities), so
 `UniterModel.from_pretrained` can start a new fine-tuning from them and `load_finetuned` restores
 the whole model for evaluation.
 """
@@ -39,6 +39,7 @@ from uniter3m.model.heads import ClassificationHead, MlmHead, RegressionHead
 from uniter3m.model.uniter import (
     UniterModel,
     load_weights,
+    model_key,
     read_state_dict,
     tied_aliases,
     write_pretrained,
@@ -207,8 +208,48 @@ def freeze(model: FinetuneModel, layers: int, embeddings: bool) -> None:
 def save_finetuned(
     model: FinetuneModel, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None
 ) -> None:
-    spec = model.spec.to_dict() | dict(extra or {})
+    """Write the model, `finetune.json` (head spec + `extra`), the run's tokenizer files and a model card.
+
+    The tokenizer and the card's config come from the run's resolved `config.json`, two folders up
+    (`<output_dir>/fold<K>-<name>/best`), unless `extra["tokenizer"]` names the tokenizer folder.
+    """
+    from uniter3m.model.card import (
+        copy_tokenizer,
+        native_loading_note,
+        read_run_config,
+        run_tokenizer_dir,
+        write_model_card,
+    )
+
+    directory = Path(directory)
+    run_config = read_run_config(directory.parent.parent)
+    tok_dir = (extra or {}).get("tokenizer") or run_tokenizer_dir(run_config)
+    spec = model.spec.to_dict() | dict(extra or {}) | ({"tokenizer": str(tok_dir)} if tok_dir else {})
     write_pretrained(model, directory, extra_files={FINETUNE_FILE: spec})
+    copied = copy_tokenizer(tok_dir, directory)
+    text_only = spec.get("modalities") == "L" and spec["head"] in ("linear", "regression")
+    export = (
+        " As a text-only model with a linear head it exports to a transformers classifier: "
+        "`uniter3m convert --to hf-bert --src DIR --out HF_DIR` writes a BertForSequenceClassification "
+        "(`transformers.pipeline('text-classification', model=HF_DIR)`)."
+        if text_only
+        else ""
+    )
+    write_model_card(
+        directory,
+        f"uniter3m emotion model ({spec.get('protocol') or 'fine-tuned'}, {spec['head']} head)",
+        f"Fine-tuned on modalities {spec.get('modalities')}, fold {spec.get('fold')}, classes "
+        f"{', '.join(map(str, spec['classes']))}; selected at step {spec.get('step')} on the validation split."
+        + ("" if copied else " No tokenizer files were found for this run.")
+        + export,
+        transformers_use=native_loading_note("BertModel")
+        + " `uniter3m evaluate --checkpoint DIR` scores it per modality case.",
+        sections={
+            "Validation metrics (selection)": spec.get("valid"),
+            "Data": (run_config or {}).get("data"),
+            "Run config": run_config,
+        },
+    )
 
 
 def _deep_update(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
@@ -233,7 +274,7 @@ def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:
     spec = HeadSpec(**{k: v for k, v in raw.items() if k in known})
     config = UniterConfig.from_pretrained(directory)
     model = FinetuneModel(UniterModel(config), spec)
-    state = read_state_dict(directory)
+    state = {model_key(k): t for k, t in read_state_dict(directory).items()}
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - tied_aliases(model)
     if missing or result.unexpected_keys:

