@@ -35,6 +35,7 @@ from uniter3m import streams as stream_table
 from uniter3m.config import load_config, read_json
 from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.fileio import atomic_write_bytes, fsync_dir
+from uniter3m.progress import disabled
 from uniter3m.train.config import DataConfig
 
 POOLS = ("cls", "mean", "pooler")
@@ -159,7 +160,7 @@ def extract(
     label_rows: list[dict[str, Any]] = [{} for _ in range(len(dataset))]
     start = 0
     with torch.no_grad():
-        for batch in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
+        for batch in tqdm(loader, desc="extract", disable=disabled(progress), unit="batch"):
             out = model(
                 input_ids=batch["input_ids"].to(dev),
                 attention_mask=batch["txt_mask"].to(dev),

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-db": ("uniter3m.recipes.build_lmdb.merge_db", "join feature databases (e.g. --shard K/N outputs)"),
     "pretrain": ("uniter3m.recipes.pretrain.pretrain", "pretrain with a mix of tasks"),
     "finetune": ("uniter3m.recipes.downstream.finetune", "fine-tune and test on an emotion corpus"),
+    "summary": ("uniter3m.recipes.downstream.summary", "mean ± std over fine-tuning runs (seeds)"),
     "evaluate": ("uniter3m.recipes.downstream.evaluate", "score a checkpoint per modality case"),
     "convert": ("uniter3m.recipes.downstream.convert", "convert BERT/UNITER/MEmoBERT checkpoints"),
     "extract": ("uniter3m.recipes.downstream.extract", "write utterance embeddings to h5/npz"),

@@ -81,8 +81,81 @@ def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, 
         total = np.sum([np.asarray(r["test"]["confusion"]) for r in results], axis=0)
         plot_confusion(total, results[0]["classes"], out / "confusion.png", title=f"{name}: test, all folds")
         summary["confusion"] = total.tolist()
+        summary["per_class"] = per_class(total, results[0]["classes"])
+        md += [
+            "",
+            "Per class, over the test utterances of all folds:",
+            "",
+            *per_class_table(summary["per_class"]),
+        ]
+        atomic_write_bytes(out / "summary.md", ("\n".join(md) + "\n").encode())
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def per_class(confusion: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall and F1 (percent) and support of each class, from a confusion matrix (rows = gold)."""
+    m = np.asarray(confusion, dtype=np.float64)
+    out = {}
+    for i, name in enumerate(classes):
+        tp, predicted, gold = m[i, i], m[:, i].sum(), m[i].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / gold if gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[str(name)] = {
+            "precision": 100 * precision,
+            "recall": 100 * recall,
+            "f1": 100 * f1,
+            "support": int(gold),
+        }
+    return out
+
+
+def per_class_table(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {c} | {v['precision']:.2f} | {v['recall']:.2f} | {v['f1']:.2f} | {v['support']} |"
+        for c, v in rows.items()
+    ]
+    return lines
+
+
+def summarize_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
+    """Mean ± std over runs (seeds) of each run's fold mean: the Markdown table (also `out`.md/.json).
+
+    Every run must be the same protocol; a run without `summary.json` is an error naming it."""
+    summaries = []
+    for run in run_dirs:
+        file = Path(run) / "summary.json"
+        if not file.is_file():
+            raise UserError(
+                f"{run} has no summary.json: run `uniter3m finetune` (or `--summarize`) there first"
+            )
+        summaries.append((Path(run), json.loads(file.read_text())))
+    cols = [c for c in summaries[0][1]["mean"] if all(c in s["mean"] for _, s in summaries)]
+    stats = {c: mean_std([s["mean"][c] for _, s in summaries]) for c in cols}
+    md = [
+        f"{len(summaries)} run(s) ({', '.join(str(p) for p, _ in summaries)}); each run's mean over its folds, "
+        "then mean ± std over the runs",
+        "",
+        "| run | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    md += [f"| {p.name} | " + " | ".join(f"{s['mean'][c]:.2f}" for c in cols) + " |" for p, s in summaries]
+    md.append("| **mean ± std** | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in stats.values()) + " |")
+    text = "\n".join(md) + "\n"
+    if out is not None:
+        stem = Path(out)
+        atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+        atomic_write_json(
+            stem.with_suffix(".json"),
+            {
+                "runs": [str(p) for p, _ in summaries],
+                "mean": {c: m for c, (m, _) in stats.items()},
+                "std": {c: sd for c, (_, sd) in stats.items()},
+            },
+        )
+    return text
 
 
 def plot_confusion(

@@ -20,6 +20,7 @@ import numpy as np
 
 from uniter3m.data import media
 from uniter3m.errors import UserError
+from uniter3m.progress import disabled
 
 MANIFEST_COLUMNS = ("id", "path", "start", "end")
 
@@ -126,7 +127,7 @@ def transcribe_manifest(
     tasks = media.file_tasks(segments)
     from tqdm.auto import tqdm
 
-    for task in tqdm(tasks, desc="asr", unit="file", disable=not progress):
+    for task in tqdm(tasks, desc="asr", unit="file", disable=disabled(progress)):
         cut = media.segment_audio(task, transcriber.sample_rate)
         empty = [seg.id for seg, audio, _ in cut if len(audio) == 0]
         if empty:

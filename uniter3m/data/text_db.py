@@ -37,6 +37,7 @@ import numpy as np
 from uniter3m.data.store import DbWriter
 from uniter3m.data.tokenization import encode_text, load_tokenizer, special_tokens, vocab_hash
 from uniter3m.errors import UserError
+from uniter3m.progress import disabled
 
 NRC_EMOTIONS = frozenset({"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"})
 DEFAULT_MAX_LEN = 512 - 2  # room for [CLS] and [SEP] in a 512-position BERT
@@ -532,8 +533,8 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
 
 
 def tqdm_disable(progress: bool | None) -> bool | None:
-    """tqdm's `disable` for a progress flag: None lets tqdm decide (on for a terminal)."""
-    return None if progress is None else not progress
+    """tqdm's `disable` for a progress flag (see `uniter3m.progress`): on only for a terminal."""
+    return disabled(progress)
 
 
 def discard_partial(writer: DbWriter) -> None:

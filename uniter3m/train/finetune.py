@@ -36,6 +36,7 @@ from uniter3m.model.finetuning import (
     save_finetuned,
 )
 from uniter3m.model.uniter import UniterModel
+from uniter3m.progress import disabled
 from uniter3m.tasks.base import TaskContext
 from uniter3m.tasks.supervised import SupervisedTask
 from uniter3m.train.config import DataConfig, FinetuneConfig
@@ -276,7 +277,7 @@ def predict(
     model.eval()
     local: dict[str, float | int] = {}
     bar = tqdm(
-        loader, desc=desc, leave=False, disable=not (cfg.progress and backend.is_main), dynamic_ncols=True
+        loader, desc=desc, leave=False, disable=disabled(cfg.progress and backend.is_main), dynamic_ncols=True
     )
     for inputs in bar:
         inputs = to_device(inputs, backend.device)

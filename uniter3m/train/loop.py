@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
+from uniter3m.progress import disabled
 from uniter3m.train.checkpoint import (
     capture_rng_state,
     check_parameter_digest,
@@ -523,7 +524,7 @@ class TrainLoop:
             total=self.s.steps,
             initial=self.step,
             desc=self.s.desc,
-            disable=not (self.backend.is_main and self.s.progress),
+            disable=disabled(self.backend.is_main and self.s.progress),
             dynamic_ncols=True,
         )
         window = _Window()
