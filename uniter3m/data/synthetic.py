@@ -13,7 +13,7 @@ find, and no single stream gives the emotion away (each alone is a weak cue, rou
   course over time shared by every clip (an "expression clock": a few sinusoids of the absolute
   frame index) + per-frame noise; a variable number of frames, a few clips with none (T = 0, as a
   face detector would give); per-frame soft labels (a softmax of class scores of the noise-free
-  expression, plus a little noise);
+  emotion plus a per-clip bias and per-frame noise, as an expression classifier gives);
 - speech frames: class prototype + the speaker's voice style + a per-utterance offset + a
   class-specific oscillation and the clock over time + noise, more frames than face.
 
@@ -26,7 +26,9 @@ What each objective can learn here (and what it cannot, i.e. its chance level):
 - MRFR / MSRFR: a masked frame from the clip's other frames (prototype + styles are constant over
   the clip) and the clock at its slot; only the per-frame noise is unpredictable. Chance: the error
   of predicting the per-dimension mean.
-- MRC: a masked frame's top soft label from the clip's class and style. Chance: the majority class.
+- MRC: a masked frame's top soft label, which follows the emotion (an expression classifier's
+  output, with a per-clip bias): learnable only once the model infers the emotion from the other
+  cues. Chance: the majority class.
 - VFOM / SFOM: a shuffled frame's origin from the clock it carries (and the class oscillation).
   Chance: a blind guess among the clip's other slots.
 - ITM / contrastive: matched streams share the speaker (habit word, face style, voice style) and
