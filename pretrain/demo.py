@@ -221,7 +221,7 @@ def finetune_config(
         "model": {"init": str(init), "head": "linear", "dropout": 0.1},
         "epochs": epochs, "patience": epochs, "seed": seed, "device": "cpu", "precision": "fp32", "progress": False,
         "batching": {"max_batch_size": 16, "val_max_batch_size": 64, "max_tokens": 8192},
-        "optim": {"lr": 3e-4, "warmup_ratio": 0.1},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
     }  # fmt: skip
 
 

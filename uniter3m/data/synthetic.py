@@ -13,7 +13,7 @@ find, and no single stream gives the emotion away (each alone is a weak cue, rou
   course over time shared by every clip (an "expression clock": a few sinusoids of the absolute
   frame index) + per-frame noise; a variable number of frames, a few clips with none (T = 0, as a
   face detector would give); per-frame soft labels (a softmax of class scores of the noise-free
-  expression, plus a little noise);
+  emotion plus a per-clip bias and per-frame noise, as an expression classifier gives);
 - speech frames: class prototype + the speaker's voice style + a per-utterance offset + a
   class-specific oscillation and the clock over time + noise, more frames than face.
 
@@ -26,7 +26,9 @@ What each objective can learn here (and what it cannot, i.e. its chance level):
 - MRFR / MSRFR: a masked frame from the clip's other frames (prototype + styles are constant over
   the clip) and the clock at its slot; only the per-frame noise is unpredictable. Chance: the error
   of predicting the per-dimension mean.
-- MRC: a masked frame's top soft label from the clip's class and style. Chance: the majority class.
+- MRC: a masked frame's top soft label, which follows the emotion (an expression classifier's
+  output, with a per-clip bias): learnable only once the model infers the emotion from the other
+  cues. Chance: the majority class.
 - VFOM / SFOM: a shuffled frame's origin from the clock it carries (and the class oscillation).
   Chance: a blind guess among the clip's other slots.
 - ITM / contrastive: matched streams share the speaker (habit word, face style, voice style) and
@@ -54,11 +56,14 @@ from uniter3m.fileio import atomic_write_json
 
 # Emotion words from the NRC Emotion Lexicon vocabulary (each appears there with this emotion).
 EMOTION_WORDS: dict[str, tuple[str, ...]] = {
-    "anger": ("angry", "furious", "rage", "hate", "annoy", "outrage", "hostile", "resent"),
-    "joy": ("happy", "delight", "wonderful", "cheerful", "love", "glad", "smile", "pleasant"),
-    "sadness": ("weep", "lonely", "miserable", "grief", "cry", "sorrow", "gloomy", "regret"),
+    "anger": ("angry", "furious", "rage", "hate", "annoy", "outrage", "hostile", "resent", "mad", "fury",
+              "yell", "insult", "cruel", "violent", "frustrated", "revenge", "hatred", "offended"),
+    "joy": ("happy", "delight", "wonderful", "cheerful", "love", "glad", "smile", "pleasant", "joy", "laugh",
+            "fun", "excited", "cheer", "bliss", "lovely", "gift", "sunshine", "hug"),
+    "sadness": ("weep", "lonely", "miserable", "grief", "cry", "sorrow", "gloomy", "regret", "mourn", "despair",
+                "loss", "funeral", "depressed", "unhappy", "lost", "gloom", "misery", "hopeless"),
     "neutral": (),
-}
+}  # fmt: skip
 CARRIER_WORDS = (
     "the", "we", "went", "to", "shop", "and", "talked", "about", "weather", "today", "my", "colleague",
     "said", "that", "meeting", "was", "at", "noon", "she", "he", "they", "train", "supper", "house",
@@ -100,6 +105,8 @@ class SyntheticSpec:
     word_order: float = 0.8  # how often a carrier word is followed by its usual successor
     habit_rate: float = 0.9  # utterances that open with the speaker's habit word
     empty_face_rate: float = 0.03
+    # the face soft labels' class evidence (against their per-clip and per-frame noise)
+    soft_label_gain: float = 2.5
     weak_label_accuracy: float = 0.7  # the `weak_emotion` column: a noisy labeller's guess
     seed: int = 0
     speakers: int = 10
@@ -182,7 +189,6 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
     n_cls = len(spec.emotions)
     face_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.face_dim))
     speech_proto = rng.normal(0, spec.prototype_scale, (n_cls, spec.speech_dim))
-    unit_proto = face_proto / np.linalg.norm(face_proto, axis=1, keepdims=True)
     speech_wave = rng.normal(0, spec.temporal_scale, (n_cls, spec.speech_dim))
     speech_freq = np.linspace(0.15, 0.6, n_cls)
     # unit-norm directions per wave, so clock_scale is the clock's size whatever the feature dim
@@ -226,9 +232,13 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
         offset = rng.normal(0, spec.offset_scale, spec.face_dim)
         expression = face_proto[c] + face_style[spk] + offset + _clock(t_face, clock_face)
         face = expression + rng.normal(0, 1.0, (t_face, spec.face_dim))
-        # a face classifier's scores see the expression (not the sensor noise): a masked frame's top
-        # class follows from the clip's class and style and the clock at its slot
-        scores = 3.0 * expression @ unit_proto.T + rng.normal(0, 0.3, (t_face, n_cls))
+        # an expression classifier's scores (as MEmoBERT's FER teacher gave): they follow the
+        # emotion, not the identity, with a per-clip bias (its errors) and a little per-frame noise
+        scores = (
+            spec.soft_label_gain * np.eye(n_cls)[c]
+            + rng.normal(0, 1.0, n_cls)
+            + rng.normal(0, 0.5, (t_face, n_cls))
+        )
         soft = np.exp(scores - scores.max(-1, keepdims=True)) if t_face else np.zeros((0, n_cls))
         soft = soft / np.maximum(soft.sum(-1, keepdims=True), 1e-12)
         np.savez(face_dir / f"{uid}.npz", feat=face.astype(np.float32), soft_labels=soft.astype(np.float32))
