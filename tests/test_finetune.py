@@ -347,3 +347,38 @@ def test_finetune_under_torchrun_scores_the_test_split_once(dbs, tiny, tmp_path)
         load_finetune_config(cfg), tmp_path / "ddp" / "fold00-split" / "best", ["LVA"]
     )
     assert again["rows"][0]["metrics"]["wa"] == pytest.approx(metrics["test"]["wa"])
+
+
+def test_one_text_database_per_split(dbs, tiny, tmp_path, minilm_dir):
+    """A corpus shipped as train/dev/test files: one text db per split, no split column needed."""
+    rows = [json.loads(line) for line in (dbs / "t.jsonl").read_text().splitlines()]
+    paths = {}
+    for split in ("train", "valid", "test"):
+        part = tmp_path / f"{split}.jsonl"
+        part.write_text(
+            "".join(
+                json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n"
+                for r in rows
+                if r["split"] == split
+            )
+        )
+        spec = TextDbSpec(
+            input=part,
+            id_cols=["id"],
+            text_col="text",
+            tokenizer=minilm_dir,
+            out=tmp_path / f"txt_{split}",
+            label_cols=["emo"],
+            lexicon="none",
+            progress=False,
+        )
+        build_text_db(spec)
+        paths[split] = str(tmp_path / f"txt_{split}")
+    cfg = config(dbs, tiny, tmp_path / "run", top__epochs=1)
+    cfg["data"]["txt_db"] = paths
+    fold = run_finetune(cfg)["folds"][0]
+    assert fold["sizes"] == {"train": 28, "valid": 10, "test": 10}
+    assert sorted(p["id"] for p in fold["predictions"]) == [f"u{i:02d}" for i in range(38, 48)]
+    cfg["protocol"]["scheme"] = "session"
+    with pytest.raises(UserError, match="per split, which fixes the folds"):
+        run_finetune(dict(cfg, output_dir=str(tmp_path / "run2")))

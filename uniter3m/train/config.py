@@ -85,6 +85,18 @@ def _renamed_keys(data: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def _paths_shape(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    if isinstance(value, dict):
+        return set(value) <= set(SPLITS) and all(
+            _paths_shape(v) and not isinstance(v, dict) for v in value.values()
+        )
+    return False
+
+
 def _check_db(path: str, where: str) -> str | None:
     p = Path(path)
     if not p.exists():
@@ -96,16 +108,27 @@ def _check_db(path: str, where: str) -> str | None:
     return None
 
 
-def _as_list(value: str | list[str] | None) -> list[str] | None:
-    return None if value is None else [value] if isinstance(value, str) else list(value)
+SPLITS = ("train", "valid", "test")
+DbPaths = str | list[str] | dict[str, str | list[str]]
+
+
+def _as_list(value: DbPaths | None) -> list[str] | None:
+    """Paths in order; a per-split dict {train, valid, test} is flattened in that order."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return [p for split in SPLITS for p in (_as_list(value.get(split)) or [])]
+    return [value] if isinstance(value, str) else list(value)
 
 
 class DbSet(StrictModel):
-    """A text db (or a list, one per corpus) and one `<stream>_db` per frame stream it is joined with."""
+    """A text db (or a list, one per corpus, or one per split: `{"train": ..., "valid": ..., "test": ...}`,
+    the way most corpora ship) and one `<stream>_db` per frame stream it is joined with (a single db
+    holding every split's ids, or the same shape as `txt_db`)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
 
-    txt_db: str | list[str]
+    txt_db: DbPaths
 
     @model_validator(mode="after")
     def _stream_keys(self) -> DbSet:
@@ -117,10 +140,12 @@ class DbSet(StrictModel):
                     f"{key}: unknown key; feature databases are <stream>_db with a stream of "
                     f"{stream_table.describe()} (declare others in `streams`)"
                 )
-            elif value is not None and not (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-            ):
-                problems.append(f"{key}: give a database path or a list of paths")
+            elif value is not None and not _paths_shape(value):
+                problems.append(
+                    f"{key}: give a database path, a list of paths, or {{train, valid, test}} paths"
+                )
+        if isinstance(self.txt_db, dict) and set(self.txt_db) - set(SPLITS):
+            problems.append(f"txt_db: per-split keys are {', '.join(SPLITS)}; got {sorted(self.txt_db)}")
         txt = _as_list(self.txt_db) or []
         if not txt:
             problems.append("txt_db: give at least one text database")
@@ -144,14 +169,27 @@ class DbSet(StrictModel):
         return _as_list(self.txt_db) or []
 
     @property
+    def split_of(self) -> dict[str, str]:
+        """{text db path: split} when `txt_db` is given per split, else {}."""
+        if not isinstance(self.txt_db, dict):
+            return {}
+        return {p: split for split in SPLITS for p in (_as_list(self.txt_db.get(split)) or [])}
+
+    @property
     def feat_dbs(self) -> dict[str, list[str]]:
-        """{stream name: [db per corpus]} for the frame streams given, in the table's order."""
+        """{stream name: [db per text db]} for the frame streams given, in the table's order; one
+        feature db for per-split text dbs serves every split."""
         extra = self.model_extra or {}
-        return {
-            s.name: _as_list(extra[s.db_key])  # type: ignore[misc]
-            for s in stream_table.frame_streams()
-            if extra.get(s.db_key) is not None
-        }
+        out = {}
+        for s in stream_table.frame_streams():
+            value = extra.get(s.db_key)
+            if value is None:
+                continue
+            paths = _as_list(value) or []
+            if isinstance(self.txt_db, dict) and not isinstance(value, dict) and len(paths) == 1:
+                paths = paths * len(self.txt_dbs)
+            out[s.name] = paths
+        return out
 
     @property
     def available(self) -> str:

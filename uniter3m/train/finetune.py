@@ -84,19 +84,36 @@ def special_tokens(data: DataConfig) -> SpecialTokens:
     return SpecialTokens.from_dict(text_meta(data)["tokenizer"])
 
 
-def read_label_rows(data: DataConfig) -> dict[str, dict[str, Any]]:
-    """{id: labels} of every record (labels only: no input of the model is read here)."""
+def read_label_rows(data: DataConfig, split_column: str = "split") -> dict[str, dict[str, Any]]:
+    """{id: labels} of every record (labels only: no input of the model is read here). With text dbs
+    given per split, each record's split comes from its db (`split_column`); a record that says
+    otherwise is an error naming it."""
     rows: dict[str, dict[str, Any]] = {}
+    split_of = data.split_of
     for path in data.txt_dbs:
         db = DbReader(path, kind="txt")
-        rows.update({uid: dict(db[uid].get("labels") or {}) for uid in db.ids})
+        for uid in db.ids:
+            labels = dict(db[uid].get("labels") or {})
+            if split_of:
+                own = labels.get(split_column)
+                if own is not None and str(own) not in (split_of[path], {"valid": "dev"}.get(split_of[path])):
+                    raise UserError(
+                        f"{path}: id {uid!r} has {split_column}={own!r} but the db is given as the "
+                        f"{split_of[path]!r} split in data.txt_db; fix the config or the db"
+                    )
+                labels[split_column] = split_of[path]
+            rows[uid] = labels
     return rows
 
 
 def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
     p = cfg.protocol
+    if cfg.data.split_of and p.scheme != "split":
+        raise UserError(
+            f"data.txt_db is given per split, which fixes the folds; use protocol.scheme 'split' (not {p.scheme!r})"
+        )
     plan = build_protocol(
-        read_label_rows(cfg.data),
+        read_label_rows(cfg.data, p.split_column),
         p.name,
         scheme=p.scheme,
         target=p.target,
@@ -105,7 +122,7 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
         label_map=p.label_map,
         drop_labels=p.drop_labels,
         split_column=p.split_column,
-        split_values=p.split_values,
+        split_values=None if cfg.data.split_of else p.split_values,
         session_column=p.session_column,
         dialogue_column=p.dialogue_column,
         speaker_column=p.speaker_column,
