@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
     )
     print(format_report(results))
+    print(f"outputs in {args.out} (databases in db/, runs in pretrain*/ and finetune_*/, each with logs/)")
     return 0
 
 
