@@ -186,11 +186,29 @@ def test_warmup_then_linear_decay():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.8)
+    assert lrs[0] == pytest.approx(0.0) and lrs[1] == pytest.approx(0.25) and lrs[3] == pytest.approx(0.75)
     assert lrs[4] == pytest.approx(1.0)
     assert lrs[8] == pytest.approx(0.5)
     assert lrs[12] == pytest.approx(0.0) and lrs[13] == pytest.approx(0.0)
     assert all(a <= b for a, b in zip(lrs[:5], lrs[1:5]))
+
+
+def test_the_schedule_is_transformers_and_a_floor_stops_the_same_line():
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(make):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(14):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: warmup_linear_schedule(o, 4, 12))
+    assert ours == lrs(lambda o: get_linear_schedule_with_warmup(o, 4, 12))
+    floored = lrs(lambda o: warmup_linear_schedule(o, 4, 12, final_ratio=0.1))
+    assert floored[:5] == ours[:5] and floored[12] == pytest.approx(0.1) and floored[13] == pytest.approx(0.1)
 
 
 def test_clip_gradients_reports_norm_and_keeps_nonfinite():

@@ -87,17 +87,25 @@ def warmup_linear_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """lr rises linearly from 0 over `warmup_steps`, then falls linearly to `final_ratio`·lr at
-    `total_steps` (and stays there). Its state (the step count) is checkpointed."""
+    `total_steps` (and stays there). Its state (the step count) is checkpointed.
+
+    With `final_ratio` 0 this is `transformers.get_linear_schedule_with_warmup` itself (the field's
+    schedule, same numbers as HF Trainer); a floor above 0 is the same line, stopped at the floor.
+    """
     if total_steps <= 0:
         raise ConfigError(f"the number of steps must be > 0 (got {total_steps})")
     if not 0 <= warmup_steps <= total_steps:
         raise ConfigError(
             f"warmup steps must be between 0 and the number of steps {total_steps} (got {warmup_steps})"
         )
+    if final_ratio == 0:
+        from transformers import get_linear_schedule_with_warmup
+
+        return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+            return step / max(1, warmup_steps)
         span = max(total_steps - warmup_steps, 1)
         progress = min((step - warmup_steps) / span, 1.0)
         return 1.0 - (1.0 - final_ratio) * progress
