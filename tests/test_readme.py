@@ -2,7 +2,8 @@
 command whose parser accepts the flags given, every `configs/...` file it names exists (or is
 shipped), and the walk-through activates the venv before its first command.
 
-This parses the commands (it does not run the walk-through on the real corpora)."""
+The walk-through's commands (which name the user's own files) are parsed; the "Results on real data"
+set-up block is run by bash exactly as written, on the shared corpora."""
 
 from __future__ import annotations
 
@@ -73,3 +74,38 @@ def test_configs_named_in_the_readme_exist():
 def test_the_walk_through_activates_the_venv_first():
     first_command = min(README.find("\nuniter3m "), README.find("TOK=$(python"))
     assert 0 < README.find("source .venv/bin/activate") < first_command
+
+
+def block_after(marker: str) -> str:
+    """The first code block after the line `marker` of the README."""
+    tail = README[README.index(marker) :]
+    return code_blocks(tail)[0]
+
+
+def test_the_results_set_up_block_runs_as_written(shared_data, tmp_path):
+    """The README's "Set up once" block, run by bash as written, from a checkout-like folder whose
+    `.venv` is this one and whose `../shared/data` is the shared data: it builds every database the
+    results table needs (MELD and IEMOCAP text, MOSI text/audio/video and its train-only split)."""
+    import os
+    import subprocess
+    import sys
+
+    from uniter3m.data.store import DbReader
+
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(shared_data.parent)
+    venv = Path(sys.prefix)
+    (work / ".venv").symlink_to(venv)
+    script = block_after("Set up once:")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=work,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("meld_txt", "iemocap6_txt", "mosi_txt", "mosi_audio", "mosi_video", "mosi_txt_train"):
+        assert len(DbReader(work / "db" / name)) > 0, name
