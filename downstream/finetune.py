@@ -122,7 +122,7 @@ def run_finetune(
         raise UserError(
             f"--resume {resume!r}: fine-tuning resumes with 'auto' (each fold from its own checkpoints)"
         )
-    backend = init_backend(cfg.device)
+    backend = init_backend(cfg.device, grad_sync=cfg.grad_sync)
     run_dir = ExitStack()
     try:
         plan = plan_protocol(cfg)

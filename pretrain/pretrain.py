@@ -85,7 +85,7 @@ def run_pretrain(
     """Pretrain as the config says; returns the final validation metrics ('task/metric' -> value)."""
     # 1. config, and the run folder: locked for the whole run, claimed (never someone else's folder)
     cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config, overrides)
-    backend = init_backend(cfg.device)
+    backend = init_backend(cfg.device, grad_sync=cfg.grad_sync)
     if not backend.is_main:  # one copy of the data reports, not one per rank
         logging.getLogger("uniter3m").setLevel(logging.WARNING)
     loop = optimizer = scheduler = model = None

@@ -176,8 +176,9 @@ def _compare_with_one_process(dbs: dict[str, Path], multi_out: Path, one_out: Pa
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process_with_accumulation(tiny_dbs, tmp_path):
-    cfg = _no_dropout(_config(tiny_dbs, tmp_path / "ddp", steps=5))
+@pytest.mark.parametrize("grad_sync", ["ddp", "allreduce"])
+def test_two_process_torchrun_matches_one_process_with_accumulation(tiny_dbs, tmp_path, grad_sync):
+    cfg = _no_dropout(_config(tiny_dbs, tmp_path / "ddp", steps=5, grad_sync=grad_sync))
     path = tmp_path / "ddp.json"
     path.write_text(json.dumps(cfg))
     cmd = [

@@ -378,6 +378,9 @@ class RunConfig(StrictModel):
     # End this invocation after this step (a checkpoint is written there); `--resume auto` goes on.
     stop_after: int | None = Field(None, ge=1)
     compile: bool = False  # torch.compile the training step (GPU; use with batching.pad_multiple 8)
+    # torchrun: "ddp" (DistributedDataParallel, unused heads found by a graph walk) or "allreduce" (no
+    # wrapper: the gradients any rank has are averaged after backward, as under Horovod)
+    grad_sync: Literal["ddp", "allreduce"] = "ddp"
 
     @model_validator(mode="before")
     @classmethod

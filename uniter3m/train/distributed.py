@@ -137,11 +137,20 @@ class Backend:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: torch.device, rank: int, world_size: int, local_rank: int):
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, local_rank: int, grad_sync: str = "ddp"
+    ):
         super().__init__(device, rank, world_size, local_rank)
         import torch.distributed as dist
 
         self._dist = dist
+        # "ddp": DistributedDataParallel with find_unused_parameters (overlaps communication with
+        # backward; walks the graph each step). "allreduce": no wrapper; after the last micro-batch
+        # the gradients that any rank has are averaged in one flat collective, as the Horovod path does
+        # (no graph walk, no unused-parameter search; one small flag collective per step).
+        if grad_sync not in ("ddp", "allreduce"):
+            raise UserError(f"grad_sync={grad_sync!r}: use 'ddp' or 'allreduce'")
+        self.grad_sync = grad_sync
         # NCCL only moves CUDA tensors, gloo only CPU ones.
         self._comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -180,6 +189,10 @@ class TorchBackend(Backend):
             self._dist.barrier()
 
     def wrap_model(self, model: nn.Module, find_unused_parameters: bool = True) -> nn.Module:
+        if self.grad_sync == "allreduce":
+            for tensor in [*model.parameters(), *model.buffers()]:  # what DDP would broadcast
+                self.broadcast(tensor.data, 0)
+            return model
         # DDP broadcasts rank 0's parameters and buffers at construction.
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
@@ -195,6 +208,31 @@ class TorchBackend(Backend):
         if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
             return model.no_sync()
         return contextlib.nullcontext()
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        if self.grad_sync != "allreduce":
+            return  # DDP averaged them during backward
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        if not params:
+            return
+        # A parameter no rank used keeps grad None (AdamW skips it, as in one process); one that some
+        # rank used gets the average, with zeros from the ranks that did not.
+        has = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.float32, device=self._comm_device
+        )
+        self._dist.all_reduce(has)
+        used = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
+        for p in used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in used]
+        flat = _flatten_dense_tensors(grads).to(self._comm_device)
+        self._dist.all_reduce(flat)
+        flat = flat.div_(self.world_size).to(grads[0].device)
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(avg)
 
     def shutdown(self) -> None:
         gc.collect()
@@ -275,7 +313,7 @@ def _pick_device(local_rank: int, device: str | None) -> torch.device:
     return dev
 
 
-def init_backend(device: str | None = None, timeout_minutes: float = 30.0) -> Backend:
+def init_backend(device: str | None = None, timeout_minutes: float = 30.0, grad_sync: str = "ddp") -> Backend:
     """Start the backend the launcher asks for; `device` is 'auto' (GPU if any), 'cuda' or 'cpu'."""
     launcher = detect_launcher()
     if launcher in ("horovod", "mpi"):
@@ -306,7 +344,7 @@ def init_backend(device: str | None = None, timeout_minutes: float = 30.0) -> Ba
                 timeout=datetime.timedelta(minutes=timeout_minutes),
                 device_id=dev if dev.type == "cuda" else None,
             )
-        return TorchBackend(dev, dist.get_rank(), dist.get_world_size(), local_rank)
+        return TorchBackend(dev, dist.get_rank(), dist.get_world_size(), local_rank, grad_sync)
     return Backend(_pick_device(0, device))
 
 
