@@ -33,6 +33,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def face_db_from(ids, frame, folder):
+    """A face db built with the real command from one (T, 6) array per utterance id."""
+    from uniter3m.cli import main
+
+    npz = folder.with_name(folder.name + "_npz")
+    npz.mkdir()
+    for uid in ids:
+        np.savez(npz / f"{uid}.npz", feat=frame)
+    assert main(["build-feat-db", "--input", str(npz), "--format", "npz", "--out", str(folder)]) == 0
+    return folder
+
+
 def test_a_second_run_into_a_run_folder_is_refused_and_the_first_survives(tiny_dbs, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     run_pretrain(_config(tiny_dbs, out, steps=2))
@@ -94,18 +106,10 @@ def test_resume_on_a_rebuilt_database_is_refused(tiny_dbs, tmp_path):  # noqa: F
 
 
 def test_a_frame_task_on_a_database_without_frames_is_an_error(tiny_dbs, tmp_path, minilm_dir):  # noqa: F811
-    from uniter3m.cli import main
     from uniter3m.data.store import DbReader
 
-    frames = tmp_path / "empty"
-    frames.mkdir()
-    for uid in DbReader(tiny_dbs["face"]).ids:
-        np.savez(frames / f"{uid}.npz", feat=np.zeros((0, 6), np.float32))
-    assert (
-        main(["build-feat-db", "--input", str(frames), "--format", "npz", "--out", str(tmp_path / "face0")])
-        == 0
-    )
-    cfg = _config(dict(tiny_dbs, face=tmp_path / "face0"), tmp_path / "run", steps=2)
+    face0 = face_db_from(DbReader(tiny_dbs["face"]).ids, np.zeros((0, 6), np.float32), tmp_path / "face0")
+    cfg = _config(dict(tiny_dbs, face=face0), tmp_path / "run", steps=2)
     with pytest.raises(ConfigError, match=r"task face_mrfr learns from face frames but no utterance"):
         run_pretrain(cfg)
 
@@ -236,18 +240,10 @@ def test_raw_frames_far_from_unit_scale_are_warned_about_when_normalisation_is_o
 
 
 def test_face_mrc_without_soft_labels_names_the_databases(tiny_dbs, tmp_path):  # noqa: F811
-    from uniter3m.cli import main
     from uniter3m.data.store import DbReader
 
-    frames = tmp_path / "npz"
-    frames.mkdir()
-    for uid in DbReader(tiny_dbs["face"]).ids:
-        np.savez(frames / f"{uid}.npz", feat=np.ones((3, 6), np.float32))
-    assert (
-        main(["build-feat-db", "--input", str(frames), "--format", "npz", "--out", str(tmp_path / "nosoft")])
-        == 0
-    )
-    cfg = _config(dict(tiny_dbs, face=tmp_path / "nosoft"), tmp_path / "run", steps=2)
+    nosoft = face_db_from(DbReader(tiny_dbs["face"]).ids, np.ones((3, 6), np.float32), tmp_path / "nosoft")
+    cfg = _config(dict(tiny_dbs, face=nosoft), tmp_path / "run", steps=2)
     cfg["tasks"] = [{"name": "face_mrc", "dataset": "syn", "ratio": 1.0}]
     with pytest.raises(ConfigError, match=r"face_mrc needs per-frame soft labels in the face databases"):
         run_pretrain(cfg)
