@@ -4,8 +4,9 @@
 2. build its databases with the real commands (`uniter3m build-txt-db`, `uniter3m build-feat-db`);
 3. pretrain the `tiny` model mixing every objective (configs/pretrain/demo.json holds the mix) on the
    train split, seeing only the corpus' WEAK labels (a noisy labeller's, as MEmoBERT's EmoCls used),
-   and once more with the self-supervised objectives alone (without the weak-label ones, EmoCls and
-   prompt), to show what those bring on their own;
+   and once more with the self-supervised objectives alone (without the weak-label ones: EmoCls,
+   prompt and face MRC, whose soft labels are an expression classifier's), to show what those
+   bring on their own;
 4. fine-tune on the gold emotion labels of a small labelled part of the train split (the usual
    setting where pretraining pays: much unlabelled data, few labels), from each pretrained
    checkpoint and from a randomly initialised model of the same size;
@@ -41,8 +42,10 @@ RUN_FOLDERS = (
     "finetune_selfsup",
     "finetune_scratch",
 )
-# objectives that learn from the (weak) emotion labels; the rest are self-supervised
-WEAK_LABEL_TASKS = frozenset({"emo_cls", "prompt", "prompt_cross"})
+# objectives that learn from WEAK emotion labels; the rest are self-supervised. face_mrc is one: its
+# targets are an expression classifier's soft labels (MEmoBERT's FER teacher), i.e. weak emotion
+# labels per frame, not something the input itself holds.
+WEAK_LABEL_TASKS = frozenset({"emo_cls", "prompt", "prompt_cross", "face_mrc"})
 # an objective whose margin over chance is below this (accuracy points, or normalised MSE) "stayed at chance"
 AT_CHANCE = 0.02
 DEMO_CONFIG = config_file("pretrain/demo.json")  # shipped in the wheel too (uniter3m/configs)
@@ -173,7 +176,7 @@ def pretrain_config(
     selfsup: bool = False,
 ) -> dict[str, Any]:
     """configs/pretrain/demo.json with this run's paths filled in; `selfsup` drops the objectives
-    that learn from the weak emotion labels (EmoCls, prompt), leaving the self-supervised ones."""
+    that learn from weak emotion labels (EmoCls, prompt, face MRC), leaving the self-supervised ones."""
     cfg = json.loads(DEMO_CONFIG.read_text())
     cfg["output_dir"] = str(out)
     cfg["tokenizer"] = str(tokenizer)
