@@ -27,9 +27,9 @@ from uniter3m.report import modality_table
 from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import init_backend
 from uniter3m.train.finetune import (
-    RESOLVED_CONFIG,
     evaluation_cases,
     feature_dims,
+    find_run_config,
     make_dataset,
     plan_protocol,
     predict,
@@ -65,14 +65,7 @@ def run_config(
 ) -> FinetuneConfig:
     """The given config, else the resolved config.json of the run the checkpoint belongs to."""
     if config is None:
-        ckpt = Path(checkpoint)
-        candidates = [p / RESOLVED_CONFIG for p in (ckpt.parent.parent, ckpt.parent)]
-        found = next((c for c in candidates if c.is_file() and "protocol" in json.loads(c.read_text())), None)
-        if found is None:
-            raise UserError(
-                f"{ckpt}: no run config.json beside it ({', '.join(map(str, candidates))}); pass --config"
-            )
-        config = str(found)
+        config = str(find_run_config(checkpoint, section="protocol"))
     return load_finetune_config(config, overrides)
 
 

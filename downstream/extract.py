@@ -76,12 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     config = args.config
     if config is None:
-        from uniter3m.train.finetune import RESOLVED_CONFIG
+        from uniter3m.train.finetune import find_run_config
 
-        found = [p / RESOLVED_CONFIG for p in (args.checkpoint.parent.parent, args.checkpoint.parent)]
-        config = next((c for c in found if c.is_file()), None)
-        if config is None:
-            raise UserError(f"{args.checkpoint}: no run config.json beside it; pass --config")
+        config = find_run_config(args.checkpoint)
     data = load_data_config(config, args.modalities)
     result = extract(
         args.checkpoint,

@@ -60,6 +60,7 @@ from uniter3m.train.precision import Precision
 from uniter3m.train.session import (
     check_vocabulary,
     database_digests,
+    main_rank_print,
     open_run_dir,
     read_tokenizer_record,
     settings_on_resume,
@@ -274,7 +275,7 @@ def train_fold(
             [*cfg.data.txt_dbs, *(p for ps in cfg.data.feat_dbs.values() for p in ps)]
         ),
     )
-    checkpoint = find_resume(out_dir, resume, report=print if backend.is_main else (lambda _: None))
+    checkpoint = find_resume(out_dir, resume, report=main_rank_print(backend))
     if checkpoint is not None and backend.is_main:
         log.info("fold %s: resuming from %s", fold.name, checkpoint)
     loop = TrainLoop(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
 from uniter3m.errors import ConfigError, DatabaseError
 from uniter3m.fileio import atomic_write_json
-from uniter3m.model.config import UniterConfig
+from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.loading import read_config
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.tasks.base import TaskContext, build_task
@@ -41,6 +40,7 @@ from uniter3m.train.precision import Precision
 from uniter3m.train.session import (
     check_vocabulary,
     database_digests,
+    main_rank_print,
     open_run_dir,
     read_tokenizer_record,
     settings_on_resume,
@@ -94,7 +94,7 @@ def run_pretrain(
         run_dir.enter_context(
             open_run_dir(cfg.output_dir, "pretrain", backend, resume=bool(resume), overwrite=overwrite)
         )
-        checkpoint = find_resume(cfg.output_dir, resume, report=print if backend.is_main else _quiet)
+        checkpoint = find_resume(cfg.output_dir, resume, report=main_rank_print(backend))
         changes = (
             settings_on_resume(Path(cfg.output_dir) / "config.json", cfg.model_dump(mode="json"))
             if checkpoint
@@ -219,10 +219,6 @@ def run_pretrain(
         backend.shutdown()
 
 
-def _quiet(line: str) -> None:
-    """Damaged-checkpoint lines are printed by the main rank only."""
-
-
 # ------------------------------------------------------------------------------------ data helpers
 class _DbCache:
     """One DbReader per path, shared by every dataset that names it."""
@@ -345,7 +341,7 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         if cfg.model.init
         else UniterConfig.from_json(cfg.model.config, **cfg.model.overrides)
     )
-    overrides: dict[str, Any] = json.loads(json.dumps(cfg.model.overrides))
+    overrides: dict[str, Any] = deep_merge({}, cfg.model.overrides)
     for stream in stream_table.names():
         meta = _stream_meta(cfg, readers, stream)
         have = base.stream(stream)
@@ -360,7 +356,7 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         if not cfg.model.init or not have.present:
             if have.feat_dim not in (0, dim):
                 log.info("model %s.feat_dim %d -> %d (from the databases)", stream, have.feat_dim, dim)
-            _merge(overrides, base.with_stream(stream, feat_dim=dim, soft_label_dim=soft))
+            overrides = deep_merge(overrides, base.with_stream(stream, feat_dim=dim, soft_label_dim=soft))
     sized = UniterConfig.from_dict(base.to_dict(), **overrides)
     for name in heads:
         stream, _, kind = name.rpartition("_")
@@ -390,15 +386,6 @@ def _build_model(cfg: PretrainConfig, tasks: Sequence[Any], readers: _DbCache) -
         )
     config = UniterConfig.from_json(cfg.model.config, **overrides)
     return UniterForPretraining(config, heads, emo_classes)
-
-
-def _merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    """Nested update of config overrides (a stream's keys merge with those already given)."""
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = json.loads(json.dumps(value))
 
 
 def _check_lengths(cfg: PretrainConfig, model: UniterConfig) -> None:

@@ -74,7 +74,6 @@ class Collator(stream_table.CarriesStreamTable):
         batch.update(self._text(examples))
         for stream in self.streams:
             batch.update(self._frames(examples, stream))
-        batch["padded"] = self._padded(batch)
         batch["labels"] = self._labels(examples)
         soft = self._stack_optional(examples, "soft_labels")
         if soft is not None:
@@ -147,12 +146,6 @@ class Collator(stream_table.CarriesStreamTable):
             for i, s in enumerate(softs):
                 soft[i, : len(s)] = s
         return out
-
-    @staticmethod
-    def _padded(batch: dict[str, Any]) -> bool:
-        """Whether any mask of the batch has a False (decided here, on the CPU, once)."""
-        masks = [batch["txt_mask"], *(v for k, v in batch.items() if k.endswith("_mask"))]
-        return any(not bool(m.all()) for m in masks)
 
     def _round(self, width: int) -> int:
         m = self.pad_multiple

@@ -149,7 +149,7 @@ class UniterConfig(StrictModel):
         cls, data: Mapping[str, Any], source: str = "model config", **overrides: Any
     ) -> UniterConfig:
         """Validate `data` with `overrides` merged in (nested dicts merge key by key)."""
-        merged = _deep_merge(from_disk(data), overrides)
+        merged = deep_merge(from_disk(data), overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
@@ -231,11 +231,12 @@ def from_disk(data: Mapping[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in data.items() if k in fields}, "model_type": MODEL_TYPE}
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `extra` merged in, nested sections key by key (config overrides)."""
     out = json.loads(json.dumps(base))
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         elif hasattr(value, "model_dump"):
             out[key] = value.model_dump(mode="json")
         else:

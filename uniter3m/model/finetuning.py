@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from uniter3m.errors import ConfigError, DatabaseError, UserError
-from uniter3m.model.config import UniterConfig
+from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.heads import ClassificationHead, MlmHead, RegressionHead
 from uniter3m.model.uniter import (
     UniterModel,
@@ -164,7 +164,7 @@ def check_feature_dims(
     for stream, dim in feat_dims.items():
         have = model_config.stream(stream).feat_dim
         if have == 0:
-            _deep_update(overrides, model_config.with_stream(stream, feat_dim=int(dim)))
+            overrides = deep_merge(overrides, model_config.with_stream(stream, feat_dim=int(dim)))
         elif have != dim:
             raise DatabaseError(
                 f"checkpoint {source} has a {stream} stream of {have}-d features but the {stream} database "
@@ -250,14 +250,6 @@ def save_finetuned(
             "Run config": run_config,
         },
     )
-
-
-def _deep_update(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _deep_update(target[key], value)
-        else:
-            target[key] = dict(value) if isinstance(value, Mapping) else value
 
 
 def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:

@@ -32,13 +32,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_FILE = "tokenizer_meta.json"  # the tokenizer a model was trained with (name, vocab_hash, size)
-TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
-
-
-def is_backbone_key(key: str) -> bool:
-    """Text backbone weights, and any frame stream's `<name>_embeddings.*`."""
-    head = key.split(".", 1)[0]
-    return key.startswith(TEXT_BACKBONE_PREFIXES) or (head.endswith("_embeddings") and head != "embeddings")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

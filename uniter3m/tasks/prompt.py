@@ -45,10 +45,6 @@ from uniter3m.tasks.chance import majority
 from uniter3m.tasks.mlm import MLM_HEAD
 
 
-def STREAM_NAMES_ORDER(letter: str) -> int:  # noqa: N802 - a sort key
-    return stream_table.letters().index(letter)
-
-
 class PromptTask(Task):
     """Prompt mask. Loss: cross-entropy at the one mask position per utterance, mean over utterances.
 
@@ -113,7 +109,7 @@ class PromptTask(Task):
         missing = sorted(case - batch_streams(batch))
         if missing:
             raise UserError(
-                f"task {self.name}: case {''.join(sorted(case, key=STREAM_NAMES_ORDER))} needs "
+                f"task {self.name}: case {''.join(sorted(case, key=stream_table.letters().index))} needs "
                 f"{', '.join(STREAM_NAMES[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
                 "has none: remove the case or give the task a dataset with that stream"
             )

@@ -8,6 +8,7 @@ predictions are gathered (each id scored once) before any metric is computed.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
 from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.metrics import classification_metrics, is_better, regression_metrics
-from uniter3m.model.config import UniterConfig
+from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.finetuning import (
     FinetuneModel,
     HeadSpec,
@@ -47,6 +48,19 @@ from uniter3m.train.precision import Precision
 
 log = logging.getLogger(__name__)
 RESOLVED_CONFIG = "config.json"
+
+
+def find_run_config(checkpoint: str | Path, section: str | None = None) -> Path:
+    """The resolved config.json of the run a checkpoint (`<run>/fold/best`) belongs to, for
+    `evaluate`/`extract` without `--config`; `section`: a key the config must hold (e.g. "protocol")."""
+    ckpt = Path(checkpoint)
+    candidates = [p / RESOLVED_CONFIG for p in (ckpt.parent.parent, ckpt.parent)]
+    for file in candidates:
+        if file.is_file() and (section is None or section in json.loads(file.read_text())):
+            return file
+    raise UserError(
+        f"{ckpt}: no run config.json beside it ({', '.join(map(str, candidates))}); pass --config"
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,14 +180,9 @@ def build_finetune_model(
         if m.init
         else UniterConfig.from_json(m.config, **m.overrides)
     )
-    overrides = dict(m.overrides)
-    for key, value in check_feature_dims(
-        base, feat_dims, str(source), dict(cfg.data.model_extra or {})
-    ).items():
-        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
-            overrides[key] = {**overrides[key], **value}
-        else:
-            overrides[key] = value
+    overrides = deep_merge(
+        m.overrides, check_feature_dims(base, feat_dims, str(source), dict(cfg.data.model_extra or {}))
+    )
     if base.vocab_size != special.vocab_size:
         raise DatabaseError(
             f"model {source} has a {base.vocab_size}-word vocabulary but the text db was tokenised with "

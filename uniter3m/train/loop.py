@@ -42,6 +42,7 @@ from torch import nn
 
 from uniter3m.errors import UserError
 from uniter3m.progress import disabled
+from uniter3m.tasks.base import model_keys
 from uniter3m.train.checkpoint import (
     capture_rng_state,
     check_parameter_digest,
@@ -134,8 +135,6 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def positions_of(inputs: Mapping[str, Any]) -> int:
     """Real (unpadded) sequence positions of a CPU batch: text tokens + every frame stream's frames.
     Counted with numpy, before the batch moves to the device, so it never waits on it."""
-    from uniter3m.tasks.base import model_keys
-
     total = 0
     for key in model_keys():
         mask = inputs.get(key)

@@ -79,6 +79,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+def main_rank_print(backend: Backend):
+    """`print` on the main rank, silence elsewhere: one copy of a line per run, not one per rank."""
+    return print if backend.is_main else (lambda line: None)
+
+
 def settings_on_resume(recorded_file: Path, now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (was, now)} of the changes a resume applies; raises listing the ones it cannot apply."""
     if not recorded_file.is_file():
