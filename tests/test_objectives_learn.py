@@ -172,15 +172,6 @@ def learn_all(
     return rows
 
 
-# Objectives that do not yet clear their margin in this short run (they are above chance, or near
-# it, and learn with more steps): tracked here so that the test says so instead of hiding them.
-NOT_YET = {
-    "face_mrc": "top soft label follows the emotion: learnt with the emotion objectives, not alone",
-    "itm": "cross-stream comparison starts late (loss plateau at ln 2); about 0.07 of 0.08",
-    "itm_hard": "mined negatives are mostly the same speaker, so nearly indistinguishable",
-}
-
-
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory, minilm_dir) -> dict[str, tuple[str, float, float, float, float]]:
     """One seeded run of every group; judged on learning, not on time."""
@@ -193,13 +184,7 @@ def learned(tmp_path_factory, minilm_dir) -> dict[str, tuple[str, float, float, 
     return {row[0]: row[1:] for row in rows}
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(reason=NOT_YET[t], strict=False)) if t in NOT_YET else t
-        for t in OBJECTIVES
-    ],
-)
+@pytest.mark.parametrize("task", list(OBJECTIVES))
 def test_objective_learns_its_signal(task, learned):
     """Each objective clears its chance level by Z standard errors of a blind model's score."""
     assert set(learned) == set(OBJECTIVES) and len(OBJECTIVES) == 15

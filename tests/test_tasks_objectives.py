@@ -402,30 +402,56 @@ def test_streams_encoded_alone_do_not_see_each_other(batch, context, special):
     assert torch.equal(a["V"][1], has_face)
 
 
-def test_hard_negatives_skip_duplicates_and_self(tokenizer, special, context):
-    items = examples(tokenizer)
-    items[1]["face"] = items[0]["face"].copy()  # same clip twice: it must not be mined as a negative
-    items[1]["speech"] = items[0]["speech"].copy()
-    dup = Collator(special)(items)
-    task = build_task("itm_hard", context)
-    model = model_for(task, special, hidden_dropout_prob=0.1).train()  # dropout: embeddings of twins differ
-    inputs = task.prepare(dup, torch.Generator())
+def mined_negatives(task, model, inputs) -> tuple[torch.Tensor, object]:
+    """The face frames itm_hard paired each utterance with, and the task's output."""
     calls = []
     hook = model.uniter.register_forward_hook(
         lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True
     )
     out = task.forward(model, inputs)
     hook.remove()
-    scored = calls[-1]  # the ITM pass: B positives, then one mined negative per utterance
+    bsz = inputs["input_ids"].shape[0]
+    return calls[-1]["face_feat"][bsz:], out  # the ITM pass: B positives, then one negative each
+
+
+@pytest.mark.parametrize("mining", ["sample", "hardest"])
+def test_hard_negatives_skip_duplicates_and_self(tokenizer, special, context, mining):
+    items = examples(tokenizer)
+    items[1]["face"] = items[0]["face"].copy()  # same clip twice: it must not be mined as a negative
+    items[1]["speech"] = items[0]["speech"].copy()
+    dup = Collator(special)(items)
+    task = build_task("itm_hard", context, mining=mining)
+    model = model_for(task, special, hidden_dropout_prob=0.1).train()  # dropout: embeddings of twins differ
+    inputs = task.prepare(dup, torch.Generator())
     bsz = len(items)
-    assert int(out.n_targets) == 2 * bsz and float(out.metrics["mined"][0]) == bsz
-    negatives = scored["face_feat"][bsz:]
-    for i in range(bsz):
-        own = inputs["face_feat"][i]
-        assert not torch.equal(negatives[i], own), f"utterance {i} was paired with its own frames"
-    assert not torch.equal(negatives[0], inputs["face_feat"][1]) and not torch.equal(
-        negatives[1], inputs["face_feat"][0]
-    )
+    for _ in range(10 if mining == "sample" else 1):  # sampling: every draw obeys the rules
+        negatives, out = mined_negatives(task, model, inputs)
+        assert int(out.n_targets) == 2 * bsz and float(out.metrics["mined"][0]) == bsz
+        for i in range(bsz):
+            own = inputs["face_feat"][i]
+            assert not torch.equal(negatives[i], own), f"utterance {i} was paired with its own frames"
+        assert not torch.equal(negatives[0], inputs["face_feat"][1]) and not torch.equal(
+            negatives[1], inputs["face_feat"][0]
+        )
+
+
+def test_sampled_hard_negatives_tend_to_the_hardest_as_the_temperature_falls(tokenizer, special, context):
+    """mining "sample" draws by softmax(similarity / T): near T = 0 it is the hardest negative, at a
+    high T it spreads over the batch (what keeps false negatives from dominating)."""
+    batch = Collator(special)(examples(tokenizer))
+    hardest = build_task("itm_hard", context, mining="hardest")
+    model = model_for(hardest, special).eval()  # no dropout: the similarities are fixed
+    inputs = hardest.prepare(batch, torch.Generator())
+    target, _ = mined_negatives(hardest, model, inputs)
+    cold = build_task("itm_hard", context, mining_temperature=1e-6)
+    for _ in range(5):
+        assert torch.equal(mined_negatives(cold, model, inputs)[0], target)
+    warm = build_task("itm_hard", context, mining_temperature=100.0)
+    torch.manual_seed(0)
+    draws = {tuple(mined_negatives(warm, model, inputs)[0][0].flatten().tolist()) for _ in range(30)}
+    assert len(draws) > 1
+    with pytest.raises(ConfigError, match="mining"):
+        build_task("itm_hard", context, mining="nearest")
 
 
 def test_prepare_leaves_the_batch_alone_and_is_deterministic(batch, context):

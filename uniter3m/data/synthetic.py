@@ -8,14 +8,18 @@ find, and no single stream gives the emotion away (each alone is a weak cue, rou
   sentence ("well", "honestly", ...); then carrier words of one topic (6 topics of 8 words) follow
   a fixed word order (each has one usual successor in its topic, taken `word_order` of the time); most utterances carry one or two
   words of their emotion from the NRC emotion lexicon's vocabulary (the first word of each class
-  list is the most common), some none, a few a misleading one;
-- face frames: class prototype + the speaker's face style + a small per-utterance offset + a
-  course over time shared by every clip (an "expression clock": a few sinusoids of the absolute
-  frame index) + per-frame noise; a variable number of frames, a few clips with none (T = 0, as a
-  face detector would give); per-frame soft labels (a softmax of class scores of the noise-free
-  emotion plus a per-clip bias and per-frame noise, as an expression classifier gives);
-- speech frames: class prototype + the speaker's voice style + a per-utterance offset + a
-  class-specific oscillation and the clock over time + noise, more frames than face.
+  list is the most common), some none, a few a misleading one; an intensifier ("really", "very",
+  ...) when the moment's arousal is high;
+- face frames: class prototype + the speaker's face style + a small per-utterance offset + the
+  moment's arousal (one number per utterance, along one direction) + a course over time shared by
+  every clip (an "expression clock": a few sinusoids of the absolute frame index) + per-frame
+  noise; a variable number of frames, a few clips with none (T = 0, as a face detector would
+  give); per-frame soft labels (a softmax of class scores, as an expression classifier gives: the
+  emotion's evidence plus a linear readout of what else the face shows, i.e. style, offset,
+  arousal and the clock, plus per-frame noise: real classifiers are biased by identity too);
+- speech frames: class prototype + the speaker's voice style + a per-utterance offset + the same
+  arousal along the voice's direction + a class-specific oscillation and the clock over time +
+  noise, more frames than face.
 
 What each objective can learn here (and what it cannot, i.e. its chance level):
 
@@ -26,14 +30,16 @@ What each objective can learn here (and what it cannot, i.e. its chance level):
 - MRFR / MSRFR: a masked frame from the clip's other frames (prototype + styles are constant over
   the clip) and the clock at its slot; only the per-frame noise is unpredictable. Chance: the error
   of predicting the per-dimension mean.
-- MRC: a masked frame's top soft label, which follows the emotion (an expression classifier's
-  output, with a per-clip bias): learnable only once the model infers the emotion from the other
-  cues. Chance: the majority class.
+- MRC: a masked frame's top soft label: the classifier's readout of the visible expression, which
+  the clip's other frames and the clock at the slot reveal, and the emotion, which the other cues
+  hint at. Chance: the majority class.
 - VFOM / SFOM: a shuffled frame's origin from the clock it carries (and the class oscillation).
   Chance: a blind guess among the clip's other slots.
-- ITM / contrastive: matched streams share the speaker (habit word, face style, voice style) and
-  the emotion; a stream taken from another utterance usually does not. Chance: the majority target
-  (ITM), one over the candidates (contrastive).
+- ITM / contrastive: matched streams share the speaker (habit word, face style, voice style), the
+  moment's arousal (intensifier word, face and voice directions) and the emotion; a stream taken
+  from another utterance usually does not. Hard ITM's mined negatives often share the speaker, so
+  arousal and emotion are what tells them apart. Chance: the majority target (ITM), one over the
+  candidates (contrastive).
 - prompt / EmoCls: the emotion from the cue words, face and speech, against the WEAK labels (the
   `weak_emotion` column: a noisy labeller's guess, right `weak_label_accuracy` of the time, as
   MEmoBERT pretrained on). Chance: the majority class.
@@ -72,6 +78,8 @@ CARRIER_WORDS = (
 )  # fmt: skip
 # The word each speaker opens with (speaker k uses HABIT_WORDS[k % len]): text's link to the speaker.
 HABIT_WORDS = ("well", "so", "okay", "look", "honestly", "right", "listen", "anyway", "yeah", "oh")
+# Words a speaker adds when the moment is intense (high arousal): text's link to the frames' arousal.
+INTENSIFIERS = ("really", "very", "totally", "absolutely")
 SPLITS = ("train", "valid", "test")
 FIELDS = ["id", "text", "emotion", "weak_emotion", "split", "speaker"]
 
@@ -102,6 +110,12 @@ class SyntheticSpec:
     clock_scale: float = 1.5  # size of the course over time every clip shares (frame order's signal)
     style_scale: float = 1.0  # size of a speaker's face / voice style (matching's signal)
     offset_scale: float = 0.5  # per-utterance offset of each stream, independent across streams
+    # The moment's arousal: one number per utterance that moves face and voice alike (along a
+    # direction each) and, above `intensifier_threshold`, puts an intensifier word in the text.
+    arousal_scale: float = 1.0
+    intensifier_threshold: float = 0.5
+    # the expression classifier behind the face soft labels reads the visible expression this much
+    soft_label_readout: float = 1.5
     word_order: float = 0.8  # how often a carrier word is followed by its usual successor
     habit_rate: float = 0.9  # utterances that open with the speaker's habit word
     empty_face_rate: float = 0.03
@@ -144,6 +158,7 @@ def _carriers(rng: np.random.Generator, successor: np.ndarray, n: int, word_orde
 
 
 def _sentence(rng: np.random.Generator, carriers: list[str], cues: list[str], habit: str | None) -> str:
+    """Habit word first, then the carriers with the cue (and intensifier) words at random places."""
     tokens = list(carriers)
     for w in cues:
         tokens.insert(int(rng.integers(0, len(tokens) + 1)), w)
@@ -201,6 +216,13 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
     latent = rng.normal(0, 1, (spec.speakers, 2))
     face_style = latent @ rng.normal(0, spec.style_scale, (2, spec.face_dim))
     voice_style = latent @ rng.normal(0, spec.style_scale, (2, spec.speech_dim))
+    arousal_face = rng.normal(0, 1, spec.face_dim)
+    arousal_face *= spec.arousal_scale / np.linalg.norm(arousal_face)
+    arousal_voice = rng.normal(0, 1, spec.speech_dim)
+    arousal_voice *= spec.arousal_scale / np.linalg.norm(arousal_voice)
+    # the expression classifier's readout of a face frame (unit rows: one score per class)
+    readout = rng.normal(0, 1, (n_cls, spec.face_dim))
+    readout *= spec.soft_label_readout / np.linalg.norm(readout, axis=1, keepdims=True)
     size = len(CARRIER_WORDS) // TOPICS
     successor = np.arange(len(CARRIER_WORDS))
     for topic in range(TOPICS):  # one cycle through each topic's words
@@ -226,17 +248,23 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
             t_sp = int(np.clip(round(spec.speech_fps * seconds), *spec.speech_frames))
         habit = HABIT_WORDS[spk % len(HABIT_WORDS)] if rng.random() < spec.habit_rate else None
         carriers = _carriers(rng, successor, n_words, spec.word_order)
-        text = _sentence(rng, carriers, _cue_words(rng, emotion, spec), habit)
+        arousal = float(rng.normal())
+        cues = _cue_words(rng, emotion, spec)
+        if arousal > spec.intensifier_threshold:
+            cues.append(str(rng.choice(INTENSIFIERS)))
+        text = _sentence(rng, carriers, cues, habit)
         if rng.random() < spec.empty_face_rate:
             t_face = 0
-        offset = rng.normal(0, spec.offset_scale, spec.face_dim)
-        expression = face_proto[c] + face_style[spk] + offset + _clock(t_face, clock_face)
-        face = expression + rng.normal(0, 1.0, (t_face, spec.face_dim))
+        offset = rng.normal(0, spec.offset_scale, spec.face_dim) + arousal * arousal_face
+        visible = face_style[spk] + offset + _clock(t_face, clock_face)  # what is not the emotion
+        face = face_proto[c] + visible + rng.normal(0, 1.0, (t_face, spec.face_dim))
         # an expression classifier's scores (as MEmoBERT's FER teacher gave): they follow the
-        # emotion, not the identity, with a per-clip bias (its errors) and a little per-frame noise
+        # emotion, and, as real classifiers do, what else the face shows (identity, the moment's
+        # arousal, the clip's course: a readout of the visible expression, which the clip's other
+        # frames reveal), with a little per-frame noise
         scores = (
             spec.soft_label_gain * np.eye(n_cls)[c]
-            + rng.normal(0, 1.0, n_cls)
+            + visible.reshape(-1, spec.face_dim) @ readout.T
             + rng.normal(0, 0.5, (t_face, n_cls))
         )
         soft = np.exp(scores - scores.max(-1, keepdims=True)) if t_face else np.zeros((0, n_cls))
@@ -248,6 +276,7 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
             speech_proto[c]
             + voice_style[spk]
             + rng.normal(0, spec.offset_scale, spec.speech_dim)
+            + arousal * arousal_voice
             + np.sin(speech_freq[c] * steps) * speech_wave[c]
             + _clock(t_sp, clock_speech)
             + rng.normal(0, 1.0, (t_sp, spec.speech_dim))
