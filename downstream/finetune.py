@@ -270,6 +270,7 @@ def train_fold(
         progress=cfg.progress,
         stop_after=cfg.stop_after,
         compile=cfg.compile,
+        prefetch=b.prefetch_for(backend.device),
         desc=f"fold {fold.name}",
         databases=database_digests(
             [*cfg.data.txt_dbs, *(p for ps in cfg.data.feat_dbs.values() for p in ps)]

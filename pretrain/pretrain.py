@@ -198,6 +198,7 @@ def run_pretrain(
             progress=cfg.progress,
             stop_after=cfg.stop_after,
             compile=cfg.compile,
+            prefetch=b.prefetch_for(backend.device),
             databases=database_digests(readers.paths()),
         )
         if checkpoint is not None and backend.is_main:

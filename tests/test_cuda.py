@@ -83,4 +83,24 @@ def test_pretraining_steps_in_mixed_precision(precision, tmp_path, request):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_side_stream_prefetch_trains_as_fetching_on_demand(tmp_path, request):
+    """The next batch copied on a side CUDA stream gives the weights of on-demand fetching (fp32;
+    atomics in some CUDA backward kernels allow a last-bit difference)."""
+    from safetensors.torch import load_file
+    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+
+    from tests.test_pretrain_run import _config
+    from uniter3m.train.checkpoint import find_resume
+
+    dbs = request.getfixturevalue("tiny_dbs")
+    weights = []
+    for prefetch in (False, True):
+        out = tmp_path / f"prefetch_{prefetch}"
+        cfg = _config(dbs, out, steps=8, device="cuda", precision="fp32", grad_accum=2)
+        cfg["batching"]["prefetch"] = prefetch
+        run_pretrain(cfg)
+        weights.append(load_file(str(find_resume(out, "auto") / "model" / "model.safetensors")))
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
+
+
 from tests.test_pretrain_run import tiny_dbs  # noqa: E402,F401 - the synthetic dbs fixture

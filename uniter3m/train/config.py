@@ -9,7 +9,7 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 |---|---|
 | `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
-| `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size` |
+| `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
 | `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`; pretraining adds `valid` (the same db keys) |
 
 Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
@@ -312,6 +312,9 @@ class BatchingConfig(StrictModel):
     packing: bool = False  # several utterances per encoder row, attention confined to each (data/packing.py)
     feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frames on their way to the
     # device; auto: float16 on GPU (half the transfer; the model computes in its own dtype), float32 on CPU
+    # fetch the next training batch during the current step and copy it on a side CUDA stream;
+    # auto: on GPU only (on the CPU there is nothing to overlap)
+    prefetch: bool | Literal["auto"] = "auto"
 
     @field_validator("num_workers")
     @classmethod
@@ -326,6 +329,11 @@ class BatchingConfig(StrictModel):
         if getattr(device, "type", str(device)) != "cuda":
             return 0
         return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+
+    def prefetch_for(self, device: Any) -> bool:
+        if self.prefetch != "auto":
+            return bool(self.prefetch)
+        return getattr(device, "type", str(device)) == "cuda"
 
     def feature_dtype_for(self, device: Any) -> str:
         if self.feature_dtype != "auto":

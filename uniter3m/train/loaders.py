@@ -158,7 +158,9 @@ class TaskStream:
         self.consumed = 0
         self._iterator: Iterator[dict[str, Any]] | None = None
 
-    def next(self) -> dict[str, Any]:
+    def next(self, counted: bool = True) -> dict[str, Any]:
+        """The next batch. `counted=False`: fetched ahead of its step, so a checkpoint taken before
+        `count_handed_out()` still replays it (the loop's prefetch)."""
         empty_epochs = 0
         while True:
             if self._iterator is None:
@@ -171,8 +173,12 @@ class TaskStream:
                 if empty_epochs > 1:  # two epochs in a row gave nothing: the sampler is empty
                     raise UserError(f"task {self.task.name}: its dataset yields no batches") from None
                 continue
-            self.consumed += 1
+            self.consumed += int(counted)
             return batch
+
+    def count_handed_out(self) -> None:
+        """A batch fetched with `counted=False` is now used by a step."""
+        self.consumed += 1
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict(consumed=self.consumed)

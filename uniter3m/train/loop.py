@@ -76,6 +76,9 @@ class LoopSettings:
     databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
     compile: bool = False  # torch.compile the training step (set batching.pad_multiple so shapes repeat)
     compile_backend: str = "inductor"
+    # fetch the next micro-batch while the current one computes and copy it to the device on a
+    # side CUDA stream; on the CPU the fetch happens early with no overlap (what tests check)
+    prefetch: bool = False
 
 
 class Evaluator:
@@ -132,6 +135,19 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def record_stream(obj: Any, stream: Any) -> None:
+    """Tell the CUDA allocator that every tensor in `obj` (nested) is used on `stream`."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            obj.record_stream(stream)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            record_stream(value, stream)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            record_stream(value, stream)
+
+
 def positions_of(inputs: Mapping[str, Any]) -> int:
     """Real (unpadded) sequence positions of a CPU batch: text tokens + every frame stream's frames.
     Counted with numpy, before the batch moves to the device, so it never waits on it."""
@@ -148,6 +164,18 @@ def batch_size_of(inputs: Mapping[str, Any]) -> int:
     if ids is not None:
         return len(ids)
     return int(inputs["input_ids"].shape[0])
+
+
+@dataclass
+class _Ahead:
+    """The next micro-batch, fetched and on its way to the device before its step starts. Its
+    stream has not counted it yet (`held`), so a checkpoint taken meanwhile resumes exactly."""
+
+    key: str
+    inputs: dict[str, Any]
+    samples: int
+    positions: int
+    copied: Any = None  # a CUDA event recorded on the side stream after the copy
 
 
 @dataclass
@@ -202,6 +230,8 @@ class TrainLoop:
         self.skipped_nonfinite = 0
         self._nonfinite_in_a_row = 0
         self._streak: torch.Tensor | None = None  # the sync-free step's count of non-finite steps in a row
+        self._ahead: _Ahead | None = None
+        self._copy_stream = None  # the side CUDA stream of prefetched copies (made when first needed)
         self.last_validation: dict[str, float] = {}
         if resume_from is not None:
             self._load(Path(resume_from))
@@ -249,22 +279,67 @@ class TrainLoop:
         samples = positions = 0
         for micro in range(self.s.grad_accum):
             wait = time.perf_counter()
-            inputs = t.stream.next()
+            ahead = self._take_ahead(t)
             window.data_wait += time.perf_counter() - wait
-            samples += batch_size_of(inputs)
-            positions += positions_of(inputs)
-            inputs = to_device(inputs, device)
+            samples += ahead.samples
+            positions += ahead.positions
+            inputs = ahead.inputs
             sync = micro == self.s.grad_accum - 1
             with self.backend.no_sync(self.step_module, sync):
                 with self.precision.autocast():
                     out = self.step_module(t.key, inputs)
                 loss = out["loss"].float()
                 self.precision.backward(loss / self.s.grad_accum)
+            if self.s.prefetch:  # the step is queued on the device: fetch and copy the next batch now
+                self._fetch_ahead(t if not sync else self.task_for_step(self.step + 1))
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach(), 0.0).double()
             nonfinite += (~finite).double()
         self.backend.sync_gradients(self.step_module)
         return loss_sum, nonfinite, samples, positions
+
+    def _fetch(self, t: TrainTask) -> _Ahead:
+        """`t`'s next batch from its stream (counted there), moved to the device."""
+        inputs = t.stream.next()
+        size, positions = batch_size_of(inputs), positions_of(inputs)
+        return _Ahead(t.key, to_device(inputs, self.backend.device), size, positions)
+
+    def _fetch_ahead(self, t: TrainTask) -> None:
+        """Fetch `t`'s next batch before its step and start the copy; on CUDA on a side stream, so
+        it overlaps the step in flight. Held uncounted by the stream until `_take_ahead`."""
+        if self._ahead is not None:
+            return
+        inputs = t.stream.next(counted=False)  # not handed out yet: a checkpoint now must replay it
+        size, positions = batch_size_of(inputs), positions_of(inputs)
+        device = self.backend.device
+        if device.type != "cuda":
+            self._ahead = _Ahead(t.key, to_device(inputs, device), size, positions)
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = to_device(inputs, device)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        self._ahead = _Ahead(t.key, moved, size, positions, copied)
+
+    def _take_ahead(self, t: TrainTask) -> _Ahead:
+        """The batch fetched ahead for `t` (now counted), or a fresh one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return self._fetch(t)
+        if ahead.key != t.key:  # cannot happen: the next task is a function of (seed, step)
+            raise RuntimeError(f"prefetched a batch of {ahead.key} for a step of {t.key}")
+        t.stream.count_handed_out()
+        if ahead.copied is not None:
+            stream = torch.cuda.current_stream(self.backend.device)
+            stream.wait_event(ahead.copied)
+            record_stream(ahead.inputs, stream)  # memory made on the side stream is used on this one
+        return ahead
+
+    def _drop_ahead(self) -> None:
+        """Forget a prefetched batch (its stream never counted it: a resume replays it)."""
+        self._ahead = None
 
     def _train_step_on_device(self, window: _Window) -> None:
         t = self.task_for_step(self.step)
@@ -486,6 +561,7 @@ class TrainLoop:
             raise UserError(
                 f"{checkpoint} has no loader position for task(s) {missing}: resume with the task list it was trained with"
             )
+        self._drop_ahead()
         for t in self.tasks:
             t.stream.load_state_dict(mine["loaders"][t.key])
         restore_rng_state(mine["rng"])
@@ -593,6 +669,7 @@ class TrainLoop:
 
     def close(self) -> None:
         """Stop loader workers and close logs; the caller then drops its references and shuts down."""
+        self._drop_ahead()
         for t in self.tasks:
             t.stream.close()
         self.logger.close()
