@@ -2,9 +2,10 @@
 
 Over-fitting one batch (test_tasks_objectives.py) shows an objective can fit; it does not show it
 finds a signal that generalises. Here a tiny model is pretrained briefly on the synthetic corpus
-(uniter3m.data.synthetic documents each objective's signal) with all fifteen objectives mixed, and
-each one's validation metric must beat its chance level (computed by the task from the same
-validation targets, `tasks/chance.py`) by a margin a blind model would almost never reach.
+(uniter3m.data.synthetic documents each objective's signal), one fresh model per group of related
+objectives (all fifteen in four groups), and each one's validation metric must beat its chance
+level (computed by the task from the same validation targets, `tasks/chance.py`) by a margin a
+blind model would almost never reach.
 """
 
 from __future__ import annotations
