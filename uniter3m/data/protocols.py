@@ -25,11 +25,18 @@ Sessions come from a `session` column or, failing that, from the dialogue name (
 `Ses01F_impro01` -> `Ses01`); a speaker is (session, `speaker` column), e.g. IEMOCAP's M/F.
 A label value outside the label map (and not a documented drop) is an error that names the value
 and how many rows carry it: guessing would change the task silently.
+
+Fewer labels (`train_fraction` < 1): every fold's TRAINING split keeps that fraction of its
+utterances per class (at least one per class present), chosen by the SHA-256 of
+`f"{subset_seed}:{id}"` (the smallest hashes of each class), so the subset depends on the ids and
+`subset_seed` only: every init and training seed sees the same labelled utterances, and the
+validation and test splits are never touched. Regression targets form one stratum.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections import Counter
@@ -39,6 +46,8 @@ from typing import Any
 
 from uniter3m.data.corpora import CORPORA, corpus
 from uniter3m.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class ProtocolPlan:
     folds: list[Fold]
     selection_metric: str
     dropped: dict[str, int] = field(default_factory=dict)  # raw label value -> rows dropped
+    # train_fraction < 1: fold name -> class -> [kept, of] training utterances
+    train_kept: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def regression(self) -> bool:
@@ -345,6 +356,32 @@ def loso_folds(
     return folds
 
 
+def _subset_rank(uid: str, subset_seed: int) -> str:
+    return hashlib.sha256(f"{subset_seed}:{uid}".encode()).hexdigest()
+
+
+def subsample_train(
+    fold: Fold, targets: Mapping[str, int | float], spec: LabelSpec, fraction: float, subset_seed: int
+) -> tuple[Fold, dict[str, list[int]]]:
+    """`fold` with `fraction` of its training utterances per class (>= 1 per class present), chosen by
+    hash of (subset_seed, id); validation and test unchanged. Also {class: [kept, of]}."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"protocol.train_fraction must be in (0, 1], got {fraction}")
+    by_class: dict[str, list[str]] = {}
+    for uid in fold.train:
+        name = "all" if spec.regression else spec.classes[int(targets[uid])]
+        by_class.setdefault(name, []).append(uid)
+    keep: set[str] = set()
+    counts: dict[str, list[int]] = {}
+    for name in sorted(by_class):
+        ids = by_class[name]
+        k = min(len(ids), max(1, round(fraction * len(ids))))
+        keep.update(sorted(ids, key=lambda u: _subset_rank(u, subset_seed))[:k])
+        counts[name] = [k, len(ids)]
+    train = [uid for uid in fold.train if uid in keep]  # the fold's own order
+    return Fold(fold.name, train, fold.valid, fold.test), counts
+
+
 def build_protocol(
     rows: Mapping[str, Mapping[str, Any]],
     name: str,
@@ -364,8 +401,11 @@ def build_protocol(
     selection_metric: str | None = None,
     source: str = "text db",
     valid_speakers: int | Mapping[str, list[str]] = 1,
+    train_fraction: float = 1.0,
+    subset_seed: int = 0,
 ) -> ProtocolPlan:
-    """Targets + folds for `rows` ({id: labels}); every split of every fold must be non-empty."""
+    """Targets + folds for `rows` ({id: labels}); every split of every fold must be non-empty.
+    `train_fraction` < 1 keeps that share of each fold's training labels (see the module doc)."""
     if name == "generic" and not classes and label_column:
         # No class list given: every distinct value of the column is a class (sorted, so the
         # class indices are the same in every run); nothing can then be "unknown".
@@ -399,4 +439,20 @@ def build_protocol(
             )
     if spec.regression and selection_metric not in (None, "mae", "pearson", "acc2"):
         raise ConfigError(f"selection metric {selection_metric!r} does not apply to regression")
-    return ProtocolPlan(name, spec, targets, folds, selection_metric or default_metric, dropped)
+    kept: dict[str, dict[str, list[int]]] = {}
+    if train_fraction != 1.0:
+        for i, fold in enumerate(folds):
+            folds[i], kept[fold.name] = subsample_train(fold, targets, spec, train_fraction, subset_seed)
+            listed = ", ".join(f"{c} {k}/{n}" for c, (k, n) in kept[fold.name].items())
+            log.info(
+                "protocol %s fold %s: train_fraction %g (subset_seed %d) keeps %d of %d training "
+                "utterances: %s",
+                name,
+                fold.name,
+                train_fraction,
+                subset_seed,
+                len(folds[i].train),
+                len(fold.train),
+                listed,
+            )
+    return ProtocolPlan(name, spec, targets, folds, selection_metric or default_metric, dropped, kept)

@@ -503,6 +503,10 @@ class ProtocolConfig(StrictModel):
     # loso: how many training speakers validate (the next ones in sorted order) or {test: [valid]}
     valid_speakers: int | dict[str, list[str]] = 1
     selection_metric: str | None = None
+    # fewer labels: keep this share of each fold's training utterances per class (valid/test untouched),
+    # the subset fixed by subset_seed (not by the training seed)
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    subset_seed: int = 0
 
     @field_validator("name")
     @classmethod

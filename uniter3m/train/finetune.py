@@ -144,6 +144,8 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
         selection_metric=p.selection_metric,
         source=", ".join(cfg.data.txt_dbs),
         valid_speakers=p.valid_speakers,
+        train_fraction=p.train_fraction,
+        subset_seed=p.subset_seed,
     )
     if plan.dropped:
         log.warning("protocol %s dropped rows by label value: %s", plan.name, plan.dropped)
