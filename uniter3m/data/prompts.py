@@ -76,11 +76,16 @@ def add_prompt(
     *,
     position: str = "after",
     max_len: int = 512,
+    ctx_flags: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """`[CLS] text [SEP]` rows -> `[CLS] prompt text [SEP]` ("before") or `[CLS] text prompt [SEP]`.
 
-    The text is cut (never the prompt) so that each row fits `max_len`. Returns the new ids, their
-    mask, the position of the prompt's mask token in each row (B,), and how many rows were cut.
+    With dialogue context (`ctx_flags`, context first: `uniter3m.data.context`) the prompt goes
+    beside the current utterance, never into the context: `[CLS] context prompt text [SEP]` or
+    `[CLS] context text prompt [SEP]`, so the prompt asks about the current utterance only.
+    The text is cut (never the prompt) so that each row fits `max_len`: the oldest context tokens
+    first, then the end of the current utterance. Returns the new ids, their mask, the position of
+    the prompt's mask token in each row (B,), and how many rows were cut.
     """
     prompt = list(prompt_ids)
     if prompt.count(special.mask_id) != 1:
@@ -89,17 +94,20 @@ def add_prompt(
     if room < 0:
         raise ConfigError(f"max_len={max_len} leaves no room for the prompt and [CLS]/[SEP]")
     offset = prompt.index(special.mask_id)
+    flags = torch.zeros_like(txt_mask, dtype=torch.bool) if ctx_flags is None else ctx_flags.bool()
     rows: list[list[int]] = []
     positions: list[int] = []
     truncated = 0
-    for ids, real in zip(input_ids, txt_mask.bool(), strict=True):
-        text = [t for t in ids[real].tolist() if t not in (special.cls_id, special.sep_id)]
-        if len(text) > room:
+    for ids, real, ctx_row in zip(input_ids, txt_mask.bool(), flags, strict=True):
+        context = ids[real & ctx_row].tolist()
+        text = [t for t in ids[real & ~ctx_row].tolist() if t not in (special.cls_id, special.sep_id)]
+        if len(context) + len(text) > room:
             truncated += 1
-            text = text[:room]
+            context = context[len(context) - max(room - len(text), 0) :] if room > len(text) else []
+            text = text[: room - len(context)]
         body = prompt + text if position == "before" else text + prompt
-        start = 1 if position == "before" else 1 + len(text)
-        rows.append([special.cls_id, *body, special.sep_id])
+        start = 1 + len(context) + (0 if position == "before" else len(text))
+        rows.append([special.cls_id, *context, *body, special.sep_id])
         positions.append(start + offset)
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), special.pad_id, dtype=torch.long)
