@@ -58,6 +58,26 @@ def test_previous_turns_in_order_with_speakers(dbs, tokenizer):
     assert ds.lengths[0] == plain.lengths[0] + n
 
 
+def test_context_after_the_current_utterance_newest_first(dbs, tokenizer):
+    db = DbReader(dbs["iemocap"], kind="txt")
+    turns = dialogue(db, "Ses01F_impro01")
+    target = turns[4]
+    base = JoinedDataset(db, ids=[target])[0]
+    ex = JoinedDataset(db, ids=[target], context={"turns": 2, "speakers": True, "position": "after"})[0]
+
+    def spk(uid: str) -> list[int]:
+        return tokenizer(f"{db[uid]['labels']['speaker']} :", add_special_tokens=False)["input_ids"]
+
+    own, cur = spk(target), base["input_ids"].tolist()
+    expected = [*own, *cur]
+    for uid in (turns[3], turns[2]):  # newest first
+        expected += [tokenizer.sep_token_id, *spk(uid), *db[uid]["input_ids"].tolist()]
+    assert ex["input_ids"].tolist() == expected
+    flags = [True] * len(own) + [False] * len(cur) + [True] * (len(expected) - len(own) - len(cur))
+    assert ex["ctx_flags"].tolist() == flags
+    assert ex["word_ids"][len(own) : len(own) + len(cur)].tolist() == base["word_ids"].tolist()
+
+
 def test_first_turn_has_no_context_and_counts_add_up(dbs):
     db = DbReader(dbs["iemocap"], kind="txt")
     ds = JoinedDataset(db, context={"turns": 3, "max_tokens": 10_000})
@@ -133,8 +153,10 @@ def test_speaker_column_must_exist(dbs):
         DialogueContext(turns=0, max_tokens=8)
 
 
-def test_collator_and_sampler_lengths_agree(dbs):
-    ds = JoinedDataset(dbs["meld"], max_txt_len=10, context={"turns": 2, "speakers": True, "max_tokens": 40})
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_collator_and_sampler_lengths_agree(dbs, position):
+    context = {"turns": 2, "speakers": True, "max_tokens": 40, "position": position}
+    ds = JoinedDataset(dbs["meld"], max_txt_len=10, context=context)
     rows = list(range(0, 400, 7))
     batch = Collator(ds.special_tokens(), max_txt_len=10)([ds[i] for i in rows])
     assert batch["txt_mask"].sum(1).tolist() == ds.stream_lengths[rows, 0].tolist()
@@ -145,11 +167,12 @@ def test_collator_and_sampler_lengths_agree(dbs):
     assert ((short["txt_mask"] & ~short["ctx_flags"]).sum(1) <= 4).all()  # [CLS] + 2 + [SEP]
 
 
-@pytest.mark.parametrize("name", ["mlm", "wwm", "melm"])
-def test_masking_never_targets_context(dbs, tokenizer, name):
+@pytest.mark.parametrize(("name", "position"), [("mlm", "before"), ("wwm", "before"), ("melm", "after")])
+def test_masking_never_targets_context(dbs, tokenizer, name, position):
     from uniter3m.tasks.base import TaskContext, build_task
 
-    ds = JoinedDataset(dbs["meld"], context={"turns": 3, "speakers": True, "max_tokens": 64})
+    context = {"turns": 3, "speakers": True, "max_tokens": 64, "position": position}
+    ds = JoinedDataset(dbs["meld"], context=context)
     batch = Collator(ds.special_tokens())([ds[i] for i in range(40, 72)])
     task = build_task(name, TaskContext(ds.special_tokens(), tokenizer), mask_prob=1.0, emo_prob=1.0)
     inputs = task.prepare(batch, torch.Generator().manual_seed(0))
@@ -160,10 +183,11 @@ def test_masking_never_targets_context(dbs, tokenizer, name):
     assert (inputs["input_ids"][batch["ctx_flags"]] == batch["input_ids"][batch["ctx_flags"]]).all()
 
 
-def test_prompt_sits_beside_the_current_utterance(dbs, tokenizer):
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_prompt_sits_beside_the_current_utterance(dbs, tokenizer, position):
     from uniter3m.tasks.base import TaskContext, build_task
 
-    ds = JoinedDataset(dbs["meld"], context={"turns": 2, "max_tokens": 64})
+    ds = JoinedDataset(dbs["meld"], context={"turns": 2, "max_tokens": 64, "position": position})
     rows = list(range(10, 26))
     batch = Collator(ds.special_tokens())([ds[i] for i in rows])
     verbalizer = {"neutral": "neutral", "joy": "happy", "surprise": "surprised", "anger": "angry",
@@ -174,13 +198,19 @@ def test_prompt_sits_beside_the_current_utterance(dbs, tokenizer):
     prompt = task.prompt_ids
     for b, i in enumerate(rows):
         ex = ds[i]
-        n_ctx = int(ex["ctx_flags"].sum())
+        current = np.flatnonzero(~ex["ctx_flags"])
+        first, last = (int(current[0]), int(current[-1]) + 1) if len(current) else (0, 0)
+        before, text, after = (
+            ex["input_ids"][a:z].tolist() for a, z in ((0, first), (first, last), (last, None))
+        )
+        if position == "after":
+            assert before == [] and (after == [] or after[0] == ds.special_tokens().sep_id)
+        else:
+            assert after == []
         row = inputs["input_ids"][b][inputs["attention_mask"][b]].tolist()
-        assert row[1 : 1 + n_ctx] == ex["input_ids"][:n_ctx].tolist()  # context first, as it was
-        assert row[1 + n_ctx : 1 + n_ctx + len(prompt)] == prompt  # then the prompt, then the utterance
-        assert row[1 + n_ctx + len(prompt) : -1] == ex["input_ids"][n_ctx:].tolist()
+        assert row == [tokenizer.cls_token_id, *before, *prompt, *text, *after, tokenizer.sep_token_id]
         target = int(inputs["prompt_index"][b]) % inputs["input_ids"].shape[1]
-        assert target == 1 + n_ctx + prompt.index(ds.special_tokens().mask_id)
+        assert target == 1 + len(before) + prompt.index(ds.special_tokens().mask_id)
 
 
 def test_add_prompt_cuts_context_before_the_utterance(special):
@@ -196,6 +226,21 @@ def test_add_prompt_cuts_context_before_the_utterance(special):
         room = max_len - 2 - len(prompt)
         assert row == [special.cls_id, *kept, *cur[: room - len(kept)], *prompt, special.sep_id]
         assert cut == 1 and int(pos[0]) == len(row) - 2
+    # context after the utterance ("after" layout): its END goes first, then the utterance's end
+    ids = torch.tensor([[special.cls_id, *cur, special.sep_id, 11, 12, special.sep_id]])
+    flags = torch.tensor([[False, False, False, False, True, True, True, False]])
+    for max_len, kept in {9: [special.sep_id, 11], 7: [], 6: []}.items():
+        out, mask, pos, cut = add_prompt(ids, torch.ones_like(flags), prompt, special, position="before",
+                                         max_len=max_len, ctx_flags=flags)  # fmt: skip
+        room = max_len - 2 - len(prompt)
+        assert out[0][mask[0]].tolist() == [
+            special.cls_id,
+            *prompt,
+            *cur[: room - len(kept)],
+            *kept,
+            special.sep_id,
+        ]
+        assert cut == 1 and int(pos[0]) == 2
 
 
 def test_config_section(dbs, minilm_dir):

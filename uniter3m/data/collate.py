@@ -84,12 +84,8 @@ class Collator(stream_table.CarriesStreamTable):
 
     def _text(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sp = self.special
-        cuts = []
-        for ex in examples:
-            ctx = ex.get("ctx_flags")
-            n_ctx = 0 if ctx is None else int(np.asarray(ctx).sum())  # context comes first
-            cuts.append(slice(None, None if self.max_txt_len is None else n_ctx + self.max_txt_len))
-        tokens = [np.asarray(ex["input_ids"])[cut] for ex, cut in zip(examples, cuts, strict=True)]
+        keeps = [self._keep(ex) for ex in examples]
+        tokens = [np.asarray(ex["input_ids"])[keep] for ex, keep in zip(examples, keeps, strict=True)]
         width = self._round(max(len(t) for t in tokens) + 2)
         b = len(examples)
         out = {
@@ -102,7 +98,7 @@ class Collator(stream_table.CarriesStreamTable):
         input_ids, txt_mask, word_ids, emo_flags, ctx_flags = (
             t.numpy() for t in out.values()
         )  # views to fill
-        for i, (ex, tok, cut) in enumerate(zip(examples, tokens, cuts, strict=True)):
+        for i, (ex, tok, cut) in enumerate(zip(examples, tokens, keeps, strict=True)):
             n = len(tok)
             input_ids[i, 0] = sp.cls_id
             input_ids[i, 1 : n + 1] = tok
@@ -113,6 +109,16 @@ class Collator(stream_table.CarriesStreamTable):
             if ex.get("ctx_flags") is not None:
                 ctx_flags[i, 1 : n + 1] = np.asarray(ex["ctx_flags"])[cut]
         return out
+
+    def _keep(self, example: dict[str, Any]) -> slice | np.ndarray:
+        """Which tokens to keep: all context, and the first `max_txt_len` of the current utterance."""
+        if self.max_txt_len is None:
+            return slice(None)
+        ctx = example.get("ctx_flags")
+        if ctx is None:
+            return slice(None, self.max_txt_len)
+        ctx = np.asarray(ctx, dtype=bool)
+        return ctx | (np.cumsum(~ctx) <= self.max_txt_len)
 
     def _frames(self, examples: Sequence[dict[str, Any]], stream: str) -> dict[str, torch.Tensor]:
         feats = [ex.get(stream) for ex in examples]

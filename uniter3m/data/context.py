@@ -8,10 +8,13 @@ labels when asked), which turns every utterance gets; `assemble` builds the toke
 
 Layout of the text an utterance then carries (the collator adds [CLS] and the final [SEP]):
 
-    [CLS] spk_1 : turn_1 [SEP] spk_2 : turn_2 [SEP] ... spk_0 : current [SEP]
+    position "before" (default):  [CLS] spk_3 : turn_-3 [SEP] spk_2 : turn_-2 [SEP] spk_1 : turn_-1 [SEP] spk_0 : current [SEP]
+    position "after":             [CLS] spk_0 : current [SEP] spk_1 : turn_-1 [SEP] spk_2 : turn_-2 [SEP] ... [SEP]
 
-Context comes BEFORE the current utterance, so the current utterance stays next to the final
-[SEP] and a prompt inserted by `add_prompt` sits right beside it. Every token context adds (the
+"before" reads in dialogue order (as COSMIC / EmoBERTa-style inputs do); "after" keeps the current
+utterance at the positions it has without context (right after [CLS]), which a small model
+fine-tuned briefly may need less training to use. A prompt (`add_prompt`) always sits beside the
+current utterance, never inside the context. Every token context adds (the
 previous turns, their [SEP], and every speaker prefix, the current one's too) is flagged in
 `ctx_flags`: masking objectives never choose them and prompts target only the current
 utterance; fine-tuning simply sees the longer input.
@@ -43,7 +46,8 @@ from uniter3m.errors import ConfigError, DatabaseError
 log = logging.getLogger(__name__)
 
 SPEAKER_COLUMNS = ("speaker", "Speaker", "SPEAKER")
-SPEAKER_SUFFIX = ":"  # "chandler : how are you" once tokenised
+SPEAKER_SUFFIX = ":"
+POSITIONS = ("before", "after")  # "chandler : how are you" once tokenised
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,25 @@ class DialogueContext:
     max_tokens: int = 128
     speakers: bool = False
     speaker_column: str | None = None
+    position: str = "before"  # context before the current utterance, or "after" it (newest turn first)
 
     def __post_init__(self) -> None:
         if not isinstance(self.turns, int) or self.turns < 1:
             raise ConfigError(f"context turns={self.turns!r} must be a positive integer")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"context max_tokens={self.max_tokens!r} must be a positive integer")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"context position={self.position!r}; use one of {', '.join(POSITIONS)}")
 
     @classmethod
     def parse(cls, value: DialogueContext | Mapping[str, Any] | None) -> DialogueContext | None:
         """None, an instance or a mapping with the keys of the `data.context` config section."""
         if value is None or isinstance(value, DialogueContext):
             return value
-        unknown = set(value) - {"turns", "max_tokens", "speakers", "speaker_column"}
+        unknown = set(value) - {"turns", "max_tokens", "speakers", "speaker_column", "position"}
         if unknown:
             raise ConfigError(
-                f"context: unknown keys {sorted(unknown)}; use turns, max_tokens, speakers, speaker_column"
+                f"context: unknown keys {sorted(unknown)}; use turns, max_tokens, speakers, speaker_column, position"
             )
         return cls(**dict(value))
 
@@ -237,26 +244,35 @@ def assemble(
     context: Sequence[tuple[Sequence[int], np.ndarray]],
     current_prefix: Sequence[int],
     sep_id: int,
+    position: str = "before",
 ) -> dict[str, np.ndarray]:
-    """Token row `prefix turn [SEP] ... prefix current` with its word ids, emotion flags and context flags.
+    """The token row with its word ids, emotion flags and context flags.
 
+    "before": `prefix turn [SEP] ... prefix current`; "after": `prefix current [SEP] prefix newest
+    turn [SEP] ... prefix oldest turn` (the collator adds [CLS] and the final [SEP] in both).
     `current`: input_ids / word_ids / emo_flags of the (already truncated) current utterance;
     `context`: (speaker prefix ids, kept token ids) per context turn, oldest first.
     Context tokens get word id -1 (never a whole-word unit), no emotion flag and ctx flag True.
     """
-    parts = [np.asarray([*p, *tokens, sep_id], dtype=np.int64) for p, tokens in context]
-    parts.append(np.asarray(current_prefix, dtype=np.int64))
-    ctx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    n_ctx, n_cur = len(ctx), len(current["input_ids"])
+    own = np.asarray(current_prefix, dtype=np.int64)
+    if position == "before":
+        parts = [np.asarray([*p, *tokens, sep_id], dtype=np.int64) for p, tokens in context]
+        head, tail = np.concatenate([*parts, own]), np.zeros(0, dtype=np.int64)
+    else:
+        parts = [np.asarray([sep_id, *p, *tokens], dtype=np.int64) for p, tokens in reversed(context)]
+        head, tail = own, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n_head, n_cur, n_tail = len(head), len(current["input_ids"]), len(tail)
+
+    def around(middle: np.ndarray, fill: int | bool, dtype: Any) -> np.ndarray:
+        return np.concatenate(
+            [np.full(n_head, fill, dtype=dtype), middle, np.full(n_tail, fill, dtype=dtype)]
+        )
+
     return {
-        "input_ids": np.concatenate([ctx, np.asarray(current["input_ids"], dtype=np.int64)]),
-        "word_ids": np.concatenate(
-            [np.full(n_ctx, -1, dtype=np.int64), np.asarray(current["word_ids"], dtype=np.int64)]
-        ),
-        "emo_flags": np.concatenate(
-            [np.zeros(n_ctx, dtype=bool), np.asarray(current["emo_flags"], dtype=bool)]
-        ),
-        "ctx_flags": np.concatenate([np.ones(n_ctx, dtype=bool), np.zeros(n_cur, dtype=bool)]),
+        "input_ids": np.concatenate([head, np.asarray(current["input_ids"], dtype=np.int64), tail]),
+        "word_ids": around(np.asarray(current["word_ids"], dtype=np.int64), -1, np.int64),
+        "emo_flags": around(np.asarray(current["emo_flags"], dtype=bool), False, bool),
+        "ctx_flags": around(np.zeros(n_cur, dtype=bool), True, bool),
     }
 
 

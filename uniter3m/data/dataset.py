@@ -486,7 +486,7 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             (prefix, np.asarray(db[uid]["input_ids"][start:], dtype=np.int64))
             for (uid, start), prefix in zip(plan.turns[row], plan.prefixes[row][:-1], strict=True)
         ]
-        return assemble(example, turns, plan.prefixes[row][-1], self._sep_id)
+        return assemble(example, turns, plan.prefixes[row][-1], self._sep_id, self.context.position)
 
     def _frames(self, stream: str, k: int, uid: str, keep: int) -> tuple[np.ndarray, np.ndarray | None]:
         db = self.feat_dbs[stream][k]

@@ -80,11 +80,12 @@ def add_prompt(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """`[CLS] text [SEP]` rows -> `[CLS] prompt text [SEP]` ("before") or `[CLS] text prompt [SEP]`.
 
-    With dialogue context (`ctx_flags`, context first: `uniter3m.data.context`) the prompt goes
-    beside the current utterance, never into the context: `[CLS] context prompt text [SEP]` or
-    `[CLS] context text prompt [SEP]`, so the prompt asks about the current utterance only.
-    The text is cut (never the prompt) so that each row fits `max_len`: the oldest context tokens
-    first, then the end of the current utterance. Returns the new ids, their mask, the position of
+    With dialogue context (`ctx_flags`: `uniter3m.data.context`) the prompt goes beside the current
+    utterance, never into the context: `[CLS] context prompt text [SEP]` / `[CLS] prompt text [SEP
+    context] [SEP]`, or with the prompt "after", `[CLS] context text prompt [SEP]` / `[CLS] text prompt
+    [SEP context] [SEP]`, so it asks about the current utterance only. The text is cut (never the
+    prompt) so that each row fits `max_len`: the farthest context tokens first (the end of context
+    after the utterance, the start of context before it), then the end of the current utterance. Returns the new ids, their mask, the position of
     the prompt's mask token in each row (B,), and how many rows were cut.
     """
     prompt = list(prompt_ids)
@@ -99,15 +100,23 @@ def add_prompt(
     positions: list[int] = []
     truncated = 0
     for ids, real, ctx_row in zip(input_ids, txt_mask.bool(), flags, strict=True):
-        context = ids[real & ctx_row].tolist()
-        text = [t for t in ids[real & ~ctx_row].tolist() if t not in (special.cls_id, special.sep_id)]
-        if len(context) + len(text) > room:
+        body, is_ctx = ids[real].tolist(), ctx_row[real].tolist()
+        keep = [c or t not in (special.cls_id, special.sep_id) for t, c in zip(body, is_ctx, strict=True)]
+        body, is_ctx = [t for t, k in zip(body, keep) if k], [c for c, k in zip(is_ctx, keep) if k]
+        cur = [i for i, c in enumerate(is_ctx) if not c]
+        first, last = (cur[0], cur[-1] + 1) if cur else (len(body), len(body))
+        before, text, after = body[:first], body[first:last], body[last:]
+        over = len(before) + len(text) + len(after) - room
+        if over > 0:  # the farthest context first (the end of what follows, the start of what precedes)
             truncated += 1
-            context = context[len(context) - max(room - len(text), 0) :] if room > len(text) else []
-            text = text[: room - len(context)]
-        body = prompt + text if position == "before" else text + prompt
-        start = 1 + len(context) + (0 if position == "before" else len(text))
-        rows.append([special.cls_id, *context, *body, special.sep_id])
+            cut = min(over, len(after))
+            after, over = after[: len(after) - cut], over - cut
+            cut = min(over, len(before))
+            before, over = before[cut:], over - cut
+            text = text[: len(text) - over] if over > 0 else text
+        middle = prompt + text if position == "before" else text + prompt
+        start = 1 + len(before) + (0 if position == "before" else len(text))
+        rows.append([special.cls_id, *before, *middle, *after, special.sep_id])
         positions.append(start + offset)
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), special.pad_id, dtype=torch.long)

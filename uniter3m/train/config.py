@@ -10,7 +10,7 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 | `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size` |
-| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_tokens`, `speakers`, `speaker_column`); pretraining adds `valid` (the same db keys) |
+| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
 
 Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
 `evals_per_epoch` and `class_weighted`. `streams` declares frame streams beyond face (V) and speech
@@ -202,12 +202,14 @@ class ContextSection(StrictModel):
     (`uniter3m.data.context`). `turns`: at most this many previous turns; `max_tokens`: budget of
     every token context adds (turns, their [SEP], speaker prefixes), the oldest tokens cut first;
     `speakers`: prefix each turn with "<speaker> :" from the text db's label column `speaker_column`
-    (default: speaker/Speaker). `max_txt_len` keeps limiting the current utterance only."""
+    (default: speaker/Speaker); `position`: context "before" the current utterance (dialogue order) or
+    "after" it (newest turn first). `max_txt_len` keeps limiting the current utterance only."""
 
     turns: int = Field(ge=1)
     max_tokens: int = Field(128, ge=1)
     speakers: bool = False
     speaker_column: str | None = None
+    position: Literal["before", "after"] = "before"  # context before the current utterance, or after it
 
 
 class DataConfig(DbSet):
