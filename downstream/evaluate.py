@@ -33,6 +33,7 @@ from uniter3m.train.finetune import (
     make_dataset,
     plan_protocol,
     predict,
+    run_tokenizer,
     score,
     special_tokens,
     supervised_task,
@@ -118,7 +119,7 @@ def evaluate_modalities(
         task = supervised_task(model, plan, special)
         rows = []
         for case in cases:
-            dataset = make_dataset(cfg.data, ids, modalities=case)
+            dataset = make_dataset(cfg.data, ids, modalities=case, tokenizer=run_tokenizer(cfg))
             dims = {s: d for s, d in feature_dims(dataset).items() if model.config.stream(s).present}
             check_feature_dims(model.config, dims, str(ckpt), dict(cfg.data.model_extra or {}))
             metrics = score(plan, predict(model, task, dataset, cfg, backend, precision, f"case {case}"), ids)

@@ -46,6 +46,7 @@ from uniter3m.train.finetune import (
     make_dataset,
     plan_protocol,
     predict,
+    run_tokenizer,
     scalars,
     score,
     special_tokens,
@@ -184,8 +185,8 @@ def train_fold(
         feature_dtype=cfg.batching.feature_dtype_for(backend.device),
         packing=cfg.batching.packing,
     )
-    train_set = make_dataset(cfg.data, fold.train)
-    valid_set = make_dataset(cfg.data, fold.valid)
+    train_set = make_dataset(cfg.data, fold.train, tokenizer=run_tokenizer(cfg))
+    valid_set = make_dataset(cfg.data, fold.valid, tokenizer=run_tokenizer(cfg))
     model = build_finetune_model(cfg, plan, feature_dims(train_set), special).to(backend.device)
     model.tokenizer_record = tokenizer_record(cfg.data)
     if cfg.model.init:
@@ -206,7 +207,10 @@ def train_fold(
     train_task = (
         supervised_task(model, plan, special, weights, cfg.modality_cases) if cfg.modality_cases else task
     )
-    case_sets = {c: make_dataset(cfg.data, fold.valid, modalities=c) for c in cfg.modality_cases or []}
+    case_sets = {
+        c: make_dataset(cfg.data, fold.valid, modalities=c, tokenizer=run_tokenizer(cfg))
+        for c in cfg.modality_cases or []
+    }
     if backend.is_main:
         log.info("fold %s: sizes %s; %s", fold.name, fold.sizes(), model.describe())
 
@@ -303,13 +307,19 @@ def train_fold(
     train_seconds = time.time() - t0
 
     best = load_finetuned(out_dir / "best").to(backend.device)  # the model selected on validation
-    test_set = make_dataset(cfg.data, fold.test)
+    test_set = make_dataset(cfg.data, fold.test, tokenizer=run_tokenizer(cfg))
     test_pred = predict(best, task, test_set, cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
     test_cases = {}
     for case in cfg.modality_cases or []:  # the same selected model, scored once per case
         case_pred = predict(
-            best, task, make_dataset(cfg.data, fold.test, modalities=case), cfg, backend, precision, case
+            best,
+            task,
+            make_dataset(cfg.data, fold.test, modalities=case, tokenizer=run_tokenizer(cfg)),
+            cfg,
+            backend,
+            precision,
+            case,
         )
         test_cases[case] = scalars(score(plan, case_pred, fold.test))
     result = {

@@ -123,11 +123,25 @@ def run_pretrain(
         active = cfg.active_tasks()
         tasks = [build_task(t.name, context, **t.options) for t in active]
         train_sets = [
-            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=False, task=task)
+            _dataset(
+                cfg.datasets[t.dataset],
+                t.modalities,
+                readers,
+                validation=False,
+                task=task,
+                tokenizer=tokenizer,
+            )
             for t, task in zip(active, tasks, strict=True)
         ]
         val_sets = [
-            _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation=True, task=task)
+            _dataset(
+                cfg.datasets[t.dataset],
+                t.modalities,
+                readers,
+                validation=True,
+                task=task,
+                tokenizer=tokenizer,
+            )
             if cfg.datasets[t.dataset].valid is not None
             else None
             for t, task in zip(active, tasks, strict=True)
@@ -279,7 +293,12 @@ def _tokenizer(configured: str | None, meta: dict[str, Any]) -> Any | None:
 
 
 def _dataset(
-    ds: DataConfig, modalities: str | None, readers: _DbCache, validation: bool, task: Any = None
+    ds: DataConfig,
+    modalities: str | None,
+    readers: _DbCache,
+    validation: bool,
+    task: Any = None,
+    tokenizer: Any = None,
 ) -> JoinedDataset:
     dbs = ds.valid if validation else ds
     assert dbs is not None
@@ -299,6 +318,8 @@ def _dataset(
         max_frames=ds.max_frames,
         normalize=ds.normalize,
         missing=ds.missing,
+        context=ds.dialogue_context(),
+        tokenizer=tokenizer,
     )
     for letter in getattr(task, "streams", ()):
         if letter == "L":
@@ -393,10 +414,11 @@ def _check_lengths(cfg: PretrainConfig, model: UniterConfig) -> None:
     """Dataset truncation limits must fit the model's position tables."""
     problems = []
     for name, ds in cfg.datasets.items():
-        if ds.max_txt_len + 2 > model.max_position_embeddings:
+        if ds.max_text_tokens > model.max_position_embeddings:
             problems.append(
-                f"datasets.{name}.max_txt_len {ds.max_txt_len} + [CLS]/[SEP] exceeds the model's "
-                f"max_position_embeddings {model.max_position_embeddings}"
+                f"datasets.{name}.max_txt_len {ds.max_txt_len} + [CLS]/[SEP]"
+                + (f" + context.max_tokens {ds.context.max_tokens}" if ds.context else "")
+                + f" exceeds the model's max_position_embeddings {model.max_position_embeddings}"
             )
         for stream in ds.feat_dbs:
             sc = model.stream(stream)

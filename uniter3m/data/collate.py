@@ -1,6 +1,7 @@
 """`Collator`: dataset examples -> the batch dict of DEVELOPERS.md ("Batch").
 
-Text becomes `[CLS] tokens [SEP]` right-padded with [PAD]; each frame stream is right-padded with
+Text becomes `[CLS] tokens [SEP]` right-padded with [PAD], with `ctx_flags` True on the tokens of
+dialogue context (`uniter3m.data.context`; all False for examples without context); each frame stream is right-padded with
 zeros and gets a bool mask. A stream is in the batch when the examples carry it (`None` in every
 example = not part of this dataset = key absent). An example whose stream has zero frames gets an
 all-False mask row, and a batch in which no example has a frame still gets `(B, 0, D)` tensors,
@@ -45,8 +46,9 @@ def _ids_where(examples: Sequence[dict[str, Any]], flags: Sequence[bool]) -> str
 class Collator(stream_table.CarriesStreamTable):
     """Pad a list of examples into tensors; picklable, so it runs inside DataLoader workers.
 
-    max_txt_len: optional cap on text tokens (without [CLS]/[SEP]); the dataset normally
-        truncates already (and counts it), this only guards examples built elsewhere.
+    max_txt_len: optional cap on the current utterance's tokens (without [CLS]/[SEP] and context);
+        the dataset normally truncates already (and counts it), this only guards examples built
+        elsewhere.
     pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
         counts the same rounding), so a compiled step sees few distinct shapes.
     feature_dtype: dtype of the frame tensors ("float16" on GPU: the model casts to its own dtype).
@@ -82,8 +84,8 @@ class Collator(stream_table.CarriesStreamTable):
 
     def _text(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sp = self.special
-        cut = slice(None, self.max_txt_len)
-        tokens = [np.asarray(ex["input_ids"])[cut] for ex in examples]
+        keeps = [self._keep(ex) for ex in examples]
+        tokens = [np.asarray(ex["input_ids"])[keep] for ex, keep in zip(examples, keeps, strict=True)]
         width = self._round(max(len(t) for t in tokens) + 2)
         b = len(examples)
         out = {
@@ -91,9 +93,12 @@ class Collator(stream_table.CarriesStreamTable):
             "txt_mask": _full((b, width), torch.bool, False),
             "word_ids": _full((b, width), torch.long, -1),
             "emo_flags": _full((b, width), torch.bool, False),
+            "ctx_flags": _full((b, width), torch.bool, False),
         }
-        input_ids, txt_mask, word_ids, emo_flags = (t.numpy() for t in out.values())  # views to fill
-        for i, (ex, tok) in enumerate(zip(examples, tokens, strict=True)):
+        input_ids, txt_mask, word_ids, emo_flags, ctx_flags = (
+            t.numpy() for t in out.values()
+        )  # views to fill
+        for i, (ex, tok, cut) in enumerate(zip(examples, tokens, keeps, strict=True)):
             n = len(tok)
             input_ids[i, 0] = sp.cls_id
             input_ids[i, 1 : n + 1] = tok
@@ -101,7 +106,19 @@ class Collator(stream_table.CarriesStreamTable):
             txt_mask[i, : n + 2] = True
             word_ids[i, 1 : n + 1] = np.asarray(ex["word_ids"])[cut]
             emo_flags[i, 1 : n + 1] = np.asarray(ex["emo_flags"])[cut]
+            if ex.get("ctx_flags") is not None:
+                ctx_flags[i, 1 : n + 1] = np.asarray(ex["ctx_flags"])[cut]
         return out
+
+    def _keep(self, example: dict[str, Any]) -> slice | np.ndarray:
+        """Which tokens to keep: all context, and the first `max_txt_len` of the current utterance."""
+        if self.max_txt_len is None:
+            return slice(None)
+        ctx = example.get("ctx_flags")
+        if ctx is None:
+            return slice(None, self.max_txt_len)
+        ctx = np.asarray(ctx, dtype=bool)
+        return ctx | (np.cumsum(~ctx) <= self.max_txt_len)
 
     def _frames(self, examples: Sequence[dict[str, Any]], stream: str) -> dict[str, torch.Tensor]:
         feats = [ex.get(stream) for ex in examples]

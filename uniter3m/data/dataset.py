@@ -10,7 +10,11 @@ Rules, each reported (`report()` and one log line at construction) rather than a
 - an over-long text or frame stream is truncated to `max_txt_len` / `max_frames`, never dropped;
 - an id of a text db absent from a feature db is an error by default (`missing="error"`), or the
   utterance is dropped and counted (`missing="drop"`);
-- an utterance with zero frames for a stream stays as an empty `(0, D)` stream (no made-up frame).
+- an utterance with zero frames for a stream stays as an empty `(0, D)` stream (no made-up frame);
+- with `context` (a `DialogueContext`), the previous turns of the utterance's dialogue in the same
+  text db are prepended within a token budget (`uniter3m.data.context`: layout, truncation of the
+  oldest tokens first, `ctx_flags`); how many utterances got context and how many turns the budget
+  cut is logged (`context_report()`).
 
 Items follow the "Dataset example" contract of DEVELOPERS.md. `lengths[i]` (text tokens + 2 for
 [CLS]/[SEP] + frames of each present stream, after truncation) feeds `TokenBucketBatchSampler`
@@ -30,6 +34,8 @@ import torch
 from torch.utils.data import Dataset
 
 from uniter3m import streams as stream_table
+from uniter3m.data.context import ContextPlan, ContextReport, DialogueContext, assemble, plan_context
+from uniter3m.data.context import speaker_tokenizer as _speaker_tokenizer
 from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, DatabaseError
@@ -113,6 +119,10 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         normalize: subtract the feature db's meta `mean` and divide by max(`std`, `std_floor`).
         missing: "error" (default) or "drop" when a text id has no record in a feature db.
         ids: keep only these utterance ids (folds, splits); an id found in no text db is an error.
+        context: previous turns of the same dialogue to prepend (`DialogueContext` or the mapping of
+            the `data.context` config section); `max_txt_len` still limits the current utterance only.
+        tokenizer: a tokenizer or its folder, for the speaker prefixes of `context` (default: the
+            folder the text db's meta names).
     """
 
     def __init__(
@@ -129,6 +139,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         std_floor: float = 1e-6,
         missing: str = "error",
         ids: Iterable[str] | None = None,
+        context: DialogueContext | Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
     ):
         txt_list = _as_list(txt_dbs)
         if not txt_list:
@@ -147,6 +159,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         self.max_frames = self._frame_limits(max_frames)
         self.normalize = normalize
         self.missing = missing
+        self.context = DialogueContext.parse(context)
+        self._tokenizer = tokenizer
 
         self.txt_dbs = [_open(db, "txt") for db in txt_list]
         self._check_same_tokenizer()
@@ -180,6 +194,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         self._report = JoinReport()
         self._join(ids)
         log.info(self._report.line())
+        if self._context_plans:
+            log.info(self._context_report.line())
 
     # ----------------------------------------------------------------- checks
     @staticmethod
@@ -355,7 +371,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             self._report.truncated["text"] = int((raw > txt).sum())
         else:
             txt = np.zeros(n, dtype=np.int64)
-        total = txt + 2
+        self._plan_context()
+        total = txt + self.ctx_lengths + 2
         self.txt_lengths = txt
         self.frame_lengths: dict[str, np.ndarray] = {}
         for s in self.streams:
@@ -373,16 +390,61 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             total = total + frames
         self.lengths: np.ndarray = total
 
+    def _plan_context(self) -> None:
+        """Choose every utterance's context turns (per text db: a dialogue never spans two dbs)."""
+        n = len(self.ids)
+        self.ctx_lengths = np.zeros(n, dtype=np.int64)
+        self._context_plans: dict[int, ContextPlan] = {}
+        self._context_row = np.full(n, -1, dtype=np.int64)
+        self._context_report = ContextReport()
+        if self.context is None or "L" not in self.modalities:
+            return
+        self._sep_id = self.special_tokens().sep_id
+        speaker_ids = _speaker_tokenizer(self._load_tokenizer()) if self.context.speakers else None
+        for k, db in enumerate(self.txt_dbs):
+            rows = np.flatnonzero(self._db_index == k)
+            plan = plan_context(db, [self.ids[r] for r in rows], self.context, speaker_ids)
+            self._context_plans[k] = plan
+            self._context_row[rows] = np.arange(len(rows))
+            self.ctx_lengths[rows] = plan.lengths
+            total, part = self._context_report, plan.report
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+
+    def _load_tokenizer(self) -> Any:
+        """The tokenizer for speaker prefixes: the one given, else the text db's (checked by vocab hash)."""
+        from uniter3m.data.tokenization import load_tokenizer, vocab_hash
+
+        db = self.txt_dbs[0]
+        meta = db.meta.get("tokenizer") or {}
+        given = self._tokenizer if self._tokenizer is not None else meta.get("name")
+        if given is None:
+            raise ConfigError(
+                f"data.context.speakers needs the tokenizer of {db.path} and its meta names none: set the "
+                "run's `tokenizer` to its folder"
+            )
+        tokenizer = load_tokenizer(given) if isinstance(given, (str, os.PathLike)) else given
+        if meta.get("vocab_hash") and vocab_hash(tokenizer) != meta["vocab_hash"]:
+            raise DatabaseError(
+                f"tokenizer {given} differs from the one {db.path} was built with (vocab hash {meta['vocab_hash']}); "
+                "set the run's `tokenizer` to that one"
+            )
+        return tokenizer
+
     # ------------------------------------------------------------------ access
     @property
     def stream_lengths(self) -> np.ndarray:
-        """(N, 1 + streams) lengths as the collator pads them: text + 2, then each stream's frames."""
-        parts = [self.txt_lengths + 2, *(self.frame_lengths[s] for s in self.streams)]
+        """(N, 1 + streams) lengths as the collator pads them: text (+ context) + 2, then each stream's frames."""
+        parts = [self.txt_lengths + self.ctx_lengths + 2, *(self.frame_lengths[s] for s in self.streams)]
         return np.stack(parts, axis=1)
 
     def report(self) -> JoinReport:
         """Counts of kept, dropped, truncated and empty utterances (also logged at construction)."""
         return self._report
+
+    def context_report(self) -> ContextReport:
+        """Utterances that got context and turns the budget cut (also logged at construction)."""
+        return self._context_report
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -406,6 +468,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             "emo_flags": np.asarray(emo_flags[:n], dtype=bool),
             "labels": dict(rec.get("labels") or {}),
         }
+        if self._context_plans:
+            example.update(self._with_context(k, int(self._context_row[index]), example))
         for name in stream_table.names():
             example[name] = example[f"{name}_soft"] = None
         if rec.get("soft_labels") is not None:
@@ -413,6 +477,16 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         for s in self.streams:
             example[s], example[f"{s}_soft"] = self._frames(s, k, uid, int(self.frame_lengths[s][index]))
         return example
+
+    def _with_context(self, k: int, row: int, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The example's text with its planned context turns before it (`ctx_flags` marks them)."""
+        plan = self._context_plans[k]
+        db = self.txt_dbs[k]
+        turns = [
+            (prefix, np.asarray(db[uid]["input_ids"][start:], dtype=np.int64))
+            for (uid, start), prefix in zip(plan.turns[row], plan.prefixes[row][:-1], strict=True)
+        ]
+        return assemble(example, turns, plan.prefixes[row][-1], self._sep_id, self.context.position)
 
     def _frames(self, stream: str, k: int, uid: str, keep: int) -> tuple[np.ndarray, np.ndarray | None]:
         db = self.feat_dbs[stream][k]

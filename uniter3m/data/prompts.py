@@ -76,11 +76,17 @@ def add_prompt(
     *,
     position: str = "after",
     max_len: int = 512,
+    ctx_flags: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """`[CLS] text [SEP]` rows -> `[CLS] prompt text [SEP]` ("before") or `[CLS] text prompt [SEP]`.
 
-    The text is cut (never the prompt) so that each row fits `max_len`. Returns the new ids, their
-    mask, the position of the prompt's mask token in each row (B,), and how many rows were cut.
+    With dialogue context (`ctx_flags`: `uniter3m.data.context`) the prompt goes beside the current
+    utterance, never into the context: `[CLS] context prompt text [SEP]` / `[CLS] prompt text [SEP
+    context] [SEP]`, or with the prompt "after", `[CLS] context text prompt [SEP]` / `[CLS] text prompt
+    [SEP context] [SEP]`, so it asks about the current utterance only. The text is cut (never the
+    prompt) so that each row fits `max_len`: the farthest context tokens first (the end of context
+    after the utterance, the start of context before it), then the end of the current utterance. Returns the new ids, their mask, the position of
+    the prompt's mask token in each row (B,), and how many rows were cut.
     """
     prompt = list(prompt_ids)
     if prompt.count(special.mask_id) != 1:
@@ -89,17 +95,28 @@ def add_prompt(
     if room < 0:
         raise ConfigError(f"max_len={max_len} leaves no room for the prompt and [CLS]/[SEP]")
     offset = prompt.index(special.mask_id)
+    flags = torch.zeros_like(txt_mask, dtype=torch.bool) if ctx_flags is None else ctx_flags.bool()
     rows: list[list[int]] = []
     positions: list[int] = []
     truncated = 0
-    for ids, real in zip(input_ids, txt_mask.bool(), strict=True):
-        text = [t for t in ids[real].tolist() if t not in (special.cls_id, special.sep_id)]
-        if len(text) > room:
+    for ids, real, ctx_row in zip(input_ids, txt_mask.bool(), flags, strict=True):
+        body, is_ctx = ids[real].tolist(), ctx_row[real].tolist()
+        keep = [c or t not in (special.cls_id, special.sep_id) for t, c in zip(body, is_ctx, strict=True)]
+        body, is_ctx = [t for t, k in zip(body, keep) if k], [c for c, k in zip(is_ctx, keep) if k]
+        cur = [i for i, c in enumerate(is_ctx) if not c]
+        first, last = (cur[0], cur[-1] + 1) if cur else (len(body), len(body))
+        before, text, after = body[:first], body[first:last], body[last:]
+        over = len(before) + len(text) + len(after) - room
+        if over > 0:  # the farthest context first (the end of what follows, the start of what precedes)
             truncated += 1
-            text = text[:room]
-        body = prompt + text if position == "before" else text + prompt
-        start = 1 if position == "before" else 1 + len(text)
-        rows.append([special.cls_id, *body, special.sep_id])
+            cut = min(over, len(after))
+            after, over = after[: len(after) - cut], over - cut
+            cut = min(over, len(before))
+            before, over = before[cut:], over - cut
+            text = text[: len(text) - over] if over > 0 else text
+        middle = prompt + text if position == "before" else text + prompt
+        start = 1 + len(before) + (0 if position == "before" else len(text))
+        rows.append([special.cls_id, *before, *middle, *after, special.sep_id])
         positions.append(start + offset)
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), special.pad_id, dtype=torch.long)

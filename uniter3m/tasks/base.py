@@ -158,6 +158,7 @@ def keep_streams(batch: Mapping[str, Any], keep: frozenset[str], special: Specia
         out["txt_mask"] = torch.ones(bsz, 2, dtype=torch.bool)
         out["word_ids"] = torch.full((bsz, 2), -1, dtype=torch.long)
         out["emo_flags"] = torch.zeros(bsz, 2, dtype=torch.bool)
+        out["ctx_flags"] = torch.zeros(bsz, 2, dtype=torch.bool)
     for key, name in FRAME_STREAMS.items():
         if key not in keep:
             for suffix in ("feat", "mask", "soft"):

@@ -64,9 +64,17 @@ def check_rate(name: str, value: float, *, upper: float = 1.0) -> float:
 # --------------------------------------------------------------------------------------------- tokens
 
 
-def maskable_tokens(input_ids: torch.Tensor, txt_mask: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """Real tokens that may become targets: never [CLS], [SEP], [MASK] or padding."""
+def maskable_tokens(
+    input_ids: torch.Tensor,
+    txt_mask: torch.Tensor,
+    special: SpecialTokens,
+    ctx_flags: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Real tokens that may become targets: never [CLS], [SEP], [MASK], padding or dialogue context
+    (`ctx_flags`: only the current utterance is the target of a masking objective)."""
     ok = txt_mask.bool().clone()
+    if ctx_flags is not None:
+        ok &= ~ctx_flags.bool()
     for sid in special.ids:
         ok &= input_ids != sid
     return ok

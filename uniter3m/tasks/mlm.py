@@ -11,7 +11,8 @@ words from the other modalities too (MEmoBERT). Registered names:
 * ``melm_wwm``: MELM over whole words (a word is an emotion word when any of its pieces is flagged).
 
 Chosen units are corrupted with ``replace`` = [mask, random, keep] = [0.8, 0.1, 0.1], one action per
-unit (all pieces of a word get the same action). [CLS], [SEP], [MASK] and padding are never chosen.
+unit (all pieces of a word get the same action). [CLS], [SEP], [MASK], padding and dialogue context
+(``ctx_flags``, see ``uniter3m.data.context``) are never chosen.
 Every sample with at least one real token gets at least one target: when the draw chose nothing,
 one unit is picked uniformly (see ``masking.choose_units``).
 """
@@ -118,7 +119,7 @@ class MlmTask(Task):
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         input_ids = batch["input_ids"]
-        maskable = maskable_tokens(input_ids, batch["txt_mask"], self.special)
+        maskable = maskable_tokens(input_ids, batch["txt_mask"], self.special, batch.get("ctx_flags"))
         if self.unit == "word":
             units = word_units(batch["word_ids"], maskable)
         else:

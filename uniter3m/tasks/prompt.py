@@ -142,6 +142,7 @@ class PromptTask(Task):
             self.special,
             position=self.position,
             max_len=self.max_len,
+            ctx_flags=batch.get("ctx_flags"),
         )
         targets = torch.full(input_ids.shape, -1, dtype=torch.long)
         targets[torch.arange(len(positions)), positions] = words

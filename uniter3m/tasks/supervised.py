@@ -63,6 +63,7 @@ class SupervisedTask(Task):
                 self.prompt_ids or [],
                 self.special,
                 max_len=self.max_len,
+                ctx_flags=batch.get("ctx_flags"),
             )
             inputs.update(input_ids=ids, attention_mask=mask, prompt_positions=positions)
         values = lookup_targets(batch["ids"], self.targets, what="protocol target", where="the fold's ids")

@@ -10,7 +10,7 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 | `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
-| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`; pretraining adds `valid` (the same db keys) |
+| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
 
 Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
 `evals_per_epoch` and `class_weighted`. `streams` declares frame streams beyond face (V) and speech
@@ -197,6 +197,21 @@ class DbSet(StrictModel):
         return stream_table.parse_modalities("L" + "".join(stream_table.get(n).letter for n in self.feat_dbs))
 
 
+class ContextSection(StrictModel):
+    """`data.context`: prepend the previous turns of the utterance's dialogue to its text
+    (`uniter3m.data.context`). `turns`: at most this many previous turns; `max_tokens`: budget of
+    every token context adds (turns, their [SEP], speaker prefixes), the oldest tokens cut first;
+    `speakers`: prefix each turn with "<speaker> :" from the text db's label column `speaker_column`
+    (default: speaker/Speaker); `position`: context "before" the current utterance (dialogue order) or
+    "after" it (newest turn first). `max_txt_len` keeps limiting the current utterance only."""
+
+    turns: int = Field(ge=1)
+    max_tokens: int = Field(128, ge=1)
+    speakers: bool = False
+    speaker_column: str | None = None
+    position: Literal["before", "after"] = "before"  # context before the current utterance, or after it
+
+
 class DataConfig(DbSet):
     """What one model reads: databases, which modalities, truncation and normalisation."""
 
@@ -206,6 +221,7 @@ class DataConfig(DbSet):
     normalize: bool = True  # z-score frames with the feature db's mean/std (label-free statistics)
     missing: Literal["error", "drop"] = "error"  # a text id with no record in a feature db
     valid: DbSet | None = None  # pretraining: validation databases (same streams)
+    context: ContextSection | None = None  # dialogue context for the text stream (None: off)
 
     @model_validator(mode="after")
     def _modalities_given(self) -> DataConfig:
@@ -227,6 +243,17 @@ class DataConfig(DbSet):
     @property
     def used_modalities(self) -> str:
         return self.modalities or self.available
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest text this data gives the model, [CLS]/[SEP] and context included."""
+        return self.max_txt_len + 2 + (self.context.max_tokens if self.context else 0)
+
+    def dialogue_context(self) -> Any:
+        """The `DialogueContext` the dataset takes (None when `context` is off)."""
+        from uniter3m.data.context import DialogueContext
+
+        return None if self.context is None else DialogueContext(**self.context.model_dump())
 
 
 DEFAULT_MODEL = "default"  # `model.init` / `tokenizer` value meaning "the default text model"

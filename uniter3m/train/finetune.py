@@ -152,8 +152,19 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
     return plan
 
 
-def make_dataset(data: DataConfig, ids: Sequence[str] | None, modalities: str | None = None) -> JoinedDataset:
-    """The joined dataset of `ids` (None: every utterance) reading `modalities` (default: the config's)."""
+def run_tokenizer(cfg: FinetuneConfig) -> str | None:
+    """The tokenizer folder the run names (`model.tokenizer`, else `tokenizer`), or None."""
+    return cfg.model.tokenizer or cfg.tokenizer
+
+
+def make_dataset(
+    data: DataConfig,
+    ids: Sequence[str] | None,
+    modalities: str | None = None,
+    tokenizer: str | None = None,
+) -> JoinedDataset:
+    """The joined dataset of `ids` (None: every utterance) reading `modalities` (default: the config's);
+    `tokenizer` (a folder) serves `data.context` speaker prefixes (default: the one the text db names)."""
     return JoinedDataset(
         data.txt_dbs,
         feat_dbs=data.feat_dbs,
@@ -163,6 +174,8 @@ def make_dataset(data: DataConfig, ids: Sequence[str] | None, modalities: str | 
         normalize=data.normalize,
         missing=data.missing,
         ids=ids,
+        context=data.dialogue_context(),
+        tokenizer=tokenizer,
     )
 
 
