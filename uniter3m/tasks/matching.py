@@ -47,7 +47,7 @@ from uniter3m.tasks.base import (
 )
 
 ITM_HEAD = "itm"
-TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags")
+TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags", "ctx_flags")
 
 
 def stream_keys(stream: str) -> tuple[str, ...]:
