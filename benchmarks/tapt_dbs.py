@@ -31,10 +31,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from uniter3m.recipes.build_lmdb.corpora import _write_jsonl, iemocap_rows, meld_rows, mosi_utterances
+from uniter3m.recipes.build_lmdb.corpora import (
+    _text_db,
+    _write_jsonl,
+    iemocap_rows,
+    meld_rows,
+    mosi_utterances,
+)
 
 from uniter3m.data.protocols import session_folds
-from uniter3m.data.text_db import TextDbSpec, build_text_db
 
 TEST_SESSION = "Ses05"
 
@@ -42,16 +47,7 @@ TEST_SESSION = "Ses05"
 def _db(rows: Iterable[dict[str, Any]], out: Path, tokenizer: Path, labels: list[str], tmp: Path) -> dict:
     jsonl = tmp / f"{out.name}.jsonl"
     _write_jsonl(jsonl, rows)
-    spec = TextDbSpec(
-        input=jsonl,
-        id_cols=["id"],
-        text_col="text",
-        tokenizer=tokenizer,
-        out=out,
-        label_cols=labels,
-        lexicon="nrc",
-    )
-    return build_text_db(spec)
+    return _text_db(jsonl, out, tokenizer, labels, overwrite=False, lexicon="nrc")
 
 
 def iemocap_fold_parts(data: Path, valid_fraction: float = 0.1) -> dict[str, list[dict[str, Any]]]:

@@ -264,7 +264,7 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
         # frames reveal), with a little per-frame noise
         scores = (
             spec.soft_label_gain * np.eye(n_cls)[c]
-            + visible.reshape(-1, spec.face_dim) @ readout.T
+            + visible @ readout.T
             + rng.normal(0, 0.5, (t_face, n_cls))
         )
         soft = np.exp(scores - scores.max(-1, keepdims=True)) if t_face else np.zeros((0, n_cls))

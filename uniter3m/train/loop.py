@@ -298,30 +298,28 @@ class TrainLoop:
         self.backend.sync_gradients(self.step_module)
         return loss_sum, nonfinite, samples, positions
 
-    def _fetch(self, t: TrainTask) -> _Ahead:
-        """`t`'s next batch from its stream (counted there), moved to the device."""
-        inputs = t.stream.next()
+    def _fetch(self, t: TrainTask, counted: bool = True, copy_stream: Any = None) -> _Ahead:
+        """`t`'s next batch from its stream, moved to the device; on `copy_stream` (a CUDA stream)
+        the copy is queued there, with an event that `_take_ahead` waits on."""
+        inputs = t.stream.next(counted=counted)
         size, positions = batch_size_of(inputs), positions_of(inputs)
-        return _Ahead(t.key, to_device(inputs, self.backend.device), size, positions)
+        if copy_stream is None:
+            return _Ahead(t.key, to_device(inputs, self.backend.device), size, positions)
+        with torch.cuda.stream(copy_stream):
+            moved = to_device(inputs, self.backend.device)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        return _Ahead(t.key, moved, size, positions, copied)
 
     def _fetch_ahead(self, t: TrainTask) -> None:
         """Fetch `t`'s next batch before its step and start the copy; on CUDA on a side stream, so
-        it overlaps the step in flight. Held uncounted by the stream until `_take_ahead`."""
+        it overlaps the step in flight. Not counted by the stream until `_take_ahead`: a
+        checkpoint taken meanwhile replays it."""
         if self._ahead is not None:
             return
-        inputs = t.stream.next(counted=False)  # not handed out yet: a checkpoint now must replay it
-        size, positions = batch_size_of(inputs), positions_of(inputs)
-        device = self.backend.device
-        if device.type != "cuda":
-            self._ahead = _Ahead(t.key, to_device(inputs, device), size, positions)
-            return
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(self._copy_stream):
-            moved = to_device(inputs, device)
-            copied = torch.cuda.Event()
-            copied.record(self._copy_stream)
-        self._ahead = _Ahead(t.key, moved, size, positions, copied)
+        if self.backend.device.type == "cuda" and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.backend.device)
+        self._ahead = self._fetch(t, counted=False, copy_stream=self._copy_stream)
 
     def _take_ahead(self, t: TrainTask) -> _Ahead:
         """The batch fetched ahead for `t` (now counted), or a fresh one."""
