@@ -2,7 +2,15 @@
 
 Every utterance has an emotion, a speaker and a duration; its words, face frames and speech frames
 are drawn from distributions that depend on them, so each pretraining objective has a signal to
-find, and no single stream gives the emotion away (each alone is a weak cue, roughly 40-60 %):
+find. As in features taken from expression and paralinguistic models, the emotion and the moment's
+arousal move the frames more than the speaker does (an earlier version let the speaker's style
+dominate: self-supervised pretraining then learnt mostly who speaks, and fine-tuned worse than no
+pretraining). How much each stream says about the emotion, measured as the balanced accuracy of a
+logistic regression on a stream's per-utterance mean and std of frames (text: which cue words and
+intensifiers occur), test split of the demo's 1000-utterance corpus (seed 0), trained on 40 / all
+688 train utterances: face 0.78 / 0.89, speech 0.98 / 0.99, text 0.38 / 0.58, all three 0.99 /
+1.00 (chance 0.25). The moment's arousal is the emotion's usual arousal (anger and joy high,
+sadness low) plus a per-utterance draw.
 
 - text: real English words (the real tokenizer applies). The speaker's habit word opens the
   sentence ("well", "honestly", ...); then carrier words of one topic (6 topics of 8 words) follow
@@ -102,18 +110,22 @@ class SyntheticSpec:
     face_fps: float = 8.0
     speech_fps: float = 16.0
     split_shares: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    # Each stream alone is a weak cue of the emotion; together they are much better.
     text_cue_rate: float = 0.5  # utterances with an emotion word of their own class
     misleading_cue_rate: float = 0.15  # ... with an emotion word of another class instead
-    prototype_scale: float = 0.15  # class separation of the frame prototypes (vs the styles and offsets)
+    prototype_scale: float = 0.4  # class separation of the frame prototypes (vs the styles and offsets)
     temporal_scale: float = 0.5  # size of the class oscillation (speech) over time
     clock_scale: float = 1.5  # size of the course over time every clip shares (frame order's signal)
-    style_scale: float = 1.0  # size of a speaker's face / voice style (matching's signal)
+    style_scale: float = 0.5  # size of a speaker's face / voice style (matching's signal)
     offset_scale: float = 0.5  # per-utterance offset of each stream, independent across streams
     # The moment's arousal: one number per utterance that moves face and voice alike (along a
     # direction each) and, above `intensifier_threshold`, puts an intensifier word in the text.
-    arousal_scale: float = 1.0
-    intensifier_threshold: float = 0.5
+    arousal_scale: float = 2.0
+    intensifier_threshold: float = 0.0
+    # the emotion's usual arousal (the circumplex's activation axis: anger and joy high, sadness
+    # low), added to the moment's N(0, 1) draw; emotions not listed get 0
+    arousal_by_emotion: dict[str, float] = field(
+        default_factory=lambda: {"anger": 1.0, "joy": 0.5, "neutral": -0.5, "sadness": -1.0}
+    )
     # the expression classifier behind the face soft labels reads the visible expression this much
     soft_label_readout: float = 1.5
     word_order: float = 0.8  # how often a carrier word is followed by its usual successor
@@ -248,7 +260,7 @@ def generate_corpus(out_dir: str | os.PathLike, spec: SyntheticSpec | None = Non
             t_sp = int(np.clip(round(spec.speech_fps * seconds), *spec.speech_frames))
         habit = HABIT_WORDS[spk % len(HABIT_WORDS)] if rng.random() < spec.habit_rate else None
         carriers = _carriers(rng, successor, n_words, spec.word_order)
-        arousal = float(rng.normal())
+        arousal = float(rng.normal()) + spec.arousal_by_emotion.get(emotion, 0.0)
         cues = _cue_words(rng, emotion, spec)
         if arousal > spec.intensifier_threshold:
             cues.append(str(rng.choice(INTENSIFIERS)))
