@@ -27,6 +27,29 @@ def test_synthetic_corpus_is_deterministic_and_labelled(tmp_path):
     assert json.loads((a.root / "SYNTHETIC.json").read_text())["note"].startswith("synthetic")
 
 
+def test_synthetic_arousal_follows_the_emotion(tmp_path):
+    """Anger's usual arousal is high and sadness's low: the intensifier word (said when the moment's
+    arousal is above the threshold) is more frequent in angry utterances, unless the shift is off."""
+    import numpy as np
+
+    from uniter3m.data.synthetic import INTENSIFIERS
+
+    def intensifier_rate(spec: SyntheticSpec, folder: str) -> dict[str, float]:
+        rows = list(csv.DictReader(open(generate_corpus(tmp_path / folder, spec).transcripts["all"])))
+        said = {
+            e: [bool(set(r["text"].split()) & set(INTENSIFIERS)) for r in rows if r["emotion"] == e]
+            for e in spec.emotions
+        }
+        return {e: float(np.mean(v)) for e, v in said.items()}
+
+    shifted = intensifier_rate(SyntheticSpec(n_utterances=800, seed=3), "shifted")
+    flat = intensifier_rate(SyntheticSpec(n_utterances=800, seed=3, arousal_by_emotion={}), "flat")
+    assert (
+        shifted["anger"] > 0.75 and shifted["sadness"] < 0.25
+    )  # P(N(1,1) > 0) = 0.84, P(N(-1,1) > 0) = 0.16
+    assert abs(flat["anger"] - flat["sadness"]) < 0.15  # both about 0.5
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, minilm_dir):
     import torch
