@@ -185,8 +185,9 @@ def train_fold(
         feature_dtype=cfg.batching.feature_dtype_for(backend.device),
         packing=cfg.batching.packing,
     )
-    train_set = make_dataset(cfg.data, fold.train, tokenizer=run_tokenizer(cfg))
-    valid_set = make_dataset(cfg.data, fold.valid, tokenizer=run_tokenizer(cfg))
+    tokenizer = run_tokenizer(cfg)  # for context speaker prefixes
+    train_set = make_dataset(cfg.data, fold.train, tokenizer=tokenizer)
+    valid_set = make_dataset(cfg.data, fold.valid, tokenizer=tokenizer)
     model = build_finetune_model(cfg, plan, feature_dims(train_set), special).to(backend.device)
     model.tokenizer_record = tokenizer_record(cfg.data)
     if cfg.model.init:
@@ -208,7 +209,7 @@ def train_fold(
         supervised_task(model, plan, special, weights, cfg.modality_cases) if cfg.modality_cases else task
     )
     case_sets = {
-        c: make_dataset(cfg.data, fold.valid, modalities=c, tokenizer=run_tokenizer(cfg))
+        c: make_dataset(cfg.data, fold.valid, modalities=c, tokenizer=tokenizer)
         for c in cfg.modality_cases or []
     }
     if backend.is_main:
@@ -307,20 +308,13 @@ def train_fold(
     train_seconds = time.time() - t0
 
     best = load_finetuned(out_dir / "best").to(backend.device)  # the model selected on validation
-    test_set = make_dataset(cfg.data, fold.test, tokenizer=run_tokenizer(cfg))
+    test_set = make_dataset(cfg.data, fold.test, tokenizer=tokenizer)
     test_pred = predict(best, task, test_set, cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
     test_cases = {}
     for case in cfg.modality_cases or []:  # the same selected model, scored once per case
-        case_pred = predict(
-            best,
-            task,
-            make_dataset(cfg.data, fold.test, modalities=case, tokenizer=run_tokenizer(cfg)),
-            cfg,
-            backend,
-            precision,
-            case,
-        )
+        case_set = make_dataset(cfg.data, fold.test, modalities=case, tokenizer=tokenizer)
+        case_pred = predict(best, task, case_set, cfg, backend, precision, case)
         test_cases[case] = scalars(score(plan, case_pred, fold.test))
     result = {
         "protocol": f"{plan.name}/{cfg.protocol.scheme}"

@@ -122,29 +122,15 @@ def run_pretrain(
         context = TaskContext(special=special, tokenizer=tokenizer)
         active = cfg.active_tasks()
         tasks = [build_task(t.name, context, **t.options) for t in active]
-        train_sets = [
-            _dataset(
-                cfg.datasets[t.dataset],
-                t.modalities,
-                readers,
-                validation=False,
-                task=task,
-                tokenizer=tokenizer,
-            )
-            for t, task in zip(active, tasks, strict=True)
-        ]
+
+        def dataset_of(t: Any, task: Any, validation: bool) -> JoinedDataset:
+            return _dataset(cfg.datasets[t.dataset], t.modalities, readers, validation, task, tokenizer)
+
+        pairs = list(zip(active, tasks, strict=True))
+        train_sets = [dataset_of(t, task, validation=False) for t, task in pairs]
         val_sets = [
-            _dataset(
-                cfg.datasets[t.dataset],
-                t.modalities,
-                readers,
-                validation=True,
-                task=task,
-                tokenizer=tokenizer,
-            )
-            if cfg.datasets[t.dataset].valid is not None
-            else None
-            for t, task in zip(active, tasks, strict=True)
+            dataset_of(t, task, validation=True) if cfg.datasets[t.dataset].valid is not None else None
+            for t, task in pairs
         ]
 
         # 4. model: the heads the tasks use, stream dims from the databases

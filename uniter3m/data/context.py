@@ -97,6 +97,11 @@ class ContextReport:
     turns_shortened: int = 0  # turns kept without their start by the budget
     tokens: int = 0  # context tokens added over the dataset
 
+    def add(self, other: ContextReport) -> None:
+        """Add another db's counts to these (a dataset spans several text dbs)."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
     @property
     def turns_cut(self) -> int:
         """Turns the budget cut: dropped whole or shortened."""

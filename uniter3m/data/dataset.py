@@ -407,9 +407,7 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             self._context_plans[k] = plan
             self._context_row[rows] = np.arange(len(rows))
             self.ctx_lengths[rows] = plan.lengths
-            total, part = self._context_report, plan.report
-            for name in vars(total):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
+            self._context_report.add(plan.report)
 
     def _load_tokenizer(self) -> Any:
         """The tokenizer for speaker prefixes: the one given, else the text db's (checked by vocab hash)."""
