@@ -149,8 +149,13 @@ def test_ids_without_dialogue_order_are_an_error(minilm_dir, tmp_path):
 def test_speaker_column_must_exist(dbs):
     with pytest.raises(DatabaseError, match="speaker_column 'who' is not a label column"):
         JoinedDataset(dbs["iemocap"], context={"turns": 1, "speakers": True, "speaker_column": "who"})
-    with pytest.raises(ConfigError, match="turns=0"):
-        DialogueContext(turns=0, max_tokens=8)
+    with pytest.raises(
+        ConfigError,
+        match=r"data.context: 1 bad key\(s\):\n  turns: Input should be greater than or equal to 1 \(got 0\)",
+    ):
+        JoinedDataset(dbs["iemocap"], context={"turns": 0, "max_tokens": 8})
+    with pytest.raises(ConfigError, match=r"position: Input should be 'before' or 'after'"):
+        DialogueContext.parse({"turns": 1, "position": "around"})
 
 
 @pytest.mark.parametrize("position", ["before", "after"])

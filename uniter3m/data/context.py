@@ -36,53 +36,49 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field, ValidationError
 
+from uniter3m.config import StrictModel, format_validation_error
 from uniter3m.data.store import DbReader
 from uniter3m.errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
 
 SPEAKER_COLUMNS = ("speaker", "Speaker", "SPEAKER")
-SPEAKER_SUFFIX = ":"
-POSITIONS = ("before", "after")  # "chandler : how are you" once tokenised
+SPEAKER_SUFFIX = ":"  # "chandler : how are you" once tokenised
 
 
-@dataclass(frozen=True)
-class DialogueContext:
-    """What context to prepend: up to `turns` previous turns within `max_tokens` tokens.
+class DialogueContext(StrictModel):
+    """`data.context`: prepend up to `turns` previous turns of the utterance's dialogue to its text.
 
-    `speakers`: prefix every turn (the current one too) with "<speaker> :", read from the text
-    db's label column `speaker_column` (default: the first of speaker/Speaker/SPEAKER it has).
+    `max_tokens`: budget of every token context adds (turns, their [SEP], speaker prefixes), the
+    oldest tokens cut first; `speakers`: prefix every turn (the current one too) with "<speaker> :",
+    read from the text db's label column `speaker_column` (default: the first of
+    speaker/Speaker/SPEAKER it has); `position`: context "before" the current utterance (dialogue
+    order) or "after" it (newest turn first). `max_txt_len` keeps limiting the current utterance
+    only. The config section and the dataset's argument are this one model.
     """
 
-    turns: int
-    max_tokens: int = 128
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turns: int = Field(ge=1)
+    max_tokens: int = Field(128, ge=1)
     speakers: bool = False
     speaker_column: str | None = None
-    position: str = "before"  # context before the current utterance, or "after" it (newest turn first)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.turns, int) or self.turns < 1:
-            raise ConfigError(f"context turns={self.turns!r} must be a positive integer")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ConfigError(f"context max_tokens={self.max_tokens!r} must be a positive integer")
-        if self.position not in POSITIONS:
-            raise ConfigError(f"context position={self.position!r}; use one of {', '.join(POSITIONS)}")
+    position: Literal["before", "after"] = "before"
 
     @classmethod
     def parse(cls, value: DialogueContext | Mapping[str, Any] | None) -> DialogueContext | None:
         """None, an instance or a mapping with the keys of the `data.context` config section."""
         if value is None or isinstance(value, DialogueContext):
             return value
-        unknown = set(value) - {"turns", "max_tokens", "speakers", "speaker_column", "position"}
-        if unknown:
-            raise ConfigError(
-                f"context: unknown keys {sorted(unknown)}; use turns, max_tokens, speakers, speaker_column, position"
-            )
-        return cls(**dict(value))
+        try:
+            return cls.model_validate(dict(value))
+        except ValidationError as err:
+            raise format_validation_error(err, "data.context") from None
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from uniter3m import streams as stream_table
 from uniter3m.config import StrictModel, load_config
+from uniter3m.data.context import DialogueContext
 from uniter3m.errors import ConfigError
 
 #: old key (dotted; "*" = any dataset name) -> its name in this vocabulary
@@ -197,21 +198,6 @@ class DbSet(StrictModel):
         return stream_table.parse_modalities("L" + "".join(stream_table.get(n).letter for n in self.feat_dbs))
 
 
-class ContextSection(StrictModel):
-    """`data.context`: prepend the previous turns of the utterance's dialogue to its text
-    (`uniter3m.data.context`). `turns`: at most this many previous turns; `max_tokens`: budget of
-    every token context adds (turns, their [SEP], speaker prefixes), the oldest tokens cut first;
-    `speakers`: prefix each turn with "<speaker> :" from the text db's label column `speaker_column`
-    (default: speaker/Speaker); `position`: context "before" the current utterance (dialogue order) or
-    "after" it (newest turn first). `max_txt_len` keeps limiting the current utterance only."""
-
-    turns: int = Field(ge=1)
-    max_tokens: int = Field(128, ge=1)
-    speakers: bool = False
-    speaker_column: str | None = None
-    position: Literal["before", "after"] = "before"  # context before the current utterance, or after it
-
-
 class DataConfig(DbSet):
     """What one model reads: databases, which modalities, truncation and normalisation."""
 
@@ -221,7 +207,7 @@ class DataConfig(DbSet):
     normalize: bool = True  # z-score frames with the feature db's mean/std (label-free statistics)
     missing: Literal["error", "drop"] = "error"  # a text id with no record in a feature db
     valid: DbSet | None = None  # pretraining: validation databases (same streams)
-    context: ContextSection | None = None  # dialogue context for the text stream (None: off)
+    context: DialogueContext | None = None  # dialogue context for the text stream (None: off)
 
     @model_validator(mode="after")
     def _modalities_given(self) -> DataConfig:
@@ -248,12 +234,6 @@ class DataConfig(DbSet):
     def max_text_tokens(self) -> int:
         """The longest text this data gives the model, [CLS]/[SEP] and context included."""
         return self.max_txt_len + 2 + (self.context.max_tokens if self.context else 0)
-
-    def dialogue_context(self) -> Any:
-        """The `DialogueContext` the dataset takes (None when `context` is off)."""
-        from uniter3m.data.context import DialogueContext
-
-        return None if self.context is None else DialogueContext(**self.context.model_dump())
 
 
 DEFAULT_MODEL = "default"  # `model.init` / `tokenizer` value meaning "the default text model"

@@ -174,7 +174,7 @@ def make_dataset(
         normalize=data.normalize,
         missing=data.missing,
         ids=ids,
-        context=data.dialogue_context(),
+        context=data.context,
         tokenizer=tokenizer,
     )
 
