@@ -307,6 +307,25 @@ def test_frame_mask_replaces_masked_frames_by_the_mask_vector():
         assert torch.equal(masked[2], plain[2])
 
 
+def test_feature_dropout_zeroes_raw_features_in_training_only():
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    x = batch()
+    face = x["face_feat"]
+    plain = tiny_model(**no_dropout).face_embeddings.train()
+    dropped = tiny_model(**no_dropout, feature_dropout=0.5).face_embeddings.train()
+    torch.manual_seed(3)
+    out = dropped(face)
+    # training: some input dims are zeroed (the rest scaled by 2), so the output is that of such an input
+    torch.manual_seed(3)
+    keep = torch.nn.functional.dropout(torch.ones_like(face), 0.5)
+    assert 0.3 < (keep == 0).float().mean() < 0.7
+    torch.testing.assert_close(out, plain(face * keep), atol=1e-5, rtol=0)
+    assert not torch.allclose(out, plain(face), atol=1e-3)
+    # evaluation, and the default 0.0: the features pass untouched
+    torch.testing.assert_close(dropped.eval()(face), plain(face), atol=1e-6, rtol=0)
+    assert torch.equal(plain(face), plain(face))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x = batch()
     grads = []

@@ -65,6 +65,13 @@ class UniterConfig(StrictModel):
     hidden_act: HiddenAct = "gelu"
     hidden_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
     attention_probs_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    feature_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on every frame stream's raw input features, before its input linear: "
+        "regularises wide per-utterance inputs (6373-d functionals) on small corpora",
+    )
     max_position_embeddings: int = Field(512, ge=1)
     type_vocab_size: int = Field(2, ge=1)
     layer_norm_eps: float = Field(1e-12, gt=0.0)

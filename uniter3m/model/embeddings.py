@@ -72,6 +72,7 @@ class FrameEmbeddings(nn.Module):
             raise UserError("FrameEmbeddings needs a stream with feat_dim > 0")
         h = config.hidden_size
         self.feat_dim = stream.feat_dim
+        self.feature_dropout = nn.Dropout(config.feature_dropout)  # on the raw features (identity at 0)
         self.feat_linear = nn.Linear(stream.feat_dim, h)
         self.feat_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         # optional projection block, MEmoBERT's layout: Linear -> GELU -> LayerNorm
@@ -115,7 +116,7 @@ class FrameEmbeddings(nn.Module):
         feat = feat.to(self.feat_linear.weight.dtype)
         if frame_mask is not None:
             feat = torch.where(frame_mask.unsqueeze(-1), self.mask_embedding.to(feat.dtype), feat)
-        x = self.feat_layer_norm(self.feat_linear(feat))
+        x = self.feat_layer_norm(self.feat_linear(self.feature_dropout(feat)))
         if self.projs_linear is not None:
             x = self.projs_layer_norm(nn.functional.gelu(self.projs_linear(x)))
         x = x + self.position_table(feat.shape[1])
