@@ -202,7 +202,8 @@ def run_variant(
             fold_result = result["folds"][0]
             per_seed[seed].append(
                 {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_cases"),
-                 "valid_uar": _valid_score(fold_result),
+                 "valid_uar": _valid_score(fold_result), "classes": fold_result["classes"],
+                 "predictions": {p["id"]: (p["gold"], p["pred"]) for p in fold_result["predictions"]},
                  "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(out / name / f"seed{seed}", k)))}
             )  # fmt: skip
             logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
@@ -246,9 +247,53 @@ def case_table(runs: dict[int, list[dict]]) -> dict[str, list]:
     return per_case
 
 
+def member_seeds(seed: int, size: int) -> list[int]:
+    """The fine-tune seeds of one `--vote` ensemble: the seed itself, then seed + 1000, + 2000, ..."""
+    return [seed + 1000 * j for j in range(size)]
+
+
+def vote_fold(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One fold scored by majority vote of its members' test predictions.
+
+    A tie goes to the label of the member with the best VALIDATION UAR on this fold among the tied
+    labels' voters, so nothing about the test speaker decides it.
+    """
+    ranked = sorted(members, key=lambda m: -m["valid_uar"])
+    classes = ranked[0]["classes"]
+    gold, pred = [], []
+    for uid, (label, _) in ranked[0]["predictions"].items():
+        votes = [m["predictions"][uid][1] for m in ranked]
+        top = max(votes.count(v) for v in votes)
+        gold.append(classes.index(label))
+        pred.append(classes.index(next(v for v in votes if votes.count(v) == top)))
+    scores = _scalar(classification_metrics(gold, pred, len(classes)))
+    return {
+        "fold": ranked[0]["fold"],
+        **scores,
+        "valid_uar": float(np.mean([m["valid_uar"] for m in members])),
+    }
+
+
+def vote_runs(runs: dict[int, list[dict]], seeds: Sequence[int], size: int) -> dict[int, list[dict]]:
+    """{seed: folds} of the `size`-member ensembles, from the member fine-tunes in `runs`."""
+    return {
+        seed: [vote_fold([runs[m][i] for m in member_seeds(seed, size)]) for i in range(len(runs[seed]))]
+        for seed in seeds
+    }
+
+
 # ----------------------------------------------------------------------------- table
 def mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def _row(folds_by_seed: dict[int, list[dict]], cpu_s: float) -> dict[str, Any]:
+    """A table row: per seed, the mean over folds of test UAR / WA and validation UAR."""
+    return {
+        **{key: [float(np.mean([f[key] for f in folds])) for folds in folds_by_seed.values()]
+           for key in ("uar", "wa", "valid_uar")},
+        "cpu_s": cpu_s, "runs": folds_by_seed, "seeds": len(folds_by_seed),
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the pretrain config's")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every fine-tune")
+    parser.add_argument(
+        "--vote", type=int, default=1, metavar="N",
+        help="also score each uniter3m contender as an ensemble of N fine-tunes per seed (seeds s, s+1000, ...) "
+        "voting on each test utterance: the row '<name> vote N'",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("uniter3m", "downstream", "pretrain"):
@@ -287,17 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "cpu_s": cpu, "folds": folds, "seeds": "deterministic"}  # fmt: skip
     for name in variants:
         if name in VARIANTS:
-            runs[name], cpu = run_variant(name, args.db, args.out, args.seeds, args.folds, args)
-            table[name] = {
-                "uar": [float(np.mean([f["uar"] for f in folds])) for folds in runs[name].values()],
-                "wa": [float(np.mean([f["wa"] for f in folds])) for folds in runs[name].values()],
-                "valid_uar": [
-                    float(np.mean([f["valid_uar"] for f in folds])) for folds in runs[name].values()
-                ],
-                "cpu_s": cpu,
-                "runs": runs[name],
-                "seeds": len(args.seeds),
-            }
+            trained = [m for seed in args.seeds for m in member_seeds(seed, args.vote)]
+            runs[name], cpu = run_variant(name, args.db, args.out, trained, args.folds, args)
+            table[name] = _row({seed: runs[name][seed] for seed in args.seeds}, cpu / args.vote)
+            if args.vote > 1:
+                table[f"{name} vote {args.vote}"] = _row(vote_runs(runs[name], args.seeds, args.vote), cpu)
     lines = [
         f"EmoDB LOSO, folds {args.folds}, seeds {args.seeds} (mean ± std over seeds of the fold means)",
         "",

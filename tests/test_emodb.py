@@ -174,3 +174,39 @@ def test_selection_uses_the_mean_over_cases(emodb_dbs, tmp_path):
         values.append(valid["uar"])
     assert result["best_valid"] == pytest.approx(max(values), abs=1e-3)
     assert result["best_step"] == result["history"][int(np.argmax(values))]["step"]
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("emodb_benchmark", REPO / "benchmarks" / "emodb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vote_takes_the_majority_and_breaks_ties_on_validation():
+    bench = _load_benchmark()
+    classes = ["anger", "neutral", "sadness"]
+    gold = {"u1": "anger", "u2": "neutral", "u3": "sadness"}
+
+    def member(valid_uar: float, preds: list[str]) -> dict:
+        return {"fold": 4, "valid_uar": valid_uar, "classes": classes,
+                "predictions": {u: (gold[u], p) for u, p in zip(gold, preds, strict=True)}}  # fmt: skip
+
+    members = [
+        member(60.0, ["anger", "anger", "neutral"]),
+        member(90.0, ["anger", "neutral", "sadness"]),  # best on validation: wins the 3-way tie on u3
+        member(70.0, ["neutral", "sadness", "anger"]),
+    ]
+    fold = bench.vote_fold(members)
+    # u1: 2 of 3 say anger (right); u2: anger / neutral / sadness tie -> the 90-validation member's neutral
+    # (right); u3: neutral / sadness / anger tie -> sadness (right)
+    assert fold["uar"] == 100.0 and fold["fold"] == 4
+    assert fold["valid_uar"] == pytest.approx(220 / 3)
+    # the same members in another order vote the same way
+    assert bench.vote_fold(members[::-1])["uar"] == 100.0
+    # with the tie-breaker demoted, the tie goes elsewhere and the score drops
+    members[1]["valid_uar"] = 10.0
+    assert bench.vote_fold(members)["uar"] < 100.0
+    assert bench.member_seeds(2, 3) == [2, 1002, 2002]
