@@ -24,6 +24,9 @@ Contenders (`--variants`, default all):
   LA          A_p10_spk + the (emotion-free) sentence text (configs/downstream/emodb_loso_la.json)
   LA_cases    LA with modality_cases L, A, LA (configs/downstream/emodb_loso_cases.json)
 
+`--vote N` adds, for each uniter3m contender, the row '<name> vote N': per seed s, N fine-tunes (seeds s,
+s+1000, ...) vote on every test utterance (a tie goes to the member best on validation).
+
 Every contender is scored over the folds asked for, per seed; the table gives the mean +- std
 over seeds of the fold means, the mean VALIDATION UAR (the selected checkpoint's score on each
 fold's validation speaker: choose settings on that column, never on test) and the process CPU
