@@ -304,7 +304,7 @@ def _dataset(
         max_frames=ds.max_frames,
         normalize=ds.normalize,
         missing=ds.missing,
-        context=ds.dialogue_context(),
+        context=ds.context,
         tokenizer=tokenizer,
     )
     for letter in getattr(task, "streams", ()):
