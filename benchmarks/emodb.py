@@ -189,8 +189,11 @@ def run_variant(
     for seed in seeds:
         per_seed[seed] = []
         for k in folds:
+            run_dir = out / name / f"seed{seed}"
+            if spec.get("pretrain"):  # each fold starts from its own checkpoint: a run folder of its own
+                run_dir = run_dir / f"fold{k:02d}_pretrained"
             sets = [s.format(db=db) for s in spec["set"]] + [
-                f"output_dir={out / name / f'seed{seed}'}",
+                f"output_dir={run_dir}",
                 f"seed={seed}",
                 f"data.txt_db={db}/emodb_txt",
                 *([f"data.func_db={db}/emodb_func_spk"] if "func" in spec["config"] else []),
@@ -207,7 +210,7 @@ def run_variant(
                 {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_cases"),
                  "valid_uar": _valid_score(fold_result), "classes": fold_result["classes"],
                  "predictions": {p["id"]: (p["gold"], p["pred"]) for p in fold_result["predictions"]},
-                 "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(out / name / f"seed{seed}", k)))}
+                 "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(run_dir, k)))}
             )  # fmt: skip
             logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
                          per_seed[seed][-1]["valid_uar"], fold_result["test"]["uar"])  # fmt: skip
