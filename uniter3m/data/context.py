@@ -62,7 +62,7 @@ class DialogueContext(StrictModel):
     only. The config section and the dataset's argument are this one model.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)  # merged with StrictModel's: unknown keys stay errors
 
     turns: int = Field(ge=1)
     max_tokens: int = Field(128, ge=1)
