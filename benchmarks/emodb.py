@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.data.protocols import Fold, build_protocol
-from uniter3m.metrics import classification_metrics
+from uniter3m.evaluation.metrics import classification_metrics
+from uniter3m.evaluation.protocols import Fold, build_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from uniter3m.data.feat_db import FeatDbSpec, build_feat_db  # noqa: E402
-from uniter3m.data.recordings import MediaOptions  # noqa: E402
+from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db  # noqa: E402
+from uniter3m.ingest.recordings import MediaOptions  # noqa: E402
 
 
 def base_wav2vec2(folder: Path) -> Path:

@@ -39,7 +39,7 @@ from uniter3m.recipes.build_lmdb.corpora import (
     mosi_utterances,
 )
 
-from uniter3m.data.protocols import session_folds
+from uniter3m.evaluation.protocols import session_folds
 
 TEST_SESSION = "Ses05"
 

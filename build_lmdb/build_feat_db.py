@@ -11,7 +11,7 @@ Examples:
         --face-size 224 --face-colour rgb --out db/face_clip
     uniter3m build-feat-db --input videos/ --format wav --shard 0/8 --out db/speech.0   # then merge-db
 
-The rules for each format and for bad input are in `uniter3m.data.feat_db`'s docstring.
+The rules for each format and for bad input are in `uniter3m.ingest.feat_db`'s docstring.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniter3m.data.encoders import PRECISIONS, TOKEN_POOLS
-from uniter3m.data.faces import COLOURS, SELECT, FaceOptions
-from uniter3m.data.feat_db import (
+from uniter3m.data.store import claim_database_dir
+from uniter3m.ingest.encoders import PRECISIONS, TOKEN_POOLS
+from uniter3m.ingest.faces import COLOURS, SELECT, FaceOptions
+from uniter3m.ingest.feat_db import (
     DTYPES,
     FORMATS,
     MEDIA_FORMATS,
@@ -31,8 +32,7 @@ from uniter3m.data.feat_db import (
     parse_patterns,
     summary_lines,
 )
-from uniter3m.data.recordings import MediaOptions
-from uniter3m.data.store import claim_database_dir
+from uniter3m.ingest.recordings import MediaOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from uniter3m.data.store import claim_database_dir
-from uniter3m.data.text_db import DEFAULT_MAX_LEN, TextDbSpec, build_text_db, summary_lines
 from uniter3m.errors import UserError
+from uniter3m.ingest.text_db import DEFAULT_MAX_LEN, TextDbSpec, build_text_db, summary_lines
 
 
 def split_columns(values: list[str] | None) -> list[str]:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="uniter3m_asr_") as tmp:
         source, text_col, extra = args.input, args.text_col or "text", None
         if args.asr is not None:
-            from uniter3m.data.asr import Transcriber, transcribe_manifest
+            from uniter3m.ingest.asr import Transcriber, transcribe_manifest
 
             transcriber = Transcriber(
                 args.asr, args.device, args.asr_batch_size, args.asr_language, args.asr_max_tokens

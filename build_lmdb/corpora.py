@@ -50,9 +50,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from uniter3m.data.feat_db import FeatDbSpec, build_feat_db
-from uniter3m.data.text_db import TextDbSpec, build_text_db
 from uniter3m.errors import UserError
+from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
+from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 
 MELD_SPLITS = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 MOSI_VALID_VIDEOS = 8  # of 62 training videos (~13 %)
@@ -323,7 +323,7 @@ def emodb_rows(emodb: Path) -> list[dict[str, Any]]:
 
 
 def _speech_db(manifest: Path, out: Path, pool: int, overwrite: bool) -> dict:
-    from uniter3m.data.recordings import MediaOptions
+    from uniter3m.ingest.recordings import MediaOptions
 
     spec = FeatDbSpec(
         input=None,

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from uniter3m.data.store import DbReader
-from uniter3m.data.text_db import length_histogram, length_stats
 from uniter3m.fileio import json_default
+from uniter3m.ingest.text_db import length_histogram, length_stats
 
 _SHOW = 10  # skipped/dropped items listed in the human-readable view
 

@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from uniter3m.data.feat_db import RunningMoments, summary_lines
 from uniter3m.data.store import DbReader, DbWriter
-from uniter3m.data.text_db import discard_partial, length_histogram, length_stats
 from uniter3m.errors import DatabaseError
+from uniter3m.ingest.feat_db import RunningMoments, summary_lines
+from uniter3m.ingest.text_db import discard_partial, length_histogram, length_stats
 
 SAME = ("dim", "dtype", "soft_label_dim")
 

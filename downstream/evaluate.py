@@ -21,9 +21,9 @@ from typing import Any
 
 from uniter3m.config import add_set_argument
 from uniter3m.errors import DatabaseError, UserError
+from uniter3m.evaluation.report import modality_table
 from uniter3m.fileio import atomic_write_json
 from uniter3m.model.finetuning import FINETUNE_FILE, check_feature_dims, load_finetuned
-from uniter3m.report import modality_table
 from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import init_backend
 from uniter3m.train.finetune import (

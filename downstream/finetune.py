@@ -29,11 +29,11 @@ import torch
 
 from uniter3m.config import add_set_argument
 from uniter3m.data.collate import Collator
-from uniter3m.data.protocols import ProtocolPlan
 from uniter3m.errors import UserError
+from uniter3m.evaluation.protocols import ProtocolPlan
+from uniter3m.evaluation.report import FOLD_FILE, load_fold_results, write_summary
 from uniter3m.fileio import atomic_write_json
 from uniter3m.model.finetuning import load_finetuned
-from uniter3m.report import FOLD_FILE, load_fold_results, write_summary
 from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import Backend, init_backend

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniter3m.report import summarize_runs
+from uniter3m.evaluation.report import summarize_runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from uniter3m.cli import main
-from uniter3m.data.feat_db import RunningMoments
 from uniter3m.data.store import DbReader
+from uniter3m.ingest.feat_db import RunningMoments
 
 
 def build(src: Path, fmt: str, out: Path, *extra: str) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from uniter3m.cli import main
 from uniter3m.data.store import DbReader
-from uniter3m.data.text_db import load_lexicon
+from uniter3m.ingest.text_db import load_lexicon
 
 
 def build(

@@ -134,7 +134,7 @@ def test_meld_speakers_and_split_consistent_dialogues(dbs, tokenizer):
 
 
 def test_ids_without_dialogue_order_are_an_error(minilm_dir, tmp_path):
-    from uniter3m.data.text_db import TextDbSpec, build_text_db
+    from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 
     src = tmp_path / "t.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": "hello there"}) + "\n" for i in ("a1", "b2")))

@@ -15,9 +15,9 @@ from uniter3m.recipes.build_lmdb.corpora import build_emodb
 from uniter3m.recipes.downstream.finetune import run_finetune
 
 from uniter3m.data.collate import Collator
-from uniter3m.data.protocols import build_protocol
 from uniter3m.data.store import DbReader
 from uniter3m.errors import ConfigError
+from uniter3m.evaluation.protocols import build_protocol
 from uniter3m.tasks.base import batch_streams, text_absent
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.finetune import (

@@ -9,9 +9,9 @@ import pytest
 from _media import make_video
 
 from uniter3m.cli import main
-from uniter3m.data.encoders import AudioEncoder, VisionEncoder, pool_frames
 from uniter3m.data.store import DbReader
 from uniter3m.errors import UserError
+from uniter3m.ingest.encoders import AudioEncoder, VisionEncoder, pool_frames
 
 pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
 pytest.importorskip("cv2", reason="OpenCV is not installed: pip install 'uniter3m[media]'")
@@ -75,7 +75,7 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def speech(shared_data) -> list[np.ndarray]:
     """EmoDB speech at 16 kHz, cut to different lengths (so batches need padding)."""
-    from uniter3m.data import media
+    from uniter3m.ingest import media
 
     out = []
     for k, name in enumerate(FILES):
@@ -109,7 +109,7 @@ def test_wav2vec2_build_frame_rate_layers_and_pooling(w2v, shared_data, tmp_path
         "frame_rate"
     ] == pytest.approx(50 / 3)
     # the stored features are the mean of hidden states 1 and 2, pooled by 3 -- recomputed by hand
-    from uniter3m.data import media
+    from uniter3m.ingest import media
 
     audio = media.segment_audio(media.FileTask(wav, [media.Segment("full", wav)]), 16000)[0][1]
     x = torch.from_numpy((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7))[None]

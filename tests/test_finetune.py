@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 from uniter3m.recipes.downstream.evaluate import evaluate_modalities
 from uniter3m.recipes.downstream.finetune import run_finetune
 
-from uniter3m.data.feat_db import FeatDbSpec, build_feat_db
-from uniter3m.data.text_db import TextDbSpec, build_text_db
 from uniter3m.errors import DatabaseError, UserError
+from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
+from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.finetuning import load_finetuned
 from uniter3m.model.uniter import UniterModel

@@ -16,8 +16,8 @@ import torch
 from uniter3m.recipes.downstream.extract import read_embeddings
 
 from uniter3m.cli import main
-from uniter3m.data.feat_db import FeatDbSpec, build_feat_db
-from uniter3m.data.text_db import TextDbSpec, build_text_db
+from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
+from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 
 WORDS = {
     "ang": "i am so angry at you",

@@ -15,8 +15,8 @@ from uniter3m.recipes.downstream.evaluate import evaluate_modalities
 from uniter3m.recipes.downstream.finetune import run_finetune
 
 from uniter3m.cli import main as cli_main
-from uniter3m.data.text_db import TextDbSpec, build_text_db
 from uniter3m.errors import UserError
+from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.loading import read_checkpoint
 from uniter3m.model.pretraining import UniterForPretraining

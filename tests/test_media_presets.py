@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from uniter3m.data.faces import GEOMETRIC_DIM
-from uniter3m.data.speech import COMPARE_DIM, EGEMAPS_DIM
+from uniter3m.ingest.faces import GEOMETRIC_DIM
+from uniter3m.ingest.speech import COMPARE_DIM, EGEMAPS_DIM
 from uniter3m.model.config import UniterConfig
 
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from uniter3m.metrics import MetricError, classification_metrics, is_better, regression_metrics
+from uniter3m.evaluation.metrics import MetricError, classification_metrics, is_better, regression_metrics
 
 
 def test_classification_known_values():

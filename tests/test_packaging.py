@@ -77,7 +77,7 @@ def test_yaml_config_with_comments_equals_the_json_one(tmp_path, capsys):
 
 
 def test_config_show_prints_the_resolved_config(tmp_path, capsys, minilm_dir, monkeypatch):
-    from uniter3m.data.text_db import TextDbSpec, build_text_db
+    from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 
     (tmp_path / "t.jsonl").write_text(
         "".join(

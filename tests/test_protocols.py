@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from uniter3m.data.protocols import build_protocol
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.evaluation.protocols import build_protocol
 
 
 def iemocap_like(sessions=5, per_speaker=4, labels=("neu", "exc", "hap", "fru", "ang", "sad")):

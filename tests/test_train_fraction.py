@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from uniter3m.recipes.build_lmdb.corpora import _write_jsonl, iemocap_rows
 
-from uniter3m.data.protocols import build_protocol
-from uniter3m.data.text_db import TextDbSpec, build_text_db
 from uniter3m.errors import ConfigError
+from uniter3m.evaluation.protocols import build_protocol
+from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.finetune import plan_protocol
 
@@ -60,7 +60,7 @@ def _plan(db: Path, seed: int = 42, **protocol):
 
 def test_train_fraction_is_stratified_deterministic_and_leaves_valid_test_alone(iemocap_db, caplog):
     full = _plan(iemocap_db)
-    with caplog.at_level(logging.INFO, logger="uniter3m.data.protocols"):
+    with caplog.at_level(logging.INFO, logger="uniter3m.evaluation.protocols"):
         part = _plan(iemocap_db, train_fraction=0.25)
     assert len(part.folds) == len(full.folds) == 5
     classes = full.label.classes

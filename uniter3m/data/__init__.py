@@ -1,1 +1,1 @@
-"""Databases, tokenisation, datasets, token-bucket batching and task mixing."""
+"""Run time data: LMDB stores, tokenisation, datasets, dialogue context, collate, sampler, packing, prompts, labels, the synthetic demo corpus."""

@@ -518,7 +518,7 @@ class ProtocolConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_corpus(cls, v: str) -> str:
-        from uniter3m.data.corpora import corpus_names
+        from uniter3m.evaluation.corpora import corpus_names
 
         if v not in corpus_names():
             raise ValueError(f"{v!r} is not a protocol; use one of {', '.join(corpus_names())}")
@@ -556,7 +556,7 @@ class FinetuneConfig(RunConfig):
 
     @model_validator(mode="after")
     def _head_fits_protocol(self) -> FinetuneConfig:
-        from uniter3m.data.corpora import is_regression
+        from uniter3m.evaluation.corpora import is_regression
 
         regression = is_regression(self.protocol.name, self.protocol.target)
         if regression != (self.model.head == "regression"):

@@ -19,14 +19,14 @@ import torch
 
 from uniter3m import streams as stream_table
 from uniter3m.data.collate import Collator
-from uniter3m.data.corpora import default_verbalizer
 from uniter3m.data.dataset import JoinedDataset
 from uniter3m.data.prompts import label_word_ids, tokenize_template
-from uniter3m.data.protocols import ProtocolPlan, build_protocol
 from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
 from uniter3m.errors import ConfigError, DatabaseError, UserError
-from uniter3m.metrics import classification_metrics, is_better, regression_metrics
+from uniter3m.evaluation.corpora import default_verbalizer
+from uniter3m.evaluation.metrics import classification_metrics, is_better, regression_metrics
+from uniter3m.evaluation.protocols import ProtocolPlan, build_protocol
 from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.finetuning import (
     FinetuneModel,

@@ -10,7 +10,7 @@ utterance gets an empty stream (kept and counted by the builder), not a NaN erro
 eGeMAPSv02 has no delta level: `egemaps` frames are its 25 LLDs, 10 ms apart.
 
 openSMILE's licence is non-commercial, so it is the optional extra `uniter3m[speech]`.
-Audio arrives decoded (any container, `uniter3m.data.media`) at `OPENSMILE_RATE`, mono.
+Audio arrives decoded (any container, `uniter3m.ingest.media`) at `OPENSMILE_RATE`, mono.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Extractors (`--extractor`):
 - speech (`--format wav`, any audio or video container): `compare` (openSMILE ComParE_2016 LLD +
   deltas, 130-d, 100 frames/s), `egemaps` (openSMILE eGeMAPSv02 LLDs, 25-d, 100 frames/s),
-  `hf:DIR` (a local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder, `uniter3m.data.encoders`);
+  `hf:DIR` (a local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder, `uniter3m.ingest.encoders`);
 - face (`--format video`): `geometric` (4-d face box per frame), `pixels` (the flattened crop,
   /255), `hf:DIR` (a local CLIP/SigLIP/ViT/DINOv2 folder, one vector per crop).
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.data import media
-from uniter3m.data.faces import GEOMETRIC_DIM, FaceOptions, choose, crop, detect, geometry
 from uniter3m.errors import UserError
+from uniter3m.ingest import media
+from uniter3m.ingest.faces import GEOMETRIC_DIM, FaceOptions, choose, crop, detect, geometry
 
 SPEECH_EXTRACTORS = ("compare", "egemaps", "hf:DIR")
 FACE_EXTRACTORS = ("geometric", "pixels", "hf:DIR")
@@ -91,8 +91,8 @@ def check_extractor(fmt: str, extractor: str) -> None:
 def speech_stage(task: media.FileTask, kind: str, rate: int, pool: int = 1) -> list[Item]:
     """Decode one file once; openSMILE runs here too (its frames mean-pooled `pool` at a time), a
     neural encoder later in the main process."""
-    from uniter3m.data.encoders import pool_frames
-    from uniter3m.data.speech import opensmile_signal_frames
+    from uniter3m.ingest.encoders import pool_frames
+    from uniter3m.ingest.speech import opensmile_signal_frames
 
     items = []
     for seg, audio, native in media.segment_audio(task, rate):
@@ -174,7 +174,7 @@ def media_source(
     fmt: str, path: Path | None, opts: MediaOptions
 ) -> tuple[int, Iterator[Any], dict[str, Any]]:
     """(utterance count, iterator of feat_db.Utterance, info for meta.json) for --format wav/video."""
-    from uniter3m.data.feat_db import Utterance
+    from uniter3m.ingest.feat_db import Utterance
 
     extractor = opts.extractor or default_extractor(fmt)
     check_extractor(fmt, extractor)
@@ -209,7 +209,7 @@ def media_source(
     encoder: Any = None
     if fmt == "wav":
         if model_dir is None:
-            from uniter3m.data.speech import COMPARE_DIM, EGEMAPS_DIM, OPENSMILE_FRAME_RATE, OPENSMILE_RATE
+            from uniter3m.ingest.speech import COMPARE_DIM, EGEMAPS_DIM, OPENSMILE_FRAME_RATE, OPENSMILE_RATE
 
             rate = OPENSMILE_RATE
             if opts.pool_frames < 1:
@@ -223,7 +223,7 @@ def media_source(
             }
             stage = partial(speech_stage, kind=extractor, rate=rate, pool=opts.pool_frames)
         else:
-            from uniter3m.data.encoders import AudioEncoder
+            from uniter3m.ingest.encoders import AudioEncoder
 
             encoder = AudioEncoder(
                 model_dir, opts.layer, opts.pool_frames, opts.batch_size, opts.device, opts.precision
@@ -236,7 +236,7 @@ def media_source(
             raise UserError(f"--fps must be > 0, got {opts.fps}")
         face = {"detector": "opencv-haar-frontalface-default", **opts.face.__dict__, "fps": opts.fps}
         if model_dir is not None:
-            from uniter3m.data.encoders import VisionEncoder
+            from uniter3m.ingest.encoders import VisionEncoder
 
             encoder = VisionEncoder(
                 model_dir, opts.token_pool, opts.layer, opts.batch_size, opts.device, opts.precision

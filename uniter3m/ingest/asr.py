@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.data import media
 from uniter3m.errors import UserError
+from uniter3m.ingest import media
 from uniter3m.progress import disabled
 
 MANIFEST_COLUMNS = ("id", "path", "start", "end")

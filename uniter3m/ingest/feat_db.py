@@ -19,7 +19,7 @@ Sources (`--format`):
   extractors store float32 by default (ComParE energies exceed float16 on real speech).
 - `video`: video files (or a manifest) -> one face per sampled frame (`--fps`), embedded by
   `--extractor geometric | pixels | hf:DIR`; frames without a face are skipped and counted.
-  Both media formats are in `uniter3m.data.recordings`; any other file in an input folder is
+  Both media formats are in `uniter3m.ingest.recordings`; any other file in an input folder is
   listed in meta `source.ignored_files` and in the printed report, never skipped silently.
 - `csv`: one CSV, one row per utterance holding one frame; `--id-col` names the id column(s)
   (several are joined with '_'); `--columns` picks the features, by default every numeric column
@@ -52,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.data.recordings import MediaOptions, default_dtype, media_source
 from uniter3m.data.store import DbWriter
-from uniter3m.data.text_db import discard_partial, length_histogram, length_stats, tqdm_disable
 from uniter3m.errors import UserError
+from uniter3m.ingest.recordings import MediaOptions, default_dtype, media_source
+from uniter3m.ingest.text_db import discard_partial, length_histogram, length_stats, tqdm_disable
 
 FORMATS = ("npz", "h5", "openface", "csv", "wav", "video")
 MEDIA_FORMATS = ("wav", "video")

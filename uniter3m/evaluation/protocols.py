@@ -44,8 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from uniter3m.data.corpora import CORPORA, corpus
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.evaluation.corpora import CORPORA, corpus
 
 log = logging.getLogger(__name__)
 
