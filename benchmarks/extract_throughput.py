@@ -1,6 +1,6 @@
 """Extraction throughput: seconds of audio per second (speech) and frames per second (faces).
 
-Every contender is a full `build_feat_db` run (decode + extract + write) into a temporary folder:
+Every contender is a full `build-media-db` run (decode + extract + write) into a temporary folder:
 speech extractors on EmoDB files, the face path on a generated video of the astronaut's face, each
 with 1 and N workers. Contenders are interleaved round by round (so a noisy neighbour hits all of
 them alike); the table gives min / median over rounds and each contender's ratio to its 1-worker run.
@@ -26,8 +26,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from uniter3m.ingest.extractors import ExtractorOptions  # noqa: E402
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db  # noqa: E402
-from uniter3m.ingest.recordings import MediaOptions  # noqa: E402
+from uniter3m.ingest.recordings import MediaOptions, media_source  # noqa: E402
 
 
 def base_wav2vec2(folder: Path) -> Path:
@@ -115,18 +116,19 @@ def main() -> None:
     if not args.skip_hf:
         hf = args.hf or base_wav2vec2(tmp / "w2v-base")
         for w in (1, args.workers):
-            opts = MediaOptions(extractor=f"hf:{hf}", workers=w, batch_size=8, pool_frames=3)
+            extract = ExtractorOptions(batch_size=8, pool_frames=3)
+            opts = MediaOptions(extractor=f"hf:{hf}", workers=w, extract=extract)
             contenders.append((f"hf wav2vec2-base w={w}", "wav", speech_dir, opts, audio_s, "audio s/s"))
     for w in (1, args.workers):
-        opts = MediaOptions(extractor="geometric", workers=w, fps=25.0)
+        opts = MediaOptions(extractor="geometric", workers=w, extract=ExtractorOptions(fps=25.0))
         contenders.append((f"faces geometric 25fps w={w}", "video", video_dir, opts, frames, "frames/s"))
 
     times: dict[str, list[float]] = {c[0]: [] for c in contenders}
     for r in range(args.rounds):
         for name, fmt, src, opts, _, _ in contenders:
-            spec = FeatDbSpec(src, fmt, tmp / "db", media=opts, overwrite=True, progress=False)
+            spec = FeatDbSpec(out=tmp / "db", overwrite=True, progress=False)
             t0 = time.perf_counter()
-            build_feat_db(spec)
+            build_feat_db(spec, media_source(fmt, opts, path=src))
             times[name].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 

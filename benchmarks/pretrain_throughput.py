@@ -55,9 +55,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> floa
 
 
 def build_corpus(work: Path, size: str, utterances: int, tokenizer: Path) -> dict[str, Path]:
-    from uniter3m.recipes.pretrain.demo import build_corpus_dbs
-
     from uniter3m.data.synthetic import SyntheticSpec, generate_corpus
+    from uniter3m.train.demo import build_corpus_dbs
 
     face_dim, speech_dim = SIZES[size]
     spec = SyntheticSpec(
@@ -169,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.steps = args.rounds * args.chunk
 
-    from uniter3m.recipes.pretrain.demo import default_tokenizer
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
-
+    from uniter3m.train.demo import default_tokenizer
     from uniter3m.train.logs import read_metrics
+    from uniter3m.train.pretrain import run_pretrain
 
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = sorted(set(names) - set(CONTENDERS))

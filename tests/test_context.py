@@ -21,7 +21,7 @@ from uniter3m.errors import ConfigError, DatabaseError
 
 @pytest.fixture(scope="module")
 def dbs(shared_data, minilm_dir, tmp_path_factory):
-    from uniter3m.recipes.build_lmdb.corpora import build_iemocap, build_meld
+    from uniter3m.ingest.corpora import build_iemocap, build_meld
 
     out = tmp_path_factory.mktemp("ctx_db")
     build_meld(shared_data, out, minilm_dir)
@@ -41,7 +41,7 @@ def test_previous_turns_in_order_with_speakers(dbs, tokenizer):
     turns = dialogue(db, "Ses01F_impro01")
     target = turns[4]
     plain = JoinedDataset(db, ids=[target])
-    ds = JoinedDataset(db, ids=[target], context={"turns": 2, "speakers": True, "max_tokens": 200})
+    ds = JoinedDataset(db, ids=[target], context={"turns": 2, "speakers": True, "max_context_tokens": 200})
     ex, base = ds[0], plain[0]
     expected = []
     for uid in turns[2:4]:
@@ -80,7 +80,7 @@ def test_context_after_the_current_utterance_newest_first(dbs, tokenizer):
 
 def test_first_turn_has_no_context_and_counts_add_up(dbs):
     db = DbReader(dbs["iemocap"], kind="txt")
-    ds = JoinedDataset(db, context={"turns": 3, "max_tokens": 10_000})
+    ds = JoinedDataset(db, context={"turns": 3, "max_context_tokens": 10_000})
     report = ds.context_report()
     dialogues = {u.rpartition("_")[0] for u in db.ids}
     assert report.utterances == len(db)
@@ -95,7 +95,7 @@ def test_budget_cuts_the_oldest_tokens_first(dbs, caplog):
     db = DbReader(dbs["iemocap"], kind="txt")
     budget = 12
     with caplog.at_level(logging.INFO, logger="uniter3m.data.dataset"):
-        ds = JoinedDataset(db, max_txt_len=8, context={"turns": 3, "max_tokens": budget})
+        ds = JoinedDataset(db, max_txt_len=8, context={"turns": 3, "max_context_tokens": budget})
     report = ds.context_report()
     assert report.turns_dropped > 0 and report.turns_shortened > 0
     assert f"the token budget cut {report.turns_cut} of {report.turns_available} turns" in caplog.text
@@ -120,7 +120,7 @@ def test_budget_cuts_the_oldest_tokens_first(dbs, caplog):
 def test_meld_speakers_and_split_consistent_dialogues(dbs, tokenizer):
     db = DbReader(dbs["meld"], kind="txt")
     ds = JoinedDataset(
-        db, ids=["test_0_1", "train_0_1"], context={"turns": 1, "speakers": True, "max_tokens": 64}
+        db, ids=["test_0_1", "train_0_1"], context={"turns": 1, "speakers": True, "max_context_tokens": 64}
     )
     for i, uid in enumerate(ds.ids):
         ex = ds[i]
@@ -153,14 +153,14 @@ def test_speaker_column_must_exist(dbs):
         ConfigError,
         match=r"data.context: 1 bad key\(s\):\n  turns: Input should be greater than or equal to 1 \(got 0\)",
     ):
-        JoinedDataset(dbs["iemocap"], context={"turns": 0, "max_tokens": 8})
+        JoinedDataset(dbs["iemocap"], context={"turns": 0, "max_context_tokens": 8})
     with pytest.raises(ConfigError, match=r"position: Input should be 'before' or 'after'"):
         DialogueContext.parse({"turns": 1, "position": "around"})
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_collator_and_sampler_lengths_agree(dbs, position):
-    context = {"turns": 2, "speakers": True, "max_tokens": 40, "position": position}
+    context = {"turns": 2, "speakers": True, "max_context_tokens": 40, "position": position}
     ds = JoinedDataset(dbs["meld"], max_txt_len=10, context=context)
     rows = list(range(0, 400, 7))
     batch = Collator(ds.special_tokens(), max_txt_len=10)([ds[i] for i in rows])
@@ -176,7 +176,7 @@ def test_collator_and_sampler_lengths_agree(dbs, position):
 def test_masking_never_targets_context(dbs, tokenizer, name, position):
     from uniter3m.tasks.base import TaskContext, build_task
 
-    context = {"turns": 3, "speakers": True, "max_tokens": 64, "position": position}
+    context = {"turns": 3, "speakers": True, "max_context_tokens": 64, "position": position}
     ds = JoinedDataset(dbs["meld"], context=context)
     batch = Collator(ds.special_tokens())([ds[i] for i in range(40, 72)])
     task = build_task(name, TaskContext(ds.special_tokens(), tokenizer), mask_prob=1.0, emo_prob=1.0)
@@ -192,7 +192,7 @@ def test_masking_never_targets_context(dbs, tokenizer, name, position):
 def test_prompt_sits_beside_the_current_utterance(dbs, tokenizer, position):
     from uniter3m.tasks.base import TaskContext, build_task
 
-    ds = JoinedDataset(dbs["meld"], context={"turns": 2, "max_tokens": 64, "position": position})
+    ds = JoinedDataset(dbs["meld"], context={"turns": 2, "max_context_tokens": 64, "position": position})
     rows = list(range(10, 26))
     batch = Collator(ds.special_tokens())([ds[i] for i in rows])
     verbalizer = {"neutral": "neutral", "joy": "happy", "surprise": "surprised", "anger": "angry",
@@ -249,18 +249,18 @@ def test_add_prompt_cuts_context_before_the_utterance(special):
 
 
 def test_config_section(dbs, minilm_dir):
+    from uniter3m.train.assembly import build_dataset
     from uniter3m.train.config import load_finetune_config
-    from uniter3m.train.finetune import make_dataset
 
     sets = [f"data.txt_db={dbs['iemocap']}", f"model.init={minilm_dir}"]
     cfg = load_finetune_config("configs/downstream/iemocap6_text_context.json", sets)
     assert cfg.data.context.turns == 3 and cfg.data.context.speakers
-    assert cfg.data.max_text_tokens == cfg.data.max_txt_len + 2 + cfg.data.context.max_tokens
-    ds = make_dataset(cfg.data, ["Ses01F_impro01_3"])
+    assert cfg.data.max_text_tokens == cfg.data.max_txt_len + 2 + cfg.data.context.max_context_tokens
+    ds = build_dataset(cfg.data, ids=["Ses01F_impro01_3"])
     assert ds[0]["ctx_flags"].any()
     with pytest.raises(ConfigError, match="turn"):
         load_finetune_config("configs/downstream/iemocap6_text_context.json", [*sets, "data.context.turn=2"])
     no_ctx = load_finetune_config("configs/downstream/iemocap6_text.json", sets)
     assert no_ctx.data.context is None and np.all(
-        make_dataset(no_ctx.data, ["Ses01F_impro01_3"]).ctx_lengths == 0
+        build_dataset(no_ctx.data, ids=["Ses01F_impro01_3"]).ctx_lengths == 0
     )

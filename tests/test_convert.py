@@ -1,6 +1,6 @@
 """`uniter3m convert`: HF BERT/RoBERTa, Google TF BERT and MEmoBERT/UNITER checkpoints in, HF BERT out.
 
-The MEmoBERT checkpoint is built here from the key layout of its public code (DESIGN.md §5):
+The MEmoBERT checkpoint is built here from the key layout of its public code (docs/DESIGN.md §5):
 a random UniterForPretraining renamed to MEmoBERT's names by `to_memobert` below, written
 independently of the converter's own tables so that a wrong rule there cannot hide itself.
 """
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from uniter3m.recipes.downstream.convert import REPORT_NAME, convert_to_ours, export_to_hf_bert, read_report
 
 from uniter3m.cli import main as cli_main
 from uniter3m.errors import UserError
 from uniter3m.model import conversion as conv
 from uniter3m.model.config import UniterConfig
+from uniter3m.model.export import REPORT_NAME, convert_to_ours, export_to_hf_bert, read_report
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.model.uniter import UniterModel
 

@@ -69,10 +69,9 @@ def test_packed_equals_unpacked_on_the_gpu():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_pretraining_steps_in_mixed_precision(precision, tmp_path, request):
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
-
     from tests.test_pretrain_run import _config
     from uniter3m.train.logs import read_metrics
+    from uniter3m.train.pretrain import run_pretrain
 
     dbs = request.getfixturevalue("tiny_dbs")
     cfg = _config(dbs, tmp_path / precision, steps=8, log_every=2, device="cuda", precision=precision)
@@ -87,10 +86,10 @@ def test_side_stream_prefetch_trains_as_fetching_on_demand(tmp_path, request):
     """The next batch copied on a side CUDA stream gives the weights of on-demand fetching (fp32;
     atomics in some CUDA backward kernels allow a last-bit difference)."""
     from safetensors.torch import load_file
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
 
     from tests.test_pretrain_run import _config
     from uniter3m.train.checkpoint import find_resume
+    from uniter3m.train.pretrain import run_pretrain
 
     dbs = request.getfixturevalue("tiny_dbs")
     weights = []

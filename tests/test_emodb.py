@@ -11,23 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from uniter3m.recipes.build_lmdb.corpora import build_emodb
-from uniter3m.recipes.downstream.finetune import run_finetune
 
 from uniter3m.data.collate import Collator
 from uniter3m.data.store import DbReader
+from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError
 from uniter3m.evaluation.protocols import build_protocol
-from uniter3m.tasks.base import batch_streams, text_absent
+from uniter3m.ingest.corpora import build_emodb
+from uniter3m.tasks.base import text_absent
+from uniter3m.train.assembly import build_dataset, build_finetune_model, data_tokenizer, feature_dims
 from uniter3m.train.config import load_finetune_config
-from uniter3m.train.finetune import (
-    build_finetune_model,
-    feature_dims,
-    make_dataset,
-    plan_protocol,
-    special_tokens,
-    supervised_task,
-)
+from uniter3m.train.finetune import plan_protocol, run_finetune, supervised_task
 
 REPO = Path(__file__).resolve().parents[1]
 SPEAKERS = ["03", "08", "09", "10", "11", "12", "13", "14", "15", "16"]
@@ -136,23 +130,24 @@ def test_modality_cases_must_fit_the_modalities(emodb_dbs, tmp_path):
     cfg["data"]["modalities"] = "A"
     with pytest.raises(ConfigError, match="outside data.modalities A"):
         load_finetune_config(cfg)
-    with pytest.raises(ConfigError, match="lists a case twice"):
-        load_finetune_config(emodb_config(tmp_path, db, modality_cases=["LA", "AL"]))
+    with pytest.raises(ConfigError, match="lists a set twice"):
+        load_finetune_config(emodb_config(tmp_path, db, modality_sets=["LA", "AL"]))
 
 
 def test_training_draws_every_case(emodb_dbs, tmp_path):
     cfg = load_finetune_config(emodb_config(tmp_path, emodb_dbs[0]))
     plan = plan_protocol(cfg)
-    special = special_tokens(cfg.data)
-    dataset = make_dataset(cfg.data, plan.folds[0].train)
-    model = build_finetune_model(cfg, plan, feature_dims(dataset), special)
-    task = supervised_task(model, plan, special, modality_subsets=cfg.modality_cases)
+    meta = data_tokenizer(cfg.data)
+    special = SpecialTokens.from_dict(meta)
+    dataset = build_dataset(cfg.data, ids=plan.folds[0].train)
+    model = build_finetune_model(cfg, plan, feature_dims(dataset), meta)
+    task = supervised_task(model, plan, special, modality_sets=cfg.modality_sets)
     batch = Collator(special)([dataset[i] for i in range(4)])
     gen = torch.Generator().manual_seed(0)
     seen = Counter()
     for _ in range(60):
         inputs = task.prepare(batch, gen)
-        streams = set(batch_streams(inputs)) - ({"L"} if text_absent(_txt(inputs), special) else set())
+        streams = set(task.batch_streams(inputs)) - ({"L"} if text_absent(_txt(inputs), special) else set())
         seen["".join(sorted(streams, key="LA".index))] += 1
     assert set(seen) == {"L", "A", "LA"} and min(seen.values()) >= 10
 
@@ -164,8 +159,8 @@ def _txt(inputs: dict) -> dict:
 def test_selection_uses_the_mean_over_cases(emodb_dbs, tmp_path):
     cfg = emodb_config(tmp_path / "run", emodb_dbs[0])
     result = run_finetune(cfg, fold=0)["folds"][0]
-    assert result["modality_cases"] == ["L", "A", "LA"]
-    assert set(result["test_cases"]) == {"L", "A", "LA"}
+    assert result["modality_sets"] == ["L", "A", "LA"]
+    assert set(result["test_sets"]) == {"L", "A", "LA"}
     values = []
     for entry in result["history"]:
         valid = entry["valid"]

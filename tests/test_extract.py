@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from uniter3m.recipes.downstream.extract import read_embeddings
 
 from uniter3m.cli import main as cli_main
 from uniter3m.data.store import DbWriter
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.uniter import UniterModel
+from uniter3m.train.extract import read_embeddings
 
 VOCAB, FACE_D = 40, 6
 SPECIAL = {"cls_id": 1, "sep_id": 2, "mask_id": 3, "pad_id": 0, "unk_id": 4, "vocab_size": VOCAB}
@@ -77,7 +77,7 @@ def extract(root, out, *extra) -> dict:
         str(root / "ckpt"),
         "--config",
         str(root / "data.json"),
-        "--out",
+        "--file",
         str(out),
     ]
     assert cli_main([*args, "--no-progress", *extra]) == 0
@@ -142,7 +142,7 @@ def test_modalities_and_fine_tuning_config(setup):
         str(setup / "ft.json"),
         "--no-progress",
     ]
-    assert cli_main([*args, "--out", str(setup / "ft.npz")]) == 0
+    assert cli_main([*args, "--file", str(setup / "ft.npz")]) == 0
     text_only = extract(setup, setup / "l.npz", "--modalities", "l")
     both = read_embeddings(setup / "ft.npz")
     assert text_only["modalities"] == "L" and both["modalities"] == "LV"
@@ -152,14 +152,14 @@ def test_modalities_and_fine_tuning_config(setup):
 
 def test_bad_inputs_are_clear_errors(setup, capsys):
     base = ["extract", "--checkpoint", str(setup / "ckpt"), "--config", str(setup / "data.json")]
-    assert cli_main([*base, "--out", str(setup / "x.csv")]) == 2
+    assert cli_main([*base, "--file", str(setup / "x.csv")]) == 2
     assert ".h5 or .npz" in capsys.readouterr().err
     (setup / "exists.npz").write_bytes(b"")
-    assert cli_main([*base, "--out", str(setup / "exists.npz")]) == 2
+    assert cli_main([*base, "--file", str(setup / "exists.npz")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     (setup / "bad.json").write_text(json.dumps({"txt_db": str(setup / "txt"), "txt": 1}))
-    assert cli_main([*base[:-1], str(setup / "bad.json"), "--out", str(setup / "y.npz")]) == 2
-    assert "txt: unknown key; feature databases are <stream>_db" in capsys.readouterr().err
+    assert cli_main([*base[:-1], str(setup / "bad.json"), "--file", str(setup / "y.npz")]) == 2
+    assert "txt: renamed: it is now txt_db" in capsys.readouterr().err
     # A checkpoint without a face stream cannot read the face db: a clear error, not a crash.
     UniterModel(
         UniterConfig.from_dict(
@@ -173,6 +173,6 @@ def test_bad_inputs_are_clear_errors(setup, capsys):
         )
     ).save_pretrained(setup / "txt_only")
     args = ["extract", "--checkpoint", str(setup / "txt_only"), "--config", str(setup / "data.json")]
-    assert cli_main([*args, "--out", str(setup / "z.npz")]) == 2
+    assert cli_main([*args, "--file", str(setup / "z.npz")]) == 2
     assert "has no face stream" in capsys.readouterr().err
     assert not (setup / "z.npz").exists()

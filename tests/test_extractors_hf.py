@@ -93,7 +93,7 @@ def test_wav2vec2_build_frame_rate_layers_and_pooling(w2v, shared_data, tmp_path
         pytest.skip(f"EmoDB file {wav} not found")
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"id,path,start,end\nfull,{wav},,\nhalf,{wav},0.5,1.5\nblip,{wav},0,0.01\n")
-    base = ["build-feat-db", "--manifest", str(manifest), "--format", "wav", "--extractor", f"hf:{w2v}"]
+    base = ["build-media-db", "--manifest", str(manifest), "--format", "wav", "--extractor", f"hf:{w2v}"]
     assert main([*base, "--batch-size", "2", "--out", str(tmp_path / "last")]) == 0
     db = DbReader(tmp_path / "last", "feat")
     assert db.meta["dim"] == 32 and db.meta["dtype"] == "float16"
@@ -137,7 +137,7 @@ def test_batch_size_does_not_change_audio_features(norm, speech, tmp_path):
 
 def test_clip_faces_from_video(clip_dir, tmp_path):
     video = make_video(tmp_path / "astro.mp4")
-    argv = ["build-feat-db", "--input", str(video), "--format", "video", "--fps", "6"]
+    argv = ["build-media-db", "--input", str(video), "--format", "video", "--fps", "6"]
     argv += ["--extractor", f"hf:{clip_dir}", "--face-colour", "rgb", "--batch-size", "3"]
     assert main([*argv, "--out", str(tmp_path / "db")]) == 0
     db = DbReader(tmp_path / "db", "feat")

@@ -165,7 +165,7 @@ def test_truncated_data_mdb_is_refused_at_open_not_sigbus(tmp_path, cut):
         DbReader(db)
 
 
-def test_a_format_1_database_without_checksums_still_opens(tmp_path, capsys):
+def test_a_format_1_database_is_refused_with_the_command_that_rebuilds_it(tmp_path, capsys):
     db = tmp_path / "v1"
     env = lmdb.open(str(db), map_size=1 << 24)
     with env.begin(write=True) as txn:
@@ -175,17 +175,17 @@ def test_a_format_1_database_without_checksums_still_opens(tmp_path, capsys):
     (db / "meta.json").write_text(
         json.dumps({"format": store.FORMAT, "version": 1, "kind": "feat", "count": 1})
     )
-    r = DbReader(db, "feat")
-    assert not r.checksummed and r["a"]["feat"].shape == (2, 3)
-    assert r.verify()["damaged"] == [] and r.verify()["checksums"] is False
-    assert database_digest(db).startswith("legacy-sha256:")
-    assert main(["inspect", str(db), "--verify"]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "record checksums: none (built before format 2)" in out
-        and "only records that no longer decode" in out
-    )
-    with pytest.raises(DatabaseError, match="pass --overwrite"):  # still recognised as ours
+    fix = f"`uniter3m build-feat-db ... --out {db} --overwrite`"
+    with pytest.raises(
+        DatabaseError, match="is a format-1 feat database; uniter3m reads format 2 only"
+    ) as err:
+        DbReader(db, "feat")
+    assert fix in str(err.value)
+    with pytest.raises(DatabaseError, match="format-1"):
+        database_digest(db)
+    assert main(["inspect", str(db)]) == 2
+    assert fix in capsys.readouterr().err
+    with pytest.raises(DatabaseError, match="pass --overwrite"):  # still recognised as ours: rebuildable
         DbWriter(db, "feat")
 
 

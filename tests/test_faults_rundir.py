@@ -60,12 +60,15 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     assert sorted(os.listdir(run)) == [RUN_MARKER]
 
 
-def test_legacy_run_folders_are_recognised_by_their_entries(tmp_path):
+def test_a_run_folder_without_the_marker_is_refused_even_to_resume(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text("{}")
-    legacy = frozenset({"checkpoints", "logs", "config.json"})
-    claim_output_dir(tmp_path, overwrite=False, marker="pretrain", resume=True, legacy=legacy)
-    assert read_marker(tmp_path)["kind"] == "pretrain"
+    for flags in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(
+            UserError, match=rf"holds checkpoints, config.json; no {RUN_MARKER}.*set model.init"
+        ):
+            claim_output_dir(tmp_path, marker="pretrain", **{"overwrite": False, **flags})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"] and read_marker(tmp_path) is None
 
 
 _HOLDER = textwrap.dedent(
@@ -128,7 +131,7 @@ def test_demo_refuses_a_folder_it_did_not_make_and_a_file(tmp_path, capsys):
 
 
 def test_demo_rerun_replaces_only_its_own_folders(tmp_path):
-    from uniter3m.recipes.pretrain.demo import claim_demo_dir
+    from uniter3m.train.demo import claim_demo_dir
 
     out = tmp_path / "demo"
     claim_demo_dir(out)

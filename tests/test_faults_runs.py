@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from uniter3m.recipes.pretrain.pretrain import run_pretrain
 
 from tests.test_pretrain_run import _config, tiny_dbs  # noqa: F401 - the module's fixture
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.logs import read_metrics
+from uniter3m.train.pretrain import run_pretrain
 
 
 @pytest.fixture(autouse=True)

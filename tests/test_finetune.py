@@ -9,18 +9,19 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from uniter3m.recipes.downstream.evaluate import evaluate_modalities
-from uniter3m.recipes.downstream.finetune import run_finetune
 
+from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import DatabaseError, UserError
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.finetuning import load_finetuned
 from uniter3m.model.uniter import UniterModel
+from uniter3m.train.assembly import build_dataset, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend, distributed_session
-from uniter3m.train.finetune import make_dataset, plan_protocol, predict, special_tokens, supervised_task
+from uniter3m.train.evaluate import evaluate_modalities
+from uniter3m.train.finetune import plan_protocol, predict, run_finetune, supervised_task
 from uniter3m.train.precision import Precision
 
 SENTENCES = {
@@ -162,6 +163,8 @@ def test_evaluate_each_modality_case(trained):
     full = res["rows"][-1]["metrics"]
     assert full["wa"] == pytest.approx(result["folds"][0]["test"]["wa"])  # same model, same test split
     assert "| LVA | 10 |" in res["table"]
+    assert res["out"] == f"{cfg['output_dir']}/fold00-split"  # the table goes into a folder: the fold's
+    assert json.loads(open(f"{res['out']}/modalities.json").read())["rows"] == json.loads(json.dumps(res["rows"]))
 
 
 def test_evaluate_rejects_a_modality_the_databases_lack(trained, dbs, tiny):
@@ -204,6 +207,11 @@ def test_fold_without_validation_data(dbs, tiny, tmp_path):
         run_finetune(cfg)
 
 
+def test_resume_from_a_checkpoint_folder_needs_the_fold(dbs, tiny, tmp_path):
+    with pytest.raises(UserError, match=r"--resume .*continues one fold; give that fold with --fold K"):
+        run_finetune(config(dbs, tiny, tmp_path / "out"), resume=str(tmp_path / "some_checkpoint"))
+
+
 def test_checkpoint_feature_dims_must_match_the_databases(dbs, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "face7", face={"feat_dim": 7})
     cfg = config(dbs, ckpt, tmp_path / "out")
@@ -213,10 +221,10 @@ def test_checkpoint_feature_dims_must_match_the_databases(dbs, tmp_path):
 
 def _predictions(cfg: dict, ckpt: str, backend: Backend) -> dict:
     parsed = load_finetune_config(cfg)
-    special = special_tokens(parsed.data)
+    special = SpecialTokens.from_dict(data_tokenizer(parsed.data))
     model = load_finetuned(ckpt)
     task = supervised_task(model, plan_protocol(parsed), special)
-    dataset = make_dataset(parsed.data, [f"u{i:02d}" for i in range(48)])
+    dataset = build_dataset(parsed.data, ids=[f"u{i:02d}" for i in range(48)])
     return predict(model, task, dataset, parsed, backend, Precision("fp32", backend.device))
 
 
@@ -264,6 +272,12 @@ def test_cli_summarize_and_config_errors(trained, tmp_path, capsys):
     assert main(["finetune", "--config", str(old)]) == 2
     err = capsys.readouterr().err
     assert "train.lr is now optim.lr" in err and "train.batch_size is now batching.max_batch_size" in err
+    renamed = tmp_path / "renamed.json"  # an old key is named with its new name, beside every other bad key
+    renamed.write_text(json.dumps(dict(cfg, modality_cases=["L"], epoch=3)))
+    assert main(["finetune", "--config", str(renamed)]) == 2
+    err = capsys.readouterr().err
+    assert "2 bad key(s)" in err and "epoch: unknown key" in err
+    assert "modality_cases: renamed: it is now modality_sets" in err
 
 
 def test_prompt_inputs_and_verbaliser_restricted_argmax(special):

@@ -13,11 +13,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from uniter3m.recipes.downstream.extract import read_embeddings
 
 from uniter3m.cli import main
+from uniter3m.data.collate import Collator
+from uniter3m.errors import ConfigError, UserError
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.uniter import UniterModel
+from uniter3m.streams import StreamTable
+from uniter3m.train.extract import read_embeddings
 
 WORDS = {
     "ang": "i am so angry at you",
@@ -134,13 +139,13 @@ def test_a_pose_stream_from_configuration_and_a_database_only(corpus, tmp_path, 
     capsys.readouterr()
 
     # evaluate reads the run's resolved config: no --config needed
-    assert main(["evaluate", "--checkpoint", str(best), "--modalities", "L,P,LP,LVAP"]) == 0
+    assert main(["evaluate", "--checkpoint", str(best), "--modality-sets", "L,P,LP,LVAP"]) == 0
     table = json.loads((best.parent / "modalities.json").read_text())
     assert [r["modalities"] for r in table["rows"]] == ["L", "P", "LP", "LVAP"]
     assert table["rows"][-1]["metrics"]["wa"] == pytest.approx(result["test"]["wa"])
 
     out = tmp_path / "emb.npz"
-    assert main(["extract", "--checkpoint", str(best), "--out", str(out), "--no-progress"]) == 0
+    assert main(["extract", "--checkpoint", str(best), "--file", str(out), "--no-progress"]) == 0
     emb = read_embeddings(out)
     assert emb["embeddings"].shape == (40, 32) and emb["modalities"] == "LVAP"
     with_pose = emb["embeddings"]
@@ -150,7 +155,7 @@ def test_a_pose_stream_from_configuration_and_a_database_only(corpus, tmp_path, 
                 "extract",
                 "--checkpoint",
                 str(best),
-                "--out",
+                "--file",
                 str(tmp_path / "l.npz"),
                 "--modalities",
                 "L",
@@ -162,3 +167,59 @@ def test_a_pose_stream_from_configuration_and_a_database_only(corpus, tmp_path, 
     without = read_embeddings(tmp_path / "l.npz")["embeddings"]
     assert not np.allclose(with_pose, without)  # the pose frames reach the embedding
     assert torch.isfinite(torch.from_numpy(with_pose)).all()
+
+
+def test_stream_tables_are_values_that_travel_with_their_holders(special):
+    """Two tables live side by side in one process; a pose collator pads pose in a spawned worker
+    (which inherits no state from this process) because the table travels inside it."""
+    default = StreamTable.default()
+    pose = default.with_stream("pose", "p")
+    assert default.names() == ("face", "speech") and pose.names() == ("face", "speech", "pose")
+    assert pose.with_stream("pose", "P") is pose and pose.parse_modalities("pvl") == "LVP"
+    with pytest.raises(ConfigError, match="already used by stream 'pose'"):
+        pose.with_stream("gaze", "P")
+    with pytest.raises(ConfigError, match="already has the letter P"):
+        pose.with_stream("pose", "Q")
+    with pytest.raises(ConfigError, match="unknown stream 'P'"):
+        default.parse_modalities("LP")
+
+    sizes = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1}
+    with_pose = UniterConfig(**sizes, face={"feat_dim": 5}, streams={"pose": {"letter": "P", "feat_dim": 6}})
+    plain = UniterConfig(**sizes, face={"feat_dim": 5})
+    assert with_pose.stream_table == pose and plain.stream_table == default
+
+    rng = np.random.default_rng(0)
+    examples = [
+        {
+            "id": f"u{i}",
+            "input_ids": np.arange(2000, 2003, dtype=np.int64),
+            "word_ids": np.arange(3, dtype=np.int64),
+            "emo_flags": np.zeros(3, dtype=bool),
+            "labels": {},
+            "face": None,
+            "face_soft": None,
+            "speech": None,
+            "speech_soft": None,
+            "pose": rng.standard_normal((2 + i, 6)).astype(np.float32),
+            "pose_soft": None,
+        }
+        for i in range(2)
+    ]
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=2,
+        collate_fn=Collator(special, stream_table=pose),
+        num_workers=1,
+        multiprocessing_context="spawn",
+    )
+    (batch,) = list(loader)
+    assert batch["pose_feat"].shape == (2, 3, 6) and batch["pose_mask"].sum().item() == 5
+    assert "pose_feat" not in Collator(special)(examples)  # the default table has no pose
+
+    out = UniterModel(with_pose)(
+        input_ids=batch["input_ids"], attention_mask=batch["txt_mask"],
+        pose_feat=batch["pose_feat"], pose_mask=batch["pose_mask"],
+    )  # fmt: skip
+    assert list(out.segments) == ["text", "pose"] and out.segments["pose"] == slice(5, 8)
+    with pytest.raises(UserError, match="unknown inputs \\['pose_feat'"):
+        UniterModel(plain)(input_ids=batch["input_ids"], pose_feat=batch["pose_feat"])

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from uniter3m.recipes.downstream.evaluate import evaluate_modalities
-from uniter3m.recipes.downstream.finetune import run_finetune
 
 from uniter3m.cli import main as cli_main
 from uniter3m.errors import UserError
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
-from uniter3m.model.loading import read_checkpoint
+from uniter3m.model.io import read_checkpoint
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.model.uniter import UniterModel
 from uniter3m.train.config import load_finetune_config
+from uniter3m.train.evaluate import evaluate_modalities
+from uniter3m.train.finetune import run_finetune
 
 transformers.logging.set_verbosity_error()
 
@@ -113,7 +113,7 @@ def test_sharded_and_bin_hf_layouts_load(tmp_path, minilm_dir):
 def test_a_hub_id_is_refused_with_how_to_get_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"local.*(hf download|huggingface-cli)"):
-        read_checkpoint("bert-base-uncased")
+        read_checkpoint("bert-base-uncased", backbone=UniterModel)
 
 
 # ------------------------------------------------------------------ the fine-tuned classifier

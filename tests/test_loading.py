@@ -1,4 +1,4 @@
-"""The one checkpoint reader (`uniter3m.model.loading`) behind from_pretrained, model.init and convert."""
+"""The one checkpoint reader and `load_into` (`uniter3m.model.io`) behind from_pretrained, model.init and convert."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from uniter3m.cli import main as cli_main
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.model.config import UniterConfig
-from uniter3m.model.loading import frame_stream, load_into, read_checkpoint, read_config
+from uniter3m.model.conversion import frame_stream
+from uniter3m.model.io import load_into, read_checkpoint, read_config
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.model.uniter import UniterModel
 
@@ -84,7 +85,7 @@ def test_pretraining_checkpoint_with_streams_and_heads_loads_back_identically(tm
     model = UniterForPretraining(tiny_config(), ALL_HEADS, emo_classes=4).eval()
     model.save_pretrained(tmp_path / "ckpt")
 
-    loaded = read_checkpoint(tmp_path / "ckpt")
+    loaded = read_checkpoint(tmp_path / "ckpt", backbone=UniterModel)
     assert loaded.flavour == "uniter3m" and loaded.streams == {"face", "speech"}
     assert loaded.heads == ALL_HEADS and loaded.config == model.config
     again, info = UniterForPretraining.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
@@ -126,14 +127,18 @@ def test_missing_encoder_weights_are_an_error_listing_them(tmp_path):
 
     # asked for explicitly, they start fresh and are reported
     model = UniterModel(tiny_config())
-    info = load_into(model, read_checkpoint(tmp_path), allow_new=["uniter.encoder.layer.1.attention.*"])
+    info = load_into(
+        model,
+        read_checkpoint(tmp_path, backbone=UniterModel),
+        allow_new=["uniter.encoder.layer.1.attention.*"],
+    )
     assert info["missing_keys"] == set(dropped)
 
 
 def test_a_stream_the_checkpoint_lacks_starts_fresh_and_is_reported(tmp_path, caplog):
     torch.manual_seed(0)
     UniterModel(tiny_config(speech={"feat_dim": 0})).save_pretrained(tmp_path)
-    with caplog.at_level(logging.INFO, logger="uniter3m.model.loading"):
+    with caplog.at_level(logging.INFO, logger="uniter3m.model.io"):
         model, info = UniterModel.from_pretrained(
             tmp_path, output_loading_info=True, speech={"feat_dim": SPEECH_D}
         )
@@ -288,3 +293,53 @@ def test_a_missing_pooler_is_refused_unless_the_checkpoint_is_an_mlm_model(tmp_p
     assert cli_main([*args, "--allow-new", "uniter.pooler.*"]) == 0
     report = json.loads((tmp_path / "ours" / "conversion_report.json").read_text())
     assert report["new"] == ["uniter.pooler.dense.bias", "uniter.pooler.dense.weight"]
+
+
+# ------------------------------------------------------------------ strict loads (best/, resume)
+def test_finetuned_dir_loads_strictly_and_a_missing_weight_is_refused(tmp_path):
+    from uniter3m.model.finetuning import FinetuneModel, HeadSpec, load_finetuned, save_finetuned
+
+    torch.manual_seed(0)
+    spec = HeadSpec(head="mlp", classes=["a", "b", "c"], modalities="LV")
+    model = FinetuneModel(UniterModel(tiny_config()), spec).eval()
+    save_finetuned(model, tmp_path / "best")
+    again = load_finetuned(tmp_path / "best").eval()
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, model(**x).logits)
+
+    file = tmp_path / "best" / "model.safetensors"
+    weights = load_file(str(file))
+    save_file({k: v for k, v in weights.items() if k != "head.net.4.bias"}, str(file))
+    with pytest.raises(ConfigError, match=r"does not fit the model: missing \['head\.net\.4\.bias'\]"):
+        load_finetuned(tmp_path / "best")
+    save_file({**weights, "head.extra": torch.zeros(2)}, str(file))
+    with pytest.raises(ConfigError, match=r"unexpected \['head\.extra'\]"):
+        load_finetuned(tmp_path / "best")
+
+
+def test_strict_load_of_any_module_and_the_prompt_head_from_a_checkpoint(tmp_path):
+    """Resume loads modules that are not ours (no config.json); the prompt head reads the MLM head."""
+    from uniter3m.model.finetuning import FinetuneModel, HeadSpec, load_mlm_head
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    tmp_path.joinpath("net").mkdir()
+    save_file(net.state_dict(), str(tmp_path / "net" / "model.safetensors"))
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    assert load_into(fresh, tmp_path / "net", strict=True)["missing_keys"] == set()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"missing \['2\.bias', '2\.weight'\]"):
+        load_into(torch.nn.Sequential(*fresh, torch.nn.Linear(4, 2)), tmp_path / "net", strict=True)
+
+    torch.manual_seed(0)
+    pretrained = UniterForPretraining(tiny_config(), ["mlm"])
+    with torch.no_grad():
+        pretrained.cls.predictions.bias.normal_()  # a trained head's bias is not zero
+    pretrained.save_pretrained(tmp_path / "mlm")
+    spec = HeadSpec(head="prompt", classes=["a", "b"], prompt_ids=[5, 6], verbalizer_ids=[7, 8])
+    model = FinetuneModel(UniterModel.from_pretrained(tmp_path / "mlm"), spec)
+    assert not torch.equal(model.cls["predictions"].bias, pretrained.cls.predictions.bias)
+    load_mlm_head(model, tmp_path / "mlm")
+    for key, tensor in pretrained.cls.predictions.state_dict().items():
+        assert torch.equal(model.cls["predictions"].state_dict()[key], tensor), key
+    assert model.cls["predictions"].decoder.weight is model.uniter.embeddings.word_embeddings.weight

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from uniter3m.ingest.faces import GEOMETRIC_DIM
-from uniter3m.ingest.speech import COMPARE_DIM, EGEMAPS_DIM
+from uniter3m.ingest.extractors.geometric import GEOMETRIC_DIM
+from uniter3m.ingest.extractors.opensmile import COMPARE_DIM, EGEMAPS_DIM
 from uniter3m.model.config import UniterConfig
 
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"
-# preset -> (speech dim, face dim) of `build-feat-db` outputs (README "From recordings to databases")
+# preset -> (speech dim, face dim) of `build-media-db` outputs (README "From recordings to databases")
 PRESETS = {
     "small-rec-compare130-geometric4": (COMPARE_DIM, GEOMETRIC_DIM),
     "small-rec-egemaps25-geometric4": (EGEMAPS_DIM, GEOMETRIC_DIM),

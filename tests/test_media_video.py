@@ -1,4 +1,4 @@
-"""`build-feat-db --format video`: faces found where the astronaut is and nowhere else (real Haar detector)."""
+"""`build-media-db --format video`: faces found where the astronaut is and nowhere else (real Haar detector)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def video(tmp_path_factory):
 
 
 def build(*argv: str) -> int:
-    return main(["build-feat-db", "--format", "video", *argv])
+    return main(["build-media-db", "--format", "video", *argv])
 
 
 def test_geometric_boxes_follow_the_face_and_blank_frames_are_skipped(video, tmp_path):
@@ -110,7 +110,14 @@ def test_bad_video_inputs(video, tmp_path, capsys):
     assert build("--input", str(video), "--face-size", "4", "--out", str(tmp_path / "db")) == 2
     assert "--face-size" in capsys.readouterr().err
     assert build("--input", str(video), "--extractor", "compare", "--out", str(tmp_path / "db")) == 2
-    assert "geometric | pixels | hf:DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "--extractor compare gives speech features, not face" in err
+        and "geometric" in err
+        and "pixels" in err
+    )
+    assert build("--input", str(video), "--detector", "nope", "--out", str(tmp_path / "db")) == 2
+    assert "unknown face detector 'nope'; known:" in capsys.readouterr().err
 
 
 def test_workers_give_the_same_database(video, tmp_path):

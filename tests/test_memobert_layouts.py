@@ -1,4 +1,4 @@
-"""`uniter3m convert --from memobert` against MEmoBERT's own computation (DESIGN.md §5).
+"""`uniter3m convert --from memobert` against MEmoBERT's own computation (docs/DESIGN.md §5).
 
 The checkpoints are raw state dicts in MEmoBERT's key layout with random values, and
 `memobert_forward` recomputes their model in plain torch from that dict alone, following their
@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from uniter3m.recipes.downstream.convert import convert_to_ours, read_report
 
 from uniter3m.errors import UserError
+from uniter3m.model.export import convert_to_ours, read_report
 from uniter3m.model.uniter import UniterModel
 
 H, N_HEADS, LAYERS, FF, VOCAB, POSITIONS = 32, 4, 2, 48, 50, 20

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from uniter3m.evaluation.metrics import MetricError, classification_metrics, is_better, regression_metrics
+from uniter3m.evaluation.report import format_mean_std, mean_std
 
 
 def test_classification_known_values():
@@ -66,3 +67,18 @@ def test_is_better_direction():
     assert is_better("uar", 60.0, None)
     assert is_better("uar", 61.0, 60.0) and not is_better("uar", 60.0, 60.0)
     assert is_better("mae", 0.8, 0.9) and not is_better("mae", 0.95, 0.9)
+
+
+def test_mean_std_is_the_sample_std():
+    # the README's IEMOCAP-4 seeds: population std 0.21, sample std 0.25 (what every report prints)
+    mean, std = mean_std([66.50, 66.53, 66.95])
+    assert mean == pytest.approx(66.66) and std == pytest.approx(0.2516, abs=1e-4)
+    assert format_mean_std([66.50, 66.53, 66.95]) == "66.66 ± 0.25"
+    assert format_mean_std([75.8, 71.8, 76.0], digits=1) == "74.5 ± 2.4"
+
+
+def test_mean_std_of_one_value_has_no_spread():
+    assert mean_std([59.04]) == (59.04, 0.0)
+    assert format_mean_std([59.04]) == "59.04"  # never "± 0.00": one run measures no spread
+    with pytest.raises(ValueError):
+        mean_std([])

@@ -97,7 +97,8 @@ def build_corpus(root: Path, minilm_dir: Path, seed: int = 0) -> tuple[dict[str,
     """The synthetic corpus through the real build commands; returns its dbs and, per stream, how
     many validation utterances have data in it (the lower bound of each objective's targets)."""
     import numpy as np
-    from uniter3m.recipes.pretrain.demo import build_corpus_dbs
+
+    from uniter3m.train.demo import build_corpus_dbs
 
     corpus = generate_corpus(
         root / "corpus", SyntheticSpec(n_utterances=800, split_shares=(0.6, 0.4, 0.0), seed=seed)
@@ -121,7 +122,7 @@ def pretrain_group(
 ) -> dict[str, float]:
     """A short pretraining of a fresh tiny model on `objectives` (on the text alone when not
     `frames`); returns the final validation."""
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+    from uniter3m.train.pretrain import run_pretrain
 
     streams = {"face_db": [str(dbs["face"])], "speech_db": [str(dbs["speech"])]} if frames else {}
     cfg = {

@@ -67,10 +67,10 @@ def test_packed_encoder_equals_the_unpacked_model_on_real_positions():
 
 def test_pretraining_with_packing_matches_pretraining_without(tiny_dbs, tmp_path):  # noqa: F811
     from safetensors.torch import load_file
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
 
     from tests.test_pretrain_run import _config, _no_dropout
     from uniter3m.train.checkpoint import find_resume
+    from uniter3m.train.pretrain import run_pretrain
 
     weights = {}
     for packing in (False, True):

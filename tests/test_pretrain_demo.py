@@ -53,7 +53,8 @@ def test_synthetic_arousal_follows_the_emotion(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, minilm_dir):
     import torch
-    from uniter3m.recipes.pretrain.demo import WEAK_LABEL_TASKS, at_chance, format_report, run_demo
+
+    from uniter3m.train.demo import WEAK_LABEL_TASKS, at_chance, format_report, run_demo
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -86,7 +87,7 @@ def test_demo_runs_end_to_end(tmp_path, minilm_dir):
 
 def test_report_names_objectives_at_chance():
     """The verdict follows the margins: an objective at its chance level is named, whatever its metric."""
-    from uniter3m.recipes.pretrain.demo import AT_CHANCE, at_chance, objective_rows
+    from uniter3m.train.demo import AT_CHANCE, at_chance, objective_rows
 
     metrics = {"mlm/acc": 0.40, "mlm/chance": 0.05, "itm/acc": 0.51, "itm/chance": 0.50,
                "face_mrfr/mse": 0.96, "face_mrfr/chance": 0.95, "speech_mrfr/mse": 0.5,

@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dbs(tmp_path_factory, minilm_dir):
-    from uniter3m.recipes.pretrain.demo import build_corpus_dbs
+    from uniter3m.train.demo import build_corpus_dbs
 
     root = tmp_path_factory.mktemp("pretrain_dbs")
     spec = SyntheticSpec(
@@ -110,7 +110,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _run(cfg: dict, resume: str | None = None) -> dict[str, float]:
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
+    from uniter3m.train.pretrain import run_pretrain
 
     return run_pretrain(copy.deepcopy(cfg), resume=resume)
 

@@ -142,7 +142,7 @@ def test_real_iemocap_file_protocols(shared_data):
 
 
 def test_corpus_recipes_read_the_real_files(shared_data):
-    from uniter3m.recipes.build_lmdb.corpora import iemocap_rows, meld_rows, mosi_utterances
+    from uniter3m.ingest.corpora import iemocap_rows, meld_rows, mosi_utterances
 
     rows, feats = mosi_utterances(shared_data / "mosi_bclstm")
     assert len(rows) == 2199 and len(feats["audio"][0]) == 73 and len(feats["video"][0]) == 100

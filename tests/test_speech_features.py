@@ -1,4 +1,4 @@
-"""`build-feat-db --format wav`: real openSMILE ComParE_2016 LLD + delta frames from audio files."""
+"""`build-media-db --format wav`: real openSMILE ComParE_2016 LLD + delta frames from audio files."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_wav_folder_gives_130d_frames_every_10ms(tmp_path):
     write_wav(audio / "ses1" / "tone.wav", 0.3 * np.sin(2 * np.pi * 220 * t))
     write_wav(audio / "noise.wav", 0.1 * np.random.default_rng(0).standard_normal(int(0.8 * SR)))
     write_wav(audio / "click.wav", np.zeros(int(0.01 * SR)))  # shorter than one analysis window
-    argv = ["build-feat-db", "--input", str(audio), "--format", "wav", "--dtype", "float32"]
+    argv = ["build-media-db", "--input", str(audio), "--format", "wav", "--dtype", "float32"]
     assert main([*argv, "--out", str(tmp_path / "db")]) == 0  # float32: ComParE energies overflow float16
 
     db = DbReader(tmp_path / "db", "feat")
@@ -50,7 +50,7 @@ def test_unreadable_audio_names_the_file(tmp_path, capsys):
     audio.mkdir()
     (audio / "broken.wav").write_bytes(b"RIFF....not audio")
     assert (
-        main(["build-feat-db", "--input", str(audio), "--format", "wav", "--out", str(tmp_path / "db")]) == 2
+        main(["build-media-db", "--input", str(audio), "--format", "wav", "--out", str(tmp_path / "db")]) == 2
     )
     err = capsys.readouterr().err
     assert "broken.wav" in err and "'broken'" in err and "re-export" in err

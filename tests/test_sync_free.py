@@ -17,15 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.test_finetune import config, dbs, tiny  # noqa: F401 - the tiny real corpus and checkpoint
 from tests.test_pretrain_run import tiny_dbs  # noqa: F401 - the synthetic pretraining dbs
 from uniter3m.data.collate import Collator
+from uniter3m.data.tokenization import SpecialTokens
+from uniter3m.train.assembly import build_dataset, build_finetune_model, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend
-from uniter3m.train.finetune import (
-    build_finetune_model,
-    make_dataset,
-    plan_protocol,
-    special_tokens,
-    supervised_task,
-)
+from uniter3m.train.finetune import plan_protocol, supervised_task
 from uniter3m.train.loaders import TaskStream
 from uniter3m.train.logs import read_metrics
 from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask, _Window
@@ -64,9 +60,10 @@ def _loop(dbs, tiny, out, fused: bool) -> TrainLoop:  # noqa: F811
     cfg = load_finetune_config(config(dbs, tiny, out, top__epochs=1))
     plan = plan_protocol(cfg)
     fold = plan.folds[0]
-    special = special_tokens(cfg.data)
-    train = make_dataset(cfg.data, fold.train)
-    model = build_finetune_model(cfg, plan, {"face": 5, "speech": 4}, special)
+    meta = data_tokenizer(cfg.data)
+    special = SpecialTokens.from_dict(meta)
+    train = build_dataset(cfg.data, ids=fold.train)
+    model = build_finetune_model(cfg, plan, {"face": 5, "speech": 4}, meta)
     task = supervised_task(model, plan, special)
     stream = TaskStream(
         task, train, Collator(special), task_index=0, seed=0, max_tokens=4096, max_batch_size=8, num_workers=1
@@ -106,10 +103,9 @@ def test_the_fused_step_has_no_host_sync_outside_logging_steps(dbs, tiny, tmp_pa
 def test_every_pretraining_objective_steps_without_a_host_sync(tiny_dbs, tmp_path, monkeypatch):  # noqa: F811
     """A real pretraining run mixing the objectives (fused AdamW, data prepared in a worker): the
     steps between logging steps dispatch no sync-forcing operation, whatever the task."""
-    from uniter3m.recipes.pretrain.pretrain import run_pretrain
-
     from tests.test_pretrain_run import _config
     from uniter3m.train.loop import TrainLoop
+    from uniter3m.train.pretrain import run_pretrain
 
     cfg = _config(tiny_dbs, tmp_path / "run", steps=80, log_every=1000)
     cfg["tasks"] = [

@@ -35,7 +35,7 @@ SOFT = np.array(
 # options each task needs to run on the test batch
 OPTIONS = {
     "prompt": {"verbalizer": VERBALIZER, "label_column": "emotion"},
-    "prompt_cross": {"verbalizer": VERBALIZER, "label_column": "emotion", "cases": ["VA"]},
+    "prompt_cross": {"verbalizer": VERBALIZER, "label_column": "emotion", "modality_sets": ["VA"]},
     "emo_cls": {"classes": CLASSES, "label_column": "emotion"},
     "face_mrfr": {"span": 3},
 }
@@ -112,7 +112,7 @@ def test_registry_builds_every_task(context):
         "mlm", "wwm", "melm", "melm_wwm", "face_mrfr", "speech_mrfr", "face_mrc", "face_fom", "speech_fom",
         "itm", "itm_hard", "contrastive", "prompt", "prompt_cross", "emo_cls",
     }  # fmt: skip
-    assert expected <= set(task_names())
+    assert expected <= set(task_names(context.stream_table))
     for name in expected:
         task = build_task(name, context, **OPTIONS.get(name, {}))
         assert task.name == name
@@ -199,7 +199,7 @@ def check_gradients(name, task, model) -> None:
 )
 def test_forward_with_each_modality_subset(name, subsets, batch, context, special):
     for subset in subsets:
-        key = "cases" if name.startswith("prompt") else "modality_subsets"
+        key = "modality_sets"
         options = {**OPTIONS.get(name, {}), key: [subset]}
         task = build_task(name, context, **options)
         inputs = task.prepare(batch, torch.Generator().manual_seed(1))
@@ -214,7 +214,7 @@ def test_forward_with_each_modality_subset(name, subsets, batch, context, specia
 
 
 def test_modality_dropout_draws_every_subset_and_rejects_bad_ones(batch, context):
-    task = build_task("mlm", context, modality_subsets=[["L", "A"], ["L", "V"], ["L", "V", "A"]])
+    task = build_task("mlm", context, modality_sets=[["L", "A"], ["L", "V"], ["L", "V", "A"]])
     seen = set()
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
@@ -222,9 +222,9 @@ def test_modality_dropout_draws_every_subset_and_rejects_bad_ones(batch, context
         seen.add(("face_feat" in inputs, "speech_feat" in inputs))
     assert seen == {(False, True), (True, False), (True, True)}
     with pytest.raises(ConfigError, match="lacks L"):
-        build_task("mlm", context, modality_subsets=[["V", "A"]])
+        build_task("mlm", context, modality_sets=[["V", "A"]])
     with pytest.raises(ConfigError, match="unknown stream"):
-        build_task("emo_cls", context, classes=CLASSES, label_column="emotion", modality_subsets=[["X"]])
+        build_task("emo_cls", context, classes=CLASSES, label_column="emotion", modality_sets=[["X"]])
 
 
 def test_fom_on_noise_stays_at_chance_but_learns_structure(context, special):
@@ -298,9 +298,9 @@ def test_itm_negatives_replace_the_configured_streams(batch, context):
 
 def test_matching_without_frames_is_a_clear_error(batch, context, special):
     with pytest.raises(ConfigError, match="no frame stream"):
-        build_task("itm", context, modality_subsets=[["L"]])
+        build_task("itm", context, modality_sets=[["L"]])
     with pytest.raises(ConfigError, match="contrast needs two"):
-        build_task("contrastive", context, modality_subsets=[["V"]])
+        build_task("contrastive", context, modality_sets=[["V"]])
     text_only = {k: v for k, v in batch.items() if not k.startswith(("face", "speech"))}
     with pytest.raises(UserError, match="no frame stream"):
         build_task("itm", context).prepare(text_only, torch.Generator().manual_seed(0))
@@ -325,7 +325,7 @@ def test_prompt_layout_and_verbalizer_checks(batch, context, tokenizer, special)
             assert first.startswith("[CLS] i am [MASK]. i am so happy")
         else:
             assert first.endswith("again i am [MASK]. [SEP]")
-    cross = build_task("prompt_cross", context, cases=["V"], **OPTIONS["prompt"])
+    cross = build_task("prompt_cross", context, modality_sets=["V"], **OPTIONS["prompt"])
     inputs = cross.prepare(batch, torch.Generator().manual_seed(0))
     assert tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0]]) == "[CLS] i am [MASK]. [SEP]"
     with pytest.raises(ConfigError, match="joyful"):
@@ -394,8 +394,8 @@ def test_streams_encoded_alone_do_not_see_each_other(batch, context, special):
     model = model_for(task, special).eval()
     changed = dict(inputs, face_feat=inputs["face_feat"] + 3.0)
     with torch.no_grad():
-        a = encode_streams_alone(model, inputs, ["L", "V", "A"])
-        b = encode_streams_alone(model, changed, ["L", "V", "A"])
+        a = encode_streams_alone(model, inputs, ["L", "V", "A"], context.stream_table)
+        b = encode_streams_alone(model, changed, ["L", "V", "A"], context.stream_table)
     assert torch.allclose(a["L"][0], b["L"][0], atol=1e-6) and torch.allclose(a["A"][0], b["A"][0], atol=1e-6)
     has_face = batch["face_mask"].any(1)
     assert not torch.allclose(a["V"][0][has_face], b["V"][0][has_face])
@@ -456,7 +456,7 @@ def test_sampled_hard_negatives_tend_to_the_hardest_as_the_temperature_falls(tok
 
 def test_prepare_leaves_the_batch_alone_and_is_deterministic(batch, context):
     original = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    for name in task_names():
+    for name in task_names(context.stream_table):
         if name == "speech_mrc":  # the fixture's speech stream has no soft labels
             continue
         task = build_task(name, context, **OPTIONS.get(name, {}))

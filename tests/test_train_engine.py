@@ -20,6 +20,7 @@ from torch import nn
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.train import checkpoint as ckpt
 from uniter3m.train.distributed import Backend, detect_launcher, init_backend, unwrap
+from uniter3m.train.nonfinite import NonfiniteSteps
 from uniter3m.train.optim import (
     build_optimizer,
     clip_gradients,
@@ -27,6 +28,7 @@ from uniter3m.train.optim import (
     warmup_linear_schedule,
 )
 from uniter3m.train.precision import Precision, resolve_precision
+from uniter3m.train.prefetch import batch_size_of, positions_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,6 +220,66 @@ def test_clip_gradients_reports_norm_and_keeps_nonfinite():
     assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
     p.grad = torch.tensor([float("nan"), 1.0])
     assert not torch.isfinite(clip_gradients([p], 1.0))
+
+
+# the same sequence of steps (None = finite, "loss" / "norm" = which one was not) through both paths
+_STEPS = [None, "loss", "norm", None, "loss", "loss", "norm", None, "loss"]
+
+
+def test_nonfinite_policy_is_one_rule_for_the_host_and_the_device_path(capsys):
+    host = NonfiniteSteps(limit=4, report=True)
+    for step, what in enumerate(_STEPS, 1):
+        host.count(what is not None, step, "mlm")
+    host_lines = capsys.readouterr().err.splitlines()
+    device = NonfiniteSteps(limit=4, report=True)
+    for step, what in enumerate(_STEPS, 1):
+        device.count_on_device(torch.tensor(what is not None), "mlm")
+        if step % 4 == 0 or step == len(_STEPS):  # read at log steps only
+            device.settle(step)
+    device_lines = capsys.readouterr().err.splitlines()
+    assert host.state_dict() == device.state_dict() == {"skipped_nonfinite": 6, "nonfinite_in_a_row": 1}
+    assert len(host_lines) == 6 and host_lines[0] == (
+        "step 2 (task mlm): 1 step(s) with a non-finite loss or gradient norm skipped "
+        "(1 in a row, 1 in this run; the run stops at 4 in a row)"
+    )
+    assert len(device_lines) == 3 and device_lines[1] == (
+        "step 8 (task mlm): 3 step(s) with a non-finite loss or gradient norm skipped "
+        "(0 in a row, 5 in this run; the run stops at 4 in a row)"
+    )
+    # a run of 3 between two reads stops the device path too, though a finite step ended it before the read
+    for policy, settle in ((NonfiniteSteps(3, report=False), False), (NonfiniteSteps(3, report=False), True)):
+        with pytest.raises(UserError, match=r"training stopped at step \d+ \(task itm\): 3 steps in a row"):
+            for step, bad in enumerate([True, True, True, False], 1):
+                if settle:
+                    policy.count_on_device(torch.tensor(bad), "itm")
+                else:
+                    policy.count(bad, step, "itm")
+            policy.settle(4)
+
+
+def test_a_resumed_policy_continues_the_streak_it_saved():
+    saved = NonfiniteSteps(limit=3, report=False)
+    for bad in (True, True):
+        saved.count_on_device(torch.tensor(bad), "mlm")
+    saved.settle(2)
+    resumed = NonfiniteSteps(limit=3, report=False)
+    resumed.load_state_dict(saved.state_dict())
+    resumed.count_on_device(torch.tensor(True), "mlm")
+    with pytest.raises(UserError, match="3 steps in a row"):
+        resumed.settle(3)
+
+
+def test_positions_count_real_tokens_and_frames_not_padding_or_masked_frames():
+    inputs = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool),
+        "face_feat": torch.zeros(2, 3, 5),
+        "face_mask": torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool),
+        "face_frame_mask": torch.ones(2, 3, dtype=torch.bool),
+        "mlm_mask": torch.ones(2, 4, dtype=torch.bool),  # a target, not a sequence
+        "ids": ["a", "b"],
+    }
+    assert positions_of(inputs) == 5 + 4 and batch_size_of(inputs) == 2
 
 
 def test_precision_choices():

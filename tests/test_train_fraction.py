@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from uniter3m.recipes.build_lmdb.corpora import _write_jsonl, iemocap_rows
 
 from uniter3m.errors import ConfigError
 from uniter3m.evaluation.protocols import build_protocol
+from uniter3m.ingest.corpora import iemocap_rows
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.finetune import plan_protocol
@@ -32,16 +32,14 @@ def iemocap_db(shared_data, minilm_dir, tmp_path_factory) -> Path:
             rows.append(r)
             seen[r["session"]] += 1
     tmp = tmp_path_factory.mktemp("iemocap_small")
-    _write_jsonl(tmp / "iemocap.jsonl", rows)
     spec = TextDbSpec(
-        input=tmp / "iemocap.jsonl",
         id_cols=["id"],
         text_col="text",
         tokenizer=minilm_dir,
         out=tmp / "iemocap_txt",
         label_cols=["label", "speaker", "split", "dialogue", "session"],
     )
-    build_text_db(spec)
+    build_text_db(spec, rows)
     return tmp / "iemocap_txt"
 
 

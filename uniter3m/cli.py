@@ -1,7 +1,7 @@
 """The `uniter3m` command.
 
-Each sub-command lives in its own module that defines `add_arguments(parser)` and
-`run(args) -> int | None`. Only the chosen command's module is imported, so a slow or
+Each sub-command lives in its own module (a recipe) that defines `add_arguments(parser)` and
+`run(args) -> int | None`; every command logs through the one set-up (`console.setup_logging`). Only the chosen command's module is imported, so a slow or
 optional dependency of one command never slows down or breaks another.
 A `UserError` is printed without a traceback and exits with status 2; no command at all prints
 the help and exits 2; Ctrl-C (SIGINT) prints one line and exits 130 (128 + SIGINT, as shells do);
@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from uniter3m.console import setup_logging
 from uniter3m.errors import UserError
 
 # command -> (module, one-line help)
@@ -24,7 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-txt-db": ("uniter3m.recipes.build_lmdb.build_txt_db", "tokenise transcripts into a text LMDB"),
     "build-feat-db": (
         "uniter3m.recipes.build_lmdb.build_feat_db",
-        "pack face/speech frame features into an LMDB",
+        "pack feature files (npz/h5/csv/OpenFace) into an LMDB",
+    ),
+    "build-media-db": (
+        "uniter3m.recipes.build_lmdb.build_media_db",
+        "recordings (wav/video) -> features by a registered extractor -> an LMDB",
     ),
     "inspect": ("uniter3m.recipes.build_lmdb.inspect_db", "show what a database holds"),
     "merge-db": ("uniter3m.recipes.build_lmdb.merge_db", "join feature databases (e.g. --shard K/N outputs)"),
@@ -57,17 +62,9 @@ def _version() -> str:
     return f"uniter3m {__version__}"
 
 
-_depth = 0  # main() calls in progress: a recipe may call main() for a sub-command (the demo does)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit status (see the module docstring)."""
-    global _depth
-    _depth += 1
-    try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
-    finally:
-        _depth -= 1
+    return _main(list(sys.argv[1:] if argv is None else argv))
 
 
 def _main(argv: list[str]) -> int:
@@ -85,6 +82,7 @@ def _main(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog=f"uniter3m {command}", description=COMMANDS[command][1])
         module.add_arguments(parser)
         args = parser.parse_args(rest)
+        setup_logging()
         status = int(module.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
         return status
@@ -92,13 +90,9 @@ def _main(argv: list[str]) -> int:
         print(f"uniter3m {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if _depth > 1:  # a nested command: the outermost one reports it, once
-            raise
         print(f"uniter3m {command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        if _depth > 1:
-            raise
         _silence_stdout()
         return 141
 
@@ -114,6 +108,4 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from uniter3m import cli  # the imported module, the one recipes call back into (one _depth)
-
-    sys.exit(cli.main())
+    sys.exit(main())

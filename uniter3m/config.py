@@ -5,7 +5,8 @@ renders a resolved config for `uniter3m config show`.
 
 Every config class is a pydantic model with `extra="forbid"`. A config with several mistakes
 raises ONE `ConfigError` that lists every bad key with its dotted path, so a user fixes them
-all in one go instead of one per run.
+all in one go instead of one per run; a key of an old vocabulary is listed with its new name
+(the class's `renamed_key(loc, value)`), among the others.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +90,23 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--resume auto|DIR` and `--overwrite`, the same for every command that writes a run folder."""
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|DIR",
+        help="'auto': continue from the last complete checkpoint in output_dir (start fresh if none; "
+        "fine-tuning keeps the folds that finished); DIR: continue from that checkpoint (fine-tuning: "
+        "a checkpoint of the fold given with --fold)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (only a uniter3m run folder)",
+    )
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as JSON when it can be."""
     if "=" not in item:
@@ -130,12 +148,17 @@ def _index(part: str, path: list[str], i: int, size: int) -> int:
     return int(part)
 
 
-def format_validation_error(err: ValidationError, source: str) -> ConfigError:
-    """One ConfigError listing every bad key with its dotted path and what is wrong."""
+def format_validation_error(
+    err: ValidationError, source: str, renamed: Callable[[tuple[Any, ...], Any], str | None] | None = None
+) -> ConfigError:
+    """One ConfigError listing every bad key with its dotted path and what is wrong; `renamed(loc,
+    value)` names the new key of an unknown key that is an old name (None: a plain unknown key)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = (renamed and renamed(tuple(e["loc"]), e.get("input"))) or "unknown key (check its spelling)"
         given = e.get("input")
         shown = (
             ""
@@ -150,14 +173,16 @@ def load_config(
     cls: type[T],
     source: str | os.PathLike | Mapping[str, Any],
     overrides: Iterable[str] = (),
+    context: Mapping[str, Any] | None = None,
 ) -> T:
-    """Read (a path or a dict), apply overrides, validate; raises one ConfigError for all problems."""
+    """Read (a path or a dict), apply overrides, validate (with pydantic's validation `context`);
+    raises one ConfigError for all problems."""
     if isinstance(source, Mapping):
         data, name = dict(source), f"{cls.__name__} config"
     else:
         data, name = read_json(source), str(source)
     data = apply_overrides(data, overrides)
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as err:
-        raise format_validation_error(err, name) from None
+        raise format_validation_error(err, name, getattr(cls, "renamed_key", None)) from None

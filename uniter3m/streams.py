@@ -1,6 +1,6 @@
-"""The stream table: the one place that says which frame streams exist and what they are called.
+"""The stream table: which frame streams exist and what they are called, as a value.
 
-Every layer loops over this table instead of spelling out face and speech: the dataset reads one
+Every layer loops over a table instead of spelling out face and speech: the dataset reads one
 feature db per stream, the collator pads `<name>_feat` / `<name>_mask` (and `<name>_soft` when the
 db has per-frame soft labels), the model builds `<name>_embeddings`, the heads are
 `<name>_regress` / `<name>_fom` / `<name>_classifier`, the objectives are `<name>_mrfr`,
@@ -8,8 +8,11 @@ db has per-frame soft labels), the model builds `<name>_embeddings`, the heads a
 
 The default table holds face (V) and speech (A), as in the MEmoBERT papers; text is always `L`.
 A config adds a stream with a name and a letter (`"streams": {"pose": "P"}` in a training config,
-or a `streams` section of a model config); `declare` puts it in this process's table. Collators
-and tasks keep a copy of the table they were built with, so DataLoader workers need no global.
+or a `streams` section of a model config), and the table is built from that config: the model's
+config carries its own (`UniterConfig.stream_table`), a training config its own
+(`RunConfig.stream_table`, also on each data section), and the dataset, collator and tasks are
+given the table they serve. A table is immutable and picklable, so DataLoader workers receive it
+with the object that holds it; there is no process-wide table to keep in step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from uniter3m.errors import ConfigError
 
 TEXT_LETTER = "L"
+TEXT_NAME = "text"
 _NAME = re.compile(r"^[a-z][a-z0-9]*$")
 
 
@@ -53,139 +57,95 @@ class Stream:
 
 
 DEFAULT_STREAMS = (Stream("face", "V"), Stream("speech", "A"))
-_TABLE: dict[str, Stream] = {s.name: s for s in DEFAULT_STREAMS}
 
 
-def frame_streams() -> tuple[Stream, ...]:
-    """Every known frame stream, in sequence order (face, speech, then declared ones)."""
-    return tuple(_TABLE.values())
+@dataclass(frozen=True)
+class StreamTable:
+    """The frame streams in sequence order: face, speech, then declared ones in declaration order."""
 
+    streams: tuple[Stream, ...] = DEFAULT_STREAMS
 
-def names() -> tuple[str, ...]:
-    return tuple(_TABLE)
+    @classmethod
+    def default(cls) -> StreamTable:
+        """Face (V) and speech (A) only."""
+        return cls()
 
+    @classmethod
+    def declaring(cls, declared: Mapping[str, str] | None) -> StreamTable:
+        """The default table plus a config's `streams` section, e.g. {"pose": "P"}."""
+        table = cls()
+        for name, letter in (declared or {}).items():
+            table = table.with_stream(str(name), str(letter))
+        return table
 
-def letters() -> str:
-    """All modality letters in canonical order: "L" then the frame streams' letters."""
-    return TEXT_LETTER + "".join(s.letter for s in _TABLE.values())
-
-
-def get(key: str) -> Stream:
-    """A stream by name ("face") or letter ("V"), case-insensitively for letters."""
-    if key in _TABLE:
-        return _TABLE[key]
-    for s in _TABLE.values():
-        if s.letter == str(key).upper():
-            return s
-    raise ConfigError(f"unknown frame stream {key!r}; known streams: {describe()}")
-
-
-def describe() -> str:
-    return ", ".join(f"{s.name} ({s.letter})" for s in _TABLE.values())
-
-
-def declare(name: str, letter: str) -> Stream:
-    """Add a stream to the table (idempotent); a name or letter clash is an error."""
-    letter = str(letter).upper()
-    if not _NAME.match(name) or name in ("text", "txt"):
-        raise ConfigError(
-            f"stream name {name!r}: use lower-case letters and digits (e.g. 'pose'), not 'text'/'txt'"
-        )
-    if len(letter) != 1 or not letter.isalpha() or letter == TEXT_LETTER:
-        raise ConfigError(f"stream {name!r}: letter {letter!r} must be one letter other than L (text)")
-    known = _TABLE.get(name)
-    if known is not None:
-        if known.letter != letter:
-            raise ConfigError(f"stream {name!r} already has the letter {known.letter}, not {letter}")
-        return known
-    for s in _TABLE.values():
-        if s.letter == letter:
-            raise ConfigError(f"letter {letter} of stream {name!r} is already used by stream {s.name!r}")
-    stream = Stream(name, letter)
-    _TABLE[name] = stream
-    return stream
-
-
-def declare_many(streams: Mapping[str, str] | None) -> None:
-    for name, letter in (streams or {}).items():
-        declare(name, letter)
-
-
-def parse_modalities(value: str | Iterable[str], where: str = "modalities") -> str:
-    """ "lva", "AV", ["L","V"] or ["text","face"] -> canonical letters ("LVA" order); errors name `where`."""
-    items = list(value.strip()) if isinstance(value, str) else [str(v) for v in value]
-    out = set()
-    for item in items:
-        if item in ("text", "txt") or item.upper() == TEXT_LETTER:
-            out.add(TEXT_LETTER)
-            continue
-        try:
-            out.add(get(item).letter)
-        except ConfigError:
+    def with_stream(self, name: str, letter: str) -> StreamTable:
+        """This table plus stream `name` (the same table if it is already there with that letter);
+        a bad name, or a name or letter already used otherwise, is a ConfigError."""
+        letter = str(letter).upper()
+        if not _NAME.match(name) or name in (TEXT_NAME, "txt"):
             raise ConfigError(
-                f"{where}: unknown stream {item!r}; use L (text) or a frame stream letter: {describe()}"
-            ) from None
-    if not out:
-        raise ConfigError(f"{where}: empty; give at least one of {letters()}")
-    return "".join(c for c in letters() if c in out)
+                f"stream name {name!r}: use lower-case letters and digits (e.g. 'pose'), not 'text'/'txt'"
+            )
+        if len(letter) != 1 or not letter.isalpha() or letter == TEXT_LETTER:
+            raise ConfigError(f"stream {name!r}: letter {letter!r} must be one letter other than L (text)")
+        for s in self.streams:
+            if s.name == name:
+                if s.letter != letter:
+                    raise ConfigError(f"stream {name!r} already has the letter {s.letter}, not {letter}")
+                return self
+            if s.letter == letter:
+                raise ConfigError(f"letter {letter} of stream {name!r} is already used by stream {s.name!r}")
+        return StreamTable((*self.streams, Stream(name, letter)))
 
+    def frame_streams(self) -> tuple[Stream, ...]:
+        return self.streams
 
-def streams_of(modalities: str) -> tuple[Stream, ...]:
-    """The frame streams named by a canonical modality string, in table order."""
-    return tuple(s for s in _TABLE.values() if s.letter in modalities)
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.streams)
 
+    def letters(self) -> str:
+        """All modality letters in canonical order: "L" then the frame streams' letters."""
+        return TEXT_LETTER + "".join(s.letter for s in self.streams)
 
-def snapshot() -> tuple[Stream, ...]:
-    """A picklable copy of the table, for objects that run in DataLoader workers."""
-    return frame_streams()
+    def frame_letters(self) -> dict[str, str]:
+        """Frame letter -> stream name ({"V": "face", "A": "speech", ...})."""
+        return {s.letter: s.name for s in self.streams}
 
+    def modality_names(self) -> dict[str, str]:
+        """The same with {"L": "text"} first."""
+        return {TEXT_LETTER: TEXT_NAME, **self.frame_letters()}
 
-class _LiveMap(Mapping):
-    """A read-only mapping computed from the table at each access (letters -> names)."""
+    def get(self, key: str) -> Stream:
+        """A stream by name ("face") or letter ("V"), case-insensitively for letters."""
+        for s in self.streams:
+            if s.name == key:
+                return s
+        for s in self.streams:
+            if s.letter == str(key).upper():
+                return s
+        raise ConfigError(f"unknown frame stream {key!r}; known streams: {self.describe()}")
 
-    def __init__(self, with_text: bool) -> None:
-        self.with_text = with_text
+    def describe(self) -> str:
+        return ", ".join(f"{s.name} ({s.letter})" for s in self.streams)
 
-    def _items(self) -> dict[str, str]:
-        items = {TEXT_LETTER: "text"} if self.with_text else {}
-        items.update({s.letter: s.name for s in _TABLE.values()})
-        return items
+    def parse_modalities(self, value: str | Iterable[str], where: str = "modalities") -> str:
+        """ "lva", "AV", ["L","V"] or ["text","face"] -> canonical letters ("LVA" order); errors name `where`."""
+        items = list(value.strip()) if isinstance(value, str) else [str(v) for v in value]
+        out = set()
+        for item in items:
+            if item in (TEXT_NAME, "txt") or item.upper() == TEXT_LETTER:
+                out.add(TEXT_LETTER)
+                continue
+            try:
+                out.add(self.get(item).letter)
+            except ConfigError:
+                raise ConfigError(
+                    f"{where}: unknown stream {item!r}; use L (text) or a frame stream letter: {self.describe()}"
+                ) from None
+        if not out:
+            raise ConfigError(f"{where}: empty; give at least one of {self.letters()}")
+        return "".join(c for c in self.letters() if c in out)
 
-    def __getitem__(self, key: str) -> str:
-        return self._items()[key]
-
-    def __iter__(self):
-        return iter(self._items())
-
-    def __len__(self) -> int:
-        return len(self._items())
-
-    def __repr__(self) -> str:
-        return repr(self._items())
-
-
-#: letter -> stream name for frame streams ({"V": "face", "A": "speech", ...}), always current
-FRAME_LETTERS: Mapping[str, str] = _LiveMap(with_text=False)
-#: the same with {"L": "text"} first
-MODALITY_NAMES: Mapping[str, str] = _LiveMap(with_text=True)
-
-
-class CarriesStreamTable:
-    """Mixin for objects sent to DataLoader workers: unpickling re-declares the table they saw,
-    so a worker started with spawn/forkserver knows the declared streams too."""
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_stream_table"] = [(s.name, s.letter) for s in frame_streams()]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        for name, letter in state.pop("_stream_table", []):
-            declare(name, letter)
-        self.__dict__.update(state)
-
-
-def reset() -> None:
-    """Back to the default table (face, speech): for tests and processes that run several configs."""
-    _TABLE.clear()
-    _TABLE.update({s.name: s for s in DEFAULT_STREAMS})
+    def streams_of(self, modalities: str) -> tuple[Stream, ...]:
+        """The frame streams named by a canonical modality string, in table order."""
+        return tuple(s for s in self.streams if s.letter in modalities)

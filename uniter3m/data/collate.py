@@ -6,8 +6,8 @@ zeros and gets a bool mask. A stream is in the batch when the examples carry it 
 example = not part of this dataset = key absent). An example whose stream has zero frames gets an
 all-False mask row, and a batch in which no example has a frame still gets `(B, 0, D)` tensors,
 so the model can treat the stream as absent per utterance without a made-up frame.
-The frame streams are those of the stream table when the collator was built (kept with it, so
-DataLoader workers need nothing else); per-frame soft labels travel as `<name>_soft`.
+The frame streams are those of the stream table the collator is given (the run config's; it travels
+with the collator to DataLoader workers); per-frame soft labels travel as `<name>_soft`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from uniter3m import streams as stream_table
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import UserError
+from uniter3m.streams import StreamTable
 
 
 def _full(shape: tuple[int, ...], dtype: torch.dtype, fill: float | int | bool = 0) -> torch.Tensor:
@@ -43,7 +43,7 @@ def _ids_where(examples: Sequence[dict[str, Any]], flags: Sequence[bool]) -> str
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-class Collator(stream_table.CarriesStreamTable):
+class Collator:
     """Pad a list of examples into tensors; picklable, so it runs inside DataLoader workers.
 
     max_txt_len: optional cap on the current utterance's tokens (without [CLS]/[SEP] and context);
@@ -52,6 +52,7 @@ class Collator(stream_table.CarriesStreamTable):
     pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
         counts the same rounding), so a compiled step sees few distinct shapes.
     feature_dtype: dtype of the frame tensors ("float16" on GPU: the model casts to its own dtype).
+    stream_table: the frame streams to pad (default: face and speech).
     """
 
     def __init__(
@@ -61,13 +62,14 @@ class Collator(stream_table.CarriesStreamTable):
         pad_multiple: int = 1,
         feature_dtype: str = "float32",
         packing: bool = False,
+        stream_table: StreamTable = StreamTable(),
     ):
         self.special = special
         self.packing = packing  # read by the loaders: plan packed rows after the task's prepare
         self.feature_dtype = getattr(torch, feature_dtype)  # float16 halves the host->device copy
         self.max_txt_len = max_txt_len
         self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)
-        self.streams = tuple(s.name for s in stream_table.snapshot())
+        self.streams = stream_table.names()
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not examples:

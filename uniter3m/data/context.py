@@ -25,7 +25,7 @@ Rules (counted in `ContextReport`, printed once per dataset):
   error naming the db, the id and the fix;
 - only turns present in the same db are context (a dialogue never crosses dbs or splits: the
   MELD ids carry their split);
-- the budget `max_tokens` counts every context token; when the turns do not fit, the OLDEST
+- the budget `max_context_tokens` counts every context token; when the turns do not fit, the OLDEST
   tokens go first: older turns are dropped whole, and the oldest turn kept may lose its start;
   the current utterance is never cut for context (only by `max_txt_len`, as without context).
 """
@@ -54,7 +54,7 @@ SPEAKER_SUFFIX = ":"  # "chandler : how are you" once tokenised
 class DialogueContext(StrictModel):
     """`data.context`: prepend up to `turns` previous turns of the utterance's dialogue to its text.
 
-    `max_tokens`: budget of every token context adds (turns, their [SEP], speaker prefixes), the
+    `max_context_tokens`: budget of every token context adds (turns, their [SEP], speaker prefixes), the
     oldest tokens cut first; `speakers`: prefix every turn (the current one too) with "<speaker> :",
     read from the text db's label column `speaker_column` (default: the first of
     speaker/Speaker/SPEAKER it has); `position`: context "before" the current utterance (dialogue
@@ -65,7 +65,7 @@ class DialogueContext(StrictModel):
     model_config = ConfigDict(frozen=True)  # merged with StrictModel's: unknown keys stay errors
 
     turns: int = Field(ge=1)
-    max_tokens: int = Field(128, ge=1)
+    max_context_tokens: int = Field(128, ge=1)
     speakers: bool = False
     speaker_column: str | None = None
     position: Literal["before", "after"] = "before"
@@ -204,7 +204,7 @@ def plan_context(
     plan = ContextPlan([], [], np.zeros(len(ids), dtype=np.int64), report)
     for row, uid in enumerate(ids):
         own = prefix(uid)
-        room = options.max_tokens - len(own)
+        room = options.max_context_tokens - len(own)
         chosen: list[tuple[str, int]] = []
         pre: list[list[int]] = []
         previous = history.get(uid, [])
@@ -231,7 +231,7 @@ def plan_context(
         pre.reverse()
         plan.turns.append(chosen)
         plan.prefixes.append([*pre, own])
-        length = options.max_tokens - room  # = own prefix + kept turns
+        length = options.max_context_tokens - room  # = own prefix + kept turns
         plan.lengths[row] = length
         if chosen:
             report.with_context += 1

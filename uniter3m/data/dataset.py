@@ -1,8 +1,8 @@
 """`JoinedDataset`: one utterance = a text record joined with its frame streams by id.
 
-The frame streams are those of the stream table (`uniter3m.streams`): face and speech by
-default, plus any declared stream; `feat_dbs={"pose": ...}` reads one, and `face_dbs` /
-`speech_dbs` are shorthands for the two defaults. Several corpora can be read as one dataset:
+The frame streams are those of the stream table it is given (`uniter3m.streams`; the run
+config's): face and speech by default, plus any declared stream; `feat_dbs={"pose": ...}` reads
+one, and `face_dbs` / `speech_dbs` are shorthands for the two defaults. Several corpora can be read as one dataset:
 give lists of text dbs and matching lists of feature dbs (entry k of every list belongs to
 corpus k). Lists of unequal length are an error, never silently zipped short.
 
@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from uniter3m import streams as stream_table
 from uniter3m.data.context import ContextPlan, ContextReport, DialogueContext, assemble, plan_context
 from uniter3m.data.context import speaker_tokenizer as _speaker_tokenizer
 from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, DatabaseError
+from uniter3m.streams import StreamTable
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _float32_copy(arr: np.ndarray) -> np.ndarray:
     return np.array(arr, dtype=np.float32)
 
 
-class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
+class JoinedDataset(Dataset):
     """Text db(s) joined with zero or more frame-stream feature dbs by utterance id.
 
     Args:
@@ -123,6 +123,8 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
             the `data.context` config section); `max_txt_len` still limits the current utterance only.
         tokenizer: a tokenizer or its folder, for the speaker prefixes of `context` (default: the
             folder the text db's meta names).
+        stream_table: the frame streams there are (default: face and speech); `streams` lists
+            those this dataset reads.
     """
 
     def __init__(
@@ -141,14 +143,16 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         ids: Iterable[str] | None = None,
         context: DialogueContext | Mapping[str, Any] | None = None,
         tokenizer: Any = None,
+        stream_table: StreamTable = StreamTable(),
     ):
+        self.stream_table = stream_table
         txt_list = _as_list(txt_dbs)
         if not txt_list:
             raise ConfigError("JoinedDataset needs at least one text database (txt_dbs is empty)")
         given = {"face": face_dbs, "speech": speech_dbs, **dict(feat_dbs or {})}
         for name in given:
-            stream_table.get(name)  # an unknown stream is an error naming the known ones
-        stream_lists = {s: _as_list(given.get(s)) for s in stream_table.names()}
+            self.stream_table.get(name)  # an unknown stream is an error naming the known ones
+        stream_lists = {s: _as_list(given.get(s)) for s in self.stream_table.names()}
         self._check_list_lengths(txt_list, stream_lists)
         if missing not in MISSING_POLICIES:
             raise ConfigError(
@@ -168,9 +172,9 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         self.feat_dbs: dict[str, list[DbReader]] = {
             s: [_open(db, "feat") for db in dbs]
             for s, dbs in stream_lists.items()
-            if dbs is not None and stream_table.get(s).letter in self.modalities
+            if dbs is not None and self.stream_table.get(s).letter in self.modalities
         }
-        self.streams = tuple(s for s in stream_table.names() if s in self.feat_dbs)
+        self.streams = tuple(s for s in self.stream_table.names() if s in self.feat_dbs)
         self._norm = {
             s: [self._norm_stats(db, std_floor) if normalize else None for db in dbs]
             for s, dbs in self.feat_dbs.items()
@@ -227,19 +231,18 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
                 f"{db.path}/meta.json has no complete 'tokenizer' entry ({err!r}); rebuild it with build-txt-db"
             ) from None
 
-    @staticmethod
-    def _check_modalities(modalities: str | None, stream_lists: dict[str, list[DbLike] | None]) -> str:
+    def _check_modalities(self, modalities: str | None, stream_lists: dict[str, list[DbLike] | None]) -> str:
         given = "L" + "".join(
-            stream_table.get(s).letter for s, dbs in stream_lists.items() if dbs is not None
+            self.stream_table.get(s).letter for s, dbs in stream_lists.items() if dbs is not None
         )
         if modalities is None:
-            return stream_table.parse_modalities(given)
+            return self.stream_table.parse_modalities(given)
         if not modalities:
             raise ConfigError(
-                f"modalities={modalities!r}: use a non-empty subset of {stream_table.letters()!r}"
+                f"modalities={modalities!r}: use a non-empty subset of {self.stream_table.letters()!r}"
             )
-        wanted = stream_table.parse_modalities(modalities, f"modalities={modalities!r}")
-        for stream in stream_table.streams_of(wanted):
+        wanted = self.stream_table.parse_modalities(modalities, f"modalities={modalities!r}")
+        for stream in self.stream_table.streams_of(wanted):
             if stream_lists[stream.name] is None:
                 raise ConfigError(
                     f"modalities={modalities!r} asks for {stream.name} ({stream.letter}) but no {stream.name} "
@@ -254,7 +257,7 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         return None if value is None else int(value)
 
     def _frame_limits(self, max_frames: int | Mapping[str, int] | None) -> dict[str, int | None]:
-        names = stream_table.names()
+        names = self.stream_table.names()
         if max_frames is None or isinstance(max_frames, (int, np.integer)):
             return {s: self._check_max("max_frames", max_frames) for s in names}
         unknown = set(max_frames) - set(names)
@@ -468,7 +471,7 @@ class JoinedDataset(stream_table.CarriesStreamTable, Dataset):
         }
         if self._context_plans:
             example.update(self._with_context(k, int(self._context_row[index]), example))
-        for name in stream_table.names():
+        for name in self.stream_table.names():
             example[name] = example[f"{name}_soft"] = None
         if rec.get("soft_labels") is not None:
             example["soft_labels"] = np.array(rec["soft_labels"], dtype=np.float32)

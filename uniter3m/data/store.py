@@ -10,10 +10,10 @@ Records are dicts whose numpy arrays travel as msgpack extension objects (dtype,
 bytes), so a reader gets arrays back without pickle. `lengths` is the per-utterance length
 the batch sampler needs (tokens for text, frames for features) without reading every record.
 
-Faults (format version 2):
+Faults (format version 2, the only one read):
 - every value is a CRC-32 of its msgpack bytes followed by those bytes; a read verifies it, so a
-  flipped byte is an error naming the record instead of training data. Version-1 databases (no
-  checksums; `meta["checksums"]` absent) still open and read as before.
+  flipped byte is an error naming the record instead of training data. A database of another
+  version (format 1 had no checksums) is refused with the command that rebuilds it.
 - a database is built in a hidden sibling folder (`.NAME.building-*`) and swapped in whole by
   `finish()`; a reader that already has the old one open keeps reading the old records, and a
   process that opens the folder later checks that it holds the build its index came from
@@ -60,7 +60,7 @@ _MAP_SIZE = 1 << 40  # virtual; the file grows only as data is written
 
 # One read-only environment per (process, folder, build): LMDB refuses a second open of the same
 # environment in one process, and an environment must never be used across a fork.
-_READ_ENVS: dict[tuple[int, str, str | None], lmdb.Environment] = {}
+_READ_ENVS: dict[tuple[int, str, str], lmdb.Environment] = {}
 
 
 def _encode(obj: Any) -> Any:
@@ -103,11 +103,6 @@ def unseal(value: bytes) -> bytes:
     if stored != computed:
         raise ValueError(f"checksum mismatch: stored {stored:08x}, computed {computed:08x}")
     return payload
-
-
-def is_database(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / META_FILE).is_file() or (path / "data.mdb").exists()
 
 
 def claim_database_dir(path: Path, overwrite: bool) -> bool:
@@ -328,7 +323,7 @@ class DbReader:
     The LMDB environment is opened lazily in each process (an environment must not cross a
     fork), with `readonly=True, lock=False, readahead=False` so many readers on NFS are safe.
     Each open checks that data.mdb is not truncated and that the folder still holds the build
-    this reader's index came from; each read of a version-2 database verifies the record's CRC.
+    this reader's index came from; each read verifies the record's CRC.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str | None = None):
@@ -358,8 +353,13 @@ class DbReader:
             raise DatabaseError(
                 f"{self.path} is a {self.meta.get('kind')!r} database where a {kind!r} one was expected"
             )
-        self.checksummed = self.meta.get("checksums") == CHECKSUM
-        self.build_id: str | None = self.meta.get("build_id")
+        if self.meta.get("version") != FORMAT_VERSION:
+            raise DatabaseError(_rebuild_message(self.path, self.meta))
+        self.build_id: str = self.meta.get("build_id") or ""
+        if not self.build_id:
+            raise DatabaseError(
+                f"{meta_path} has no build_id: it is damaged; rebuild the database with --overwrite"
+            )
         index = self._read(INDEX_KEY)
         if index is None:
             raise DatabaseError(
@@ -410,8 +410,6 @@ class DbReader:
                 f"{data} is truncated: {have} bytes where its own header says it uses {need}; a copy was cut "
                 "short or the disk filled up. Copy it again or rebuild the database with --overwrite"
             )
-        if self.build_id is None:
-            return
         with env.begin(buffers=False) as txn:
             raw = txn.get(BUILD_KEY)
         try:
@@ -434,7 +432,7 @@ class DbReader:
                 data = txn.get(key)
             if data is None:
                 return None
-            return unpack(unseal(data) if self.checksummed else data)
+            return unpack(unseal(data))
         except (lmdb.Error, msgpack.exceptions.UnpackException, ValueError, TypeError) as err:
             name = key.decode("utf-8", "replace") if not key.startswith(b"\x00") else key.decode("latin-1")
             raise DatabaseError(
@@ -461,10 +459,9 @@ class DbReader:
         return int(self.lengths[self._pos[key]])
 
     def verify(self) -> dict[str, Any]:
-        """Read and check every record: {"checked", "checksums", "damaged": [{id, reason}], "missing", "unindexed"}.
+        """Read and check every record: {"checked", "damaged": [{id, reason}], "missing", "unindexed"}.
 
         `missing` = ids in the index without a record; `unindexed` = records the index does not list.
-        Without checksums (a version-1 database) only records that no longer decode are found.
         """
         damaged: list[dict[str, str]] = []
         missing: list[str] = []
@@ -482,7 +479,6 @@ class DbReader:
                     unindexed += 1
         return {
             "checked": len(self.ids),
-            "checksums": self.checksummed,
             "damaged": damaged,
             "missing": missing,
             "unindexed": unindexed,
@@ -496,23 +492,26 @@ class DbReader:
 
 
 def database_digest(path: str | os.PathLike) -> str:
-    """A digest of a database's content, to record at a run's start and compare on resume.
-
-    Version 2: the `content_digest` the writer computed over every (id, record) in order (free to
-    read; rebuilding from the same input gives the same digest). Version 1 (no such field): a hash
-    of meta.json and the index record, which changes with any rebuild that changes ids, lengths,
-    statistics or source, though not with a change of feature values that leaves those equal.
-    """
+    """A digest of a database's content, to record at a run's start and compare on resume: the
+    `content_digest` the writer computed over every (id, record) in order (free to read; rebuilding
+    from the same input gives the same digest)."""
     reader = DbReader(path)
     try:
-        digest = reader.meta.get("content_digest")
-        if digest:
-            return str(digest)
-        h = hashlib.sha256((Path(path) / META_FILE).read_bytes())
-        h.update(pack({"ids": reader.ids, "lengths": reader.lengths.tolist()}))
-        return "legacy-sha256:" + h.hexdigest()
+        return str(reader.meta["content_digest"])
     finally:
         reader.close()
+
+
+def _rebuild_message(path: Path, meta: Mapping[str, Any]) -> str:
+    """The error for a database of a format version this reader does not read, with its fix."""
+    command = {"txt": "build-txt-db", "feat": "build-feat-db"}.get(
+        str(meta.get("kind")), "build-txt-db/build-feat-db"
+    )
+    return (
+        f"{path} is a format-{meta.get('version')} {meta.get('kind')} database; uniter3m reads format "
+        f"{FORMAT_VERSION} only (records with checksums). Rebuild it from its sources with the same arguments: "
+        f"`uniter3m {command} ... --out {path} --overwrite`"
+    )
 
 
 def changed_databases(recorded: Mapping[str, str]) -> list[str]:

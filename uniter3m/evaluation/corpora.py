@@ -80,6 +80,8 @@ _EMODB_WORDS = {
     "neutral": "neutral",
     "sadness": "sad",
 }
+_RAVDESS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+_RAVDESS_WORDS = {c: c for c in _RAVDESS} | {"disgust": "disgusted"}
 
 CORPORA: dict[str, Corpus] = {
     c.name: c
@@ -159,6 +161,11 @@ CORPORA: dict[str, Corpus] = {
             "emodb",
             {"emotion": Target("emotion", _EMODB, metric="uar", verbalizer=dict(_EMODB_WORDS))},
             "Berlin EmoDB, 7 acted emotions, 10 speakers",
+        ),
+        Corpus(
+            "ravdess",
+            {"emotion": Target("emotion", _RAVDESS, metric="uar", verbalizer=dict(_RAVDESS_WORDS))},
+            "RAVDESS speech, 8 acted emotions, 24 actors (column actor); face action units + speech",
         ),
         Corpus("generic", {"label": Target("label")}, "any label column + class list"),
     )

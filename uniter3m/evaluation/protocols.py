@@ -8,7 +8,7 @@ A protocol turns the label columns of a text database (`{id: {column: value}}`) 
 
 The corpora, their label sets and metrics are those of the corpus table (`data/corpora.py`):
 iemocap4, iemocap6, msp4, meld (emotion | sentiment), mosi (binary | 7class | regression), emodb,
-and generic (any label column + class list; default: every distinct value of the column, sorted).
+ravdess, and generic (any label column + class list; default: every distinct value of the column, sorted).
 Fold schemes:
   split      a split column (train / valid|dev / test), one fold
   session    leave one session out: test = session k; validation = whole dialogues carved from the
@@ -20,6 +20,12 @@ Fold schemes:
              next ones after the test speaker in sorted order, cyclically, so every speaker
              validates equally often; or an explicit map {test speaker: [validation speakers]});
              train = the rest. Deterministic: no seed, the same folds in every run.
+             RAVDESS leave-one-actor-out (24 folds) is this scheme over its `actor` column.
+  speaker_kfold  `speaker_folds` folds over a flat speaker column: the sorted speakers cut into that
+             many consecutive blocks (sizes differ by at most one); test = one block; validation =
+             the `valid_speakers` speakers after the block (sorted order, cyclically: with as many as
+             a block holds, the next fold's test speakers, so every speaker validates once); train =
+             the rest. RAVDESS 6-fold: actors 01-04, 05-08, ... (2 female + 2 male each).
 
 Sessions come from a `session` column or, failing that, from the dialogue name (IEMOCAP
 `Ses01F_impro01` -> `Ses01`); a speaker is (session, `speaker` column), e.g. IEMOCAP's M/F.
@@ -94,7 +100,7 @@ class ProtocolPlan:
 
 
 BUILTINS = tuple(CORPORA)
-SCHEMES = ("split", "session", "speaker", "loso")
+SCHEMES = ("split", "session", "speaker", "loso", "speaker_kfold")
 
 
 def label_spec(
@@ -309,6 +315,44 @@ def speaker_folds(
     return folds
 
 
+def _speaker_of(
+    rows: Mapping[str, Mapping[str, Any]], ids: list[str], column: str, scheme: str
+) -> dict[str, str]:
+    speaker: dict[str, str] = {}
+    for uid in ids:
+        value = rows[uid].get(column)
+        if value in (None, ""):
+            raise UserError(f"id {uid!r} has no {column!r} value; the {scheme} scheme needs one per row")
+        speaker[uid] = str(value)
+    return speaker
+
+
+def _speaker_block_folds(
+    speaker: Mapping[str, str], ids: list[str], blocks: list[list[str]], valid: list[list[str]]
+) -> list[Fold]:
+    """One fold per block of speakers: test = the block, validation = its `valid` speakers, train = the rest."""
+    folds = []
+    for block, chosen in zip(blocks, valid, strict=True):
+        test_set, valid_set = set(block), set(chosen)
+        train = [u for u in ids if speaker[u] not in test_set | valid_set]
+        valid_ids = [u for u in ids if speaker[u] in valid_set]
+        test = [u for u in ids if speaker[u] in test_set]
+        folds.append(Fold(f"{'+'.join(block)}-valid{'+'.join(sorted(valid_set))}", train, valid_ids, test))
+    return folds
+
+
+def _next_speakers(spks: list[str], blocks: list[list[str]], count: int, scheme: str) -> list[list[str]]:
+    """Per block, the `count` speakers after its last one in sorted order (cyclically), never its own."""
+    largest = max(len(b) for b in blocks)
+    if not 1 <= count <= len(spks) - largest - 1:
+        raise ConfigError(
+            f"protocol.valid_speakers {count}: with {len(spks)} speakers and {largest} tested per fold "
+            f"({scheme}) give 1..{len(spks) - largest - 1} (at least one speaker must remain for training)"
+        )
+    after = [spks.index(b[-1]) + 1 for b in blocks]
+    return [[spks[(a + j) % len(spks)] for j in range(count)] for a in after]
+
+
 def loso_folds(
     rows: Mapping[str, Mapping[str, Any]],
     ids: list[str],
@@ -316,44 +360,50 @@ def loso_folds(
     valid_speakers: int | Mapping[str, list[str]] = 1,
 ) -> list[Fold]:
     """Leave one speaker out; validation speakers come from the training speakers, never the test one."""
-    speaker: dict[str, str] = {}
-    for uid in ids:
-        value = rows[uid].get(speaker_column)
-        if value in (None, ""):
-            raise UserError(f"id {uid!r} has no {speaker_column!r} value; the loso scheme needs one per row")
-        speaker[uid] = str(value)
+    speaker = _speaker_of(rows, ids, speaker_column, "loso")
     spks = sorted(set(speaker.values()))
+    blocks = [[s] for s in spks]
     if isinstance(valid_speakers, int):
-        if not 1 <= valid_speakers <= len(spks) - 2:
-            raise ConfigError(
-                f"protocol.valid_speakers {valid_speakers}: with {len(spks)} speakers give 1..{len(spks) - 2} "
-                "(at least one speaker must remain for training)"
-            )
-        chosen = {
-            spk: [spks[(i + j) % len(spks)] for j in range(1, valid_speakers + 1)]
-            for i, spk in enumerate(spks)
-        }
-    else:
-        chosen = {str(k): [str(v) for v in vs] for k, vs in valid_speakers.items()}
-        problems = [f"no entry for test speaker {s!r}" for s in spks if s not in chosen]
-        for test, vs in chosen.items():
-            if test not in spks:
-                problems.append(f"{test!r} is not a speaker ({', '.join(spks)})")
-            problems += [f"{test!r}: validation speaker {v!r} is not a speaker" for v in vs if v not in spks]
-            if test in vs:
-                problems.append(f"{test!r} validates on itself (its test speaker)")
-            if not vs or len(set(vs) | {test}) >= len(spks):
-                problems.append(f"{test!r}: give 1..{len(spks) - 2} validation speakers, got {vs}")
-        if problems:
-            raise ConfigError("protocol.valid_speakers: " + "; ".join(problems))
-    folds = []
-    for spk in spks:
-        valid_set = set(chosen[spk])
-        train = [u for u in ids if speaker[u] != spk and speaker[u] not in valid_set]
-        valid = [u for u in ids if speaker[u] in valid_set]
-        test = [u for u in ids if speaker[u] == spk]
-        folds.append(Fold(f"{spk}-valid{'+'.join(sorted(valid_set))}", train, valid, test))
-    return folds
+        return _speaker_block_folds(
+            speaker, ids, blocks, _next_speakers(spks, blocks, valid_speakers, "loso")
+        )
+    chosen = {str(k): [str(v) for v in vs] for k, vs in valid_speakers.items()}
+    problems = [f"no entry for test speaker {s!r}" for s in spks if s not in chosen]
+    for test, vs in chosen.items():
+        if test not in spks:
+            problems.append(f"{test!r} is not a speaker ({', '.join(spks)})")
+        problems += [f"{test!r}: validation speaker {v!r} is not a speaker" for v in vs if v not in spks]
+        if test in vs:
+            problems.append(f"{test!r} validates on itself (its test speaker)")
+        if not vs or len(set(vs) | {test}) >= len(spks):
+            problems.append(f"{test!r}: give 1..{len(spks) - 2} validation speakers, got {vs}")
+    if problems:
+        raise ConfigError("protocol.valid_speakers: " + "; ".join(problems))
+    return _speaker_block_folds(speaker, ids, blocks, [chosen[s] for s in spks])
+
+
+def speaker_kfold_folds(
+    rows: Mapping[str, Mapping[str, Any]],
+    ids: list[str],
+    speaker_column: str,
+    speaker_folds: int,
+    valid_speakers: int,
+) -> list[Fold]:
+    """`speaker_folds` folds of consecutive speakers (sorted); validation = the next `valid_speakers`."""
+    speaker = _speaker_of(rows, ids, speaker_column, "speaker_kfold")
+    spks = sorted(set(speaker.values()))
+    if not 2 <= speaker_folds <= len(spks):
+        raise ConfigError(
+            f"protocol.speaker_folds {speaker_folds}: with {len(spks)} speakers give 2..{len(spks)}"
+        )
+    if not isinstance(valid_speakers, int):
+        raise ConfigError("protocol.valid_speakers: the speaker_kfold scheme takes a count, not a map")
+    sizes = [len(spks) // speaker_folds + (i < len(spks) % speaker_folds) for i in range(speaker_folds)]
+    starts = [sum(sizes[:i]) for i in range(speaker_folds)]
+    blocks = [spks[a : a + n] for a, n in zip(starts, sizes, strict=True)]
+    return _speaker_block_folds(
+        speaker, ids, blocks, _next_speakers(spks, blocks, valid_speakers, "speaker_kfold")
+    )
 
 
 def _subset_rank(uid: str, subset_seed: int) -> str:
@@ -401,6 +451,7 @@ def build_protocol(
     selection_metric: str | None = None,
     source: str = "text db",
     valid_speakers: int | Mapping[str, list[str]] = 1,
+    speaker_folds: int = 6,
     train_fraction: float = 1.0,
     subset_seed: int = 0,
 ) -> ProtocolPlan:
@@ -428,6 +479,8 @@ def build_protocol(
         folds = speaker_folds(rows, ids, session_column, dialogue_column, speaker_column)
     elif scheme == "loso":
         folds = loso_folds(rows, ids, speaker_column, valid_speakers)
+    elif scheme == "speaker_kfold":
+        folds = speaker_kfold_folds(rows, ids, speaker_column, speaker_folds, valid_speakers)
     else:
         raise ConfigError(f"protocol.scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     for fold in folds:

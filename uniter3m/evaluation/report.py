@@ -1,4 +1,4 @@
-"""Results as tables and a picture: per-fold CSV, Markdown mean ± std, confusion-matrix PNG."""
+"""Results as tables and a picture: per-fold CSV, Markdown mean ± std (sample std), confusion-matrix PNG."""
 
 from __future__ import annotations
 
@@ -38,9 +38,23 @@ def load_fold_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for a single fold)."""
+    """Mean and SAMPLE standard deviation (ddof 1, the n - 1 estimate): the one spread every report,
+    `uniter3m summary`, the fold scripts and the benchmarks print.
+
+    One value has no spread to estimate: its std is 0.0 rather than NaN, so summary.json stays valid
+    JSON for single-split protocols (MELD's official split); `format_mean_std` then prints the mean alone.
+    """
     arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    if arr.size == 0:
+        raise ValueError("mean_std of no values")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """`mean ± std` (sample std, see `mean_std`) to `digits` decimals; one value prints as its mean alone,
+    so a single run is never read as a spread of zero."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -50,7 +64,8 @@ def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, 
     out = Path(output_dir)
     cols = scalar_columns(results[0]["test"])
     rows = [[r["fold"]] + [r["test"][c] for c in cols] for r in results]
-    stats = {c: mean_std([r["test"][c] for r in results]) for c in cols}
+    values = {c: [r["test"][c] for r in results] for c in cols}
+    stats = {c: mean_std(v) for c, v in values.items()}
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -69,7 +84,7 @@ def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, 
         "|---" * (len(cols) + 1) + "|",
     ]
     md += ["| " + " | ".join([f] + [f"{v:.2f}" for v in vals]) + " |" for f, *vals in rows]
-    md.append("| **mean ± std** | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in stats.values()) + " |")
+    md.append("| **mean ± std** | " + " | ".join(format_mean_std(values[c]) for c in cols) + " |")
     atomic_write_bytes(out / "summary.md", ("\n".join(md) + "\n").encode())
 
     summary: dict[str, Any] = {
@@ -133,16 +148,17 @@ def summarize_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
             )
         summaries.append((Path(run), json.loads(file.read_text())))
     cols = [c for c in summaries[0][1]["mean"] if all(c in s["mean"] for _, s in summaries)]
-    stats = {c: mean_std([s["mean"][c] for _, s in summaries]) for c in cols}
+    values = {c: [s["mean"][c] for _, s in summaries] for c in cols}
+    stats = {c: mean_std(v) for c, v in values.items()}
     md = [
         f"{len(summaries)} run(s) ({', '.join(str(p) for p, _ in summaries)}); each run's mean over its folds, "
-        "then mean ± std over the runs",
+        "then mean ± sample std over the runs",
         "",
         "| run | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
     md += [f"| {p.name} | " + " | ".join(f"{s['mean'][c]:.2f}" for c in cols) + " |" for p, s in summaries]
-    md.append("| **mean ± std** | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in stats.values()) + " |")
+    md.append("| **mean ± std** | " + " | ".join(format_mean_std(values[c]) for c in cols) + " |")
     text = "\n".join(md) + "\n"
     if out is not None:
         stem = Path(out)

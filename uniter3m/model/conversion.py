@@ -1,11 +1,11 @@
-"""Carry weights between uniter3m and other checkpoint formats (DESIGN.md §3 and §5).
+"""Carry weights between uniter3m and other checkpoint formats (docs/DESIGN.md §3 and §5).
 
-Every converter here is a pure function: a source state dict in, a state dict in our names and
-a `ConversionReport` out. Nothing is read from or written to disk except by the small loaders
-at the bottom, so each rule can be tested on tensors alone. The report is the contract with the
-user: every source key is either converted or listed as ignored with a reason, and every key of
-the target model that no source key filled is listed as new (freshly initialised). A tensor
-whose shape does not fit the target model is an error naming both keys, never a silent skip.
+Every converter here is a pure function: a source state dict in, a state dict in the target's
+names and a `ConversionReport` out. Nothing here touches the disk (`model/io.py` reads checkpoints,
+`model/export.py` writes converted folders), so each rule can be tested on tensors alone. The
+report is the contract with the user: every source key is either converted or listed as ignored
+with a reason, and every key of the target model that no source key filled is listed as new
+(freshly initialised, filled in by `io.load_into`).
 
 Our names (the UniterForPretraining namespace): the backbone under `uniter.` with HF BERT names
 (`uniter.embeddings.*`, `uniter.encoder.layer.N.*`, `uniter.pooler.dense.*`), frame streams
@@ -15,12 +15,9 @@ Our names (the UniterForPretraining namespace): the backbone under `uniter.` wit
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +30,6 @@ StateDict = dict[str, torch.Tensor]
 BACKBONE = "uniter."
 HF_BACKBONE = "bert."  # our `uniter.` on disk, where HF BertFor* models keep their backbone
 TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
-TF_INSTALL_HINT = "pip install 'uniter3m[tf]'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +120,15 @@ def to_full_namespace(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     if any(k.startswith(BACKBONE) for k in state_dict):
         return dict(state_dict)
     return {BACKBONE + k: v for k, v in state_dict.items()}
+
+
+_STREAM = re.compile(r"^uniter\.(\w+)_embeddings\.")
+
+
+def frame_stream(key: str) -> str | None:
+    """`uniter.<name>_embeddings.*` -> name (any frame stream); None for the text side and heads."""
+    match = _STREAM.match(key)
+    return match.group(1) if match else None
 
 
 def _is_position_ids(key: str) -> bool:
@@ -279,25 +284,6 @@ def convert_tf_bert(variables: Mapping[str, np.ndarray]) -> tuple[StateDict, Con
             report.ignore(variable, "not part of a BERT encoder or its MLM head")
     resolve_tied(out, report)
     return out, report
-
-
-def read_tf_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every variable of a TF checkpoint (`.../bert_model.ckpt`, without `.index`)."""
-    try:
-        import tensorflow as tf  # noqa: PLC0415 - optional dependency
-    except ImportError as err:
-        raise UserError(
-            f"reading the TensorFlow checkpoint {prefix} needs TensorFlow, which is not installed: "
-            f"run `{TF_INSTALL_HINT}` (or convert it to an HF directory elsewhere and use --from hf-bert)"
-        ) from err
-    try:
-        reader = tf.train.load_checkpoint(str(prefix))
-    except Exception as err:  # TF raises several types (NotFoundError, DataLossError, ...)
-        raise UserError(
-            f"cannot read the TensorFlow checkpoint {prefix}: {err}; give the prefix shared by "
-            "bert_model.ckpt.index and bert_model.ckpt.data-*"
-        ) from err
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +498,7 @@ def infer_config(
     Research checkpoints carry no config. Sizes are read from the tensors; the head count cannot
     be, so it comes from `base` (their model config JSON) or defaults to hidden/64 (BERT's head
     size), which the report notes. Values in `base` win; a base that contradicts the tensors then
-    fails in `fit_to_model`, naming the key.
+    fails in `io.check_config_fits`, naming the key.
 
     MEmoBERT's two position layouts: a stream with a learned table keeps it; a stream without one
     has fixed sinusoidal positions when `base` sets `use_sinusoid_position_embedding` or, with no
@@ -596,50 +582,6 @@ BERT_CONFIG_KEYS = (
 )
 
 
-def fit_to_model(
-    state: Mapping[str, torch.Tensor],
-    target: Mapping[str, torch.Tensor | torch.Size],
-    report: ConversionReport,
-    aliases: Iterable[str] = (),
-) -> None:
-    """Check every converted tensor against the target model; record the model's new keys.
-
-    `target` maps the model's state-dict names to tensors or shapes; `aliases` are second names
-    of tied weights (never expected in `state`). A key the model lacks or a shape that differs is
-    an error naming the source key, our key and both shapes.
-    """
-    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in target.items()}
-    for key, tensor in state.items():
-        source = report.converted.get(key, key)
-        if key not in shapes:
-            raise UserError(
-                f"source key {source!r} maps to {key!r}, which the target model does not have; the checkpoint "
-                "does not match the inferred model layout (pass --model-config with its real config)"
-            )
-        if tuple(tensor.shape) != shapes[key]:
-            raise UserError(
-                f"dimension mismatch: source key {source!r} has shape {tuple(tensor.shape)} but {key!r} of the "
-                f"model is {shapes[key]}; the checkpoint and the model config disagree (fix --model-config or "
-                "check that the checkpoint is complete)"
-            )
-    report.new = sorted(set(shapes) - set(state) - set(aliases))
-
-
-def require_text_encoder(report: ConversionReport, source: str) -> None:
-    """Refuse a conversion that left text embeddings or encoder layers new: the source was not a
-    BERT-family model in the expected names (e.g. DistilBERT), and "converting" it would silently
-    hand the user a randomly initialised encoder."""
-    core = [k for k in report.new if k.removeprefix(BACKBONE).startswith(("embeddings.", "encoder."))]
-    if core:
-        shown = ", ".join(core[:5]) + (f" and {len(core) - 5} more" if len(core) > 5 else "")
-        kept = ", ".join(list(report.ignored)[:5]) or "none"
-        raise UserError(
-            f"{source}: {len(core)} text-encoder weights found no source key ({shown}); ignored source keys "
-            f"include {kept}. Only BERT/RoBERTa (HF or Google TF) and UNITER/MEmoBERT names are supported: check "
-            "--from and that the checkpoint is complete"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Ours -> an HF BERT directory (text encoder only)
 # --------------------------------------------------------------------------------------------
@@ -672,7 +614,7 @@ def export_hf_bert(
                 report.ignore(key, "tied to the word embeddings (HF ties them too)", harmless=True)
             else:
                 _put(out, report, key, key, tensor)
-        elif name is not None and name.startswith(("face_embeddings.", "speech_embeddings.")):
+        elif frame_stream(key):
             report.ignore(key, "frame-stream weight: BERT has no face/speech input")
         else:
             report.ignore(key, "head or buffer with no place in a BERT text encoder")
@@ -720,7 +662,7 @@ def export_hf_classifier(
             _put(out, report, HF_BACKBONE + name, key, tensor)
         elif key in ("head.net.1.weight", "head.net.1.bias"):
             _put(out, report, "classifier." + key.rsplit(".", 1)[1], key, tensor)
-        elif name is not None and frame_stream_name(name):
+        elif frame_stream(key):
             report.ignore(key, "frame-stream weight: BERT has no face/speech input")
         else:
             report.ignore(key, "no place in BertForSequenceClassification")
@@ -732,10 +674,6 @@ def export_hf_classifier(
     return out, report
 
 
-def frame_stream_name(name: str) -> bool:
-    return bool(re.match(r"^\w+_embeddings\.", name)) and not name.startswith("embeddings.")
-
-
 def hf_classifier_config(config: Mapping[str, Any], head: str, classes: Sequence[str]) -> dict[str, Any]:
     """HF config of a BertForSequenceClassification export: labels by index, the problem type."""
     labels = ["score"] if head == "regression" else list(classes)
@@ -745,104 +683,3 @@ def hf_classifier_config(config: Mapping[str, Any], head: str, classes: Sequence
         "label2id": {c: i for i, c in enumerate(labels)},
         "problem_type": "regression" if head == "regression" else "single_label_classification",
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Loaders: files -> state dicts (the only part that touches the disk)
-# --------------------------------------------------------------------------------------------
-
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def load_weights_file(path: str | os.PathLike) -> StateDict:
-    """A `.safetensors` file or a torch pickle of a state dict, on CPU, without running code.
-
-    Research checkpoints sometimes wrap the state dict (`{"model": ...}`, `{"state_dict": ...}`);
-    the wrapper is unwrapped when it is the only thing holding tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # safetensors raises its own error type on a damaged header
-            raise UserError(f"cannot read {path} as safetensors: {err}") from err
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise UserError(
-            f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err}); it must be a file "
-            "written by torch.save(model.state_dict(), ...) holding only tensors"
-        ) from err
-    return _unwrap_state_dict(obj, path)
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> StateDict:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    if isinstance(obj, Mapping):
-        for wrapper in ("model", "state_dict", "model_state_dict", "module"):
-            inner = obj.get(wrapper)
-            if (
-                isinstance(inner, Mapping)
-                and inner
-                and all(isinstance(v, torch.Tensor) for v in inner.values())
-            ):
-                return dict(inner)
-    raise UserError(
-        f"{path} holds a {type(obj).__name__} that is not a state dict (name -> tensor); save the model with "
-        "torch.save(model.state_dict(), path)"
-    )
-
-
-def load_hf_directory(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
-    """An HF model directory: config.json + model.safetensors / pytorch_model.bin (or their shards)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{path} has no config.json; give the directory of an HF BERT-family model")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    for name in _HF_WEIGHT_FILES:
-        if (path / name).is_file():
-            return load_weights_file(path / name), config
-        index = path / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            state: StateDict = {}
-            for shard in shards:
-                state.update(load_weights_file(path / shard))
-            return state, config
-    raise UserError(
-        f"{path} has neither {' nor '.join(_HF_WEIGHT_FILES)} (nor a sharded index of them); "
-        "download the weights next to config.json"
-    )
-
-
-def find_tf_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """A Google BERT release folder (or checkpoint prefix) -> (checkpoint prefix, bert_config.json)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        indexes = sorted(folder.glob("*.ckpt*.index")) or sorted(folder.glob("*.index"))
-        if len(indexes) != 1:
-            found = ", ".join(p.name for p in indexes) or "none"
-            raise UserError(
-                f"{path}: expected one TensorFlow checkpoint (*.ckpt.index), found {found}; "
-                "give the checkpoint prefix, e.g. DIR/bert_model.ckpt"
-            )
-        prefix = str(indexes[0])[: -len(".index")]
-    else:
-        prefix = str(path)[: -len(".index")] if str(path).endswith(".index") else str(path)
-        if not Path(prefix + ".index").is_file():
-            raise UserError(
-                f"{prefix}.index does not exist; give the prefix of a TF checkpoint (DIR/bert_model.ckpt)"
-            )
-    config_file = folder / "bert_config.json"
-    if not config_file.is_file():
-        raise UserError(
-            f"{folder} has no bert_config.json; it ships next to bert_model.ckpt in Google's release"
-        )
-    return prefix, json.loads(config_file.read_text(encoding="utf-8"))

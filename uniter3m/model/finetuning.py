@@ -22,7 +22,6 @@ the whole model for evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -36,14 +35,9 @@ from torch import Tensor, nn
 from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.heads import ClassificationHead, MlmHead, RegressionHead
-from uniter3m.model.uniter import (
-    UniterModel,
-    load_weights,
-    model_key,
-    read_state_dict,
-    tied_aliases,
-    write_pretrained,
-)
+from uniter3m.model.io import load_into, read_checkpoint, read_json_file, write_pretrained
+from uniter3m.model.uniter import UniterModel
+from uniter3m.streams import StreamTable
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +151,21 @@ class FinetuneModel(nn.Module):
 
 # ----------------------------------------------------------------------------- building
 def check_feature_dims(
-    model_config: UniterConfig, feat_dims: Mapping[str, int], source: str, db_paths: Mapping[str, str | None]
+    model_config: UniterConfig,
+    feat_dims: Mapping[str, int],
+    source: str,
+    db_paths: Mapping[str, str | None],
+    stream_table: StreamTable,
 ) -> dict[str, Any]:
-    """Config overrides adding streams the checkpoint lacks; an error for a dim that differs."""
+    """Config overrides adding streams the checkpoint lacks (named and lettered by the run's
+    `stream_table`); an error for a dim that differs."""
     overrides: dict[str, Any] = {}
     for stream, dim in feat_dims.items():
         have = model_config.stream(stream).feat_dim
         if have == 0:
-            overrides = deep_merge(overrides, model_config.with_stream(stream, feat_dim=int(dim)))
+            overrides = deep_merge(
+                overrides, model_config.with_stream(stream_table.get(stream), feat_dim=int(dim))
+            )
         elif have != dim:
             raise DatabaseError(
                 f"checkpoint {source} has a {stream} stream of {have}-d features but the {stream} database "
@@ -175,17 +176,14 @@ def check_feature_dims(
 
 
 def load_mlm_head(model: FinetuneModel, init: Path) -> None:
-    """The prompt head starts from the checkpoint's MLM head (read by the one checkpoint reader)."""
-    from uniter3m.model.loading import read_checkpoint
-
-    state = read_checkpoint(init).state
-    head = {k[len("cls.predictions.") :]: v for k, v in state.items() if k.startswith("cls.predictions.")}
-    head.pop("decoder.weight", None)  # tied to the word embeddings, loaded with them
-    head.pop("decoder.bias", None)
-    if not head:
+    """The prompt head starts from the checkpoint's MLM head: the checkpoint goes through the one
+    load path again (`load_into`), which fills `cls.predictions` and rewrites the backbone with the
+    values it already holds."""
+    loaded = read_checkpoint(init, backbone=UniterModel)
+    if not any(k.startswith("cls.predictions.") for k in loaded.state):
         log.warning("%s has no MLM head (cls.predictions.*): the prompt head starts untrained", init)
         return
-    load_weights(model.cls["predictions"], head, init)
+    load_into(model, loaded)
 
 
 def freeze(model: FinetuneModel, layers: int, embeddings: bool) -> None:
@@ -261,17 +259,10 @@ def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:
             f"{directory} has no {FINETUNE_FILE}: it is not a fine-tuned checkpoint; give a `<fold>/best` dir "
             "written by `uniter3m finetune`"
         )
-    raw = json.loads(spec_file.read_text())
+    raw = read_json_file(spec_file)
     known = set(HeadSpec.__dataclass_fields__)
     spec = HeadSpec(**{k: v for k, v in raw.items() if k in known})
-    config = UniterConfig.from_pretrained(directory)
-    model = FinetuneModel(UniterModel(config), spec)
-    state = {model_key(k): t for k, t in read_state_dict(directory).items()}
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - tied_aliases(model)
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{directory}/model.safetensors does not fit its {FINETUNE_FILE}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}; the checkpoint is damaged"
-        )
+    loaded = read_checkpoint(directory, "uniter3m", backbone=UniterModel)
+    model = FinetuneModel(UniterModel(loaded.config), spec)
+    load_into(model, loaded, strict=True)
     return model

@@ -11,8 +11,8 @@ Head attributes (state-dict prefixes) and what MEmoBERT called them:
 | `itm` | matching, Linear(H, 2) | `itm_output` |
 | `emo_classifier` | utterance emotion classes (`emo_classes`) | `emo_classifier` |
 
-Frame heads exist for every stream of the stream table (`<name>_regress`, `<name>_fom`,
-`<name>_classifier`), so a declared stream gets them with no code change.
+Frame heads exist for every stream of the model config's stream table (`<name>_regress`,
+`<name>_fom`, `<name>_classifier`), so a declared stream gets them with no code change.
 
 `forward(**inputs)` runs the backbone (so DDP sees a forward); objectives apply heads to its output.
 """
@@ -25,7 +25,6 @@ from typing import Any
 
 from torch import nn
 
-from uniter3m import streams as stream_table
 from uniter3m.errors import ConfigError
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.heads import (
@@ -36,28 +35,25 @@ from uniter3m.model.heads import (
     ItmHead,
     MlmHead,
 )
-from uniter3m.model.uniter import (
-    UniterModel,
-    UniterOutput,
-    init_bert_weights,
-    write_pretrained,
-)
+from uniter3m.model.io import load_into, read_checkpoint, write_pretrained
+from uniter3m.model.uniter import UniterModel, UniterOutput, init_bert_weights
+from uniter3m.streams import StreamTable
 
 TEXT_HEADS = ("mlm", "itm", "emo_classifier")
 FRAME_HEAD_KINDS = ("regress", "fom", "classifier")
 HEADS_FILE = "heads.json"
 
 
-def head_names() -> list[str]:
-    """Every head a model can have with the current stream table."""
-    frame = [f"{s.name}_{kind}" for s in stream_table.frame_streams() for kind in FRAME_HEAD_KINDS]
+def head_names(table: StreamTable) -> list[str]:
+    """Every head a model with the streams of `table` can have."""
+    frame = [f"{s.name}_{kind}" for s in table.frame_streams() for kind in FRAME_HEAD_KINDS]
     return [*TEXT_HEADS, *frame]
 
 
-def _frame_head(name: str) -> tuple[str, str] | None:
+def _frame_head(name: str, table: StreamTable) -> tuple[str, str] | None:
     """(stream, kind) of a frame head name, e.g. "pose_fom" -> ("pose", "fom"); None for text heads."""
     stream, _, kind = name.rpartition("_")
-    if kind in FRAME_HEAD_KINDS and stream in stream_table.names():
+    if kind in FRAME_HEAD_KINDS and stream in table.names():
         return stream, kind
     return None
 
@@ -66,16 +62,17 @@ class UniterForPretraining(nn.Module):
     def __init__(self, config: UniterConfig, heads: Iterable[str] = ("mlm",), emo_classes: int = 0):
         super().__init__()
         heads = list(dict.fromkeys(heads))
-        unknown = [h for h in heads if h not in TEXT_HEADS and _frame_head(h) is None]
+        table = config.stream_table
+        unknown = [h for h in heads if h not in TEXT_HEADS and _frame_head(h, table) is None]
         if unknown:
-            raise ConfigError(f"unknown head(s) {unknown}; the heads are {head_names()}")
+            raise ConfigError(f"unknown head(s) {unknown}; the heads are {head_names(table)}")
         self.config = config
         self.heads = heads
         self.emo_classes = emo_classes
         self.uniter = UniterModel(config)
         h, eps = config.hidden_size, config.layer_norm_eps
         for name in heads:
-            frame = _frame_head(name)
+            frame = _frame_head(name, table)
             if frame is not None:
                 stream, kind = frame
                 section = config.stream(stream)
@@ -139,9 +136,7 @@ class UniterForPretraining(nn.Module):
 
         `heads`/`emo_classes` default to those in heads.json (ours) or just MLM (other directories).
         """
-        from uniter3m.model.loading import load_into, read_checkpoint
-
-        loaded = read_checkpoint(directory)
+        loaded = read_checkpoint(directory, backbone=UniterModel)
         heads = list(heads) if heads is not None else loaded.meta.get("heads", ["mlm"])
         emo = emo_classes if emo_classes is not None else int(loaded.meta.get("emo_classes", 0))
         model = cls(loaded.model_config(**config_overrides), heads, emo)

@@ -11,27 +11,18 @@ HF BERT-family directories (`model.safetensors` or `pytorch_model.bin`, keys wit
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from uniter3m import streams as stream_table
-from uniter3m.errors import ConfigError, UserError
-from uniter3m.fileio import atomic_write_bytes, atomic_write_json
-from uniter3m.model.config import CONFIG_NAME, UniterConfig
+from uniter3m.errors import UserError
+from uniter3m.model.config import UniterConfig
 from uniter3m.model.embeddings import FrameEmbeddings, TextEmbeddings
 from uniter3m.model.encoder import UniterEncoder
-
-log = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_FILE = "tokenizer_meta.json"  # the tokenizer a model was trained with (name, vocab_hash, size)
+from uniter3m.model.io import load_into, read_checkpoint, write_pretrained
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,14 +88,16 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
 
 
 class UniterModel(nn.Module):
-    """The backbone. Frame streams come from `config.frame_streams()` (the stream table): stream
-    `name` has the module `<name>_embeddings` and takes `<name>_feat`, `<name>_mask` and
+    """The backbone. Frame streams come from its config's stream table (`config.stream_table`):
+    stream `name` has the module `<name>_embeddings` and takes `<name>_feat`, `<name>_mask` and
     `<name>_frame_mask` in `forward`; face and speech are spelled out in the signature only so
     that existing callers keep working, and any declared stream goes through `**frames`."""
 
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.config = config
+        # fixed with the modules: forward loops over the streams of the config the model was built from
+        self.frame_streams = config.stream_table.frame_streams()
         self.embeddings = TextEmbeddings(config)
         self.face_embeddings: FrameEmbeddings | None = None  # weight names of every checkpoint
         self.speech_embeddings: FrameEmbeddings | None = None
@@ -153,12 +146,12 @@ class UniterModel(nn.Module):
             speech_mask=speech_mask,
             speech_frame_mask=speech_frame_mask,
         )
-        known = {k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)}
+        known = {k for s in self.frame_streams for k in (s.feat_key, s.mask_key, s.frame_mask_key)}
         unknown = sorted(k for k, v in frames.items() if v is not None and k not in known)
         if unknown:
             raise UserError(
-                f"UniterModel got unknown inputs {unknown}; frame streams are {stream_table.describe()} "
-                "(declare a new one in the model config's `streams` section)"
+                f"UniterModel got unknown inputs {unknown}; the model's frame streams are "
+                f"{self.config.stream_table.describe()} (declare a new one in the model config's `streams` section)"
             )
         parts: list[Tensor] = []
         masks: list[Tensor] = []
@@ -175,7 +168,7 @@ class UniterModel(nn.Module):
 
         if input_ids is not None:
             add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
-        for stream in stream_table.frame_streams():
+        for stream in self.frame_streams:
             feat = frames.get(stream.feat_key)
             if feat is None:
                 continue
@@ -220,101 +213,12 @@ class UniterModel(nn.Module):
     def from_pretrained(
         cls, directory: str | os.PathLike, output_loading_info: bool = False, **config_overrides: Any
     ) -> UniterModel | tuple[UniterModel, dict[str, Any]]:
-        """Load ours or an HF BERT-family directory through the one reader (`model.loading`).
+        """Load ours or an HF BERT-family directory through the one reader and `load_into` (`model.io`).
 
         Missing text/encoder weights are an error; frame streams the checkpoint lacks start fresh
         and are reported (`info["missing_keys"]`, `info["new_streams"]`), as are unused weights.
         """
-        from uniter3m.model.loading import load_into, read_checkpoint
-
-        loaded = read_checkpoint(directory)
+        loaded = read_checkpoint(directory, backbone=UniterModel)
         model = cls(loaded.model_config(**config_overrides))
         info = load_into(model, loaded)
         return (model, info) if output_loading_info else model
-
-
-# -- reading and writing checkpoint directories ------------------------------------------------
-
-
-def write_pretrained(
-    model: nn.Module, directory: str | os.PathLike, extra_files: Mapping[str, Any] = ()
-) -> None:
-    """Save `model.config` and the weights; tied copies of a tensor are stored once (safetensors forbids twins)."""
-    from safetensors.torch import save
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    skip = tied_aliases(model)
-    state = {
-        disk_key(k): t.detach().contiguous().cpu() for k, t in model.state_dict().items() if k not in skip
-    }
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-    for name, content in (extra_files or {}).items():
-        atomic_write_json(directory / name, content)
-    record = getattr(model, "tokenizer_record", None)
-    if record:
-        atomic_write_json(directory / TOKENIZER_FILE, dict(record))
-    architecture = "BertForMaskedLM" if any(k.startswith("cls.predictions.") for k in state) else "BertModel"
-    atomic_write_json(directory / CONFIG_NAME, model.config.to_disk(architecture))
-
-
-def disk_key(key: str) -> str:
-    """A weight's name on disk: the backbone of a model with heads is `bert.` (HF BertFor* names), not
-    `uniter.`, so transformers' BertModel / BertForMaskedLM load the text side of our directories."""
-    return "bert." + key[len("uniter.") :] if key.startswith("uniter.") else key
-
-
-def model_key(key: str) -> str:
-    """Inverse of `disk_key` (older directories, saved with `uniter.`, pass unchanged)."""
-    return "uniter." + key[len("bert.") :] if key.startswith("bert.") else key
-
-
-def read_state_dict(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The raw weights of a checkpoint directory (safetensors, sharded, or pytorch_model.bin).
-
-    Kept for callers that need raw tensors; a damaged file is a UserError naming it.
-    """
-    from uniter3m.model.loading import read_weights
-
-    return read_weights(directory)
-
-
-def normalise_key(key: str) -> str | None:
-    """Old BERT LayerNorm names gamma/beta -> weight/bias; None for position_ids buffers (not weights)."""
-    if key.endswith("position_ids"):
-        return None
-    if key.endswith(".gamma"):
-        return key[: -len("gamma")] + "weight"
-    if key.endswith(".beta"):
-        return key[: -len("beta")] + "bias"
-    return key
-
-
-def tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names that are a second name of an already-named parameter (tied weights)."""
-    named = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - named
-
-
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, Any]:
-    """Copy `state` into `model`; a shape that does not fit is an error, never a silent skip."""
-    own = model.state_dict()
-    bad = [
-        f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(own[k].shape)}"
-        for k, t in state.items()
-        if k in own and own[k].shape != t.shape
-    ]
-    if bad:
-        raise ConfigError(
-            f"{source}: {len(bad)} weight(s) do not fit the model config:\n  "
-            + "\n  ".join(bad)
-            + "\nfix the config overrides (sizes, feat_dim, max_frames) to match the checkpoint"
-        )
-    result = model.load_state_dict(dict(state), strict=False)
-    aliases = tied_aliases(model)
-    return {
-        "missing_keys": set(result.missing_keys) - aliases,
-        "unexpected_keys": set(result.unexpected_keys),
-        "mismatched_keys": set(),
-        "error_msgs": [],
-    }

@@ -11,9 +11,9 @@ A task has two halves so that the costly CPU work stays out of the training step
   own targets, their count, and metrics as ``(numerator, denominator)`` tensors, so sums over
   ranks give exact means.
 
-Streams are named by letter: ``L`` (text), then the frame streams of the stream table
-(``uniter3m.streams``): ``V`` (face) and ``A`` (speech) as in the MEmoBERT papers, and any
-declared stream.
+Streams are named by letter: ``L`` (text), then the frame streams of the stream table the task
+context carries (``TaskContext.stream_table``, the run config's; ``uniter3m.streams``): ``V`` (face)
+and ``A`` (speech) as in the MEmoBERT papers, and any declared stream.
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ from typing import Any
 
 import torch
 
-from uniter3m import streams as stream_table
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.model.uniter import unwrap
-
-STREAM_NAMES = stream_table.MODALITY_NAMES  # letter -> name, "L" -> "text"; always current
-FRAME_STREAMS = stream_table.FRAME_LETTERS  # frame letters -> names
+from uniter3m.streams import TEXT_LETTER, StreamTable
 
 
-def model_keys() -> tuple[str, ...]:
+def model_keys(table: StreamTable) -> tuple[str, ...]:
     """The backbone's keyword arguments: text, then each frame stream's feat/mask/frame_mask."""
-    frames = [k for s in stream_table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)]
+    frames = [k for s in table.frame_streams() for k in (s.feat_key, s.mask_key, s.frame_mask_key)]
     return (
         "input_ids",
         "attention_mask",
@@ -52,10 +49,12 @@ def model_keys() -> tuple[str, ...]:
 
 @dataclass
 class TaskContext:
-    """What tasks may read besides the batch: special ids, and the tokenizer for prompt words."""
+    """What tasks may read besides the batch: special ids, the tokenizer for prompt words, and the
+    stream table (the run config's) that gives the modality letters and batch keys."""
 
     special: SpecialTokens
     tokenizer: Any = None
+    stream_table: StreamTable = StreamTable()
 
 
 @dataclass
@@ -117,24 +116,24 @@ def wants_chance(model: torch.nn.Module) -> bool:
 # ------------------------------------------------------------------------------------- modality subsets
 
 
-def parse_streams(value: str | Iterable[str], where: str) -> frozenset[str]:
+def parse_streams(value: str | Iterable[str], where: str, table: StreamTable) -> frozenset[str]:
     """``"LV"``, ``["L", "V"]`` or ``["text", "face"]`` -> frozenset({"L", "V"})."""
-    return frozenset(stream_table.parse_modalities(value, where))
+    return frozenset(table.parse_modalities(value, where))
 
 
-def batch_streams(batch: Mapping[str, Any]) -> frozenset[str]:
-    """Streams the batch carries (text always travels as input_ids, maybe only [CLS] [SEP])."""
-    present = {"L"}
-    for key, name in FRAME_STREAMS.items():
-        if batch.get(f"{name}_feat") is not None:
-            present.add(key)
+def batch_streams(batch: Mapping[str, Any], table: StreamTable) -> frozenset[str]:
+    """Streams of `table` the batch carries (text always travels as input_ids, maybe only [CLS] [SEP])."""
+    present = {TEXT_LETTER}
+    for s in table.frame_streams():
+        if batch.get(s.feat_key) is not None:
+            present.add(s.letter)
     return frozenset(present)
 
 
-def has_padding(inputs: Mapping[str, Any]) -> bool:
+def has_padding(inputs: Mapping[str, Any], table: StreamTable) -> bool:
     """Whether any mask the backbone will get has a False: decided on the CPU, in the data worker,
     so the model passes SDPA no mask for unpadded batches without a device->host sync."""
-    keys = ["attention_mask", *(s.mask_key for s in stream_table.frame_streams())]
+    keys = ["attention_mask", *(s.mask_key for s in table.frame_streams())]
     return any(isinstance(inputs.get(k), torch.Tensor) and not bool(inputs[k].all()) for k in keys)
 
 
@@ -145,7 +144,9 @@ def text_absent(batch: Mapping[str, Any], special: SpecialTokens) -> bool:
     return not bool(real.any())
 
 
-def keep_streams(batch: Mapping[str, Any], keep: frozenset[str], special: SpecialTokens) -> dict[str, Any]:
+def keep_streams(
+    batch: Mapping[str, Any], keep: frozenset[str], special: SpecialTokens, table: StreamTable
+) -> dict[str, Any]:
     """A shallow copy of ``batch`` without the streams outside ``keep``.
 
     Without L the text becomes ``[CLS] [SEP]`` per sample (the pooler still needs a [CLS]),
@@ -159,22 +160,22 @@ def keep_streams(batch: Mapping[str, Any], keep: frozenset[str], special: Specia
         out["word_ids"] = torch.full((bsz, 2), -1, dtype=torch.long)
         out["emo_flags"] = torch.zeros(bsz, 2, dtype=torch.bool)
         out["ctx_flags"] = torch.zeros(bsz, 2, dtype=torch.bool)
-    for key, name in FRAME_STREAMS.items():
-        if key not in keep:
-            for suffix in ("feat", "mask", "soft"):
-                out.pop(f"{name}_{suffix}", None)
+    for s in table.frame_streams():
+        if s.letter not in keep:
+            for key in (s.feat_key, s.mask_key, s.soft_key):
+                out.pop(key, None)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- task
 
 
-class Task(stream_table.CarriesStreamTable):
+class Task:
     """Base class: option checking, modality dropout, the model call and shared helpers.
 
     Options every task takes:
 
-    * ``modality_subsets``: list of stream subsets, e.g. ``[["L","A"], ["L","V"], ["L","V","A"]]``;
+    * ``modality_sets``: list of modality sets, e.g. ``[["L","A"], ["L","V"], ["L","V","A"]]``;
       each batch sees one of them, drawn uniformly (or with ``modality_weights``). Streams the batch
       does not carry are simply absent. Every subset must contain the streams the task requires.
     * ``modality_weights``: optional sampling weights, one per subset.
@@ -191,18 +192,21 @@ class Task(stream_table.CarriesStreamTable):
         context: TaskContext,
         *,
         name: str | None = None,
-        modality_subsets: Sequence[Sequence[str] | str] | None = None,
+        modality_sets: Sequence[Sequence[str] | str] | None = None,
         modality_weights: Sequence[float] | None = None,
     ) -> None:
         if name is not None:
             self.name = name
         self.context = context
         self.special = context.special
-        self.modality_subsets: list[frozenset[str]] | None = None
+        self.stream_table = context.stream_table
+        #: the backbone's keyword arguments (`encode` passes these of the inputs)
+        self.model_keys = model_keys(context.stream_table)
+        self.modality_sets: list[frozenset[str]] | None = None
         self.modality_weights: torch.Tensor | None = None
-        if modality_subsets is not None:
-            where = f"task {self.name}: modality_subsets"
-            subsets = [parse_streams(s, where) for s in modality_subsets]
+        if modality_sets is not None:
+            where = f"task {self.name}: modality_sets"
+            subsets = [parse_streams(s, where, self.stream_table) for s in modality_sets]
             if not subsets:
                 raise ConfigError(f"{where} is empty; leave it out or give at least one subset")
             for subset in subsets:
@@ -212,7 +216,7 @@ class Task(stream_table.CarriesStreamTable):
                         f"{where}: subset {''.join(sorted(subset))} lacks {', '.join(sorted(missing))}, "
                         f"which {self.name} needs for its targets; add it to every subset"
                     )
-            self.modality_subsets = subsets
+            self.modality_sets = subsets
             if modality_weights is not None:
                 weights = torch.tensor([float(w) for w in modality_weights])
                 if len(weights) != len(subsets) or (weights < 0).any() or weights.sum() <= 0:
@@ -222,7 +226,7 @@ class Task(stream_table.CarriesStreamTable):
                     )
                 self.modality_weights = weights
         elif modality_weights is not None:
-            raise ConfigError(f"task {self.name}: modality_weights given without modality_subsets")
+            raise ConfigError(f"task {self.name}: modality_weights given without modality_sets")
 
     # -- the interface ---------------------------------------------------------------------------
 
@@ -233,7 +237,7 @@ class Task(stream_table.CarriesStreamTable):
         inputs = self.build(batch, generator)
         inputs.setdefault("ids", batch.get("ids"))
         if isinstance(inputs.get("attention_mask"), torch.Tensor):
-            inputs["padded"] = has_padding(inputs)
+            inputs["padded"] = has_padding(inputs, self.stream_table)
         return inputs
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -252,37 +256,45 @@ class Task(stream_table.CarriesStreamTable):
 
     def sample_subset(self, generator: torch.Generator) -> frozenset[str] | None:
         """The stream subset of this batch (None: no modality dropout configured)."""
-        if self.modality_subsets is None:
+        if self.modality_sets is None:
             return None
         if self.modality_weights is None:
-            index = int(torch.randint(len(self.modality_subsets), (), generator=generator))
+            index = int(torch.randint(len(self.modality_sets), (), generator=generator))
         else:
             index = int(torch.multinomial(self.modality_weights, 1, generator=generator))
-        return self.modality_subsets[index]
+        return self.modality_sets[index]
 
     def drop_modalities(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Any]:
         subset = self.sample_subset(generator)
-        return dict(batch) if subset is None else keep_streams(batch, subset, self.special)
+        return dict(batch) if subset is None else keep_streams(batch, subset, self.special, self.stream_table)
+
+    def batch_streams(self, batch: Mapping[str, Any]) -> frozenset[str]:
+        """The stream letters the batch carries."""
+        return batch_streams(batch, self.stream_table)
 
     def check_streams(self, batch: Mapping[str, Any]) -> None:
-        present = batch_streams(batch)
+        present = self.batch_streams(batch)
+        names = self.stream_table.modality_names()
         for key in self.streams:
             if key not in present:
                 raise UserError(
-                    f"task {self.name} needs the {STREAM_NAMES[key]} stream ({key}) but the batch "
+                    f"task {self.name} needs the {names[key]} stream ({key}) but the batch "
                     f"(ids {list(batch.get('ids', []))[:3]}...) has none: give this task a dataset with "
-                    f"a {STREAM_NAMES[key]} feature db"
+                    f"a {names[key]} feature db"
                 )
 
-    @staticmethod
-    def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The backbone's keyword arguments from a batch (text mask = ``txt_mask``)."""
         out: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["txt_mask"]}
-        for name in FRAME_STREAMS.values():
-            if batch.get(f"{name}_feat") is not None:
-                out[f"{name}_feat"] = batch[f"{name}_feat"]
-                out[f"{name}_mask"] = batch[f"{name}_mask"]
+        for s in self.stream_table.frame_streams():
+            if batch.get(s.feat_key) is not None:
+                out[s.feat_key] = batch[s.feat_key]
+                out[s.mask_key] = batch[s.mask_key]
         return out
+
+    def encode(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
+        """Run the backbone on the model keys of ``inputs`` (returns a UniterOutput)."""
+        return call_model(model, **{k: inputs[k] for k in self.model_keys if inputs.get(k) is not None})
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -310,11 +322,6 @@ _HEAD_OF = {"cls.predictions": "mlm"}
 def call_model(model: torch.nn.Module, **kwargs: Any) -> Any:
     """Run the backbone through the model's own ``forward`` (so a DDP wrapper sees the call)."""
     return model(**{k: v for k, v in kwargs.items() if v is not None})
-
-
-def encode(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
-    """Run the backbone on the model keys of ``inputs`` (returns a UniterOutput)."""
-    return call_model(model, **{k: inputs[k] for k in model_keys() if inputs.get(k) is not None})
 
 
 def segment_states(output: Any, stream: str) -> torch.Tensor:
@@ -361,7 +368,7 @@ _ALIASES = {
 
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "prompt_cross": {"cases": ["L", "V", "A", "LV", "LA", "VA", "LVA"]},
+    "prompt_cross": {"modality_sets": ["L", "V", "A", "LV", "LA", "VA", "LVA"]},
 }
 
 
@@ -369,32 +376,33 @@ def _defaults(key: str) -> dict[str, Any]:
     return dict(_DEFAULTS.get(key, {}))
 
 
-def _resolve(name: str) -> tuple[str, str, dict[str, Any]]:
+def _resolve(name: str, table: StreamTable) -> tuple[str, str, dict[str, Any]]:
     key = _ALIASES.get(name, name)
     if key in _REGISTRY:
         return _REGISTRY[key]
     stream, _, kind = key.rpartition("_")
-    if kind in _FRAME_TASKS and stream in stream_table.names():
+    if kind in _FRAME_TASKS and stream in table.names():
         module, cls = _FRAME_TASKS[kind]
-        return module, cls, {"stream": stream_table.get(stream).letter}
-    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+        return module, cls, {"stream": table.get(stream).letter}
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names(table))}")
 
 
-def task_names() -> list[str]:
-    frame = [f"{s.name}_{kind}" for s in stream_table.frame_streams() for kind in _FRAME_TASKS]
+def task_names(table: StreamTable) -> list[str]:
+    """Every task name with the frame streams of `table`."""
+    frame = [f"{s.name}_{kind}" for s in table.frame_streams() for kind in _FRAME_TASKS]
     return sorted([*_REGISTRY, *frame])
 
 
-def task_class(name: str) -> type[Task]:
-    module, cls, _ = _resolve(name)
+def task_class(name: str, table: StreamTable) -> type[Task]:
+    module, cls, _ = _resolve(name, table)
     return getattr(importlib.import_module(module), cls)
 
 
 def build_task(name: str, context: TaskContext, **options: Any) -> Task:
     """Build a registered task; unknown option keys are all listed in one ConfigError."""
     key = _ALIASES.get(name, name)
-    cls = task_class(key)
-    preset = dict(_resolve(key)[2])
+    cls = task_class(key, context.stream_table)
+    preset = dict(_resolve(key, context.stream_table)[2])
     accepted = _accepted_options(cls)
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:

@@ -28,7 +28,6 @@ from uniter3m.tasks.base import (
     TaskContext,
     TaskOutput,
     count,
-    encode,
     head,
     mean_over,
     ratio,
@@ -145,7 +144,7 @@ class EmoClsTask(Task):
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
-        output = encode(model, inputs)
+        output = self.encode(model, inputs)
         keep, index = inputs["emo_keep"], inputs["emo_index"]
         n = index.numel()
         total = count(output.pooler_output, n)

@@ -26,13 +26,11 @@ import torch.nn.functional as F
 
 from uniter3m.errors import ConfigError
 from uniter3m.tasks.base import (
-    FRAME_STREAMS,
     Task,
     TaskContext,
     TaskOutput,
     backbone,
     count,
-    encode,
     flat_index,
     gather_flat,
     head,
@@ -75,12 +73,13 @@ class FrameOrderTask(Task):
     """
 
     def __init__(self, context: TaskContext, *, stream: str = "V", shuffle_prob: float = 0.15, **common: Any):
-        if stream not in FRAME_STREAMS:
+        frame_letters = context.stream_table.frame_letters()
+        if stream not in frame_letters:
             raise ConfigError(
-                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(FRAME_STREAMS)}"
+                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(frame_letters)}"
             )
         self.stream = stream
-        self.prefix = FRAME_STREAMS[stream]
+        self.prefix = frame_letters[stream]
         self.streams = (stream,)
         self.head_name = f"{self.prefix}_fom"
         self.heads = (self.head_name,)
@@ -97,7 +96,7 @@ class FrameOrderTask(Task):
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
-        output = encode(model, inputs)
+        output = self.encode(model, inputs)
         states = segment_states(output, self.prefix)
         targets = inputs["order_targets"]
         index = inputs["order_index"]

@@ -22,12 +22,10 @@ import torch.nn.functional as F
 
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
-    FRAME_STREAMS,
     Task,
     TaskContext,
     TaskOutput,
     count,
-    encode,
     flat_index,
     gather_flat,
     head,
@@ -58,12 +56,13 @@ class MaskedFrameTask(Task):
         replace: Any = None,
         **common: Any,
     ) -> None:
-        if stream not in FRAME_STREAMS:
+        frame_letters = context.stream_table.frame_letters()
+        if stream not in frame_letters:
             raise ConfigError(
-                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(FRAME_STREAMS)}"
+                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(frame_letters)}"
             )
         self.stream = stream
-        self.prefix = FRAME_STREAMS[stream]
+        self.prefix = frame_letters[stream]
         self.streams = (stream,)
         super().__init__(context, **common)
         self.mask_prob = check_rate("mask_prob", mask_prob)
@@ -95,7 +94,7 @@ class MaskedFrameTask(Task):
         self, model: torch.nn.Module, inputs: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream's states (B, T, H) and those at the target frames (N, H)."""
-        output = encode(model, inputs)
+        output = self.encode(model, inputs)
         states = segment_states(output, self.prefix)
         return states, gather_flat(states, inputs["frame_index"])
 

@@ -27,15 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from uniter3m import streams as stream_table
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.streams import TEXT_LETTER, StreamTable
 from uniter3m.tasks.base import (
-    FRAME_STREAMS,
-    STREAM_NAMES,
     Task,
     TaskContext,
     TaskOutput,
-    batch_streams,
     call_model,
     count,
     head,
@@ -50,35 +47,35 @@ ITM_HEAD = "itm"
 TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags", "ctx_flags")
 
 
-def stream_keys(stream: str) -> tuple[str, ...]:
-    if stream == "L":
+def stream_keys(stream: str, table: StreamTable) -> tuple[str, ...]:
+    if stream == TEXT_LETTER:
         return TEXT_KEYS
-    name = FRAME_STREAMS[stream]
-    return (f"{name}_feat", f"{name}_mask", f"{name}_soft")
+    s = table.get(stream)
+    return (s.feat_key, s.mask_key, s.soft_key)
 
 
-def same_content(batch: Mapping[str, Any], stream: str, i: int, j: int) -> bool:
+def same_content(batch: Mapping[str, Any], stream: str, i: int, j: int, table: StreamTable) -> bool:
     """Do utterances i and j carry identical data in ``stream`` (e.g. both empty)?"""
-    if stream == "L":
+    if stream == TEXT_LETTER:
         a, b = batch["input_ids"][i][batch["txt_mask"][i]], batch["input_ids"][j][batch["txt_mask"][j]]
         return a.shape == b.shape and bool(torch.equal(a, b))
-    name = FRAME_STREAMS[stream]
-    real_i, real_j = batch[f"{name}_mask"][i].bool(), batch[f"{name}_mask"][j].bool()
-    a, b = batch[f"{name}_feat"][i][real_i], batch[f"{name}_feat"][j][real_j]
+    s = table.get(stream)
+    real_i, real_j = batch[s.mask_key][i].bool(), batch[s.mask_key][j].bool()
+    a, b = batch[s.feat_key][i][real_i], batch[s.feat_key][j][real_j]
     return a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def frame_fingerprint(batch: Mapping[str, Any]) -> torch.Tensor:
+def frame_fingerprint(batch: Mapping[str, Any], table: StreamTable) -> torch.Tensor:
     """(B, 4·streams) summary of each utterance's frames (count, sum, sum of squares, time-weighted
     sum, in float64): equal rows mean the same clip, so a duplicated clip is never mined as a
     negative of itself, whatever dropout does to its embedding."""
     parts = []
-    for name in FRAME_STREAMS.values():
-        if batch.get(f"{name}_feat") is None:
+    for s in table.frame_streams():
+        if batch.get(s.feat_key) is None:
             continue
-        feat = batch[f"{name}_feat"].double() * batch[f"{name}_mask"][..., None]
+        feat = batch[s.feat_key].double() * batch[s.mask_key][..., None]
         time = torch.arange(1, feat.shape[1] + 1, dtype=torch.float64)[None, :, None]
-        parts.append(batch[f"{name}_mask"].sum(1, keepdim=True).double())
+        parts.append(batch[s.mask_key].sum(1, keepdim=True).double())
         parts += [
             feat.sum((1, 2))[:, None],
             (feat**2).sum((1, 2))[:, None],
@@ -93,12 +90,12 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def frame_kwargs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+def frame_kwargs(inputs: Mapping[str, Any], table: StreamTable) -> dict[str, Any]:
     out = {}
-    for name in FRAME_STREAMS.values():
-        if inputs.get(f"{name}_feat") is not None:
-            out[f"{name}_feat"] = inputs[f"{name}_feat"]
-            out[f"{name}_mask"] = inputs[f"{name}_mask"].bool()
+    for s in table.frame_streams():
+        if inputs.get(s.feat_key) is not None:
+            out[s.feat_key] = inputs[s.feat_key]
+            out[s.mask_key] = inputs[s.mask_key].bool()
     return out
 
 
@@ -108,7 +105,7 @@ def pooled(output: Any) -> torch.Tensor:
 
 
 def encode_streams_alone(
-    model: torch.nn.Module, inputs: Mapping[str, Any], streams: Sequence[str]
+    model: torch.nn.Module, inputs: Mapping[str, Any], streams: Sequence[str], table: StreamTable
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each stream encoded on its own, in ONE model call: per stream a copy of the batch in which
     the other streams are masked out (attention never crosses to masked positions), so the
@@ -119,14 +116,15 @@ def encode_streams_alone(
     bsz = inputs["input_ids"].shape[0]
     copies = len(streams)
     text_mask = inputs["attention_mask"].bool()
-    frames = frame_kwargs(inputs)
+    frames = frame_kwargs(inputs, table)
+    frame_letters, names = table.frame_letters(), table.modality_names()
     kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"].repeat(copies, 1)}
     # text always rides along ([CLS] keeps the model's contract); frame streams only when needed
     masks: dict[str, list[torch.Tensor]] = {"text": []}
-    masks.update({FRAME_STREAMS[s]: [] for s in streams if s in FRAME_STREAMS})
+    masks.update({frame_letters[s]: [] for s in streams if s in frame_letters})
     has: dict[str, torch.Tensor] = {}
     for stream in streams:
-        own = STREAM_NAMES[stream]
+        own = names[stream]
         for name in masks:
             mask = text_mask if name == "text" else frames[f"{name}_mask"]
             masks[name].append(mask if name == own else torch.zeros_like(mask))
@@ -146,6 +144,7 @@ def itm_loss(
     inputs: Mapping[str, Any],
     targets: torch.Tensor,
     task: str,
+    table: StreamTable,
     weights: torch.Tensor | None = None,
 ) -> TaskOutput:
     """Binary cross-entropy (2-way softmax) on the pooled output; mean over the scored pairs
@@ -155,7 +154,7 @@ def itm_loss(
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs["attention_mask"],
         "padded": inputs.get("padded"),
-        **frame_kwargs(inputs),
+        **frame_kwargs(inputs, table),
     }
     output = call_model(model, **kwargs)
     logits = head(model, ITM_HEAD, task)(output.pooler_output).float()
@@ -206,24 +205,24 @@ class MatchingTask(Task):
             raise ConfigError(f"task {self.name}: mining_temperature={mining_temperature} must be > 0")
         self.mining = mining
         self.mining_temperature = float(mining_temperature)
-        for subset in self.modality_subsets or []:
-            if not subset & set(FRAME_STREAMS):
+        frame_letters = "".join(self.stream_table.frame_letters())
+        for subset in self.modality_sets or []:
+            if not subset & set(frame_letters):
                 raise ConfigError(
                     f"task {self.name}: modality subset {''.join(sorted(subset))} has no frame stream to "
-                    f"match the text with; add one of {''.join(FRAME_STREAMS)} to it"
+                    f"match the text with; add one of {frame_letters} to it"
                 )
         self.hard = bool(hard)
         if not 0.0 <= float(neg_prob) <= 1.0:
             raise ConfigError(f"task {self.name}: neg_prob={neg_prob} must be in [0, 1]")
         self.neg_prob = float(neg_prob)
-        frame_letters = "".join(FRAME_STREAMS)
         spec = negative_streams or {**dict.fromkeys(frame_letters, 1.0), frame_letters: 1.0}
         self.negative_streams: list[tuple[frozenset[str], float]] = []
         for key, prob in spec.items():
             if float(prob) < 0:
                 raise ConfigError(f"task {self.name}: negative_streams[{key!r}] = {prob} must be >= 0")
-            subset = parse_streams(key, f"task {self.name}: negative_streams")
-            if subset == frozenset(stream_table.letters()):
+            subset = parse_streams(key, f"task {self.name}: negative_streams", self.stream_table)
+            if subset == frozenset(self.stream_table.letters()):
                 raise ConfigError(
                     f"task {self.name}: negative_streams {key!r} replaces every stream; drop one"
                 )
@@ -232,10 +231,10 @@ class MatchingTask(Task):
             raise ConfigError(f"task {self.name}: negative_streams {dict(spec)} has no positive probability")
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        present = set(batch_streams(batch))
+        present = set(self.batch_streams(batch))
         if text_absent(batch, self.special):
             present.discard("L")
-        if not present & set(FRAME_STREAMS):
+        if not present & set(self.stream_table.frame_letters()):
             raise UserError(
                 f"task {self.name} matches text with frames but the batch (ids "
                 f"{list(batch.get('ids', []))[:3]}...) has no frame stream; give it a feature db"
@@ -243,7 +242,7 @@ class MatchingTask(Task):
         inputs = self.model_inputs(batch)
         inputs["has_text"] = torch.full((batch["input_ids"].shape[0],), "L" in present)
         if self.hard:
-            inputs["frame_fingerprint"] = frame_fingerprint(batch)
+            inputs["frame_fingerprint"] = frame_fingerprint(batch, self.stream_table)
             return inputs
         targets, fallback = self.make_negatives(batch, inputs, present, generator)
         inputs["itm_targets"] = targets
@@ -277,11 +276,11 @@ class MatchingTask(Task):
         for i in torch.nonzero(is_negative).flatten().tolist():
             j = int(donors[i])
             subset = options[int(choice[i])][0]
-            if all(same_content(batch, s, i, j) for s in subset):
+            if all(same_content(batch, s, i, j, self.stream_table) for s in subset):
                 fallback += 1
                 continue
             for stream in subset:
-                for key in stream_keys(stream):
+                for key in stream_keys(stream, self.stream_table):
                     key = "attention_mask" if key == "txt_mask" else key
                     if key in inputs:
                         inputs[key][i] = source[key][j]
@@ -290,7 +289,7 @@ class MatchingTask(Task):
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         if not self.hard:
-            result = itm_loss(model, inputs, inputs["itm_targets"], self.name)
+            result = itm_loss(model, inputs, inputs["itm_targets"], self.name, self.stream_table)
             n = count(result.loss, inputs["itm_targets"].numel())
             result.metrics["fallback"] = ratio(inputs["itm_fallback"], n)
             return result
@@ -308,7 +307,7 @@ class MatchingTask(Task):
                     padded=padded,
                 )
             )
-            frames_out = call_model(model, padded=padded, **frame_kwargs(inputs))
+            frames_out = call_model(model, padded=padded, **frame_kwargs(inputs, self.stream_table))
             frames = pooled(frames_out)
             has_frames = frames_out.attention_mask.any(1)
             sim = text @ frames.T
@@ -332,13 +331,13 @@ class MatchingTask(Task):
             "attention_mask": inputs["attention_mask"].index_select(0, pair_text),
             "padded": padded,
         }
-        for name in FRAME_STREAMS.values():
-            if inputs.get(f"{name}_feat") is not None:
-                paired[f"{name}_feat"] = inputs[f"{name}_feat"].index_select(0, pair_frames)
-                paired[f"{name}_mask"] = inputs[f"{name}_mask"].index_select(0, pair_frames)
+        for s in self.stream_table.frame_streams():
+            if inputs.get(s.feat_key) is not None:
+                paired[s.feat_key] = inputs[s.feat_key].index_select(0, pair_frames)
+                paired[s.mask_key] = inputs[s.mask_key].index_select(0, pair_frames)
         targets = torch.cat([torch.ones_like(rows), torch.zeros_like(rows)])
         weights = torch.cat([torch.ones(bsz, device=rows.device), valid.float()])
-        result = itm_loss(model, paired, targets, self.name, weights)
+        result = itm_loss(model, paired, targets, self.name, self.stream_table, weights)
         result.metrics["mined"] = ratio(valid.sum(), count(weights, bsz))
         return result
 
@@ -365,18 +364,18 @@ class ContrastiveTask(Task):
         **common: Any,
     ) -> None:
         super().__init__(context, **common)
-        for subset in self.modality_subsets or []:
+        for subset in self.modality_sets or []:
             if len(subset) < 2:
                 raise ConfigError(
                     f"task {self.name}: modality subset {''.join(subset)} has one stream; contrast needs two"
                 )
-        letters = stream_table.letters()
+        letters = self.stream_table.letters()
         raw = (
             pairs if pairs is not None else [[a, b] for i, a in enumerate(letters) for b in letters[i + 1 :]]
         )
         self.pairs: list[tuple[str, str]] = []
         for pair in raw:
-            subset = parse_streams(pair, f"task {self.name}: pairs")
+            subset = parse_streams(pair, f"task {self.name}: pairs", self.stream_table)
             if len(subset) != 2:
                 raise ConfigError(f"task {self.name}: pair {pair!r} must name exactly two streams")
             a, b = sorted(subset, key=letters.index)
@@ -387,7 +386,7 @@ class ContrastiveTask(Task):
         self.explicit_pairs = pairs is not None
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        present = set(batch_streams(batch))
+        present = set(self.batch_streams(batch))
         if text_absent(batch, self.special):
             present.discard("L")
         usable = [p for p in self.pairs if set(p) <= present]
@@ -408,9 +407,9 @@ class ContrastiveTask(Task):
         has = {"L": inputs["has_text"]}
         has.update(
             {
-                letter: batch[f"{name}_mask"].bool().any(1)
-                for letter, name in FRAME_STREAMS.items()
-                if f"{name}_mask" in batch
+                s.letter: batch[s.mask_key].bool().any(1)
+                for s in self.stream_table.frame_streams()
+                if s.mask_key in batch
             }
         )
         # the utterances of each pair with data in both streams, found here on the CPU
@@ -419,8 +418,8 @@ class ContrastiveTask(Task):
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         pairs = [tuple(p) for p in inputs["contrastive_pairs"]]
-        needed = sorted({s for p in pairs for s in p}, key=stream_table.letters().index)
-        embedded = encode_streams_alone(model, inputs, needed)
+        needed = sorted({s for p in pairs for s in p}, key=self.stream_table.letters().index)
+        embedded = encode_streams_alone(model, inputs, needed, self.stream_table)
         total = None
         n = 0
         correct = 0

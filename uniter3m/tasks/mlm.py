@@ -31,7 +31,6 @@ from uniter3m.tasks.base import (
     TaskContext,
     TaskOutput,
     count,
-    encode,
     flat_index,
     gather_flat,
     head,
@@ -139,7 +138,7 @@ class MlmTask(Task):
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
-        output = encode(model, inputs)
+        output = self.encode(model, inputs)
         return mlm_loss(
             model, segment_states(output, "text"), inputs["mlm_targets"], self.name, inputs["mlm_index"]
         )

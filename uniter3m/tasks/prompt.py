@@ -6,32 +6,28 @@ the mask: ``verbalizer = {"anger": "angry", "joy": "happy", ...}``. Verbaliser w
 single word pieces of the tokenizer (else a ConfigError names the word and its pieces); the
 template and words are tokenised with the context's tokenizer, never hard-coded ids.
 
-Cross-modal form (``prompt_cross``): each batch draws one modality case among ``cases`` (default
-the 7 cases L, V, A, LV, LA, VA, LVA); without L the utterance's text is removed and only
+Cross-modal form (``prompt_cross``): each batch draws one modality set among ``modality_sets``
+(default the 7 sets L, V, A, LV, LA, VA, LVA); without L the utterance's text is removed and only
 ``[CLS] prompt [SEP]`` plus the face and/or speech frames remain. ``prompt`` keeps every stream
-the batch has unless ``cases`` is given.
+the batch has unless ``modality_sets`` is given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from uniter3m import streams as stream_table
 from uniter3m.data.labels import lookup_targets
 from uniter3m.data.prompts import add_prompt, label_word_ids, tokenize_template
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
-    STREAM_NAMES,
     Task,
     TaskContext,
     TaskOutput,
-    batch_streams,
     count,
-    encode,
     flat_index,
     gather_flat,
     head,
@@ -50,8 +46,8 @@ class PromptTask(Task):
 
     Options: ``verbalizer`` (label -> word, required), ``label_column`` (the batch ``labels`` column,
     required), ``template`` ("i am [MASK] ."), ``position`` ("before" | "after" the text),
-    ``cases`` (modality cases drawn per batch, e.g. ["V", "LV"]; each case's face/speech streams must
-    be in the batch), ``case_weights`` (sampling weights), ``loss_over`` ("vocab": softmax over the
+    ``modality_sets`` (one drawn per batch, e.g. ["V", "LV"]; each set's face/speech streams must
+    be in the batch), ``modality_weights`` (sampling weights), ``loss_over`` ("vocab": softmax over the
     whole vocabulary as in MLM, or "verbalizer": over the verbaliser words only), ``max_len`` (512:
     the text is cut, never the prompt, so that [CLS] + prompt + text + [SEP] fits; ``truncated``
     counts cut utterances). Accuracy is the argmax over the verbaliser words only. Head: MLM.
@@ -68,15 +64,11 @@ class PromptTask(Task):
         label_column: str | None = None,
         template: str = "i am [MASK] .",
         position: str = "before",
-        cases: Sequence[Sequence[str] | str] | None = None,
-        case_weights: Sequence[float] | None = None,
         loss_over: str = "vocab",
         max_len: int = 512,
         **common: Any,
     ) -> None:
-        if "modality_subsets" in common:
-            raise ConfigError("prompt tasks select streams with 'cases', not 'modality_subsets'")
-        super().__init__(context, modality_subsets=cases, modality_weights=case_weights, **common)
+        super().__init__(context, **common)
         tokenizer = context.tokenizer
         if tokenizer is None:
             raise ConfigError(
@@ -106,14 +98,15 @@ class PromptTask(Task):
         case = self.sample_subset(generator)
         if case is None:
             return dict(batch)
-        missing = sorted(case - batch_streams(batch))
+        missing = sorted(case - self.batch_streams(batch))
         if missing:
+            letters, names = self.stream_table.letters(), self.stream_table.modality_names()
             raise UserError(
-                f"task {self.name}: case {''.join(sorted(case, key=stream_table.letters().index))} needs "
-                f"{', '.join(STREAM_NAMES[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
+                f"task {self.name}: case {''.join(sorted(case, key=letters.index))} needs "
+                f"{', '.join(names[m] for m in missing)} but the batch (ids {list(batch.get('ids', []))[:3]}...) "
                 "has none: remove the case or give the task a dataset with that stream"
             )
-        return keep_streams(batch, case, self.special)
+        return keep_streams(batch, case, self.special, self.stream_table)
 
     def label_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         column = batch.get("labels", {}).get(self.label_column)
@@ -153,7 +146,7 @@ class PromptTask(Task):
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
-        output = encode(model, inputs)
+        output = self.encode(model, inputs)
         states = segment_states(output, "text")
         targets, index = inputs["prompt_targets"], inputs["prompt_index"]
         gold = gather_flat(targets, index)

@@ -50,6 +50,7 @@ from torch import nn
 
 from uniter3m.errors import UserError
 from uniter3m.fileio import atomic_write_json, default_file_mode, fsync_dir
+from uniter3m.model.io import load_into, read_saved
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"  # the JSON pointer
@@ -122,29 +123,13 @@ def save_model(model: nn.Module, path: Path) -> None:
 
 
 def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
-    """Load a saved model dir into `model` in place, strictly (tied weights are restored by the tie)."""
-    from safetensors.torch import load_file
-
-    from uniter3m.model.uniter import model_key, tied_aliases
-
-    file = Path(model_dir) / "model.safetensors"
-    if not file.is_file():
-        raise UserError(f"{file} is missing: the checkpoint is damaged; resume from an older one")
+    """Resume: `model_dir` into `model` through the one load path, strictly (tied weights are restored
+    by the tie); a weights file that cannot be read points at the older checkpoints."""
     try:
-        state = {model_key(k): t for k, t in load_file(str(file)).items()}
-    except (RuntimeError, ValueError, OSError) as err:  # SafetensorError is an Exception subclass too
-        raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise UserError(f"{file} cannot be read ({err}); the checkpoint is damaged: {_OLDER}") from err
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - tied_aliases(model)
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{file} does not fit the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}; resume with the config the checkpoint was trained with"
-        )
+        loaded = read_saved(model_dir)
+    except UserError as err:
+        raise UserError(f"{err}: {_OLDER}") from err
+    load_into(model, loaded, strict=True)
 
 
 # ---------------------------------------------------------------- saving
@@ -446,7 +431,8 @@ def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 def parameter_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in name order: equal exactly when the weights are.
 
-    The same value as `uniter3m.train.loop.parameter_digest`, which a trainer state records per rank.
+    A trainer state records it per rank (`ranks[r]["param_digest"]`): ranks that drifted apart stop a
+    save, and weights changed on disk after it stop a resume (`check_parameter_digest`).
     """
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):

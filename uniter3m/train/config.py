@@ -10,7 +10,7 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 | `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
-| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
+| `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_context_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
 
 Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
 `evals_per_epoch` and `class_weighted`. `streams` declares frame streams beyond face (V) and speech
@@ -26,16 +26,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from uniter3m import streams as stream_table
-from uniter3m.config import StrictModel, load_config
+from uniter3m.config import StrictModel, apply_overrides, load_config, read_json
 from uniter3m.data.context import DialogueContext
 from uniter3m.errors import ConfigError
+from uniter3m.streams import StreamTable
 
-#: old key (dotted; "*" = any dataset name) -> its name in this vocabulary
+#: old key (dotted; "*" = any dataset name or list index) -> its name in this vocabulary
 RENAMED: dict[str, str] = {
     **{
         f"train.{old}": new
@@ -59,31 +59,41 @@ RENAMED: dict[str, str] = {
         }.items()
     },
     "data.num_workers": "batching.num_workers",
-    "datasets.*.txt": "datasets.*.txt_db",
-    "datasets.*.face": "datasets.*.face_db",
-    "datasets.*.speech": "datasets.*.speech_db",
-    "datasets.*.val_txt": "datasets.*.valid.txt_db",
-    "datasets.*.val_face": "datasets.*.valid.face_db",
-    "datasets.*.val_speech": "datasets.*.valid.speech_db",
+    "modality_cases": "modality_sets",
+    "data.context.max_tokens": "data.context.max_context_tokens",
+    "datasets.*.context.max_tokens": "datasets.*.context.max_context_tokens",
+}
+#: old database keys of a data section -> their names now
+RENAMED_DB_KEYS = {
+    "txt": "txt_db",
+    "face": "face_db",
+    "speech": "speech_db",
+    "val_txt": "valid.txt_db",
+    "val_face": "valid.face_db",
+    "val_speech": "valid.speech_db",
+}
+#: old task options -> their names now (one name for a list of modality sets, whatever the task)
+RENAMED_TASK_OPTIONS = {
+    "modality_subsets": "modality_sets",
+    "cases": "modality_sets",
+    "case_weights": "modality_weights",
 }
 
 
-def _renamed_keys(data: Mapping[str, Any]) -> list[str]:
-    """Messages for keys of the old vocabulary found in `data`."""
-    found = []
-    for old, new in RENAMED.items():
-        head, *rest = old.split(".")
-        if head == "datasets":
-            for name, section in (data.get("datasets") or {}).items():
-                if isinstance(section, Mapping) and rest[-1] in section:
-                    found.append(
-                        f"datasets.{name}.{rest[-1]} is now {new.replace('*', name)} (see configs/pretrain/)"
-                    )
-        elif isinstance(data.get(head), Mapping) and rest[0] in data[head]:
-            found.append(f"{old} is now {new} (one vocabulary for pretraining and fine-tuning)")
-    if isinstance(data.get("train"), Mapping) and not found:
-        found.append("the `train` section is gone: its keys moved to the top level, optim and batching")
-    return found
+def renamed_key(loc: tuple[Any, ...], value: Any) -> str | None:
+    """The error line for a key of the old vocabulary at `loc` (None: not an old key)."""
+    pattern = ".".join(
+        "*" if isinstance(p, int) or (i == 1 and loc[0] == "datasets") else str(p) for i, p in enumerate(loc)
+    )
+    if pattern == "train":
+        moved = [f"train.{k} is now {RENAMED[f'train.{k}']}" for k in value or {} if f"train.{k}" in RENAMED]
+        return "the `train` section is gone: its keys moved to the top level, optim and batching" + (
+            " (" + "; ".join(moved) + ")" if moved else ""
+        )
+    new = RENAMED.get(pattern)
+    if new is None:
+        return None
+    return f"renamed: it is now {new.replace('*', str(loc[1])) if '*' in new else new} (one vocabulary)"
 
 
 def _paths_shape(value: Any) -> bool:
@@ -122,6 +132,15 @@ def _as_list(value: DbPaths | None) -> list[str] | None:
     return [value] if isinstance(value, str) else list(value)
 
 
+#: validation-context key of the stream table that nested sections check against (`RunConfig.model_validate`)
+STREAM_TABLE = "stream_table"
+
+
+def _context_table(info: ValidationInfo) -> StreamTable:
+    """The stream table of the config being validated (default: face and speech)."""
+    return (info.context or {}).get(STREAM_TABLE) or StreamTable.default()
+
+
 class DbSet(StrictModel):
     """A text db (or a list, one per corpus, or one per split: `{"train": ..., "valid": ..., "test": ...}`,
     the way most corpora ship) and one `<stream>_db` per frame stream it is joined with (a single db
@@ -130,13 +149,24 @@ class DbSet(StrictModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
 
     txt_db: DbPaths
+    _stream_table: StreamTable = PrivateAttr(default_factory=StreamTable)
+
+    @property
+    def stream_table(self) -> StreamTable:
+        """The run config's stream table (the one this section was validated against)."""
+        return self._stream_table
 
     @model_validator(mode="after")
-    def _stream_keys(self) -> DbSet:
+    def _stream_keys(self, info: ValidationInfo) -> DbSet:
+        if info.context:  # a later field assignment re-validates without one: keep the table
+            self._stream_table = _context_table(info)
+        stream_table = self._stream_table
         problems = []
         for key, value in (self.model_extra or {}).items():
             name = key[: -len("_db")] if key.endswith("_db") else None
-            if name is None or name not in stream_table.names():
+            if key in RENAMED_DB_KEYS:
+                problems.append(f"{key}: renamed: it is now {RENAMED_DB_KEYS[key]} (one vocabulary)")
+            elif name is None or name not in stream_table.names():
                 problems.append(
                     f"{key}: unknown key; feature databases are <stream>_db with a stream of "
                     f"{stream_table.describe()} (declare others in `streams`)"
@@ -182,7 +212,7 @@ class DbSet(StrictModel):
         feature db for per-split text dbs serves every split."""
         extra = self.model_extra or {}
         out = {}
-        for s in stream_table.frame_streams():
+        for s in self._stream_table.frame_streams():
             value = extra.get(s.db_key)
             if value is None:
                 continue
@@ -195,7 +225,8 @@ class DbSet(StrictModel):
     @property
     def available(self) -> str:
         """The modality letters these databases provide."""
-        return stream_table.parse_modalities("L" + "".join(stream_table.get(n).letter for n in self.feat_dbs))
+        table = self._stream_table
+        return table.parse_modalities("L" + "".join(table.get(n).letter for n in self.feat_dbs))
 
 
 class DataConfig(DbSet):
@@ -211,6 +242,7 @@ class DataConfig(DbSet):
 
     @model_validator(mode="after")
     def _modalities_given(self) -> DataConfig:
+        stream_table = self._stream_table
         if self.modalities is not None:
             try:
                 self.__dict__["modalities"] = stream_table.parse_modalities(self.modalities, "modalities")
@@ -233,7 +265,7 @@ class DataConfig(DbSet):
     @property
     def max_text_tokens(self) -> int:
         """The longest text this data gives the model, [CLS]/[SEP] and context included."""
-        return self.max_txt_len + 2 + (self.context.max_tokens if self.context else 0)
+        return self.max_txt_len + 2 + (self.context.max_context_tokens if self.context else 0)
 
 
 DEFAULT_MODEL = "default"  # `model.init` / `tokenizer` value meaning "the default text model"
@@ -397,22 +429,34 @@ class RunConfig(StrictModel):
     # wrapper: the gradients any rank has are averaged after backward, as under Horovod)
     grad_sync: Literal["ddp", "allreduce"] = "ddp"
 
-    @model_validator(mode="before")
+    renamed_key: ClassVar = staticmethod(renamed_key)  # `load_config` names old keys' new names
+
     @classmethod
-    def _vocabulary(cls, data: Any) -> Any:
-        """Declare the config's streams first (later keys use them); name keys of the old vocabulary."""
-        if not isinstance(data, Mapping):
-            return data
-        renamed = _renamed_keys(data)
-        if renamed:
-            raise ValueError("; ".join(renamed))
-        declared = data.get("streams") or {}
-        if isinstance(declared, Mapping):
-            try:
-                stream_table.declare_many({str(k): str(v) for k, v in declared.items()})
-            except ConfigError as err:
-                raise ValueError(f"streams: {err}") from None
-        return data
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """Validate with the config's stream table in the validation context: the data sections,
+        task names and modality strings are checked against it (a bad `streams` entry is
+        reported by its field, against the default table meanwhile)."""
+        declared = obj.get("streams") if isinstance(obj, Mapping) else None
+        try:
+            table = StreamTable.declaring(declared if isinstance(declared, Mapping) else None)
+        except ConfigError:
+            table = StreamTable.default()
+        context = {**(kwargs.pop("context", None) or {}), STREAM_TABLE: table}
+        return super().model_validate(obj, context=context, **kwargs)
+
+    @field_validator("streams")
+    @classmethod
+    def _streams(cls, v: dict[str, str]) -> dict[str, str]:
+        try:
+            StreamTable.declaring(v)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @property
+    def stream_table(self) -> StreamTable:
+        """Face, speech and the streams this config declares: what its data, tasks and model use."""
+        return StreamTable.declaring(self.streams)
 
     @field_validator("tokenizer")
     @classmethod
@@ -436,24 +480,32 @@ class TaskConfig(StrictModel):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known(cls, v: str, info: ValidationInfo) -> str:
         from uniter3m.tasks.base import task_class
 
         try:
-            task_class(v)
+            task_class(v, _context_table(info))
         except ConfigError as err:  # pydantic collects ValueErrors only
             raise ValueError(str(err)) from None
         return v
 
     @field_validator("modalities")
     @classmethod
-    def _modalities(cls, v: str | None) -> str | None:
+    def _modalities(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         try:
-            return stream_table.parse_modalities(v, repr(v))
+            return _context_table(info).parse_modalities(v, repr(v))
         except ConfigError as err:
             raise ValueError(str(err)) from None
+
+    @field_validator("options")
+    @classmethod
+    def _option_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        old = [f"{k} is now {RENAMED_TASK_OPTIONS[k]}" for k in v if k in RENAMED_TASK_OPTIONS]
+        if old:
+            raise ValueError(f"renamed option(s): {'; '.join(old)} (one vocabulary)")
+        return v
 
     @property
     def key(self) -> str:
@@ -495,7 +547,7 @@ class ProtocolConfig(StrictModel):
     """See uniter3m/data/protocols.py for the built-in protocols and schemes."""
 
     name: str
-    scheme: Literal["split", "session", "speaker", "loso"] = "split"
+    scheme: Literal["split", "session", "speaker", "loso", "speaker_kfold"] = "split"
     target: str | None = None  # meld: emotion|sentiment; mosi: binary|7class|regression
     label_column: str | None = None
     classes: list[str] | None = None
@@ -509,6 +561,8 @@ class ProtocolConfig(StrictModel):
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     # loso: how many training speakers validate (the next ones in sorted order) or {test: [valid]}
     valid_speakers: int | dict[str, list[str]] = 1
+    # speaker_kfold: how many folds of consecutive speakers (RAVDESS: 6 folds of 4 actors)
+    speaker_folds: int = Field(6, ge=2)
     selection_metric: str | None = None
     # fewer labels: keep this share of each fold's training utterances per class (valid/test untouched),
     # the subset fixed by subset_seed (not by the training seed)
@@ -535,24 +589,24 @@ class FinetuneConfig(RunConfig):
     evals_per_epoch: int = Field(1, ge=1)
     ckpt_every: int = Field(0, ge=0)  # 0 = at every validation (what --resume auto continues from)
     class_weighted: bool = False
-    # Missing-modality training: each batch keeps one of these cases (e.g. ["L", "A", "LA"]), drawn
-    # uniformly; the model is selected on the mean of the validation metric over the cases.
-    modality_cases: list[str] | None = None
+    # Missing-modality training: each batch keeps one of these modality sets (e.g. ["L", "A", "LA"]),
+    # drawn uniformly; the model is selected on the mean of the validation metric over the sets.
+    modality_sets: list[str] | None = None
 
-    @field_validator("modality_cases")
+    @field_validator("modality_sets")
     @classmethod
-    def _cases(cls, v: list[str] | None) -> list[str] | None:
+    def _sets(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
             return v
         if not v:
-            raise ValueError("modality_cases is empty; leave it out or list cases such as ['L', 'A', 'LA']")
+            raise ValueError("modality_sets is empty; leave it out or list sets such as ['L', 'A', 'LA']")
         try:
-            cases = [stream_table.parse_modalities(c, f"modality_cases {c!r}") for c in v]
+            sets = [_context_table(info).parse_modalities(c, f"modality_sets {c!r}") for c in v]
         except ConfigError as err:
             raise ValueError(str(err)) from None
-        if len(set(cases)) != len(cases):
-            raise ValueError(f"modality_cases {v} lists a case twice")
-        return cases
+        if len(set(sets)) != len(sets):
+            raise ValueError(f"modality_sets {v} lists a set twice")
+        return sets
 
     @model_validator(mode="after")
     def _head_fits_protocol(self) -> FinetuneConfig:
@@ -565,10 +619,10 @@ class FinetuneConfig(RunConfig):
             )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
-        for case in self.modality_cases or []:
-            if set(case) - set(self.data.used_modalities):
+        for modalities in self.modality_sets or []:
+            if set(modalities) - set(self.data.used_modalities):
                 raise ValueError(
-                    f"modality_cases: case {case} uses streams outside data.modalities {self.data.used_modalities}"
+                    f"modality_sets: set {modalities} uses streams outside data.modalities {self.data.used_modalities}"
                 )
         return self
 
@@ -584,3 +638,21 @@ def load_finetune_config(
     source: str | os.PathLike | Mapping[str, Any], overrides: Iterable[str] = ()
 ) -> FinetuneConfig:
     return load_config(FinetuneConfig, source, overrides)
+
+
+def resolve_config(
+    source: str | os.PathLike | Mapping[str, Any], overrides: Iterable[str] = (), raw: bool = False
+) -> dict[str, Any]:
+    """A config with `overrides` as a run uses it (`uniter3m config show`): validated by the schema its
+    keys name (`protocol`: fine-tuning, `tasks`: pretraining), every default filled in; `raw`: merged
+    only, not validated."""
+    data = apply_overrides(dict(source) if isinstance(source, Mapping) else read_json(source), overrides)
+    if raw:
+        return data
+    if "protocol" in data:
+        return load_finetune_config(data).model_dump(mode="json")
+    if "tasks" in data:
+        return load_pretrain_config(data).model_dump(mode="json")
+    raise ConfigError(
+        f"{source}: neither a fine-tuning config (no 'protocol') nor a pretraining one (no 'tasks')"
+    )

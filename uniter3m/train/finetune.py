@@ -1,5 +1,13 @@
-"""What fine-tuning, evaluation and extraction share: protocol plans, datasets, the fine-tuning
-model, prediction over a split, scoring, and model selection on the training engine.
+"""A fine-tuning run (`run_finetune`: every fold, or one) and what evaluation shares with it:
+protocol plans, prediction over a split, scoring, and model selection on the training engine.
+Datasets and the model come from the one assembly (`uniter3m.train.assembly`).
+
+Per fold: datasets of the fold's ids, the model, optimiser, schedule, precision; the training loop
+with one task (`SupervisedTask`); validation `evals_per_epoch` times an epoch keeps the best model
+on the protocol's VALIDATION metric in `<fold>/best/` and stops after `patience` validations without
+improvement (checkpoints, logs and `--resume auto|DIR` as in pretraining); then the test split scored
+ONCE with the selected model (`<fold>/metrics.json`); at the end a summary over the folds found in
+output_dir (summary.csv / .md / .json, confusion.png).
 
 Honesty rules kept here: targets come from the protocol (never from a batch's inputs); the model
 is selected on the VALIDATION split only (`SelectionEvaluator`); with several ranks every rank's
@@ -8,43 +16,56 @@ predictions are gathered (each id scored once) before any metric is computed.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
+import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from uniter3m import streams as stream_table
 from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
-from uniter3m.data.prompts import label_word_ids, tokenize_template
 from uniter3m.data.store import DbReader
-from uniter3m.data.tokenization import SpecialTokens, load_tokenizer, vocab_hash
-from uniter3m.errors import ConfigError, DatabaseError, UserError
-from uniter3m.evaluation.corpora import default_verbalizer
+from uniter3m.data.tokenization import SpecialTokens
+from uniter3m.errors import UserError
 from uniter3m.evaluation.metrics import classification_metrics, is_better, regression_metrics
 from uniter3m.evaluation.protocols import ProtocolPlan, build_protocol
-from uniter3m.model.config import UniterConfig, deep_merge
-from uniter3m.model.finetuning import (
-    FinetuneModel,
-    HeadSpec,
-    check_feature_dims,
-    freeze,
-    load_mlm_head,
-    save_finetuned,
-)
-from uniter3m.model.uniter import UniterModel
+from uniter3m.evaluation.report import FOLD_FILE, load_fold_results, write_summary
+from uniter3m.fileio import atomic_write_json
+from uniter3m.model.config import UniterConfig
+from uniter3m.model.finetuning import FinetuneModel, load_finetuned, save_finetuned
 from uniter3m.progress import disabled
 from uniter3m.tasks.base import TaskContext
 from uniter3m.tasks.supervised import SupervisedTask
-from uniter3m.train.config import DataConfig, FinetuneConfig
-from uniter3m.train.distributed import Backend
-from uniter3m.train.loaders import validation_loader
-from uniter3m.train.loop import Evaluator, TrainLoop, to_device
+from uniter3m.train.assembly import (
+    Databases,
+    build_dataset,
+    build_finetune_model,
+    data_tokenizer,
+    feature_dims,
+)
+from uniter3m.train.checkpoint import find_resume
+from uniter3m.train.config import DataConfig, FinetuneConfig, load_finetune_config
+from uniter3m.train.distributed import Backend, init_backend
+from uniter3m.train.loaders import TaskStream, validation_loader
+from uniter3m.train.loop import Evaluator, LoopSettings, TrainLoop, TrainTask
+from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
+from uniter3m.train.prefetch import to_device
+from uniter3m.train.session import (
+    check_vocabulary,
+    database_digests,
+    main_rank_print,
+    open_run_dir,
+    read_tokenizer_record,
+    settings_on_resume,
+)
 
 log = logging.getLogger(__name__)
 RESOLVED_CONFIG = "config.json"
@@ -63,28 +84,6 @@ def find_run_config(checkpoint: str | Path, section: str | None = None) -> Path:
     )
 
 
-# ----------------------------------------------------------------------------- data
-def text_meta(data: DataConfig) -> dict[str, Any]:
-    """The text db's meta (every text db of the list must share one tokenizer)."""
-    metas = [DbReader(p, kind="txt").meta for p in data.txt_dbs]
-    hashes = {(m.get("tokenizer") or {}).get("vocab_hash") for m in metas}
-    if len(hashes) > 1:
-        raise DatabaseError(
-            f"the text databases {data.txt_dbs} were built with different tokenizers; rebuild them with one"
-        )
-    if "tokenizer" not in metas[0]:
-        raise DatabaseError(
-            f"{data.txt_dbs[0]}/meta.json has no 'tokenizer' section; rebuild it with build-txt-db"
-        )
-    return metas[0]
-
-
-def tokenizer_record(data: DataConfig) -> dict[str, Any]:
-    """The tokenizer of the text dbs as a model records it (name, vocab hash, size)."""
-    meta = text_meta(data)["tokenizer"]
-    return {k: meta.get(k) for k in ("name", "vocab_hash", "vocab_size")}
-
-
 def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
     """Classes of the fold's test split that no training utterance has (scored, but listed)."""
     if plan.regression:
@@ -92,10 +91,6 @@ def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
     trained = {int(plan.targets[i]) for i in fold.train}
     tested = {int(plan.targets[i]) for i in fold.test}
     return [plan.label.classes[c] for c in sorted(tested - trained)]
-
-
-def special_tokens(data: DataConfig) -> SpecialTokens:
-    return SpecialTokens.from_dict(text_meta(data)["tokenizer"])
 
 
 def read_label_rows(data: DataConfig, split_column: str = "split") -> dict[str, dict[str, Any]]:
@@ -144,6 +139,7 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
         selection_metric=p.selection_metric,
         source=", ".join(cfg.data.txt_dbs),
         valid_speakers=p.valid_speakers,
+        speaker_folds=p.speaker_folds,
         train_fraction=p.train_fraction,
         subset_seed=p.subset_seed,
     )
@@ -152,120 +148,22 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
     return plan
 
 
-def run_tokenizer(cfg: FinetuneConfig) -> str | None:
-    """The tokenizer folder the run names (`model.tokenizer`, else `tokenizer`), or None."""
-    return cfg.model.tokenizer or cfg.tokenizer
-
-
-def make_dataset(
-    data: DataConfig,
-    ids: Sequence[str] | None,
-    modalities: str | None = None,
-    tokenizer: str | None = None,
-) -> JoinedDataset:
-    """The joined dataset of `ids` (None: every utterance) reading `modalities` (default: the config's);
-    `tokenizer` (a folder) serves `data.context` speaker prefixes (default: the one the text db names)."""
-    return JoinedDataset(
-        data.txt_dbs,
-        feat_dbs=data.feat_dbs,
-        modalities=modalities or data.used_modalities,
-        max_txt_len=data.max_txt_len,
-        max_frames=data.max_frames,
-        normalize=data.normalize,
-        missing=data.missing,
-        ids=ids,
-        context=data.context,
-        tokenizer=tokenizer,
-    )
-
-
-def feature_dims(dataset: JoinedDataset) -> dict[str, int]:
-    return {s: int(dataset.feat_dbs[s][0].meta["dim"]) for s in dataset.streams}
-
-
-# ----------------------------------------------------------------------------- model
-def build_finetune_model(
-    cfg: FinetuneConfig, plan: ProtocolPlan, feat_dims: Mapping[str, int], special: SpecialTokens
-) -> FinetuneModel:
-    """Backbone from `model.init` (or a fresh one from `model.config`) + the configured head."""
-    m = cfg.model
-    source = m.init or m.config
-    base = (
-        UniterConfig.from_pretrained(m.init, **m.overrides)
-        if m.init
-        else UniterConfig.from_json(m.config, **m.overrides)
-    )
-    overrides = deep_merge(
-        m.overrides, check_feature_dims(base, feat_dims, str(source), dict(cfg.data.model_extra or {}))
-    )
-    if base.vocab_size != special.vocab_size:
-        raise DatabaseError(
-            f"model {source} has a {base.vocab_size}-word vocabulary but the text db was tokenised with "
-            f"{special.vocab_size} words; rebuild the text db with the model's tokenizer"
-        )
-    if m.init:
-        uniter, info = UniterModel.from_pretrained(m.init, output_loading_info=True, **overrides)
-        new_weights = set(info["missing_keys"])
-    else:
-        uniter = UniterModel(UniterConfig.from_json(m.config, **overrides))
-        new_weights = {n for n, _ in uniter.named_parameters()}
-    spec = HeadSpec(
-        head=m.head,
-        classes=list(plan.label.classes),
-        dropout=m.dropout,
-        protocol=plan.name,
-        modalities=cfg.data.used_modalities,
-    )
-    if spec.head == "prompt":
-        spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special)
-    model = FinetuneModel(uniter, spec)
-    model.new_backbone_weights = new_weights
-    if spec.head == "prompt" and m.init:
-        load_mlm_head(model, Path(m.init))
-    freeze(model, m.freeze_layers, m.freeze_embeddings)
-    return model
-
-
-def prompt_spec(
-    cfg: FinetuneConfig, plan: ProtocolPlan, special: SpecialTokens
-) -> tuple[list[int], list[int], dict[str, str]]:
-    """Prompt ids, label word ids (class order) and the verbaliser, from the one prompt builder."""
-    meta = text_meta(cfg.data)["tokenizer"]
-    tok_dir = cfg.model.tokenizer or cfg.tokenizer or meta.get("name") or cfg.model.init
-    if not tok_dir or not Path(tok_dir).is_dir():
-        raise ConfigError(f"the prompt head needs the tokenizer: set model.tokenizer (tried {tok_dir!r})")
-    tokenizer = load_tokenizer(tok_dir)
-    if meta.get("vocab_hash") and vocab_hash(tokenizer) != meta["vocab_hash"]:
-        raise DatabaseError(
-            f"tokenizer {tok_dir} differs from the one the text db was built with (vocab hash {meta['vocab_hash']}); "
-            "set model.tokenizer to that tokenizer"
-        )
-    verbalizer = cfg.model.verbalizer or default_verbalizer(plan.name, cfg.protocol.target)
-    if not verbalizer:
-        raise ConfigError(f"protocol {plan.name} has no default verbaliser: set model.verbalizer")
-    prompt_ids = tokenize_template(tokenizer, cfg.model.prompt, special.mask_id, "model.prompt")
-    words = label_word_ids(
-        tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes
-    )
-    return prompt_ids, [words[c] for c in plan.label.classes], {c: verbalizer[c] for c in plan.label.classes}
-
-
 def supervised_task(
     model: FinetuneModel,
     plan: ProtocolPlan,
     special: SpecialTokens,
     class_weights: Sequence[float] | None = None,
-    modality_subsets: Sequence[str] | None = None,
+    modality_sets: Sequence[str] | None = None,
 ) -> SupervisedTask:
-    """The fine-tuning task; `modality_subsets` (training only) = modality dropout over those cases."""
+    """The fine-tuning task; `modality_sets` (training only) = modality dropout over those sets."""
     return SupervisedTask(
-        TaskContext(special=special),
+        TaskContext(special=special, stream_table=model.config.stream_table),
         targets=plan.targets,
         head=model.spec.head,
         prompt_ids=model.spec.prompt_ids,
         class_weights=class_weights,
         max_len=model.config.max_position_embeddings,
-        modality_subsets=modality_subsets,
+        modality_sets=modality_sets,
     )
 
 
@@ -304,6 +202,7 @@ def predict(
             pad_multiple=b.pad_multiple,
             feature_dtype=b.feature_dtype_for(backend.device),
             packing=b.packing,
+            stream_table=task.stream_table,
         ),
         task_index=0,
         seed=cfg.seed,
@@ -353,8 +252,8 @@ def scalars(scores: Mapping[str, Any]) -> dict[str, float]:
 class SelectionEvaluator(Evaluator):
     """Validation of fine-tuning: the protocol's metric on the validation split; the best model
     is written to `best_dir` (main rank), `patience` validations without improvement stop the run.
-    With `cases` ({modality case: validation dataset of that case}) the metric is scored per case
-    and the model is selected on the MEAN over the cases (missing-modality training)."""
+    With `modality_sets` ({modalities: validation dataset reading them}) the metric is scored per set
+    and the model is selected on the MEAN over the sets (missing-modality training)."""
 
     def __init__(
         self,
@@ -367,10 +266,10 @@ class SelectionEvaluator(Evaluator):
         precision: Precision,
         best_dir: Path,
         extra: Mapping[str, Any],
-        cases: Mapping[str, JoinedDataset] | None = None,
+        modality_sets: Mapping[str, JoinedDataset] | None = None,
     ):
         self.model, self.task, self.valid_set, self.plan = model, task, valid_set, plan
-        self.cases = dict(cases or {})
+        self.modality_sets = dict(modality_sets or {})
         self.cfg, self.backend, self.precision = cfg, backend, precision
         self.best_dir, self.extra = best_dir, dict(extra)
         self.metric = plan.selection_metric
@@ -381,13 +280,13 @@ class SelectionEvaluator(Evaluator):
         self.should_stop = False
 
     def _scores(self) -> dict[str, float]:
-        if not self.cases:
+        if not self.modality_sets:
             preds = predict(
                 self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
             )
             return scalars(score(self.plan, preds, self.valid_set.ids))
         per_case = {}
-        for case, dataset in self.cases.items():
+        for case, dataset in self.modality_sets.items():
             preds = predict(
                 self.model, self.task, dataset, self.cfg, self.backend, self.precision, f"validate {case}"
             )
@@ -438,29 +337,278 @@ class SelectionEvaluator(Evaluator):
         self.should_stop = bool(state["should_stop"])
 
 
-def evaluation_cases(
-    cfg: FinetuneConfig, model_config: UniterConfig, cases: Sequence[str] | None
+def evaluation_sets(
+    cfg: FinetuneConfig, model_config: UniterConfig, modality_sets: Sequence[str] | None
 ) -> list[str]:
-    """Modality cases to score: given ones (checked), or every non-empty subset the config's modalities allow."""
+    """Modality sets to score: given ones (checked), or every non-empty subset the config's modalities allow."""
     allowed = cfg.data.used_modalities
-    if not cases:
+    if not modality_sets:
         from itertools import combinations
 
         return ["".join(c) for r in range(1, len(allowed) + 1) for c in combinations(allowed, r)]
     out = []
-    for raw in cases:
-        case = stream_table.parse_modalities(raw, f"--modalities {raw}")
+    stream_table = cfg.stream_table
+    for raw in modality_sets:
+        case = stream_table.parse_modalities(raw, f"--modality-sets {raw}")
         for letter in case.replace("L", ""):
             stream = stream_table.get(letter)
             if stream.name not in cfg.data.feat_dbs:
                 raise UserError(
-                    f"--modalities {raw}: {stream.name} ({letter}) was asked for but the config sets no "
-                    f"data.{stream.db_key}; add it (--set data.{stream.db_key}=DIR) or drop {letter} from the cases"
+                    f"--modality-sets {raw}: {stream.name} ({letter}) was asked for but the config sets no "
+                    f"data.{stream.db_key}; add it (--set data.{stream.db_key}=DIR) or drop {letter} from the sets"
                 )
             if not model_config.stream(stream.name).present:
                 raise UserError(
-                    f"--modalities {raw}: the checkpoint has no {stream.name} stream (it was fine-tuned without "
-                    f"{letter}); drop {letter} from the cases"
+                    f"--modality-sets {raw}: the checkpoint has no {stream.name} stream (it was fine-tuned without "
+                    f"{letter}); drop {letter} from the sets"
                 )
         out.append(case)
     return out
+
+
+# ----------------------------------------------------------------------------- the run
+def run_finetune(
+    config: FinetuneConfig | Mapping[str, Any] | str | os.PathLike,
+    fold: int | None = None,
+    overrides: Sequence[str] = (),
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune fold `fold` (or every fold), write per-fold outputs and the summary.
+
+    `resume`: "auto" (folds with results are kept, an interrupted fold continues from its last
+    complete checkpoint) or a checkpoint DIR of the one fold given as `fold`.
+    Returns {"folds": [per-fold result], "test": mean test metrics of the folds run here,
+    "summary": over every fold found in output_dir (main rank) | None, "summary_md": str | None}.
+    """
+    cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, overrides)
+    if resume not in (None, "auto") and fold is None:
+        raise UserError(f"--resume {resume}: a checkpoint continues one fold; give that fold with --fold K")
+    backend = init_backend(cfg.device, grad_sync=cfg.grad_sync)
+    run_dir = ExitStack()
+    try:
+        plan = plan_protocol(cfg)
+        if fold is not None and not 0 <= fold < len(plan.folds):
+            raise UserError(f"--fold {fold}: protocol {plan.name} has folds 0..{len(plan.folds) - 1}")
+        # A fold loop runs one fold per invocation into one folder: another fold is not a conflict.
+        other_folds = fold is not None and Path(cfg.output_dir, RESOLVED_CONFIG).is_file() and not overwrite
+        run_dir.enter_context(
+            open_run_dir(
+                cfg.output_dir, "finetune", backend, resume=bool(resume) or other_folds, overwrite=overwrite
+            )
+        )
+        recorded = Path(cfg.output_dir) / RESOLVED_CONFIG
+        if resume or other_folds:
+            settings_on_resume(recorded, cfg.model_dump(mode="json"))
+        if backend.is_main:
+            atomic_write_json(recorded, cfg.model_dump(mode="json"))
+        chosen = range(len(plan.folds)) if fold is None else [fold]
+        results = [train_fold(cfg, plan, k, backend, resume) for k in chosen]
+        summary = summary_md = None
+        if backend.is_main and any(r["test"] for r in results):
+            summary = write_summary(cfg.output_dir, load_fold_results(cfg.output_dir))
+            summary_md = Path(cfg.output_dir, "summary.md").read_text()
+        finished = [r for r in results if r["test"]]
+        test = {
+            name: float(np.mean([r["test"][name] for r in finished]))
+            for name, value in (finished[0]["test"] if finished else {}).items()
+            if not isinstance(value, list)
+        }
+        return {"folds": results, "test": test, "summary": summary, "summary_md": summary_md}
+    finally:
+        gc.collect()
+        run_dir.close()
+        backend.shutdown()
+
+
+def fold_dir(cfg: FinetuneConfig, plan: ProtocolPlan, k: int) -> Path:
+    return Path(cfg.output_dir) / f"fold{k:02d}-{plan.folds[k].name}"
+
+
+def train_fold(
+    cfg: FinetuneConfig, plan: ProtocolPlan, k: int, backend: Backend, resume: str | None = None
+) -> dict[str, Any]:
+    """One fold: train with selection on its validation split, then score its test split ONCE."""
+    fold = plan.folds[k]
+    out_dir = fold_dir(cfg, plan, k)
+    done = out_dir / FOLD_FILE
+    if resume == "auto" and done.is_file():
+        log.info("fold %s already has %s: kept (--resume auto)", fold.name, done)
+        return json.loads(done.read_text())
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)  # identical initial head weights on every rank
+    dbs = Databases()
+    meta = data_tokenizer(cfg.data, dbs)
+    special = SpecialTokens.from_dict(meta)
+    collator = Collator(
+        special,
+        pad_multiple=cfg.batching.pad_multiple,
+        feature_dtype=cfg.batching.feature_dtype_for(backend.device),
+        packing=cfg.batching.packing,
+        stream_table=cfg.stream_table,
+    )
+    tokenizer = cfg.model.tokenizer or cfg.tokenizer  # for context speaker prefixes
+
+    def dataset(ids: Sequence[str], modalities: str | None = None) -> JoinedDataset:
+        return build_dataset(cfg.data, dbs, ids=ids, modalities=modalities, tokenizer=tokenizer)
+
+    train_set, valid_set = dataset(fold.train), dataset(fold.valid)
+    model = build_finetune_model(cfg, plan, feature_dims(train_set), meta).to(backend.device)
+    if cfg.model.init:
+        check_vocabulary(
+            read_tokenizer_record(cfg.model.init), model.tokenizer_record, cfg.model.init, "data.txt_db"
+        )
+    untrained = untrained_classes(plan, fold)
+    if untrained and backend.is_main:
+        log.warning(
+            "fold %s: classes %s have no training utterance but %d test utterances; they are scored (the model "
+            "cannot predict them well) and listed in metrics.json as untrained_classes",
+            fold.name,
+            untrained,
+            sum(plan.label.classes[int(plan.targets[i])] in untrained for i in fold.test),
+        )
+    weights = class_weights(plan, fold.train) if cfg.class_weighted and not plan.regression else None
+    task = supervised_task(model, plan, special, weights)  # scores whole splits (no modality dropout)
+    train_task = (
+        supervised_task(model, plan, special, weights, cfg.modality_sets) if cfg.modality_sets else task
+    )
+    valid_sets = {m: dataset(fold.valid, m) for m in cfg.modality_sets or []}
+    if backend.is_main:
+        log.info("fold %s: sizes %s; %s", fold.name, fold.sizes(), model.describe())
+
+    b = cfg.batching
+    stream = TaskStream(
+        train_task,
+        train_set,
+        collator,
+        task_index=0,
+        seed=cfg.seed,
+        max_tokens=b.max_tokens,
+        max_batch_size=b.max_batch_size,
+        pool_size=b.pool_size,
+        num_workers=b.workers_for(backend.device, backend.local_world_size),
+        world_size=backend.world_size,
+        rank=backend.rank,
+        pin_memory=backend.device.type == "cuda",
+    )
+    steps_per_epoch = max(1, len(stream.sampler) // cfg.grad_accum)
+    total = (
+        cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
+    )
+    val_every = max(1, steps_per_epoch // min(cfg.evals_per_epoch, steps_per_epoch))
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        o.lr,
+        o.weight_decay,
+        tuple(o.betas),
+        o.eps,
+        backend.device,
+        head_parameters=model.head_parameters(),
+        head_lr=o.head_lr,
+        fused=o.fused,
+    )
+    scheduler = warmup_linear_schedule(optimizer, o.warmup_for(total), total, o.final_lr_ratio)
+    precision = Precision(cfg.precision, backend.device)
+    evaluator = SelectionEvaluator(
+        model,
+        task,
+        valid_set,
+        plan,
+        cfg,
+        backend,
+        precision,
+        out_dir / "best",
+        {"fold_index": k, "fold": fold.name},
+        modality_sets=valid_sets,
+    )
+    settings = LoopSettings(
+        output_dir=str(out_dir),
+        steps=total,
+        seed=cfg.seed,
+        grad_accum=cfg.grad_accum,
+        grad_clip=o.grad_clip,
+        val_every=val_every,
+        ckpt_every=cfg.ckpt_every or val_every,
+        keep_last=cfg.keep_last,
+        log_every=min(cfg.log_every, val_every),
+        max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
+        progress=cfg.progress,
+        stop_after=cfg.stop_after,
+        compile=cfg.compile,
+        prefetch=b.prefetch_for(backend.device),
+        desc=f"fold {fold.name}",
+        databases=database_digests(dbs.paths()),
+    )
+    checkpoint = find_resume(out_dir, resume, report=main_rank_print(backend))
+    if checkpoint is not None and backend.is_main:
+        log.info("fold %s: resuming from %s", fold.name, checkpoint)
+    loop = TrainLoop(
+        settings,
+        model,
+        [TrainTask("finetune", train_task, 1.0, stream)],
+        backend,
+        precision,
+        optimizer,
+        scheduler,
+        checkpoint,
+        evaluator=evaluator,
+    )
+    try:
+        loop.run()
+        stopped_early = evaluator.should_stop
+        steps = loop.step
+    finally:
+        loop.close()
+        del loop, optimizer, scheduler  # before any shutdown (gloo), see DEVELOPERS.md
+        gc.collect()
+    if cfg.stop_after is not None and steps < total and not stopped_early:
+        return {"fold": fold.name, "fold_index": k, "stopped_at": steps, "test": {}}
+    train_seconds = time.time() - t0
+
+    best = load_finetuned(out_dir / "best").to(backend.device)  # the model selected on validation
+    test_pred = predict(best, task, dataset(fold.test), cfg, backend, precision, "test")  # scored ONCE
+    test_scores = score(plan, test_pred, fold.test)
+    test_sets = {}
+    for modalities in cfg.modality_sets or []:  # the same selected model, scored once per set
+        set_pred = predict(best, task, dataset(fold.test, modalities), cfg, backend, precision, modalities)
+        test_sets[modalities] = scalars(score(plan, set_pred, fold.test))
+    result = {
+        "protocol": f"{plan.name}/{cfg.protocol.scheme}"
+        + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
+        "fold": fold.name,
+        "fold_index": k,
+        "sizes": fold.sizes(),
+        "dropped_by_label": plan.dropped,
+        "classes": list(plan.label.classes),
+        "untrained_classes": untrained,
+        "modalities": cfg.data.used_modalities,
+        "head": cfg.model.head,
+        "init": cfg.model.init or cfg.model.config,
+        "seed": cfg.seed,
+        "selection_metric": plan.selection_metric,
+        "best_valid": evaluator.best_value,
+        "best_step": evaluator.best_step,
+        "steps": steps,
+        "early_stopped": stopped_early,
+        "history": evaluator.history,
+        "test": test_scores,
+        **({"modality_sets": list(cfg.modality_sets), "test_sets": test_sets} if test_sets else {}),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "predictions": _prediction_rows(plan, test_pred, fold.test),
+    }
+    if backend.is_main:
+        atomic_write_json(done, result)
+        log.info("fold %s: test %s", fold.name, scalars(test_scores))
+    backend.barrier()
+    return result
+
+
+def _prediction_rows(
+    plan: ProtocolPlan, predictions: Mapping[str, Any], ids: Sequence[str]
+) -> list[dict[str, Any]]:
+    if plan.regression:
+        return [{"id": i, "gold": plan.targets[i], "pred": round(float(predictions[i]), 5)} for i in ids]
+    names = plan.label.classes
+    return [{"id": i, "gold": names[int(plan.targets[i])], "pred": names[int(predictions[i])]} for i in ids]

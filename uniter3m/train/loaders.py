@@ -84,10 +84,10 @@ class PrepareBatch:
         generator = torch.Generator().manual_seed(items[0][1])
         inputs = self.task.prepare(self.collator(examples), generator)
         if self.packing and isinstance(inputs.get("attention_mask"), torch.Tensor):
-            from uniter3m import streams as stream_table
             from uniter3m.data.packing import joint_mask, pack_plan
 
-            masks = [s.mask_key for s in stream_table.frame_streams() if inputs.get(s.feat_key) is not None]
+            streams = self.task.stream_table.frame_streams()
+            masks = [s.mask_key for s in streams if inputs.get(s.feat_key) is not None]
             inputs.update(
                 pack_plan(joint_mask(inputs, masks), getattr(self.collator, "pad_multiple", 8) or 8)
             )

@@ -18,18 +18,14 @@ ready, so their gradients stay None on every rank and AdamW leaves them untouche
 one-process run would. (The alternative, a zero-weighted touch of every head, would make weight
 decay and Adam moments move unused heads and cost a forward through each of them.)
 
-Non-finite losses: each step all-reduces [loss sum, non-finite count, samples] in one collective,
-so all ranks skip the same steps. A skipped step still runs the scheduler (the step counter is
-the schedule's clock) and is counted; `max_nonfinite_in_a_row` skips in a row stop the run with
-an error naming the step and the task.
+Non-finite steps: each step all-reduces [loss sum, non-finite count, ...] in one collective, so
+all ranks skip the same steps; what a skipped step does and when the run stops is `nonfinite.py`.
+Batches reach the device through `prefetch.py`; SIGTERM/SIGINT through `preemption.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import signal
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,20 +38,23 @@ from torch import nn
 
 from uniter3m.errors import UserError
 from uniter3m.progress import disabled
-from uniter3m.tasks.base import model_keys
 from uniter3m.train.checkpoint import (
     capture_rng_state,
     check_parameter_digest,
     load_model_weights,
     load_trainer_state,
+    parameter_digest,
     restore_rng_state,
     save_checkpoint,
 )
 from uniter3m.train.distributed import Backend
 from uniter3m.train.loaders import TaskStream, mix_seed
 from uniter3m.train.logs import MetricsLogger
+from uniter3m.train.nonfinite import NonfiniteSteps
 from uniter3m.train.optim import clip_gradients
 from uniter3m.train.precision import Precision
+from uniter3m.train.preemption import StopRequest
+from uniter3m.train.prefetch import Prefetcher, to_device
 
 
 @dataclass
@@ -124,60 +123,6 @@ class TaskStep(nn.Module):
         return {"loss": out.loss, "n_targets": out.n_targets, "metrics": out.metrics}
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in nested dicts/lists/tuples to `device` (other values unchanged)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def record_stream(obj: Any, stream: Any) -> None:
-    """Tell the CUDA allocator that every tensor in `obj` (nested) is used on `stream`."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cuda:
-            obj.record_stream(stream)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            record_stream(value, stream)
-    elif isinstance(obj, list | tuple):
-        for value in obj:
-            record_stream(value, stream)
-
-
-def positions_of(inputs: Mapping[str, Any]) -> int:
-    """Real (unpadded) sequence positions of a CPU batch: text tokens + every frame stream's frames.
-    Counted with numpy, before the batch moves to the device, so it never waits on it."""
-    total = 0
-    for key in model_keys():
-        mask = inputs.get(key)
-        if key.endswith("mask") and not key.endswith("frame_mask") and isinstance(mask, torch.Tensor):
-            total += int(mask.numpy().sum())
-    return total
-
-
-def batch_size_of(inputs: Mapping[str, Any]) -> int:
-    ids = inputs.get("ids")
-    if ids is not None:
-        return len(ids)
-    return int(inputs["input_ids"].shape[0])
-
-
-@dataclass
-class _Ahead:
-    """The next micro-batch, fetched and on its way to the device before its step starts. Its
-    stream has not counted it yet (`held`), so a checkpoint taken meanwhile resumes exactly."""
-
-    key: str
-    inputs: dict[str, Any]
-    samples: int
-    positions: int
-    copied: Any = None  # a CUDA event recorded on the side stream after the copy
-
-
 @dataclass
 class _Window:
     """Numbers gathered between two log lines."""
@@ -192,7 +137,6 @@ class _Window:
     # the sync-free step keeps its numbers on the device until the window is logged
     device_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # key -> [sum, count]
     device_norm: list[torch.Tensor] = field(default_factory=list)  # [sum, count]
-    device_skipped: torch.Tensor | None = None
 
 
 class TrainLoop:
@@ -227,11 +171,8 @@ class TrainLoop:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.step = 0
-        self.skipped_nonfinite = 0
-        self._nonfinite_in_a_row = 0
-        self._streak: torch.Tensor | None = None  # the sync-free step's count of non-finite steps in a row
-        self._ahead: _Ahead | None = None
-        self._copy_stream = None  # the side CUDA stream of prefetched copies (made when first needed)
+        self.nonfinite = NonfiniteSteps(settings.max_nonfinite_in_a_row, report=backend.is_main)
+        self.batches = Prefetcher(backend.device)
         self.last_validation: dict[str, float] = {}
         if resume_from is not None:
             self._load(Path(resume_from))
@@ -279,65 +220,24 @@ class TrainLoop:
         samples = positions = 0
         for micro in range(self.s.grad_accum):
             wait = time.perf_counter()
-            ahead = self._take_ahead(t)
+            batch = self.batches.take(t.key, t.stream)
             window.data_wait += time.perf_counter() - wait
-            samples += ahead.samples
-            positions += ahead.positions
-            inputs = ahead.inputs
+            samples += batch.samples
+            positions += batch.positions
             sync = micro == self.s.grad_accum - 1
             with self.backend.no_sync(self.step_module, sync):
                 with self.precision.autocast():
-                    out = self.step_module(t.key, inputs)
+                    out = self.step_module(t.key, batch.inputs)
                 loss = out["loss"].float()
                 self.precision.backward(loss / self.s.grad_accum)
             if self.s.prefetch:  # the step is queued on the device: fetch and copy the next batch now
-                self._fetch_ahead(t if not sync else self.task_for_step(self.step + 1))
+                following = t if not sync else self.task_for_step(self.step + 1)
+                self.batches.fetch_ahead(following.key, following.stream)
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach(), 0.0).double()
             nonfinite += (~finite).double()
         self.backend.sync_gradients(self.step_module)
         return loss_sum, nonfinite, samples, positions
-
-    def _fetch(self, t: TrainTask, counted: bool = True, copy_stream: Any = None) -> _Ahead:
-        """`t`'s next batch from its stream, moved to the device; on `copy_stream` (a CUDA stream)
-        the copy is queued there, with an event that `_take_ahead` waits on."""
-        inputs = t.stream.next(counted=counted)
-        size, positions = batch_size_of(inputs), positions_of(inputs)
-        if copy_stream is None:
-            return _Ahead(t.key, to_device(inputs, self.backend.device), size, positions)
-        with torch.cuda.stream(copy_stream):
-            moved = to_device(inputs, self.backend.device)
-            copied = torch.cuda.Event()
-            copied.record(copy_stream)
-        return _Ahead(t.key, moved, size, positions, copied)
-
-    def _fetch_ahead(self, t: TrainTask) -> None:
-        """Fetch `t`'s next batch before its step and start the copy; on CUDA on a side stream, so
-        it overlaps the step in flight. Not counted by the stream until `_take_ahead`: a
-        checkpoint taken meanwhile replays it."""
-        if self._ahead is not None:
-            return
-        if self.backend.device.type == "cuda" and self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.backend.device)
-        self._ahead = self._fetch(t, counted=False, copy_stream=self._copy_stream)
-
-    def _take_ahead(self, t: TrainTask) -> _Ahead:
-        """The batch fetched ahead for `t` (now counted), or a fresh one."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return self._fetch(t)
-        if ahead.key != t.key:  # cannot happen: the next task is a function of (seed, step)
-            raise RuntimeError(f"prefetched a batch of {ahead.key} for a step of {t.key}")
-        t.stream.count_handed_out()
-        if ahead.copied is not None:
-            stream = torch.cuda.current_stream(self.backend.device)
-            stream.wait_event(ahead.copied)
-            record_stream(ahead.inputs, stream)  # memory made on the side stream is used on this one
-        return ahead
-
-    def _drop_ahead(self) -> None:
-        """Forget a prefetched batch (its stream never counted it: a resume replays it)."""
-        self._ahead = None
 
     def _train_step_on_device(self, window: _Window) -> None:
         t = self.task_for_step(self.step)
@@ -364,42 +264,22 @@ class TrainLoop:
             window.device_norm = [torch.zeros_like(stats[0]), torch.zeros_like(stats[0])]
         window.device_norm[0] += torch.where(bad, 0.0, norm.double())
         window.device_norm[1] += good
-        window.device_skipped = bad.double() if window.device_skipped is None else window.device_skipped + bad
-        self._streak = bad.double() if self._streak is None else (self._streak + 1) * bad
+        self.nonfinite.count_on_device(bad, t.key)
         self.step += 1
         window.steps += 1
         window.samples += samples * self.backend.world_size  # exact sums are reduced at log time
         window.positions += positions * self.backend.world_size
-        window.last_task = t.key
 
     def _read_device_window(self, window: _Window) -> None:
-        """Bring the sync-free step's numbers to the host (once per logged window) and apply the
-        non-finite rules the host path applies every step."""
+        """Bring the sync-free step's numbers to the host (once per logged window)."""
         for key, (total, count) in window.device_losses.items():
             c = float(count)
             if c:
                 window.losses.setdefault(key, []).append(float(total) / c)
         if window.device_norm and float(window.device_norm[1]):
             window.grad_norms.append(float(window.device_norm[0]) / float(window.device_norm[1]))
-        skipped = int(float(window.device_skipped)) if window.device_skipped is not None else 0
-        window.device_losses, window.device_norm, window.device_skipped = {}, [], None
-        if skipped:
-            self.skipped_nonfinite += skipped
-            self._nonfinite_in_a_row = int(float(self._streak))
-            if self.backend.is_main:
-                print(
-                    f"steps up to {self.step}: {skipped} step(s) with a non-finite loss or gradient norm skipped "
-                    f"({self.skipped_nonfinite} in this run; the run stops at {self.s.max_nonfinite_in_a_row} in a row)",
-                    file=sys.stderr,
-                )
-            if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
-                raise UserError(
-                    f"training stopped at step {self.step} (last task {getattr(window, 'last_task', '?')}): "
-                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm; lower "
-                    "optim.lr, raise warmup, check the task's data for NaN/Inf, or use bf16/fp32 instead of fp16"
-                )
-        elif self._streak is not None:
-            self._nonfinite_in_a_row = int(float(self._streak))
+        window.device_losses, window.device_norm = {}, []
+        self.nonfinite.settle(self.step)
 
     def _train_step_on_host(self, window: _Window) -> None:
         t = self.task_for_step(self.step)
@@ -417,27 +297,13 @@ class TrainLoop:
                 stepped = self.precision.step(self.optimizer)  # fp16: the scaler skips inf steps itself
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if nonfinite or (self.precision.scaler is None and not math.isfinite(grad_norm)):
-            self.skipped_nonfinite += 1
-            self._nonfinite_in_a_row += 1
-            if self.backend.is_main:
-                what = "loss" if nonfinite else "gradient norm"
-                print(
-                    f"step {self.step} (task {t.key}): non-finite {what}, step skipped "
-                    f"({self._nonfinite_in_a_row} in a row, {self.skipped_nonfinite} in this run; the run stops at "
-                    f"{self.s.max_nonfinite_in_a_row} in a row)",
-                    file=sys.stderr,
-                )
-            if self._nonfinite_in_a_row >= self.s.max_nonfinite_in_a_row:
-                what = "loss" if nonfinite else "gradient norm"
-                raise UserError(
-                    f"training stopped at step {self.step} (task {t.key}): {self._nonfinite_in_a_row} steps in a row "
-                    f"had a non-finite {what}; lower optim.lr, raise warmup, check the task's data for NaN/Inf, "
-                    "or use bf16/fp32 instead of fp16"
-                )
-        else:
-            self._nonfinite_in_a_row = 0
         self.step += 1
+        # fp16's scaler skipping an overflow is loss scaling at work, not a non-finite step
+        self.nonfinite.count(
+            bool(nonfinite) or (self.precision.scaler is None and not math.isfinite(grad_norm)),
+            self.step,
+            t.key,
+        )
         window.steps += 1
         window.samples += samples
         window.positions += positions
@@ -513,8 +379,7 @@ class TrainLoop:
         Each rank also sends a digest of its parameters: ranks that drifted apart (a bug, or a
         broken interconnect) stop the run here instead of training on silently.
         """
-        if self._streak is not None:  # the sync-free step's count, brought to the host at a checkpoint
-            self._nonfinite_in_a_row = int(float(self._streak))
+        self.nonfinite.settle(self.step)  # the sync-free step's counts, brought to the host
         ranks = self.backend.all_gather_object(self._local_state())
         digests = {r["param_digest"] for r in ranks}
         if len(digests) > 1:
@@ -529,8 +394,7 @@ class TrainLoop:
                 "precision": self.precision.state_dict(),
                 "ranks": ranks,
                 "world_size": self.backend.world_size,
-                "skipped_nonfinite": self.skipped_nonfinite,
-                "nonfinite_in_a_row": self._nonfinite_in_a_row,
+                **self.nonfinite.state_dict(),
                 "evaluator": self.evaluator.state_dict() if self.evaluator is not None else None,
                 "databases": self.s.databases,
                 "last_validation": self.last_validation,
@@ -559,23 +423,19 @@ class TrainLoop:
             raise UserError(
                 f"{checkpoint} has no loader position for task(s) {missing}: resume with the task list it was trained with"
             )
-        self._drop_ahead()
+        self.batches.drop()
         for t in self.tasks:
             t.stream.load_state_dict(mine["loaders"][t.key])
         restore_rng_state(mine["rng"])
         self.step = int(state["step"])
-        self.skipped_nonfinite = int(state["skipped_nonfinite"])
-        self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-        if self.sync_free:
-            self._streak = torch.tensor(
-                float(self._nonfinite_in_a_row), dtype=torch.float64, device=self.backend.device
-            )
+        self.nonfinite.load_state_dict(state)
         self.last_validation = dict(state.get("last_validation") or {})
         if self.evaluator is not None and state.get("evaluator") is not None:
             self.evaluator.load_state_dict(state["evaluator"])
 
     # ------------------------------------------------------------------ the run
     def _log_window(self, window: _Window) -> _Window:
+        """Log `window` (its device numbers read into it first); returns the next, empty window."""
         self._read_device_window(window)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         scalars: dict[str, float] = {f"loss/{k}": float(np.mean(v)) for k, v in window.losses.items()}
@@ -585,7 +445,7 @@ class TrainLoop:
         scalars["samples_per_s"] = window.samples / elapsed
         scalars["positions_per_s"] = window.positions / elapsed  # tokens + frames, padding excluded
         scalars["data_wait_share"] = window.data_wait / elapsed
-        scalars["skipped_nonfinite"] = float(self.skipped_nonfinite)
+        scalars["skipped_nonfinite"] = float(self.nonfinite.skipped)
         self.logger.log(self.step, scalars, split="train")
         return _Window()
 
@@ -604,26 +464,21 @@ class TrainLoop:
         resumed_at = self.step if self.step > 0 else -1
         saved_at, validated_at = resumed_at, -1
         end = self.s.steps if self.s.stop_after is None else min(self.s.steps, self.s.stop_after)
-        preempt = _PreemptionFlag()
-        try:
+        with StopRequest() as stop, bar:
             while self.step < end and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.train_step(window)
                 bar.update(1)
-                if self._all_ranks_agree(preempt.raised):
+                if stop.agreed(self.backend):
                     if saved_at != self.step:
                         self.save()
-                    raise Preempted(
-                        f"{preempt.name} received: stopped after step {self.step} with a checkpoint in "
-                        f"{self.s.output_dir}; continue with the same command and --resume auto"
-                    )
+                    raise stop.preempted(self.step, self.s.output_dir)
                 if self.step % self.s.log_every == 0:
-                    self._read_device_window(window)
-                    if window.losses:  # keys in a fixed (sorted) order, so the bar does not jump
+                    logged, window = window, self._log_window(window)
+                    if logged.losses:  # keys in a fixed (sorted) order, so the bar does not jump
                         bar.set_postfix(
-                            {k: f"{np.mean(window.losses[k]):.3f}" for k in sorted(window.losses)},
+                            {k: f"{np.mean(logged.losses[k]):.3f}" for k in sorted(logged.losses)},
                             refresh=False,
                         )
-                    window = self._log_window(window)
                 if self.s.val_every and self.step % self.s.val_every == 0:
                     self.validate()
                     validated_at = self.step
@@ -638,18 +493,7 @@ class TrainLoop:
                 self.validate()
             if saved_at != self.step:
                 self.save()
-        finally:
-            preempt.restore()
-            bar.close()
         return self.last_validation
-
-    def _all_ranks_agree(self, flag: bool) -> bool:
-        """True on every rank when any rank was signalled (all stop at the same step)."""
-        if self.backend.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.backend.device)
-        self.backend.all_reduce(t, op="max")
-        return bool(t.item())
 
     def apply_lr_change(self, old: float, new: float, head: bool = False) -> None:
         """A resumed run's new learning rate: the schedule continues from the step it reached, scaled to `new`."""
@@ -667,42 +511,11 @@ class TrainLoop:
 
     def close(self) -> None:
         """Stop loader workers and close logs; the caller then drops its references and shuts down."""
-        self._drop_ahead()
+        self.batches.drop()
         for t in self.tasks:
             t.stream.close()
         self.logger.close()
         self.step_module = None  # type: ignore[assignment]
-
-
-class Preempted(UserError):
-    """SIGTERM/SIGINT during training: the step finished and a checkpoint was written."""
-
-
-class _PreemptionFlag:
-    """Turns SIGTERM (what schedulers send before a kill) and SIGINT into a flag the loop checks
-    after each step; a second signal of the same kind interrupts at once."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.name = ""
-        self._previous: dict[int, Any] = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            self.restore()
-            raise KeyboardInterrupt
-        self.raised = True
-        self.name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
 
 def _numerator(value: torch.Tensor) -> float | np.ndarray:
@@ -712,24 +525,10 @@ def _numerator(value: torch.Tensor) -> float | np.ndarray:
     return float(value) if value.numel() == 1 else value.reshape(-1).numpy()
 
 
-def parameter_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in name order: equal exactly when the weights are."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-PretrainLoop = TrainLoop  # the name before fine-tuning moved onto this loop
-
 __all__ = [
     "Evaluator",
-    "Preempted",
     "LoopSettings",
-    "PretrainLoop",
     "TaskStep",
     "TrainLoop",
     "TrainTask",
-    "to_device",
 ]

@@ -1,4 +1,4 @@
-"""Mixed precision through torch.autocast (DESIGN.md §3; apex is not used).
+"""Mixed precision through torch.autocast (docs/DESIGN.md §3; apex is not used).
 
 `auto` means bf16 on a GPU that supports it (no loss scaling needed: bf16 has fp32's range),
 fp16 on an older GPU (with a GradScaler, whose state is checkpointed), and fp32 on CPU, where

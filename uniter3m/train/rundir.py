@@ -85,14 +85,11 @@ def claim_output_dir(
     marker: str,
     *,
     resume: bool = False,
-    legacy: frozenset[str] = frozenset(),
 ) -> Path:
     """Make `path` this run's folder, or refuse with the reason; returns it (created if needed).
 
     `marker` names the kind of run ("pretrain", "finetune", "demo"); it is recorded in RUN_MARKER.
-    `legacy`: entry names that folders written before markers existed hold (e.g. {"checkpoints",
-    "logs", "config.json"}); a folder holding only those counts as ours. `resume=True` keeps the
-    content (the caller continues from it); `overwrite=True` deletes it first. Call it while
+    `resume=True` keeps the content (the caller continues from it); `overwrite=True` deletes it first. Call it while
     holding `lock_run_dir(path)`, so the folder cannot be in use by a live run.
     """
     path = Path(path)
@@ -101,13 +98,13 @@ def claim_output_dir(
     path.mkdir(parents=True, exist_ok=True)
     entries = sorted(p.name for p in path.iterdir() if p.name != RUN_LOCK)
     if entries:
-        ours = RUN_MARKER in entries or (legacy and set(entries) <= legacy)
-        if not ours:
+        if RUN_MARKER not in entries:
             shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
             raise UserError(
                 f"output folder {path} is not empty and is not a uniter3m run folder (it holds {shown}; no "
                 f"{RUN_MARKER}); nothing was changed. Choose a new or empty folder (only a folder that a "
-                "uniter3m run created is ever continued or replaced)"
+                "uniter3m run created is ever continued or replaced; to start from a checkpoint of a run "
+                "without that file, set model.init to its checkpoints/step_N/model)"
             )
         if resume:
             _write_marker(path, marker)

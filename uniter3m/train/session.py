@@ -20,7 +20,7 @@ from typing import Any
 
 from uniter3m.data.store import changed_databases, database_digest
 from uniter3m.errors import UserError
-from uniter3m.model.uniter import TOKENIZER_FILE
+from uniter3m.model.io import TOKENIZER_FILE
 from uniter3m.train.distributed import Backend
 from uniter3m.train.rundir import claim_output_dir, lock_run_dir
 
@@ -45,9 +45,6 @@ CHANGEABLE_ON_RESUME = frozenset(
         "patience",
     }
 )
-LEGACY_RUN_ENTRIES = frozenset(
-    {"checkpoints", "logs", "config.json", "summary.csv", "summary.md", "summary.json"}
-)
 
 
 @contextmanager
@@ -62,7 +59,7 @@ def open_run_dir(
         return
     with lock_run_dir(path):
         try:
-            claim_output_dir(path, overwrite, kind, resume=resume, legacy=LEGACY_RUN_ENTRIES)
+            claim_output_dir(path, overwrite, kind, resume=resume)
         except BaseException:
             backend.barrier()  # let the other ranks reach their error path instead of hanging
             raise

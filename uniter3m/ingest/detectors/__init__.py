@@ -12,6 +12,9 @@ __all__ = ["DETECTORS", "Detection", "Detector", "get_detector", "register"]
 
 DETECTORS: dict[str, Any] = {
     # name: "module:Class" (imported on use) or the class itself
+    "haar": "uniter3m.ingest.detectors.haar:HaarDetector",
+    "mtcnn": "uniter3m.ingest.detectors.mtcnn:MtcnnDetector",
+    "blazeface": "uniter3m.ingest.detectors.blazeface:BlazeFaceDetector",
 }
 
 

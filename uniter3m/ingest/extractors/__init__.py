@@ -17,6 +17,17 @@ __all__ = ["EXTRACTORS", "Extractor", "ExtractorOptions", "FaceTrack", "Frames",
 
 EXTRACTORS: dict[str, Any] = {
     # name: "module:Class" (imported on use) or the class itself (registered at run time)
+    "compare": "uniter3m.ingest.extractors.opensmile:Compare",
+    "egemaps": "uniter3m.ingest.extractors.opensmile:Egemaps",
+    "functionals": "uniter3m.ingest.extractors.opensmile:Functionals",
+    "hf": "uniter3m.ingest.extractors.hf:HfExtractor",
+    "geometric": "uniter3m.ingest.extractors.geometric:Geometric",
+    "pixels": "uniter3m.ingest.extractors.pixels:Pixels",
+    "resemblyzer": "uniter3m.ingest.extractors.resemblyzer:Resemblyzer",
+    "resemblyzer-utt": "uniter3m.ingest.extractors.resemblyzer:ResemblyzerUtterance",
+    "whisper-ct2": "uniter3m.ingest.extractors.whisper_ct2:WhisperCt2",
+    "fer": "uniter3m.ingest.extractors.fer:FerExtractor",
+    "landmarks": "uniter3m.ingest.extractors.landmarks:Landmarks",
 }
 
 
@@ -35,7 +46,27 @@ def extractor_class(name: str) -> type[Extractor]:
     return target
 
 
+def extractors_for(modality: str) -> list[str]:
+    """The names that extract `modality` ("speech" | "face"), for error messages; unimportable ones are left out."""
+    names = []
+    for name in sorted(EXTRACTORS):
+        try:
+            cls = extractor_class(name)
+        except ImportError:
+            continue
+        if cls.modality in (modality, "any"):
+            names.append(name)
+    return names
+
+
 def get_extractor(spec: str, options: ExtractorOptions | None = None) -> Extractor:
-    """Build the extractor named by `spec` ("compare", "hf:DIR", "whisper-ct2:DIR", ...)."""
+    """Build the extractor named by `spec` ("compare", "hf:DIR", "whisper-ct2:DIR", ...) for `options.modality`."""
+    options = options or ExtractorOptions()
     name, sep, arg = spec.partition(":")
-    return extractor_class(name)(arg if sep else None, options or ExtractorOptions())
+    cls = extractor_class(name)
+    if cls.modality not in (options.modality, "any"):
+        raise UserError(
+            f"--extractor {name} gives {cls.modality} features, not {options.modality}; the {options.modality} "
+            f"extractors are: {' | '.join(extractors_for(options.modality))}"
+        )
+    return cls(arg if sep else None, options)

@@ -26,6 +26,9 @@ class ExtractorOptions:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     fps: float = 5.0  # face: frames sampled per second of video
+    face_size: int = 64  # face: crop side for extractors that take any size (pixels, hf)
+    face_colour: str = "grey"  # face: grey | rgb, for extractors that take either
+    modality: str = "speech"  # what the build is for (--format wav: speech, video: face)
     extra: dict[str, Any] = field(default_factory=dict)  # extractor-specific settings
 
 
@@ -53,24 +56,29 @@ class Extractor:
     """One registered way of turning media into frames. Subclasses set the class fields and `extract`."""
 
     name: ClassVar[str]  # the --extractor value (before any ":ARG")
-    modality: ClassVar[str]  # "speech" or "face"
+    modality: ClassVar[str]  # "speech", "face", or "any" (then __init__ reads options.modality)
     in_worker: ClassVar[bool] = False  # True: extract() runs per file in the decoding workers
     needs_crops: ClassVar[bool] = True  # face: False when only boxes / landmarks are used
-    dtype: ClassVar[str] = "float16"  # the database dtype it stores by default
+    store_dtype: ClassVar[str] = "float16"  # the database dtype it stores by default (--dtype overrides)
 
     dim: int
-    frame_rate: float  # frames per second of the output (face: the sampling --fps)
+    frame_rate: float  # frames per second of the output (face: the sampling --fps; 0: one per utterance)
     sample_rate: int = 16000  # speech: the rate signals are decoded at
     crop_size: int = 64  # face: the crop side it wants
     colour: str = "grey"  # face: grey | rgb
     soft_label_dim: int = 0  # > 0 when Frames.soft is filled
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
+        """`arg`: the text after "NAME:" in --extractor (None without one)."""
         self.arg = arg
         self.options = options
 
     def extract(self, inputs: Sequence[Any]) -> list[Frames]:
-        """Speech: a list of 1-D signals; face: a list of FaceTrack. One Frames per input, in order."""
+        """Speech: a list of 1-D signals; face: a list of FaceTrack. One Frames per input, in order.
+
+        Frames.feat is (T, dim); a face extractor gives one row per crop (T = 0 for an empty track).
+        Raise `UserError` for bad input: the caller adds the file and id to the message.
+        """
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
