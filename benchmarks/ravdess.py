@@ -46,6 +46,7 @@ from uniter3m.evaluation.protocols import ProtocolPlan, build_protocol
 from uniter3m.train.benchmark import (
     case_lines,
     case_table,
+    clip_vectors,
     deterministic_row,
     finetune_fold,
     seed_row,
@@ -58,7 +59,7 @@ GRID = tuple(10.0**k for k in range(-5, 2))  # 1e-5 .. 10
 CASES = ("V", "A", "VA")
 PROTOCOLS = {
     "loao": {"scheme": "loso", "valid_speakers": 1},
-    "6fold": {"scheme": "speaker_kfold", "speaker_folds": 6, "valid_speakers": 4},
+    "6fold": {"scheme": "speaker_kfold", "num_folds": 6, "valid_speakers": 4},
 }
 FEATURES = {"face": "ravdess_face", "func": "ravdess_functionals", "rsz": "ravdess_resemblyzer"}
 FEATURE_SETS = ("face", "func", "rsz", "face+func", "face+rsz", "face+func+rsz")
@@ -75,15 +76,6 @@ def ravdess_plan(db: Path, protocol: str) -> tuple[dict[str, dict[str, Any]], Pr
 
 
 # ----------------------------------------------------------------------------- the classic baselines
-def clip_features(db: Path, ids: Sequence[str]) -> np.ndarray:
-    """One vector per clip: the one frame of a one-frame db, else the mean and std of its frames."""
-    reader = DbReader(db, kind="feat")
-    feats = [np.asarray(reader[uid]["feat"], np.float64) for uid in ids]
-    if all(len(f) == 1 for f in feats):
-        return np.stack([f[0] for f in feats])
-    return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in feats])
-
-
 def run_baselines(
     db: Path, names: Sequence[str], protocol: str, folds: Sequence[int], seeds: int
 ) -> dict[str, dict[str, Any]]:
@@ -101,7 +93,7 @@ def run_baselines(
             )
             continue
         t0 = time.process_time()
-        blocks[key] = (speaker_znorm(clip_features(db / name, ids), actors), time.process_time() - t0)
+        blocks[key] = (speaker_znorm(clip_vectors(db / name, ids), actors), time.process_time() - t0)
     table = {}
     for name in names:
         kind, feats = name.split("_", 1)

@@ -7,6 +7,10 @@ Examples:
     uniter3m build-media-db --input videos/ --format video --fps 5 --extractor hf:models/clip-vit-b16 \\
         --face-size 224 --face-colour rgb --out db/face_clip
     uniter3m build-media-db --input videos/ --format wav --shard 0/8 --out db/speech.0   # then merge-db
+    uniter3m build-media-db --input recordings/ --format wav --extractor resemblyzer --pool-frames 10 \
+        --out db/speech_resemblyzer                                    # pretrained speaker-encoder states
+    uniter3m build-media-db --input videos/ --format video --detector mtcnn --extractor fer \
+        --out db/face_fer                        # expression CNN: 256-d + 7 soft labels; landmarks.npz
 
 Extractors and detectors come from registries (`uniter3m.ingest.extractors`, `uniter3m.ingest.detectors`):
 a new one is one module plus one registry line. Feature files (npz, h5, csv, OpenFace) go through
@@ -117,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     face.add_argument(
         "--min-face", type=float, default=0.05, help="smallest face side as a fraction of the frame's"
     )
+    face.add_argument(
+        "--landmarks-keep",
+        type=int,
+        default=100,
+        help="detectors with landmarks (mtcnn, blazeface): per-frame landmarks of the first N utterances "
+        "go to landmarks.npz in the database folder (0: none; default 100)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         workers=args.workers,
         shard=args.shard,
+        landmarks_keep=args.landmarks_keep,
         face=FaceOptions(select=args.face_select, margin=args.face_margin, min_face=args.min_face),
         extract=ExtractorOptions(
             layer=args.layer,

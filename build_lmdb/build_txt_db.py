@@ -8,7 +8,6 @@ Example (MELD):
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from uniter3m.data.store import claim_database_dir
@@ -37,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-col",
         default=None,
         help="the column holding the transcript (required without --asr; with --asr the column written, default 'text')",
+    )
+    parser.add_argument(
+        "--id-prefix",
+        default="",
+        help="put this before every id (e.g. 'train_'): split files whose ids repeat across splits, as MELD's "
+        "do, then give databases that can be used together (their feature dbs need the same ids)",
     )
     parser.add_argument("--tokenizer", required=True, type=Path, help="local HF tokenizer directory")
     parser.add_argument("--out", required=True, type=Path, help="output database folder")
@@ -86,22 +91,17 @@ def run(args: argparse.Namespace) -> int:
     claim_database_dir(args.out.resolve(), args.overwrite)  # before any work: refuse a folder not ours
     if args.asr is None and not args.text_col:
         raise UserError("--text-col is required (or --asr DIR to transcribe the recordings of a manifest)")
-    with tempfile.TemporaryDirectory(prefix="uniter3m_asr_") as tmp:
-        source, text_col, extra = args.input, args.text_col or "text", None
-        if args.asr is not None:
-            from uniter3m.ingest.asr import make_transcriber, transcribe_manifest
+    text_col, rows, extra = args.text_col or "text", None, None
+    if args.asr is not None:
+        from uniter3m.ingest.asr import make_transcriber, transcribe_manifest
 
-            transcriber = make_transcriber(
-                args.asr, args.device, args.asr_batch_size, args.asr_language, args.asr_max_tokens
-            )
-            source = Path(tmp) / "transcripts.jsonl"
-            extra = {"asr": transcribe_manifest(args.input, transcriber, source, text_col, progress=True)}
-        return _build(args, source, text_col, extra)
-
-
-def _build(args: argparse.Namespace, source: Path, text_col: str, extra: dict | None) -> int:
+        transcriber = make_transcriber(
+            args.asr, args.device, args.asr_batch_size, args.asr_language, args.asr_max_tokens
+        )
+        rows, asr = transcribe_manifest(args.input, transcriber, text_col, progress=True)
+        extra = {"asr": asr}
     spec = TextDbSpec(
-        input=source,
+        input=args.input,
         id_cols=split_columns([args.id_col]),
         text_col=text_col,
         tokenizer=args.tokenizer,
@@ -113,8 +113,9 @@ def _build(args: argparse.Namespace, source: Path, text_col: str, extra: dict | 
         encoding=args.encoding,
         overwrite=args.overwrite,
         source_extra=extra,
+        id_prefix=args.id_prefix,
     )
-    meta = build_text_db(spec)
+    meta = build_text_db(spec, rows)
     for line in summary_lines(meta):
         print(line)
     print(f"wrote {args.out}")

@@ -1,11 +1,12 @@
-"""Recipe: the shared real corpora -> uniter3m databases (the builders are `uniter3m.ingest.corpora`).
+"""`uniter3m corpora NAME`: the shared real corpora -> uniter3m databases (the builders are
+`uniter3m.ingest.corpora`).
 
-    python -m uniter3m.recipes.build_lmdb.corpora meld    --data ../shared/data --tokenizer TOK --out db/
-    python -m uniter3m.recipes.build_lmdb.corpora iemocap --data ../shared/data --tokenizer TOK --out db/
-    python -m uniter3m.recipes.build_lmdb.corpora mosi    --data ../shared/data --tokenizer TOK --out db/
-    python -m uniter3m.recipes.build_lmdb.corpora emodb   --data ../shared/data --tokenizer TOK --out db/ \
-        [--pool-frames 10] [--split-dbs] [--speaker-norm] [--functionals]
-    python -m uniter3m.recipes.build_lmdb.corpora ravdess --data ../shared/data --tokenizer TOK --out db/ \
+    uniter3m corpora meld    --data ../shared/data --tokenizer TOK --out db/
+    uniter3m corpora iemocap --data ../shared/data --tokenizer TOK --out db/
+    uniter3m corpora mosi    --data ../shared/data --tokenizer TOK --out db/
+    uniter3m corpora emodb   --data ../shared/data --tokenizer TOK --out db/ \
+        [--pool-frames 10] [--split-dbs] [--speaker-norm] [--functionals] [--extractors resemblyzer,resemblyzer-utt]
+    uniter3m corpora ravdess --data ../shared/data --tokenizer TOK --out db/ \
         [--extractors functionals,resemblyzer] [--pool-frames 10] [--split-dbs] [--speaker-norm]
 
 What each corpus gives (databases, ids, labels) is in `uniter3m.ingest.corpora`'s docstring
@@ -15,7 +16,7 @@ What each corpus gives (databases, ids, labels) is in `uniter3m.ingest.corpora`'
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,7 @@ from uniter3m.ingest.ravdess import SPEECH_EXTRACTORS, build_ravdess
 BUILDERS = {**CORPUS_BUILDERS, "ravdess": build_ravdess}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="build the databases of a shared real corpus")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpus", choices=sorted(BUILDERS))
     parser.add_argument("--data", type=Path, required=True, help="the shared data folder (../shared/data)")
     parser.add_argument("--tokenizer", type=Path, required=True, help="local tokenizer dir")
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         action="append",
         default=None,
-        help="emodb: also a speech db with every K ComParE frames mean-pooled (repeatable; e.g. 10)",
+        help="emodb, ravdess: also speech dbs with every K frames mean-pooled (repeatable; e.g. 10)",
     )
     parser.add_argument(
         "--functionals",
@@ -59,35 +59,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--extractors",
         default=None,
-        help=f"ravdess: the speech dbs to build, comma-separated extractor names (default {','.join(SPEECH_EXTRACTORS)})",
+        help="comma-separated speech extractor names; ravdess: the speech dbs to build (default "
+        f"{','.join(SPEECH_EXTRACTORS)}); emodb: speech dbs besides ComParE (emodb_<name>, e.g. resemblyzer)",
     )
-    args = parser.parse_args(argv)
-    try:
-        extra: dict[str, Any] = {"split_dbs": True} if args.split_dbs else {}
-        if extra and args.corpus not in ("mosi", "emodb", "ravdess"):
-            raise UserError("--split-dbs applies to mosi, emodb and ravdess only")
-        if args.pool_frames:
-            if args.corpus not in ("emodb", "ravdess"):
-                raise UserError("--pool-frames applies to emodb and ravdess only")
-            extra["pool_frames"] = args.pool_frames
-        if args.speaker_norm:
-            if args.corpus not in ("emodb", "ravdess"):
-                raise UserError("--speaker-norm applies to emodb and ravdess only")
-            extra["speaker_norm"] = True
-        if args.functionals:
-            if args.corpus != "emodb":
-                raise UserError("--functionals applies to emodb only")
-            extra["functionals"] = True
-        if args.extractors:
-            if args.corpus != "ravdess":
-                raise UserError("--extractors applies to ravdess only")
-            extra["extractors"] = [e.strip() for e in args.extractors.split(",") if e.strip()]
-        metas = BUILDERS[args.corpus](
-            args.data, args.out, args.tokenizer, args.overwrite, args.lexicon, **extra
-        )
-    except UserError as err:
-        print(f"corpora {args.corpus}: error: {err}")
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {"split_dbs": True} if args.split_dbs else {}
+    if extra and args.corpus not in ("mosi", "emodb", "ravdess"):
+        raise UserError("--split-dbs applies to mosi, emodb and ravdess only")
+    if args.pool_frames:
+        if args.corpus not in ("emodb", "ravdess"):
+            raise UserError("--pool-frames applies to emodb and ravdess only")
+        extra["pool_frames"] = args.pool_frames
+    if args.speaker_norm:
+        if args.corpus not in ("emodb", "ravdess"):
+            raise UserError("--speaker-norm applies to emodb and ravdess only")
+        extra["speaker_norm"] = True
+    if args.functionals:
+        if args.corpus != "emodb":
+            raise UserError("--functionals applies to emodb only")
+        extra["functionals"] = True
+    if args.extractors:
+        if args.corpus not in ("emodb", "ravdess"):
+            raise UserError("--extractors applies to emodb and ravdess only")
+        extra["extractors"] = [e.strip() for e in args.extractors.split(",") if e.strip()]
+    metas = BUILDERS[args.corpus](args.data, args.out, args.tokenizer, args.overwrite, args.lexicon, **extra)
     for name, meta in metas.items():
         if isinstance(meta, dict) and "count" in meta:
             print(
@@ -99,5 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+if __name__ == "__main__":  # pragma: no cover  (python -m uniter3m.recipes.build_lmdb.corpora NAME ...)
+    from uniter3m.cli import main
+
+    raise SystemExit(main(["corpora", *sys.argv[1:]]))

@@ -1,12 +1,12 @@
 """`uniter3m convert`: carry checkpoints in and out of uniter3m.
 
-    uniter3m convert --from hf-bert  --src HF_DIR            --out OURS   # BERT/RoBERTa (HF)
-    uniter3m convert --from tf-bert  --src DIR/bert_model.ckpt --out OURS # Google's TF release
-    uniter3m convert --from memobert --src model_step_N.pt   --out OURS   # MEmoBERT research code
-    uniter3m convert --from uniter   --src model_step_N.pt   --out OURS   # UNITER research code
-    uniter3m convert --to hf-bert    --src OURS              --out HF_DIR # our text encoder -> HF BERT
-                                                                          # (a fine-tuned text classifier ->
-                                                                          #  BertForSequenceClassification)
+    uniter3m convert --from hf-bert  --checkpoint HF_DIR                --out OURS    # BERT/RoBERTa (HF)
+    uniter3m convert --from tf-bert  --checkpoint DIR/bert_model.ckpt   --out OURS    # Google's TF release
+    uniter3m convert --from memobert --checkpoint model_step_N.pt       --out OURS    # MEmoBERT research code
+    uniter3m convert --from uniter   --checkpoint model_step_N.pt       --out OURS    # UNITER research code
+    uniter3m convert --to hf-bert    --checkpoint OURS                  --out HF_DIR  # our text encoder -> HF BERT
+                                                                                      # (a fine-tuned text classifier
+                                                                                      #  -> BertForSequenceClassification)
 
 The work is `uniter3m.model.export.convert`; it writes OUT/conversion_report.json (converted / new /
 ignored keys) and this prints its summary.
@@ -26,10 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from", dest="source_kind", choices=SOURCE_KINDS, help="convert a checkpoint of this kind into ours"
     )
     direction.add_argument(
-        "--to", dest="target_kind", choices=TARGET_KINDS, help="export our checkpoint (--src) to this kind"
+        "--to",
+        dest="target_kind",
+        choices=TARGET_KINDS,
+        help="export our checkpoint (--checkpoint) to this kind",
     )
     parser.add_argument(
-        "--src",
+        "--checkpoint",
         required=True,
         type=Path,
         help="HF model dir, TF checkpoint prefix or its folder, model_step_N.pt (or its folder), or our dir",
@@ -68,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = convert(
-        args.src,
+        args.checkpoint,
         args.out,
         source_kind=args.source_kind,
         target_kind=args.target_kind,

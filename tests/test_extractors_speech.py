@@ -232,3 +232,33 @@ def test_model_presets_match_the_extractor_dims(preset, extractor):
         Path(__file__).resolve().parents[1] / "configs" / "model" / f"{preset}.json"
     )
     assert config.speech.feat_dim == get_extractor(extractor, ExtractorOptions(device="cpu")).dim
+
+
+@needs_resemblyzer
+def test_shards_with_workers_merge_into_the_single_job_database(shared_data, tmp_path):
+    """A neural extractor through `--shard K/N` (+ `--workers`) and `merge-db` gives the database of one job."""
+    pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
+    from uniter3m.cli import main
+    from uniter3m.data.store import DbReader
+
+    wavs = sorted((shared_data / "emodb" / "wav").glob("03a0*.wav"))[:5]
+    folder = tmp_path / "wav"
+    folder.mkdir()
+    for w in wavs:
+        (folder / w.name).symlink_to(w)
+    base = ["build-media-db", "--input", str(folder), "--format", "wav", "--extractor", "resemblyzer"]
+    base += ["--pool-frames", "10", "--batch-size", "3"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--shard", "0/2", "--workers", "2", "--out", str(tmp_path / "s0")]) == 0
+    assert main([*base, "--shard", "1/2", "--out", str(tmp_path / "s1")]) == 0
+    assert main(["merge-db", str(tmp_path / "merged"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    one, merged = DbReader(tmp_path / "one"), DbReader(tmp_path / "merged")
+    assert sorted(merged.ids) == sorted(one.ids) == sorted(w.stem for w in wavs)
+    assert len(DbReader(tmp_path / "s0").ids) == 3  # files 0, 2, 4
+    for uid in one.ids:
+        np.testing.assert_array_equal(merged[uid]["feat"], one[uid]["feat"])
+    np.testing.assert_allclose(merged.meta["mean"], one.meta["mean"], atol=1e-6)
+    for key in ("segments", "files", "upsampled", "sample_rates"):
+        assert merged.meta["source"][key] == one.meta["source"][key]
+    extractor = merged.meta["source"]["extractor"]
+    assert extractor["name"] == "resemblyzer" and extractor["dim"] == 256 and extractor["frame_rate"] == 10.0

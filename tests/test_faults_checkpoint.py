@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
+from uniter3m.fileio import MANIFEST_NAME
 from uniter3m.train import checkpoint as ckpt
 
 
@@ -53,10 +54,12 @@ def weights_offset(file: Path) -> int:
 
 
 def drop_hashes(folder: Path) -> None:
-    """Turn a checkpoint into one written before hashes were recorded (sizes only)."""
+    """Turn a checkpoint into one written before hashes were recorded (sizes only, no model manifest)."""
     manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != f"{ckpt.MODEL_DIR}/{MANIFEST_NAME}"]
     for f in manifest["files"]:
         f.pop("sha256")
+    (folder / ckpt.MODEL_DIR / MANIFEST_NAME).unlink()
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 

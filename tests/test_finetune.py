@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from uniter3m.data.tokenization import SpecialTokens
-from uniter3m.errors import DatabaseError, UserError
+from uniter3m.errors import ConfigError, DatabaseError, UserError
+from uniter3m.evaluation.metrics import is_better
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
@@ -21,7 +22,7 @@ from uniter3m.train.assembly import build_dataset, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend, distributed_session
 from uniter3m.train.evaluate import evaluate_modalities
-from uniter3m.train.finetune import plan_protocol, predict, run_finetune, supervised_task
+from uniter3m.train.finetune import plan_protocol, predict, run_finetune, set_scores, supervised_task
 from uniter3m.train.precision import Precision
 
 SENTENCES = {
@@ -396,3 +397,31 @@ def test_one_text_database_per_split(dbs, tiny, tmp_path, minilm_dir):
     cfg["protocol"]["scheme"] = "session"
     with pytest.raises(UserError, match="per split, which fixes the folds"):
         run_finetune(dict(cfg, output_dir=str(tmp_path / "run2")))
+
+
+def test_select_on_picks_the_model_on_the_mean_of_the_listed_sets_only(dbs, tiny, tmp_path):
+    """MEmoBERT trains on 7 sets and selects on 6; here: trained on L, V, LV, selected on L and V
+    (class-weighted too: the weights travel with the batch and must never reach the backbone)."""
+    sets = {"top__modality_sets": ["L", "V", "LV"], "top__select_on": ["L", "V"]}
+    cfg = config(dbs, tiny, tmp_path / "run", top__class_weighted=True, **sets)
+    fold = run_finetune(cfg)["folds"][0]
+    for h in fold["history"]:
+        valid = h["valid"]
+        assert valid["uar"] == pytest.approx((valid["L_uar"] + valid["V_uar"]) / 2, abs=1e-4)
+    # the two rules choose different steps: LVA best at step 1, the other six sets at step 2
+    per_step = {
+        1: {"L": 0.40, "V": 0.30, "A": 0.30, "LV": 0.45, "LA": 0.45, "VA": 0.35, "LVA": 0.90},
+        2: {"L": 0.50, "V": 0.35, "A": 0.35, "LV": 0.50, "LA": 0.50, "VA": 0.40, "LVA": 0.50},
+    }
+    six = ["L", "V", "A", "LV", "LA", "VA"]
+    for select_on, step in ((None, 1), (six, 2)):
+        best_value = best_step = None
+        for s, figures in per_step.items():
+            value = set_scores({k: {"uar": v} for k, v in figures.items()}, select_on)["uar"]
+            if is_better("uar", value, best_value):
+                best_value, best_step = value, s
+        assert best_step == step
+    with pytest.raises(ConfigError, match="select_on"):
+        run_finetune(
+            config(dbs, tiny, tmp_path / "bad", top__modality_sets=["L", "A"], top__select_on=["LA"])
+        )

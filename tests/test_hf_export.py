@@ -169,7 +169,7 @@ def test_classifier_export_matches_uniter3m_predictions_in_a_pipeline(text_run, 
     cfg, result, rows = text_run
     best = Path(cfg["output_dir"]) / "fold00-split" / "best"
     out = tmp_path / "hf"
-    assert cli_main(["convert", "--to", "hf-bert", "--src", str(best), "--out", str(out)]) == 0
+    assert cli_main(["convert", "--to", "hf-bert", "--checkpoint", str(best), "--out", str(out)]) == 0
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["BertForSequenceClassification"]
     assert hf_config["id2label"] == {"0": "ang", "1": "hap", "2": "neu", "3": "sad"}
@@ -191,7 +191,10 @@ def test_classifier_export_matches_uniter3m_predictions_in_a_pipeline(text_run, 
 
     # the encoder alone still exports (the fine-tuned head left out on request)
     enc = tmp_path / "enc"
-    assert cli_main(["convert", "--to", "hf-bert", "--src", str(best), "--out", str(enc), "--no-head"]) == 0
+    assert (
+        cli_main(["convert", "--to", "hf-bert", "--checkpoint", str(best), "--out", str(enc), "--no-head"])
+        == 0
+    )
     assert json.loads((enc / "config.json").read_text())["architectures"] == ["BertModel"]
 
 
@@ -205,4 +208,6 @@ def test_a_multimodal_classifier_is_not_exported_as_a_text_model(text_run, tmp_p
     spec = json.loads((copy / "finetune.json").read_text())
     (copy / "finetune.json").write_text(json.dumps({**spec, "modalities": "LVA"}))
     caplog.set_level(logging.ERROR)
-    assert cli_main(["convert", "--to", "hf-bert", "--src", str(copy), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli_main(["convert", "--to", "hf-bert", "--checkpoint", str(copy), "--out", str(tmp_path / "x")]) == 2
+    )

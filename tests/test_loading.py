@@ -238,7 +238,7 @@ def test_damaged_weights_are_a_user_error_naming_the_file(tmp_path, capsys, dama
     with pytest.raises(UserError, match="model.safetensors"):
         UniterModel.from_pretrained(tmp_path / "ours")
     code = cli_main(
-        ["convert", "--to", "hf-bert", "--src", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
+        ["convert", "--to", "hf-bert", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
     )
     err = capsys.readouterr().err
     assert code == 2 and str(file) in err and "Traceback" not in err
@@ -249,7 +249,7 @@ def test_damaged_config_is_a_user_error_naming_the_file(tmp_path, capsys):
     UniterModel(tiny_config()).save_pretrained(tmp_path / "ours")
     (tmp_path / "ours" / "config.json").write_bytes(b"\x8f\x00\xffnot json")
     code = cli_main(
-        ["convert", "--to", "hf-bert", "--src", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
+        ["convert", "--to", "hf-bert", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
     )
     assert code == 2 and "config.json" in capsys.readouterr().err
 
@@ -260,7 +260,7 @@ def test_config_that_disagrees_with_its_weights_names_key_shapes_and_fix(tmp_pat
     config_file = tmp_path / "ours" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 64}))
     code = cli_main(
-        ["convert", "--to", "hf-bert", "--src", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
+        ["convert", "--to", "hf-bert", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]
     )
     err = capsys.readouterr().err
     assert code == 2
@@ -289,7 +289,7 @@ def test_a_missing_pooler_is_refused_unless_the_checkpoint_is_an_mlm_model(tmp_p
     )
     with pytest.raises(UserError, match=r"uniter\.pooler\.dense\.bias"):
         UniterModel.from_pretrained(folder)
-    args = ["convert", "--from", "hf-bert", "--src", str(folder), "--out", str(tmp_path / "ours")]
+    args = ["convert", "--from", "hf-bert", "--checkpoint", str(folder), "--out", str(tmp_path / "ours")]
     assert cli_main([*args, "--allow-new", "uniter.pooler.*"]) == 0
     report = json.loads((tmp_path / "ours" / "conversion_report.json").read_text())
     assert report["new"] == ["uniter.pooler.dense.bias", "uniter.pooler.dense.weight"]

@@ -35,7 +35,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dbs(tmp_path_factory, minilm_dir):
+def tiny_dbs(tmp_path_factory, tokenizer_dir):
     from uniter3m.train.demo import build_corpus_dbs
 
     root = tmp_path_factory.mktemp("pretrain_dbs")
@@ -44,7 +44,7 @@ def tiny_dbs(tmp_path_factory, minilm_dir):
     )
     corpus = generate_corpus(root / "corpus", spec)
     texts = {f"txt_{split}": (corpus.transcripts[split], "emotion") for split in ("train", "valid")}
-    dbs = build_corpus_dbs(corpus, root, minilm_dir, texts)
+    dbs = build_corpus_dbs(corpus, root, tokenizer_dir, texts)
     return dbs
 
 

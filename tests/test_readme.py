@@ -110,3 +110,64 @@ def test_the_results_set_up_block_runs_as_written(shared_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("meld_txt", "iemocap6_txt", "mosi_txt", "mosi_audio", "mosi_video", "mosi_txt_train"):
         assert len(DbReader(work / "db" / name)) > 0, name
+
+
+def config_blocks() -> list[tuple[int, dict]]:
+    """(line, config fragment) of every JSON or YAML block of the README: ```json / ```yaml blocks and
+    untagged blocks of `"key": value` lines (up to the first command line; `...` stands for more keys)."""
+    import json
+
+    import yaml
+
+    out = []
+    for match in re.finditer(r"^```([a-z]*)\n(.*?)^```", README, flags=re.S | re.M):
+        tag, body = match.group(1), match.group(2)
+        line = README[: match.start()].count("\n") + 1
+        if tag in ("yaml", "yml"):
+            out.append((line, yaml.safe_load(body)))
+            continue
+        if tag not in ("", "json") or not body.lstrip().startswith(("{", '"')):
+            continue
+        lines = []
+        for text in body.splitlines():
+            if text.startswith("uniter3m "):
+                break
+            lines.append(text)
+        text = re.sub(r",\s*\.\.\.\s*([}\]])", r"\1", "\n".join(lines)).strip().rstrip(",")
+        out.append((line, json.loads(text if text.startswith("{") else "{" + text + "}")))
+    return out
+
+
+CONFIG_BLOCKS = config_blocks()
+
+
+def test_the_readme_has_config_blocks():
+    assert len(CONFIG_BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("line,fragment", CONFIG_BLOCKS, ids=[f"line{n}" for n, _ in CONFIG_BLOCKS])
+def test_each_readme_config_block_validates(line, fragment, tmp_path, monkeypatch):
+    """Each block, completed with the keys it leaves out, passes the config schema (only the databases,
+    which a reader builds later, may be missing)."""
+    from uniter3m.config import load_config
+    from uniter3m.errors import ConfigError
+    from uniter3m.train.config import FinetuneConfig, PretrainConfig
+
+    monkeypatch.chdir(tmp_path)  # no database exists here
+    if "datasets" in fragment or "tasks" in fragment:
+        first = next(iter(fragment.get("datasets") or {"d": None}))
+        base = {"output_dir": "x", "steps": 1, "model": {"config": "configs/model/tiny.json"},
+                "datasets": {first: {"txt_db": "db/txt"}}, "tasks": [{"name": "mlm", "dataset": first}]}  # fmt: skip
+        schema = PretrainConfig
+    else:
+        base = {"output_dir": "x", "model": {"config": "configs/model/tiny.json"}, "data": {"txt_db": "db/txt"},
+                "protocol": {"name": "meld", "scheme": "split"}}  # fmt: skip
+        schema = FinetuneConfig
+    try:
+        load_config(schema, {**base, **fragment})
+    except ConfigError as err:
+        problems = [
+            p for p in re.split(r"\n|; (?=\w+(?:\.\d+)?: )", str(err))[1:] if "does not exist" not in p
+        ]
+        problems = [p for p in problems if p.strip() and not p.strip().endswith("Value error,")]
+        assert not problems, f"README line {line}: {problems}"

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.test_compile import FULL_MIX
 from tests.test_finetune import config, dbs, tiny  # noqa: F401 - the tiny real corpus and checkpoint
 from tests.test_pretrain_run import tiny_dbs  # noqa: F401 - the synthetic pretraining dbs
 from uniter3m.data.collate import Collator
@@ -56,6 +58,44 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _names_a_device(args: tuple, kwargs: dict) -> bool:
+    return kwargs.get("device") is not None or any(
+        isinstance(a, torch.device | torch.Tensor)
+        or (isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"))
+        for a in args
+    )
+
+
+class HostCopies(TorchFunctionMode):
+    """Counts host->device copies that block: on CUDA a `.to(device)` of a tensor the step did not make
+    (a task's constant, kept on the CPU) without `non_blocking`, or `torch.tensor(..., device=)`, copies
+    from pageable memory and waits for the GPU. On the CPU those copies do nothing, so what is counted is
+    the call: a tensor made or moved inside the step (the batch, copied non-blocking) is not one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: Counter[str] = Counter()
+        self._made: set[int] = set()
+        self._keep: list[torch.Tensor] = []  # ids stay unique while the mode is on
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            self.copies[f"torch.{func.__name__}(device=...)"] += 1
+        elif func in (torch.Tensor.to, torch.Tensor.cuda) and not kwargs.get("non_blocking"):
+            source = args[0]
+            if _names_a_device(args[1:], kwargs) and id(source) not in self._made:
+                self.copies[
+                    f"Tensor.{func.__name__} of a tensor from before the step {tuple(source.shape)}"
+                ] += 1
+        for value in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(value, torch.Tensor):
+                self._made.add(id(value))
+                self._keep.append(value)
+        return out
+
+
 def _loop(dbs, tiny, out, fused: bool) -> TrainLoop:  # noqa: F811
     cfg = load_finetune_config(config(dbs, tiny, out, top__epochs=1))
     plan = plan_protocol(cfg)
@@ -89,10 +129,11 @@ def test_the_fused_step_has_no_host_sync_outside_logging_steps(dbs, tiny, tmp_pa
         loop = _loop(dbs, tiny, tmp_path / f"run{fused}", fused)
         window = _Window()
         loop.train_step(window)  # warm-up: the worker starts, the first batch arrives
-        with SyncCounter() as counter:
+        with SyncCounter() as counter, HostCopies() as copies:
             for _ in range(4):
                 loop.train_step(window)
         counts[fused] = dict(counter.counts)
+        assert not copies.copies, copies.copies
         loop._log_window(window)  # a logging step reads the window's numbers once
         assert read_metrics(tmp_path / f"run{fused}", "train")[-1]["loss/finetune"] > 0
         loop.close()
@@ -108,29 +149,7 @@ def test_every_pretraining_objective_steps_without_a_host_sync(tiny_dbs, tmp_pat
     from uniter3m.train.pretrain import run_pretrain
 
     cfg = _config(tiny_dbs, tmp_path / "run", steps=80, log_every=1000)
-    cfg["tasks"] = [
-        {"name": name, "dataset": "syn", "ratio": 1.0, "options": options}
-        for name, options in (
-            ("mlm", {}),
-            ("melm_wwm", {}),
-            ("face_mrfr", {}),
-            ("speech_mrfr", {"span": 2}),
-            ("face_mrc", {}),
-            ("face_fom", {}),
-            ("speech_fom", {}),
-            ("itm", {}),
-            ("itm_hard", {}),
-            ("contrastive", {}),
-            ("emo_cls", {"label_column": "emotion", "classes": ["anger", "joy", "neutral", "sadness"]}),
-            (
-                "prompt_cross",
-                {
-                    "label_column": "emotion",
-                    "verbalizer": {"anger": "angry", "joy": "happy", "neutral": "neutral", "sadness": "sad"},
-                },
-            ),
-        )
-    ]
+    cfg["tasks"] = [{"name": n, "dataset": "syn", "ratio": 1.0, "options": o} for n, o in FULL_MIX]
     cfg["batching"]["num_workers"] = 1
     cfg["optim"]["fused"] = True
     seen: dict[str, list[dict]] = {}
@@ -138,9 +157,9 @@ def test_every_pretraining_objective_steps_without_a_host_sync(tiny_dbs, tmp_pat
 
     def counted(self, window):
         key = self.task_for_step(self.step).key
-        with SyncCounter() as counter:
+        with SyncCounter() as counter, HostCopies() as copies:
             original(self, window)
-        seen.setdefault(key, []).append(dict(counter.counts))
+        seen.setdefault(key, []).append(dict(counter.counts) | dict(copies.copies))
 
     monkeypatch.setattr(TrainLoop, "train_step", counted)
     run_pretrain(cfg)

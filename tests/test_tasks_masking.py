@@ -15,8 +15,9 @@ from uniter3m.tasks.masking import (
     ACTION_MASK,
     ACTION_RANDOM,
     ReplaceRates,
+    SpanSpec,
     choose_frames,
-    choose_spans,
+    choose_span_units,
     corrupt_frames,
     span_starts,
 )
@@ -187,7 +188,7 @@ def test_independent_frames_rate_and_at_least_one():
 def test_spans_contiguous_non_overlapping_and_rates():
     lengths = [120] * 300
     feat, real = frame_batch(lengths, seed=1)
-    units = choose_spans(real, 0.15, 6, gen(1))
+    units = choose_span_units(real, 0.15, SpanSpec((6,)), gen(1))
     chosen = units >= 0
     assert abs(chosen.float().mean() - 0.15) < 0.01
     for b in range(0, 300, 7):
@@ -222,7 +223,7 @@ def test_short_and_empty_clips():
         assert len(starts) == 1 and 1 <= span <= length and starts[0] + span <= length
     assert span_starts(0, 10, 0.15, gen(0)) == ([], 0)
     feat, real = frame_batch([0, 0], seed=2)
-    units = choose_spans(real, 0.15, 5, gen(0))
+    units = choose_span_units(real, 0.15, SpanSpec((5,)), gen(0))
     assert not (units >= 0).any()
     masking = corrupt_frames(feat, real, units, ReplaceRates(), gen(0))
     assert not masking.targets.any()

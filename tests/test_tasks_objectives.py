@@ -38,6 +38,7 @@ OPTIONS = {
     "prompt_cross": {"verbalizer": VERBALIZER, "label_column": "emotion", "modality_sets": ["VA"]},
     "emo_cls": {"classes": CLASSES, "label_column": "emotion"},
     "face_mrfr": {"span": 3},
+    "emotion_itm": {"label_column": "emotion"},
 }
 USES_POOLER = {"itm", "itm_hard", "emo_cls"}
 MASKS_FRAMES = {"face_mrfr": "face", "face_mrc": "face", "speech_mrfr": "speech"}

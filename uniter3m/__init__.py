@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "EmotionClassifier": "uniter3m.train.predict",
     "UniterModel": "uniter3m.model.uniter",
     "UniterConfig": "uniter3m.model.config",
 }
@@ -17,8 +18,9 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from uniter3m.model.config import UniterConfig
     from uniter3m.model.uniter import UniterModel
+    from uniter3m.train.predict import EmotionClassifier
 
-__all__ = ["UniterConfig", "UniterModel", "__version__"]
+__all__ = ["EmotionClassifier", "UniterConfig", "UniterModel", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

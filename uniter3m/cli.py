@@ -5,6 +5,8 @@ Each sub-command lives in its own module (a recipe) that defines `add_arguments(
 optional dependency of one command never slows down or breaks another.
 A `UserError` is printed without a traceback and exits with status 2; no command at all prints
 the help and exits 2; Ctrl-C (SIGINT) prints one line and exits 130 (128 + SIGINT, as shells do);
+SIGTERM outside a training loop (which checkpoints and stops on its own) prints what was stopped
+and how to go on, and exits 143 (128 + SIGTERM);
 a closed stdout (`uniter3m inspect DB --json | head`) ends the command quietly with 141
 (128 + SIGPIPE, what a tool killed by the pipe reports).
 """
@@ -14,11 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from uniter3m.console import setup_logging
 from uniter3m.errors import UserError
+from uniter3m.fileio import WRITE_ERRNOS, write_failed
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,16 +37,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "recordings (wav/video) -> features by a registered extractor -> an LMDB",
     ),
     "inspect": ("uniter3m.recipes.build_lmdb.inspect_db", "show what a database holds"),
+    "corpora": (
+        "uniter3m.recipes.build_lmdb.corpora",
+        "the shared corpora (meld, iemocap, mosi, emodb, ravdess) -> databases",
+    ),
     "merge-db": ("uniter3m.recipes.build_lmdb.merge_db", "join feature databases (e.g. --shard K/N outputs)"),
     "pretrain": ("uniter3m.recipes.pretrain.pretrain", "pretrain with a mix of tasks"),
     "finetune": ("uniter3m.recipes.downstream.finetune", "fine-tune and test on an emotion corpus"),
     "summary": ("uniter3m.recipes.downstream.summary", "mean ± std over fine-tuning runs (seeds)"),
     "evaluate": ("uniter3m.recipes.downstream.evaluate", "score a checkpoint per modality case"),
+    "predict": ("uniter3m.recipes.downstream.predict", "emotions of new recordings (CSV, JSON, timeline)"),
     "convert": ("uniter3m.recipes.downstream.convert", "convert BERT/UNITER/MEmoBERT checkpoints"),
     "extract": ("uniter3m.recipes.downstream.extract", "write utterance embeddings to h5/npz"),
+    "probe": ("uniter3m.recipes.downstream.probe", "linear probe (logistic regression) on frozen features"),
     "demo": ("uniter3m.recipes.pretrain.demo", "full run on a bundled synthetic corpus"),
     "config": ("uniter3m.recipes.downstream.config_show", "config show: print a resolved config (JSON/YAML)"),
 }
+
+
+#: how to go on after a command was stopped (default: run it again; nothing half-written is kept)
+_GO_ON = {
+    "pretrain": "run the same command with --resume auto: it continues from the newest checkpoint",
+    "finetune": "run the same command with --resume auto: finished folds are kept, the others continue",
+    "demo": "run the same command again: it rebuilds what it had not finished",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (a BaseException, like KeyboardInterrupt: cleanup code re-raises it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -78,6 +105,10 @@ def _main(argv: list[str]) -> int:
     if command not in COMMANDS:
         _top_parser().parse_args([command])  # prints the usage error and exits 2
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
         module = importlib.import_module(COMMANDS[command][0])
         parser = argparse.ArgumentParser(prog=f"uniter3m {command}", description=COMMANDS[command][1])
         module.add_arguments(parser)
@@ -92,9 +123,26 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"uniter3m {command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except Terminated:
+        go_on = _GO_ON.get(command, "run the same command again")
+        print(
+            f"uniter3m {command}: stopped by SIGTERM (outside a training step, e.g. while starting, building a "
+            f"database or scoring the test split); nothing half-written was kept. To go on, {go_on}",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         _silence_stdout()
         return 141
+    except OSError as err:  # a folder that refused a write (full, read-only): one line, not a traceback
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        folder = Path(err.filename).parent if err.filename else Path.cwd()
+        print(f"uniter3m {command}: error: {write_failed(folder, err)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _silence_stdout() -> None:

@@ -44,6 +44,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
+        if path.suffix.lower() != ".json":
+            raise ConfigError(
+                f"{path}: a {path.suffix or 'suffix-less'} file is not a config uniter3m reads: configs are JSON "
+                f"(.json) or YAML ({', '.join(YAML_SUFFIXES)}); write it in one of them"
+            ) from err
         raise ConfigError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from err
@@ -149,24 +154,91 @@ def _index(part: str, path: list[str], i: int, size: int) -> int:
 
 
 def format_validation_error(
-    err: ValidationError, source: str, renamed: Callable[[tuple[Any, ...], Any], str | None] | None = None
+    err: ValidationError,
+    source: str,
+    renamed: Callable[[tuple[Any, ...], Any], str | None] | None = None,
+    schema: type[BaseModel] | None = None,
 ) -> ConfigError:
     """One ConfigError listing every bad key with its dotted path and what is wrong; `renamed(loc,
-    value)` names the new key of an unknown key that is an old name (None: a plain unknown key)."""
-    lines = []
+    value)` names the new key of an unknown key that is an old name (None: a plain unknown key), also
+    beside a required key reported missing (an old name must not hide behind "Field required");
+    `schema` (the validated class) lets a misspelt key be answered with the closest known one."""
+    lines: dict[str, str] = {}
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = (renamed and renamed(tuple(e["loc"]), e.get("input"))) or "unknown key (check its spelling)"
+            msg = (renamed and renamed(tuple(e["loc"]), e.get("input"))) or "unknown key" + closest_key(
+                schema, tuple(e["loc"])
+            )
         given = e.get("input")
+        if e["type"] == "missing" and renamed and isinstance(given, Mapping):
+            for key, value in given.items():
+                old = (*e["loc"][:-1], key)
+                line = renamed(old, value)
+                if line:
+                    lines.setdefault(".".join(map(str, old)), f"  {'.'.join(map(str, old))}: {line}")
         shown = (
             ""
             if e["type"] in {"missing", "extra_forbidden"} or isinstance(given, dict)
             else f" (got {given!r})"
         )
-        lines.append(f"  {loc}: {msg}{shown}")
-    return ConfigError(f"{source}: {len(lines)} bad key(s):\n" + "\n".join(lines))
+        lines.setdefault(loc, f"  {loc}: {msg}{shown}")
+    return ConfigError(f"{source}: {len(lines)} bad key(s):\n" + "\n".join(lines.values()))
+
+
+def closest_key(schema: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """'; did you mean X?' for an unknown key at `loc`: the closest key of its own section, else the
+    section elsewhere that has a key of that name; '(check its spelling)' when nothing is close."""
+    import difflib
+
+    if schema is None:
+        return " (check its spelling)"
+    section = _section(schema, loc[:-1])
+    name = str(loc[-1])
+    if section is not None:
+        close = difflib.get_close_matches(name, list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?"
+    elsewhere = [path for path in _key_paths(schema) if path[-1] == name]
+    if elsewhere:
+        return f"; did you mean {'.'.join(elsewhere[0])}? (it belongs in another section)"
+    return " (check its spelling)"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation holds (itself, a dict's values, a list's items, a union's arms)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2:
+        return _models_in(args[1])
+    return [m for a in args for m in _models_in(a)]
+
+
+def _section(schema: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = schema
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:  # a dict's key (datasets.NAME): the section is the dict's value
+            continue
+        found = _models_in(field.annotation)
+        model = found[0] if found else None
+    return model
+
+
+def _key_paths(schema: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every (section..., key) path of the schema, shallow ones first."""
+    paths = [(*prefix, name) for name in schema.model_fields]
+    for name, field in schema.model_fields.items():
+        for sub in _models_in(field.annotation)[:1]:
+            if len(prefix) < 3:
+                paths += _key_paths(sub, (*prefix, name))
+    return paths
 
 
 def load_config(
@@ -185,4 +257,4 @@ def load_config(
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as err:
-        raise format_validation_error(err, name, getattr(cls, "renamed_key", None)) from None
+        raise format_validation_error(err, name, getattr(cls, "renamed_key", None), cls) from None

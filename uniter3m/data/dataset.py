@@ -326,7 +326,8 @@ class JoinedDataset(Dataset):
                 if uid in seen:
                     raise DatabaseError(
                         f"utterance id {uid!r} is in both {self.txt_dbs[seen[uid]].path} and {txt.path}; ids must be "
-                        "unique across the corpora of one dataset: rebuild one of them with a corpus prefix in its ids"
+                        "unique across the databases of one dataset: rebuild them with `uniter3m build-txt-db --id-prefix NAME_` "
+                        "(and their feature dbs with the same ids, e.g. a build-media-db --manifest id column)"
                     )
                 seen[uid] = k
                 absent = [s for s in self.streams if uid not in self.feat_dbs[s][k]]

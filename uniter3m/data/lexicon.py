@@ -14,7 +14,8 @@ head needs each word's category, which the db does not store). Choices (`spec`):
   word-level text format ``word<TAB>emotion<TAB>0|1`` (the 8-emotion rule); ``#`` starts a comment.
 
 A word's category (for the emotion-category head) is the first of its emotions in the lexicon's
-category order; class 0 of that head is "no emotion word", so category k is class k + 1.
+category order (NRC: anger, disgust, fear, joy, sadness, surprise, anticipation, trust; a file:
+alphabetical); class 0 of that head is "no emotion word", so category k is class k + 1.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import numpy as np
 
 from uniter3m.errors import UserError
 
-NRC_EMOTIONS = ("anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust")
 #: MEmoBERT's word list: Ekman's six, i.e. NRC without anticipation and trust
 NRC6_EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
+#: NRC's 8, Ekman's six first: a word's category prefers them ("happy": joy, not anticipation), and
+#: the six keep the same class index under nrc and nrc6
+NRC_EMOTIONS = (*NRC6_EMOTIONS, "anticipation", "trust")
 LEXICON_CHOICES = ("nrc", "nrc6", "none")
 _SUBWORD_MARKS = ("##",)  # WordPiece continuation mark
 _WORD_START_MARKS = ("\u0120", "\u2581")  # byte-level BPE 'Ġ' and SentencePiece '▁'

@@ -22,6 +22,11 @@ Faults (format version 2, the only one read):
   refused when opened: reading it would kill the process with SIGBUS.
 - `meta["content_digest"]` hashes every (id, record) in order: `database_digest(path)` is what a
   run records at its start to refuse resuming on a database that changed.
+- meta.json is covered too: the build record (BUILD_KEY, checksummed like every value) holds a copy
+  of it, and a reader refuses a meta.json that differs from it (an edited mean/std would otherwise
+  train on wrongly normalised features). Format-2 databases built before the copy was kept still
+  open (their meta.json is not covered); rebuilding one covers it.
+- an id longer than LMDB's key limit (511 bytes) is refused at build, naming it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import msgpack
 import numpy as np
 
 from uniter3m.errors import DatabaseError
-from uniter3m.fileio import atomic_write_json, fsync_dir, replace_dir
+from uniter3m.fileio import atomic_write_json, fsync_dir, json_default, replace_dir, write_failed
 
 FORMAT = "uniter3m-lmdb"
 FORMAT_VERSION = 2
@@ -109,8 +114,9 @@ def claim_database_dir(path: Path, overwrite: bool) -> bool:
     """Check that `path` may receive a new database; True when it holds one that will be replaced.
 
     Only what is recognisably ours is ever replaced: a folder holding nothing but data.mdb,
-    lock.mdb and a uniter3m meta.json (or an interrupted build: LMDB files without meta.json), or
-    an empty folder. Anything else is refused with what was found; nothing is deleted here.
+    lock.mdb, a uniter3m meta.json and the side files it lists (`side_files`, e.g. landmarks.npz),
+    or an interrupted build (LMDB files without meta.json), or an empty folder. Anything else is
+    refused with what was found; nothing is deleted here.
     """
     if path.exists() and not path.is_dir():
         raise DatabaseError(
@@ -121,8 +127,9 @@ def claim_database_dir(path: Path, overwrite: bool) -> bool:
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return False
-    foreign = [name for name in entries if name not in DB_FILES and name != _BUILD_LOCK]
     meta_path = path / META_FILE
+    ours = DB_FILES | _side_files(meta_path)
+    foreign = [name for name in entries if name not in ours and name != _BUILD_LOCK]
     meta: dict[str, Any] | None = None
     if not foreign and meta_path.is_file():
         try:
@@ -148,6 +155,18 @@ def claim_database_dir(path: Path, overwrite: bool) -> bool:
             f"--out {path} already holds {what}; pass --overwrite to replace it or choose another --out"
         )
     return True
+
+
+def _side_files(meta_path: Path) -> frozenset[str]:
+    """The side files a database's meta.json lists (none when it has no readable meta.json)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return frozenset()
+    side = meta.get("side_files") if isinstance(meta, dict) else None
+    if not isinstance(side, list):
+        return frozenset()
+    return frozenset(n for n in side if isinstance(n, str) and "/" not in n)
 
 
 def _held(lock_file: Path) -> bool:
@@ -242,27 +261,42 @@ class DbWriter:
             )
         if "\x00" in key:
             raise DatabaseError(f"utterance id {key!r} contains a NUL character, which ids may not hold")
+        encoded = key.encode("utf-8")
+        if len(encoded) > self._env.max_key_size():
+            raise DatabaseError(
+                f"utterance id {key[:80]!r}... is {len(encoded)} bytes long, more than the "
+                f"{self._env.max_key_size()} an LMDB key may hold ({self.path}); shorten the ids (shorter file "
+                "names or folder paths, or a shorter --id-col value)"
+            )
         self._seen.add(key)
         payload = pack(record)
-        encoded = key.encode("utf-8")
         self._digest.update(len(encoded).to_bytes(4, "little") + encoded)
         self._digest.update(len(payload).to_bytes(8, "little") + payload)
-        self._txn.put(encoded, seal(payload))
         self.ids.append(key)
         self.lengths.append(int(length))
         self._pending += 1
-        if self._pending >= self._commit_every:
-            self._txn.commit()
-            self._txn = self._env.begin(write=True)
-            self._pending = 0
+        try:
+            self._txn.put(encoded, seal(payload))
+            if self._pending >= self._commit_every:
+                self._txn.commit()
+                self._txn = self._env.begin(write=True)
+                self._pending = 0
+        except lmdb.Error as err:
+            raise self._write_failed(err) from err
 
-    def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Commit everything, write meta.json (atomically, last), swap the folder in. Returns the meta."""
-        self._txn.put(INDEX_KEY, seal(pack({"ids": self.ids, "lengths": self.lengths})))
-        self._txn.put(BUILD_KEY, seal(pack({"build_id": self.build_id})))
-        self._txn.commit()
-        self._env.sync(True)
-        self._env.close()
+    def _write_failed(self, err: lmdb.Error) -> DatabaseError:
+        """LMDB reports a full disk or a size limit as a bare error (often EIO): say it once, with the folder."""
+        failed = write_failed(self._target.parent, err)
+        return DatabaseError(f"building {self.path}: {failed}")
+
+    def finish(self, meta: dict[str, Any], files: Mapping[str, Path] | None = None) -> dict[str, Any]:
+        """Commit everything, write meta.json (atomically, last), swap the folder in. Returns the meta.
+
+        `files`: {name: finished side file} (e.g. a feature db's landmarks.npz), moved in beside meta.json before it.
+        """
+        self._side = list(files or {})
+        for name, path in (files or {}).items():
+            shutil.move(str(path), self._tmp / name)
         full = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -272,7 +306,17 @@ class DbWriter:
             "build_id": self.build_id,
             "content_digest": "sha256:" + self._digest.hexdigest(),
             **meta,
+            **({"side_files": self._side} if self._side else {}),
         }
+        full = json.loads(json.dumps(full, default=json_default))  # what meta.json will hold
+        try:
+            self._txn.put(INDEX_KEY, seal(pack({"ids": self.ids, "lengths": self.lengths})))
+            self._txn.put(BUILD_KEY, seal(pack({"build_id": self.build_id, "meta": full})))
+            self._txn.commit()
+            self._env.sync(True)
+        except lmdb.Error as err:
+            raise self._write_failed(err) from err
+        self._env.close()
         atomic_write_json(self._tmp / META_FILE, full)
         for name in ("data.mdb", "lock.mdb"):
             with open(self._tmp / name, "rb") as f:
@@ -291,7 +335,7 @@ class DbWriter:
     def _fill_empty_target(self) -> None:
         """Move the files into an existing empty folder (it may be someone's working directory,
         which must not be swapped away), meta.json last: until then a reader refuses the folder."""
-        for name in ("data.mdb", "lock.mdb", META_FILE):
+        for name in ("data.mdb", "lock.mdb", *self._side, META_FILE):
             os.rename(self._tmp / name, self._target / name)
         fsync_dir(self._target)
         self._tmp.rmdir()
@@ -317,6 +361,27 @@ class DbWriter:
             self._lock_fd = None
 
 
+#: the databases `uniter3m corpora NAME` writes are named NAME_... (db/emodb_txt, db/meld_train_txt, ...)
+CORPUS_PREFIXES = ("meld", "iemocap", "mosi", "emodb", "ravdess")
+
+
+def build_command(path: str | os.PathLike, kind: str | None = None) -> str:
+    """The command that builds the database `path`: a shared corpus's builder by its folder name,
+    else the builder of its kind ("txt" | "feat")."""
+    p = Path(path)
+    corpus = next((c for c in CORPUS_PREFIXES if p.name.startswith(c)), None)
+    if corpus:
+        return f"`uniter3m corpora {corpus} --data ../shared/data --tokenizer TOK --out {p.parent}`"
+    if kind == "txt":
+        return f"`uniter3m build-txt-db --input FILE --id-col ID --text-col TEXT --tokenizer TOK --out {p}`"
+    if kind == "feat":
+        return (
+            f"`uniter3m build-media-db --input RECORDINGS --format wav|video --out {p}` (recordings) or "
+            f"`uniter3m build-feat-db --out {p} ...` (feature files)"
+        )
+    return f"`uniter3m build-txt-db` (text) or `uniter3m build-media-db` / `build-feat-db` (features) with --out {p}"
+
+
 class DbReader:
     """Read-only, lock-free view of a database, safe in DataLoader workers.
 
@@ -330,7 +395,7 @@ class DbReader:
         self.path = Path(path)
         if not self.path.exists():
             raise DatabaseError(
-                f"database {self.path} does not exist; build it with `uniter3m build-*-db --out {self.path}`"
+                f"database {self.path} does not exist; build it with {build_command(self.path, kind)}"
             )
         self._env_path = str(self.path.resolve())  # once: a realpath per read costs a third of a read
         meta_path = self.path / META_FILE
@@ -360,7 +425,9 @@ class DbReader:
             raise DatabaseError(
                 f"{meta_path} has no build_id: it is damaged; rebuild the database with --overwrite"
             )
+        self._indexed = False  # until the index is read, a build mismatch is not a rebuild under us
         index = self._read(INDEX_KEY)
+        self._indexed = True
         if index is None:
             raise DatabaseError(
                 f"{self.path} has no index record; the database is damaged, rebuild it with --overwrite"
@@ -413,16 +480,31 @@ class DbReader:
         with env.begin(buffers=False) as txn:
             raw = txn.get(BUILD_KEY)
         try:
-            found = None if raw is None else unpack(unseal(raw)).get("build_id")
+            build = {} if raw is None else unpack(unseal(raw))
         except (ValueError, msgpack.exceptions.UnpackException) as err:
             raise DatabaseError(
                 f"{self.path}: its build record is damaged ({err}); rebuild it with --overwrite"
             ) from err
+        found = build.get("build_id")
+        if found != self.build_id and not self._indexed:
+            raise DatabaseError(
+                f"{self.path}: data.mdb and {META_FILE} come from different builds (data.mdb from build "
+                f"{str(found)[:12]}, {META_FILE} says {self.build_id[:12]}): a data.mdb copied from another "
+                f"database, or an edited {META_FILE}. Copy the whole folder again or rebuild it with --overwrite"
+            )
         if found != self.build_id:
             raise DatabaseError(
                 f"{self.path} was rebuilt after this reader read its index (build {self.build_id[:12]} is now "
                 f"{str(found)[:12]}): its records no longer match the ids and lengths in use. Restart the job; "
                 "a run resumed on a changed database is refused (see database_digest)"
+            )
+        recorded = build.get("meta")
+        if recorded is not None and recorded != self.meta:
+            changed = sorted(k for k in set(recorded) | set(self.meta) if recorded.get(k) != self.meta.get(k))
+            raise DatabaseError(
+                f"{self.path / META_FILE} differs from the meta its build recorded (in data.mdb, checksummed) in: "
+                f"{', '.join(changed)}; it was edited after the build. Restore it, or rebuild the database with "
+                "--overwrite"
             )
 
     def _read(self, key: bytes) -> dict[str, Any] | None:
@@ -443,6 +525,12 @@ class DbReader:
     def __getitem__(self, key: str) -> dict[str, Any]:
         record = self._read(key.encode("utf-8"))
         if record is None:
+            if key in self._pos:
+                raise DatabaseError(
+                    f"{self.path}: record {key!r} is listed in the index but cannot be found (a damaged page); "
+                    f"`uniter3m inspect {self.path} --verify` lists every lost record; rebuild the database "
+                    "with --overwrite"
+                )
             raise KeyError(key)
         return record
 

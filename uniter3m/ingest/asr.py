@@ -10,15 +10,14 @@ its segment, and transcribed. MODEL is either
   `model.bin`. A manifest row with no start and end (a whole recording) is decoded with Whisper's
   timestamps, so recordings longer than 30 s are transcribed whole, and its segments' times are kept
   in meta `source.asr.timestamps`.
-The transcripts, with the manifest's other columns, become an ordinary JSONL input of
-`build_text_db`, so the text database gets exactly the builder's checks and meta (plus
-`source.asr`: the model and its settings).
+The transcripts, with the manifest's other columns, become rows handed to `build_text_db`
+(`rows=`, no intermediate file), so the text database gets exactly the builder's checks and meta
+(plus `source.asr`: the model and its settings).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -199,14 +198,13 @@ def manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
 def transcribe_manifest(
     manifest: Path,
     transcriber: Transcriber | Ct2Transcriber,
-    out: Path,
     text_col: str = "text",
     progress: bool = False,
-) -> dict[str, Any]:
-    """Write `out` (JSONL): every manifest row with `text_col` = the transcript of its segment.
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, asr): every manifest row (without path, start, end) with `text_col` = its segment's transcript.
 
     A manifest that already has `text_col` is refused (its transcripts would be silently replaced).
-    Returns `source.asr` for the text db's meta: the model, its settings, counts, and the segment
+    `asr` is `source.asr` for the text db's meta: the model, its settings, counts, and the segment
     times of whole-recording rows when the model gives them.
     """
     header, rows = manifest_rows(manifest)
@@ -235,11 +233,14 @@ def transcribe_manifest(
             texts[seg.id] = text
             if times is not None:
                 timestamps[seg.id] = times
-    with open(out, "w", encoding="utf-8") as f:
-        for seg in segments:
-            row = {k: v for k, v in by_id[seg.id].items() if k not in ("path", "start", "end")}
-            f.write(json.dumps({**row, text_col: texts[seg.id]}, ensure_ascii=False) + "\n")
-    return {
+    out = [
+        {
+            **{k: v for k, v in by_id[seg.id].items() if k not in ("path", "start", "end")},
+            text_col: texts[seg.id],
+        }
+        for seg in segments
+    ]
+    return out, {
         **transcriber.info(),
         "manifest": str(manifest),
         "utterances": len(segments),

@@ -26,8 +26,11 @@ EmoDB     `<out>/emodb_txt`: ids = the file stem (`03a01Fa`); text = the German 
           read exactly the training speakers of a leave-one-speaker-out fold. With speaker_norm also
           `<name>_spk` for each speech db: every dimension z-scored with the mean/std of ALL frames of
           the utterance's speaker (`uniter3m.ingest.normalise`). With functionals also `<out>/emodb_func`:
-          the `functionals` extractor (ComParE_2016 functionals of the 16 kHz audio, ONE 6373-d frame per
-          utterance; a stream to declare in a config, e.g. "streams": {"func": "F"}).
+          the `functionals` extractor (ComParE_2016 functionals of each wav at its own 22.05 kHz, ONE 6373-d
+          frame per utterance; a stream to declare in a config, e.g. "streams": {"func": "F"}). With
+          extractors also `<out>/emodb_<name>` per registered speech extractor (`-` becomes `_`: resemblyzer
+          -> `emodb_resemblyzer`, 256-d states at 100 frames/s; resemblyzer-utt -> `emodb_resemblyzer_utt`, the
+          one-frame utterance embedding), each pooled by pool_frames when it gives frames.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from uniter3m.errors import UserError
-from uniter3m.ingest.extractors import ExtractorOptions
+from uniter3m.ingest.extractors import ExtractorOptions, extractor_class
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.media import Segment
 from uniter3m.ingest.normalise import speaker_normalised_db
@@ -283,6 +286,11 @@ def emodb_rows(emodb: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def one_frame(extractor: str) -> bool:
+    """Whether the registered extractor gives one frame per utterance (nothing to pool)."""
+    return getattr(extractor_class(extractor), "frame_rate", None) == 0.0
+
+
 def speech_db(
     segments: Sequence[Segment], out: Path, extractor: str, overwrite: bool, pool_frames: int = 1
 ) -> dict[str, Any]:
@@ -303,8 +311,11 @@ def build_emodb(
     limit: int | None = None,
     speaker_norm: bool = False,
     functionals: bool = False,
+    extractors: Sequence[str] = (),
 ) -> dict:
-    """Text db + ComParE speech db(s) of EmoDB (`limit`: the first N rows only, for tests)."""
+    """Text db + ComParE speech db(s) of EmoDB, + one per extra speech extractor (`limit`: the first N rows)."""
+    for name in extractors:
+        extractor_class(name)  # an unknown name fails here, not after the first databases
     rows = emodb_rows(data / "emodb")[:limit]
     text_rows = [{k: v for k, v in r.items() if k != "wav"} for r in rows]
     metas: dict[str, Any] = {
@@ -327,9 +338,17 @@ def build_emodb(
             )
     if functionals:
         metas["emodb_func"] = speech_db(segments, out / "emodb_func", "functionals", overwrite)
+    speech = ["emodb_compare", "emodb_func"]
+    for extractor in extractors:
+        name = f"emodb_{extractor.replace('-', '_')}"
+        speech.append(name)
+        metas[name] = speech_db(segments, out / name, extractor, overwrite)
+        if not one_frame(extractor):
+            for k in (k for k in pool_frames if k > 1):
+                metas[f"{name}_p{k}"] = speech_db(segments, out / f"{name}_p{k}", extractor, overwrite, k)
     if speaker_norm:
         speaker_of = {r["id"]: r["speaker"] for r in rows}
-        for name in [n for n in metas if n.startswith(("emodb_compare", "emodb_func"))]:
+        for name in [n for n in metas if n.startswith(tuple(speech))]:
             metas[f"{name}_spk"] = speaker_normalised_db(
                 out / name, out / f"{name}_spk", speaker_of, overwrite
             )

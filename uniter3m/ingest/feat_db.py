@@ -188,9 +188,11 @@ def build_feat_db(
             "nan_policy": spec.nan_policy,
             "source": source.info,
         }
-        return writer.finish(meta)
+        return writer.finish(meta, source.files)
     except BaseException:
         writer.abort()
+        for path in source.files.values():
+            path.unlink(missing_ok=True)
         raise
 
 
@@ -244,8 +246,18 @@ def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
     extractor = src.get("extractor")
     if extractor:
         yield f"extractor: {extractor.get('name')} ({extractor.get('dim')}-d, {extractor.get('frame_rate')} frames/s)"
+    if src.get("sample_rates"):
+        yield "files by sample rate (Hz): " + ", ".join(f"{r}: {n}" for r, n in src["sample_rates"].items())
     if src.get("upsampled"):
         yield f"upsampled (recorded below the extractor's rate): {src['upsampled']} utterances"
+    if src.get("faces_upscaled"):
+        yield (
+            f"faces upscaled (crop square under the extractor's {extractor.get('crop_size')} px input): "
+            f"{src['faces_upscaled']} frames in {src.get('faces_upscaled_utterances')} utterances"
+        )
+    marks = src.get("landmarks")
+    if marks:
+        yield f"landmarks ({len(marks['names'])} per face) of {marks['utterances']} utterances in {marks['file']}"
     ignored = src.get("ignored_files") or []
     if ignored:
         more = f", ... (all {len(ignored)} in meta.json source.ignored_files)" if len(ignored) > 5 else ""

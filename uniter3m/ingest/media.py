@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,9 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".flv", ".webm", ".mov", ".m4v")
 MEDIA_SUFFIXES = AUDIO_SUFFIXES + VIDEO_SUFFIXES
 END_TOLERANCE_S = 0.05  # an end this far past the decoded length is rounding, not an error
+# a track decoding this much shorter than its container declares is truncated (`check_complete`)
+TRUNCATION_TOLERANCE = 0.05
+TRUNCATION_TOLERANCE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,21 @@ def _open(av, path: Path, seg: Segment):
         ) from err
 
 
-def decode_audio(task: FileTask, sample_rate: int) -> tuple[np.ndarray, int]:
-    """The whole file's first audio track, mono float32 at `sample_rate`, and its native rate."""
+def probe(path: Path) -> dict[str, float]:
+    """{"audio" | "video": seconds} of the tracks a file holds (the container's duration for a track
+    that declares none)."""
+    av = _av()
+    with _open(av, path, Segment(path.stem, path)) as container:
+        whole = container.duration / av.time_base if container.duration else 0.0
+        out: dict[str, float] = {}
+        for s in container.streams:
+            if s.type in ("audio", "video") and s.type not in out:
+                out[s.type] = float(s.duration * s.time_base) if s.duration and s.time_base else float(whole)
+    return out
+
+
+def decode_audio(task: FileTask, sample_rate: int | None) -> tuple[np.ndarray, int]:
+    """The whole file's first audio track, mono float32 at `sample_rate` (None: its own), and its native rate."""
     av = _av()
     seg = task.segments[0]
     container = _open(av, task.path, seg)
@@ -225,7 +242,14 @@ def decode_audio(task: FileTask, sample_rate: int) -> tuple[np.ndarray, int]:
                 "--format video for its faces"
             )
         stream = container.streams.audio[0]
+        declared = declared_seconds(av, container, stream)
         native = int(stream.codec_context.sample_rate or stream.rate or 0)
+        if sample_rate is None and not native:
+            raise UserError(
+                f"{seg.where()}: its audio track declares no sample rate, so it cannot be read at its own "
+                "rate; re-export it (e.g. ffmpeg -i IN -ar 16000 OUT.wav)"
+            )
+        sample_rate = sample_rate or native
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         offset: float | None = None
@@ -243,6 +267,7 @@ def decode_audio(task: FileTask, sample_rate: int) -> tuple[np.ndarray, int]:
                 "truncated or damaged: re-export it"
             ) from err
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    check_complete(seg, "audio", len(audio) / sample_rate, declared)
     if offset:  # a stream that starts late: keep file time, so manifest times mean the same in every file
         audio = np.concatenate([np.zeros(int(round(offset * sample_rate)), np.float32), audio])
     return audio.astype(np.float32, copy=False), native
@@ -264,10 +289,13 @@ def cut(audio: np.ndarray, sample_rate: int, seg: Segment) -> np.ndarray:
     return audio[lo:hi]
 
 
-def segment_audio(task: FileTask, sample_rate: int) -> list[tuple[Segment, np.ndarray, int]]:
-    """(segment, mono float32 samples, native rate) for each segment of one file, decoding it once."""
+def segment_audio(task: FileTask, sample_rate: int | None) -> list[tuple[Segment, np.ndarray, int]]:
+    """(segment, mono float32 samples, native rate) for each segment of one file, decoding it once.
+
+    The samples are at `sample_rate`, or at the file's native rate when it is None.
+    """
     audio, native = decode_audio(task, sample_rate)
-    return [(seg, cut(audio, sample_rate, seg), native) for seg in task.segments]
+    return [(seg, cut(audio, sample_rate or native, seg), native) for seg in task.segments]
 
 
 # --------------------------------------------------------------------------- video
@@ -291,12 +319,16 @@ def video_frames(task: FileTask, fps: float | None) -> Iterator[tuple[float, np.
             )
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        declared = declared_seconds(av, container, stream)
+        interval = 1.0 / float(stream.average_rate or 25)
         step = None if not fps else 1.0 / fps
         next_t = 0.0
         count = 0
+        last = None
         try:
             for i, frame in enumerate(container.decode(stream)):
-                t = float(frame.time) if frame.time is not None else i / float(stream.average_rate or 25)
+                t = float(frame.time) if frame.time is not None else i * interval
+                last = t
                 if step is not None:
                     if t + 1e-6 < next_t:
                         continue
@@ -313,6 +345,56 @@ def video_frames(task: FileTask, fps: float | None) -> Iterator[tuple[float, np.
                 f"{seg.where()} has a video track but no decodable frame; the file is empty or damaged: "
                 "re-export it or leave it out"
             )
+        start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+        check_complete(seg, "video", (last or 0.0) - start + interval, declared)
+
+
+def declared_seconds(av: Any, container: Any, stream: Any) -> float | None:
+    """How long a track says it is: its own duration, else the container's; None when neither is known.
+
+    For a wav file, FFmpeg derives the duration from the file's size, so a cut copy looks whole: the
+    length its RIFF header declares is used instead."""
+    if container.format.name == "wav":
+        return _riff_seconds(Path(container.name))
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def _riff_seconds(path: Path) -> float | None:
+    """The data length a RIFF/WAVE header declares, in seconds (None: not a plain RIFF header, or a
+    streaming writer's placeholder size)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at, byte_rate = 12, 0
+    while at + 8 <= len(head):
+        chunk, size = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "little")
+        if chunk == b"fmt " and at + 20 <= len(head):
+            byte_rate = int.from_bytes(head[at + 16 : at + 20], "little")
+        if chunk == b"data":
+            return size / byte_rate if byte_rate and 0 < size < 0xFFFFFFFF else None
+        at += 8 + size + (size & 1)
+    return None
+
+
+def check_complete(seg: Segment, what: str, decoded: float, declared: float | None) -> None:
+    """A track that decodes to less than its container declares is truncated (a cut copy, an interrupted
+    download): an error, never a shorter utterance. Tolerance: TRUNCATION_TOLERANCE of it, at least
+    TRUNCATION_TOLERANCE_S (encoder delays, a last frame's length)."""
+    if declared is None:
+        return
+    if decoded < declared - max(TRUNCATION_TOLERANCE_S, TRUNCATION_TOLERANCE * declared):
+        raise UserError(
+            f"{seg.where()}: its {what} track declares {declared:.3f} s but only {decoded:.3f} s decode; the file "
+            "is truncated (a cut copy or an interrupted download): copy it again or re-export it"
+        )
 
 
 def in_segment(t: float, seg: Segment) -> bool:

@@ -96,9 +96,19 @@ def merge_feat_dbs(
                 dict.fromkeys(f for r in readers for f in r.meta.get("source", {}).get("ignored_files") or [])
             ),
         )
-        for key in ("segments", "files", "upsampled"):
+        for key in ("segments", "files", "upsampled", "faces_upscaled", "faces_upscaled_utterances"):
             if key in source:
                 source[key] = sum(int(r.meta.get("source", {}).get(key) or 0) for r in readers)
+        for key in ("upsampled_ids", "faces_upscaled_ids"):
+            if key in source:
+                source[key] = [i for r in readers for i in r.meta.get("source", {}).get(key) or []][:100]
+        if "sample_rates" in source:
+            rates: Counter[str] = Counter()
+            for r in readers:
+                rates.update(r.meta.get("source", {}).get("sample_rates") or {})
+            source["sample_rates"] = dict(sorted(rates.items()))
+        if source.get("landmarks"):
+            source["landmarks"] = None  # each shard's landmarks.npz stays in its own folder
         meta = {
             **{k: first.meta.get(k) for k in SAME},
             "frames": int(sum(frames)),

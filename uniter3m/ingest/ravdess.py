@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from uniter3m.errors import UserError
-from uniter3m.ingest.corpora import _need, speech_db, text_db_from_rows
+from uniter3m.ingest.corpora import _need, one_frame, speech_db, text_db_from_rows
 from uniter3m.ingest.extractors import extractor_class
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.media import Segment
@@ -100,11 +100,6 @@ def face_vectors(ravdess: Path, ids: Sequence[str]) -> dict[str, np.ndarray]:
     return found
 
 
-def _one_frame(extractor: str) -> bool:
-    """Whether the extractor gives one frame per utterance (nothing to pool)."""
-    return getattr(extractor_class(extractor), "frame_rate", None) == 0.0
-
-
 def build_ravdess(
     data: Path,
     out: Path,
@@ -144,7 +139,7 @@ def build_ravdess(
     segments = [Segment(r["id"], Path(r["audio"])) for r in rows]
     for name in extractors:
         metas[f"ravdess_{name}"] = speech_db(segments, out / f"ravdess_{name}", name, overwrite)
-        if not _one_frame(name):
+        if not one_frame(name):
             for k in (k for k in pool_frames if k > 1):
                 metas[f"ravdess_{name}_p{k}"] = speech_db(
                     segments, out / f"ravdess_{name}_p{k}", name, overwrite, k

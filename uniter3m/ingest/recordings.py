@@ -1,12 +1,18 @@
 """Recordings -> utterances: the media source of `build-media-db` (decode -> detect faces -> extract).
 
 `--format wav` (any audio or video container): each utterance's audio, mono at the extractor's
-`sample_rate`, goes to a speech extractor. `--format video`: frames sampled at `--fps`, one face kept
-per frame (`--detector`, `uniter3m.ingest.faces`), cropped at the extractor's `crop_size`/`colour`;
-each utterance's `FaceTrack` (crops, boxes, landmarks, times) goes to a face extractor. Extractors
-come from the registry (`uniter3m.ingest.extractors`, `--extractor NAME[:ARG]`): defaults `compare`
-(wav) and `geometric` (video). Frames without a face are skipped and counted (meta
-`frames_dropped`); an utterance without any is kept as an empty stream.
+`sample_rate` (None: the file's own, passed with the samples), goes to a speech extractor; meta
+`source.sample_rates` counts the files' native rates, `upsampled` the utterances recorded below the
+extractor's rate. `--format video`: frames sampled at `--fps`, one face kept per frame (`--detector`,
+`uniter3m.ingest.faces`), cropped at the extractor's `crop_size`/`colour`; each utterance's
+`FaceTrack` (crops, boxes, landmarks, times) goes to a face extractor. Extractors come from the
+registry (`uniter3m.ingest.extractors`, `--extractor NAME[:ARG]`): defaults `compare` (wav) and
+`geometric` (video). Frames without a face are skipped and counted (meta `frames_dropped`); an
+utterance without any is kept as an empty stream. A face whose crop square is smaller than the
+extractor's input is upscaled and counted (meta `source.faces_upscaled`). With a detector that has
+landmarks (mtcnn, blazeface) the landmarks, boxes and times of the first `--landmarks-keep`
+utterances go to `landmarks.npz` beside meta.json (`uniter3m.ingest.align.LandmarkWriter`; meta
+`source.landmarks`), for drawing them over the video.
 
 Work unit = one file with all its segments (`media.FileTask`). With `--workers N` > 1 the decoding,
 face detection and the extractors marked `in_worker` (openSMILE, geometric, pixels) run in N
@@ -18,10 +24,12 @@ keeps every N-th file from the K-th, so N jobs (a Slurm array) cover a corpus on
 from __future__ import annotations
 
 import multiprocessing
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,7 @@ import numpy as np
 
 from uniter3m.errors import UserError
 from uniter3m.ingest import media
+from uniter3m.ingest.align import LandmarkWriter, face_square
 from uniter3m.ingest.detectors import Detector, get_detector
 from uniter3m.ingest.extractors import Extractor, ExtractorOptions, FaceTrack, Frames, get_extractor
 from uniter3m.ingest.faces import FaceOptions, check_crop, choose, crop, geometry
@@ -48,6 +57,7 @@ class MediaOptions:
     manifest: Path | None = None
     workers: int = 1
     shard: str | None = None
+    landmarks_keep: int = 100  # video: utterances whose per-frame landmarks go to landmarks.npz
     face: FaceOptions = field(default_factory=FaceOptions)
     extract: ExtractorOptions = field(default_factory=ExtractorOptions)  # modality is set from the format
 
@@ -58,9 +68,11 @@ class Item:
 
     seg: media.Segment
     frames: Frames | None = None  # from an in-worker extractor
-    audio: np.ndarray | None = None
-    track: FaceTrack | None = None
+    audio: np.ndarray | tuple[np.ndarray, int] | None = None  # (samples, rate) for a native-rate extractor
+    track: FaceTrack | None = None  # without its crops when an in-worker extractor used them
     no_face: int = 0
+    upscaled: int = 0  # faces whose crop square was smaller than the extractor's input
+    native: int = 0  # the file's own sample rate
     upsampled: bool = False
 
 
@@ -98,15 +110,17 @@ def run_extractor(extractor: Extractor, inputs: Sequence[Any], segs: Sequence[me
 # --------------------------------------------------------------------------- worker stage
 
 
-def speech_stage(task: media.FileTask, rate: int, extractor: Extractor | None) -> list[Item]:
-    """Decode one file once; an in-worker extractor (openSMILE) runs here, a network later in the main process."""
+def speech_stage(task: media.FileTask, rate: int | None, extractor: Extractor | None) -> list[Item]:
+    """Decode one file once (at `rate`, None: its own); an in-worker extractor (openSMILE) runs here, a
+    network later in the main process."""
     items = []
     for seg, audio, native in media.segment_audio(task, rate):
-        item = Item(seg, upsampled=0 < native < rate)
+        signal = audio if rate else (audio, native)  # a native-rate extractor gets the rate with the samples
+        item = Item(seg, native=native, upsampled=rate is not None and 0 < native < rate)
         if extractor is None:
-            item.audio = audio
+            item.audio = signal
         else:
-            item.frames = run_extractor(extractor, [audio], [seg])[0]
+            item.frames = run_extractor(extractor, [signal], [seg])[0]
         items.append(item)
     return items
 
@@ -126,6 +140,7 @@ def face_stage(task: media.FileTask, plan: FacePlan, extractor: Extractor | None
     marks: list[list[np.ndarray | None]] = [[] for _ in segs]
     times: list[list[float]] = [[] for _ in segs]
     no_face = [0] * len(segs)
+    upscaled = [0] * len(segs)
     previous: list[np.ndarray | None] = [None] * len(segs)
     last_t = 0.0
     for t, rgb in media.video_frames(task, plan.fps):
@@ -146,6 +161,7 @@ def face_stage(task: media.FileTask, plan: FacePlan, extractor: Extractor | None
             times[i].append(t)
             if plan.needs_crops:
                 crops[i].append(crop(rgb, det, plan.face.margin, plan.crop_size, plan.colour))
+                upscaled[i] += face_square(det, plan.face.margin)[1] < plan.crop_size
     slack = max(0.1, 2.0 / plan.fps)
     channels = 1 if plan.colour == "grey" else 3
     items = []
@@ -169,11 +185,10 @@ def face_stage(task: media.FileTask, plan: FacePlan, extractor: Extractor | None
             landmarks=landmarks,
             times=np.array(times[i], np.float32),
         )
-        item = Item(seg, no_face=no_face[i])
-        if extractor is None:
-            item.track = track
-        else:
+        item = Item(seg, no_face=no_face[i], upscaled=upscaled[i], track=track)
+        if extractor is not None:
             item.frames = run_extractor(extractor, [track], [seg])[0]
+            item.track = replace(track, crops=track.crops[:0])  # landmarks travel back, crops need not
         items.append(item)
     return items
 
@@ -216,6 +231,8 @@ def media_source(
     shard = media.parse_shard(opts.shard)  # flags first: a typo costs no decoding
     if opts.workers < 1:
         raise UserError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.landmarks_keep < 0:
+        raise UserError(f"--landmarks-keep must be >= 0, got {opts.landmarks_keep}")
     options = replace(opts.extract, modality=MODALITY[fmt])
     if fmt == "video":
         opts.face.check()
@@ -254,6 +271,14 @@ def media_source(
         "shard": opts.shard,
         "workers": opts.workers,
         "extractor": extractor.info(),
+        # what `uniter3m predict` needs to make the same frames from new recordings
+        "media": {
+            "format": fmt,
+            "extractor": opts.extractor or DEFAULT_EXTRACTOR[fmt],
+            "detector": opts.detector,
+            "options": asdict(options),
+            "face": asdict(opts.face),
+        },
     }
     if fmt == "wav":
         stage = partial(speech_stage, rate=extractor.sample_rate, extractor=worker_extractor)
@@ -275,8 +300,12 @@ def media_source(
         )
         stage = partial(face_stage, plan=plan, extractor=worker_extractor)
     upsampled: list[str] = []
+    upscaled: dict[str, int] = {}
+    native_rates: Counter[int] = Counter()
+    files: dict[str, Path] = {}
+    names = _detector(opts.detector, opts.face).landmark_names if fmt == "video" else ()
 
-    def finish(items: list[Item]) -> Iterator[Utterance]:
+    def finish(items: list[Item], marks: LandmarkWriter | None) -> Iterator[Utterance]:
         if worker_extractor is None:
             inputs = [it.audio if fmt == "wav" else it.track for it in items]
             frames = run_extractor(extractor, inputs, [it.seg for it in items])
@@ -285,21 +314,56 @@ def media_source(
         for it, out in zip(items, frames):
             if it.upsampled:
                 upsampled.append(it.seg.id)
+            if it.upscaled:
+                upscaled[it.seg.id] = it.upscaled
+            if marks is not None and it.track is not None:
+                marks.add(it.seg.id, it.track.landmarks, it.track.boxes, it.track.times)
             dropped = Counter({"no face": it.no_face}) if it.no_face else Counter()
             yield Utterance(it.seg.id, it.seg.where(), out.feat, out.soft, dropped)
 
     def read() -> Iterator[Utterance]:
         window = 1 if extractor.in_worker else max(options.batch_size, 1) * 4
         pending: list[Item] = []
-        with ordered_map(opts.workers) as mapper:
-            for items in mapper(stage, tasks):
-                pending.extend(items)
-                if len(pending) >= window:
-                    yield from finish(pending)
-                    pending = []
-            if pending:
-                yield from finish(pending)
-        info["upsampled"] = len(upsampled)
-        info["upsampled_ids"] = upsampled[:100]
+        marks = landmark_writer(names, opts.landmarks_keep)
+        try:
+            with ordered_map(opts.workers) as mapper:
+                for items in mapper(stage, tasks):
+                    if fmt == "wav":
+                        native_rates[items[0].native] += 1  # one file, one rate
+                    pending.extend(items)
+                    if len(pending) >= window:
+                        yield from finish(pending, marks)
+                        pending = []
+                if pending:
+                    yield from finish(pending, marks)
+        except BaseException:
+            if marks is not None:
+                marks.discard()
+            raise
+        if fmt == "wav":
+            info["sample_rates"] = {str(rate): n for rate, n in sorted(native_rates.items())}
+            info["upsampled"] = len(upsampled)
+            info["upsampled_ids"] = upsampled[:100]
+        else:
+            info["faces_upscaled"] = sum(upscaled.values())
+            info["faces_upscaled_utterances"] = len(upscaled)
+            info["faces_upscaled_ids"] = list(upscaled)[:100]
+            info["landmarks"] = None
+            if marks is not None:
+                info["landmarks"] = {**marks.close(), "file": LANDMARKS_FILE}  # its name in the database
+                files[LANDMARKS_FILE] = marks.path
 
-    return FrameSource(read(), info, info["segments"], extractor.store_dtype)
+    return FrameSource(read(), info, info["segments"], extractor.store_dtype, files)
+
+
+LANDMARKS_FILE = "landmarks.npz"
+
+
+def landmark_writer(names: tuple[str, ...], keep: int) -> LandmarkWriter | None:
+    """A writer into a temporary file (the database builder moves it beside meta.json), or None when the
+    detector gives no landmarks or none are to be kept."""
+    if not names or keep == 0:
+        return None
+    handle, path = tempfile.mkstemp(prefix="uniter3m_landmarks_", suffix=".npz")
+    os.close(handle)
+    return LandmarkWriter(Path(path), keep, names)

@@ -15,8 +15,9 @@ builder (`uniter3m.ingest.feat_db`) takes any of them.
   counted; columns are picked by glob patterns (`AU*_r,pose_*,gaze_*`), by default every column
   but frame, face_id, timestamp, confidence and success.
 - `csv`: one CSV, one row per utterance holding one frame; `--id-col` names the id column(s)
-  (several are joined with '_'); `--columns` picks the features, by default every numeric column
-  but the ids. An empty cell is a missing value and counts as NaN.
+  (several are joined with '_'); `--columns` picks the features, by default every column holding a
+  number but the ids (a cell that is not a number in such a column is an error naming it; columns
+  without any number are left out and printed). An empty cell is a missing value and counts as NaN.
 
 A 1-D array is one frame. Any other file in an input folder is listed in meta `source.ignored_files`
 and in the printed report, never skipped silently.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import logging
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -36,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from uniter3m.errors import UserError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("npz", "h5", "openface", "csv")
 MEDIA_FORMATS = ("wav", "video")  # recordings: `build-media-db`, uniter3m.ingest.recordings
@@ -67,13 +71,16 @@ class FrameSource:
     """Utterances with a known count (None: unknown, for the progress bar) and what meta.json says of them.
 
     `info` becomes meta.json `source` (it holds `path` and `format`); `dtype` is the storage dtype the
-    source's values need when the caller does not choose one (openSMILE energies exceed float16).
+    source's values need when the caller does not choose one (openSMILE energies exceed float16);
+    `files` ({name: path}, filled by the time the utterances are exhausted) are side files the database
+    keeps beside meta.json (recordings: `landmarks.npz`).
     """
 
     utterances: Iterator[Utterance]
     info: dict[str, Any]
     count: int | None = None
     dtype: str = "float16"
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -246,7 +253,7 @@ def _read_csv(file: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     rows: list[list[str]] = []
     lines: list[int] = []
     try:
-        with open(file, newline="", encoding="utf-8") as f:
+        with open(file, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's UTF-8 BOM is not a header
             reader = csv.reader(f)
             start = 1
             for r in reader:
@@ -346,7 +353,9 @@ def csv_source(path: Path, id_cols: Sequence[str], patterns: Sequence[str]) -> F
     if patterns:
         columns = select_columns(path, header, patterns, id_cols)
     else:
-        columns = [c for c in header if c not in id_cols and _numeric(cells[:, col[c]])]
+        # a column with any number in it is a feature column: a bad cell in it is an error naming the
+        # cell (dropping the column would change the feature dimension without a word)
+        columns = [c for c in header if c not in id_cols and _any_number(cells[:, col[c]])]
         if not columns:
             raise UserError(f"{path} has no numeric column besides the id; name the features with --columns")
     values = to_float(cells[:, [col[c] for c in columns]], path, columns, lines)
@@ -369,19 +378,25 @@ def csv_source(path: Path, id_cols: Sequence[str], patterns: Sequence[str]) -> F
             yield Utterance(uid, f"{path} line {lines[r]}", values[r : r + 1])
 
     ignored = [c for c in header if c not in columns and c not in id_cols]
+    if ignored:
+        log.warning(
+            "%s: %d column(s) without numbers are not features and are left out: %s (choose with --columns)",
+            path,
+            len(ignored),
+            ", ".join(ignored),
+        )
     info = {"path": str(path), "format": "csv", "columns": columns, "ignored_columns": ignored}
     return FrameSource(read(), info, len(ids))
 
 
-def _numeric(column: np.ndarray) -> bool:
-    values = [v.strip() for v in column if v.strip()]
-    if not values:
-        return False
-    try:
-        np.array(values).astype(np.float64)
-    except ValueError:
-        return False
-    return True
+def _any_number(column: np.ndarray) -> bool:
+    for v in column:
+        try:
+            float(v)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def _short(columns: Sequence[str]) -> str:

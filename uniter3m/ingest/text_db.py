@@ -268,6 +268,7 @@ class TextDbSpec:
     overwrite: bool = False
     progress: bool | None = None  # None: tqdm decides (on for a terminal)
     source_extra: dict[str, Any] | None = None  # more about the input, kept in meta source (e.g. asr)
+    id_prefix: str = ""  # put before every id: split files whose ids repeat across splits (MELD) stay apart
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _collect(spec: TextDbSpec, rows: list[Row]) -> tuple[list[_Utterance], list[
                 f"{where}: row {row.row} (line {row.line}) has an empty id column {empty}; "
                 "every utterance needs an id: fill it in or choose other --id-col columns"
             )
-        uid = "_".join(parts)
+        uid = spec.id_prefix + "_".join(parts)
         if uid in seen:
             first = seen[uid]
             raise UserError(
@@ -462,6 +463,7 @@ def build_text_db(spec: TextDbSpec, rows: Iterable[dict[str, Any]] | None = None
                 "format": fmt,
                 "encoding": spec.encoding,
                 "id_columns": spec.id_cols,
+                "id_prefix": spec.id_prefix,
                 "text_column": spec.text_col,
                 "rows": len(rows),
                 **(spec.source_extra or {}),

@@ -117,7 +117,7 @@ def native_loading_note(architecture: str) -> str:
         "loads the TEXT encoder (frame streams and task heads are reported as unused keys); "
         "`uniter3m.UniterModel.from_pretrained(dir)` loads everything. For a clean HF export (BERT encoder + "
         "MLM head, or a text classifier as BertForSequenceClassification) run "
-        "`uniter3m convert --to hf-bert --src DIR --out HF_DIR`."
+        "`uniter3m convert --to hf-bert --checkpoint DIR --out HF_DIR`."
     )
 
 
@@ -139,7 +139,7 @@ def run_tokenizer_dir(run_config: Mapping[str, Any] | None) -> Path | None:
 
 
 def _text_dbs(run_config: Mapping[str, Any]) -> list[str]:
-    """Text database paths of a fine-tuning (`data.txt_db`) or pretraining (`datasets.*.txt`) config."""
+    """Text database paths of a fine-tuning (`data.txt_db`) or pretraining (`datasets.*.txt_db`) config."""
     found: list[str] = []
 
     def add(value: Any) -> None:
@@ -155,7 +155,7 @@ def _text_dbs(run_config: Mapping[str, Any]) -> list[str]:
     add((run_config.get("data") or {}).get("txt_db"))
     for dataset in (run_config.get("datasets") or {}).values():
         if isinstance(dataset, Mapping):
-            add(dataset.get("txt"))
+            add(dataset.get("txt_db"))
     return found
 
 

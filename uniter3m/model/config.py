@@ -56,6 +56,22 @@ class FrameStreamConfig(StrictModel):
         return self.feat_dim > 0
 
 
+def _blamed(err: ValidationError, source: str, overrides: Mapping[str, Any]) -> str:
+    """Where the bad keys of a model config came from: the file, or the overrides applied to it."""
+
+    def given(data: Any, loc: tuple[Any, ...]) -> bool:
+        for part in loc:
+            if not isinstance(data, Mapping) or part not in data:
+                return False
+            data = data[part]
+        return True
+
+    from_overrides = [".".join(map(str, e["loc"])) for e in err.errors() if given(overrides, tuple(e["loc"]))]
+    if not from_overrides:
+        return source
+    return f"model.overrides ({', '.join(from_overrides)}; --set model.overrides.KEY or the run config) applied to {source}"
+
+
 class UniterConfig(StrictModel):
     model_type: Literal["uniter3m"] = MODEL_TYPE
     vocab_size: int = Field(30522, ge=1)
@@ -89,6 +105,12 @@ class UniterConfig(StrictModel):
         "'own': speech has its own one-row type embedding (MEmoBERT's layout)",
     )
     face_type_id: int = Field(1, ge=0, description="row of embeddings.token_type_embeddings for face frames")
+    soft_prompt_tokens: int = Field(
+        0,
+        ge=0,
+        description="learned prompt vectors (`embeddings.soft_prompt`, the prompt task's soft_prompt: N): text "
+        "positions that `soft_slots` marks take them instead of a word embedding; no vocabulary row is added",
+    )
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
@@ -166,7 +188,7 @@ class UniterConfig(StrictModel):
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
-            raise format_validation_error(err, source) from None
+            raise format_validation_error(err, _blamed(err, source, overrides)) from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides: Any) -> UniterConfig:
@@ -209,6 +231,7 @@ class UniterConfig(StrictModel):
             "streams",
             "speech_type",
             "face_type_id",
+            "soft_prompt_tokens",
         }
         data = {k: v for k, v in config_dict.items() if k in text_keys}
         if data.get("pad_token_id") is None:

@@ -30,6 +30,10 @@ StateDict = dict[str, torch.Tensor]
 BACKBONE = "uniter."
 HF_BACKBONE = "bert."  # our `uniter.` on disk, where HF BertFor* models keep their backbone
 TEXT_BACKBONE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+# Learned prompt vectors (config `soft_prompt_tokens`): BERT has no place for them, so an HF export
+# writes them to their own file, rows to put into `inputs_embeds` where the prompt had them.
+SOFT_PROMPT_KEY = BACKBONE + "embeddings.soft_prompt"
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +324,11 @@ HEAD_RENAMES = {
     "speech_feat_regress.": "speech_regress.",
     "region_classifier.": "face_classifier.",
     "itm_output.": "itm.linear.",
+    # MEmoBERT's MELM multitask head, EmoClassification(cls_type="vqa"): Sequential(Linear(H, 2H), GELU,
+    # LayerNorm(2H), Linear(2H, C)); ours keeps a Dropout first, so each layer's index is one higher.
+    "emomelm_classifier.output.0.": "emo_word_classifier.net.1.",
+    "emomelm_classifier.output.2.": "emo_word_classifier.net.3.",
+    "emomelm_classifier.output.3.": "emo_word_classifier.net.4.",
 }
 # Heads of theirs that do not carry over (reported as ignored, with the reason).
 _IGNORED_HEADS = {
@@ -332,7 +341,8 @@ _IGNORED_HEADS = {
     "output.": "fine-tuned classifier: fine-tune a new head from the converted backbone "
     "(uniter3m finetune with model.init = the output folder)",
     "eitm_output.": "emotion-word ITM head: no uniter3m task uses it",
-    "emomelm_classifier.": "MELM multi-task emotion head: no uniter3m task uses it",
+    "emomelm_classifier.net.": "MELM multi-task head of the older UNITER code (hidden width H); uniter3m's "
+    "emo_word_classifier is 2H wide (MEmoBERT's uniter3m code), so it starts fresh",
     "pos_tag_predictions.": "SentiLARE POS head: not in uniter3m",
     "senti_word_predictions.": "SentiLARE word-sentiment head: not in uniter3m",
     "senti_utt_predictions.": "SentiLARE utterance-sentiment head: not in uniter3m",
@@ -452,6 +462,7 @@ HEAD_OF_PREFIX = {
     "speech_regress": "speech_regress.",
     "face_classifier": "face_classifier.",
     "itm": "itm.",
+    "emo_word_classifier": "emo_word_classifier.",
 }
 
 
@@ -485,6 +496,13 @@ def resolve_tied(out: StateDict, report: ConversionReport) -> None:
 def heads_of(state: Mapping[str, Any]) -> list[str]:
     """The UniterForPretraining heads a converted state dict has weights for, in HEADS order."""
     return [head for head, prefix in HEAD_OF_PREFIX.items() if any(k.startswith(prefix) for k in state)]
+
+
+def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Class counts of the heads whose size the config does not hold (UniterForPretraining's
+    `emo_word_classes`), read from a converted state dict's last layer."""
+    last = state.get("emo_word_classifier.net.4.weight")
+    return {} if last is None else {"emo_word_classes": int(last.shape[0])}
 
 
 def infer_config(
@@ -616,6 +634,8 @@ def export_hf_bert(
                 _put(out, report, key, key, tensor)
         elif frame_stream(key):
             report.ignore(key, "frame-stream weight: BERT has no face/speech input")
+        elif key == SOFT_PROMPT_KEY:
+            report.ignore(key, f"learned prompt vectors: no place in BERT; written to {SOFT_PROMPT_FILE}")
         else:
             report.ignore(key, "head or buffer with no place in a BERT text encoder")
     if has_mlm and "cls.predictions.bias" in out:

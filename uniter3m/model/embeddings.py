@@ -18,7 +18,12 @@ from uniter3m.model.config import FrameStreamConfig, UniterConfig
 
 
 class TextEmbeddings(nn.Module):
-    """word + position + token type, LayerNorm, dropout (HF BertEmbeddings)."""
+    """word + position + token type, LayerNorm, dropout (HF BertEmbeddings).
+
+    `soft_prompt` (config `soft_prompt_tokens` > 0): N learned vectors that stand in for the word
+    embedding at the positions `soft_slots` marks (slot k >= 0 takes vector k, -1 keeps the word), so
+    a prompt can hold learned "words" with no vocabulary row (a tokenizer would split `[unused1]`).
+    """
 
     def __init__(self, config: UniterConfig):
         super().__init__()
@@ -31,15 +36,29 @@ class TextEmbeddings(nn.Module):
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
         )
+        n = config.soft_prompt_tokens
+        self.soft_prompt = nn.Parameter(torch.zeros(n, h)) if n else None
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, soft_slots: Tensor | None = None
+    ) -> Tensor:
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
             raise UserError(
                 f"text of {length} tokens is longer than max_position_embeddings "
                 f"{self.position_embeddings.num_embeddings}; truncate the text (data max_txt_len)"
             )
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :length])
+        x = self.word_embeddings(input_ids)
+        if soft_slots is not None:
+            if self.soft_prompt is None:
+                raise UserError(
+                    "the batch marks soft-prompt positions (soft_slots) but the model has no learned prompt "
+                    "vectors: build it with soft_prompt_tokens = the prompt task's soft_prompt"
+                )
+            slots = soft_slots.to(x.device)
+            soft = self.soft_prompt.to(x.dtype)[slots.clamp(min=0)]
+            x = torch.where((slots >= 0).unsqueeze(-1), soft, x)
+        x = x + self.position_embeddings(self.position_ids[:, :length])
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:

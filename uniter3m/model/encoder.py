@@ -33,11 +33,12 @@ def attention_bias(mask: Tensor, dtype: torch.dtype, padded: bool | None = None)
     """(B, L) bool keep-mask -> additive (B, 1, 1, L) bias, or None when nothing is padded.
 
     `padded` is the collator's answer to "does this batch hold padding?" (it knows, on the CPU);
-    None asks the mask, which costs a device->host sync and breaks a compiled graph.
+    None asks the mask (a device->host sync) in eager mode; while compiling it never asks (a graph
+    break) and builds the bias, which is exact for an all-True mask too (transformers does the same).
     A row with no valid key at all (an utterance whose every stream is empty) would make softmax
     divide 0 by 0; such rows attend to every position instead: finite, and the caller ignores them.
     """
-    if padded is False or (padded is None and bool(mask.all())):
+    if padded is False or (padded is None and not torch.compiler.is_compiling() and bool(mask.all())):
         return None
     keep = mask | ~mask.any(dim=1, keepdim=True)
     bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
@@ -66,9 +67,13 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         b, n, h = x.shape
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        qkv_bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(x, weight, qkv_bias).view(b, n, 3, self.num_heads, self.head_dim)
+        if all(type(m) is nn.Linear for m in (self.query, self.key, self.value)):
+            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+            qkv_bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+            qkv = F.linear(x, weight, qkv_bias)
+        else:  # adapters (LoRA, model/lora.py) wrap a projection: call each so their terms count
+            qkv = torch.cat((self.query(x), self.key(x), self.value(x)), dim=-1)
+        qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0

@@ -20,13 +20,12 @@ from typing import Any
 import torch
 
 from uniter3m.errors import UserError
-from uniter3m.fileio import atomic_write_json
+from uniter3m.fileio import MANIFEST_NAME, atomic_write_json, building_dir, unlisted_entries, write_manifest
 from uniter3m.model import conversion as conv
 from uniter3m.model.card import copy_tokenizer, find_tokenizer_dir, native_loading_note, write_model_card
 from uniter3m.model.config import CONFIG_NAME
 from uniter3m.model.finetuning import FINETUNE_FILE
 from uniter3m.model.io import (
-    HEADS_FILE,
     WEIGHTS_NAME,
     load_into,
     read_checkpoint,
@@ -56,7 +55,9 @@ def convert(
 ) -> conv.ConversionReport:
     """What `uniter3m convert` does: one direction (`source_kind` in, or `target_kind` out) into `out`.
 
-    `out` must be empty unless `overwrite`; the options of the other direction are refused.
+    `out` must be new or empty; with `overwrite` it may hold a model folder uniter3m wrote (every file
+    listed by its manifest), which the new one replaces whole. `out` may not be or hold `src`. The
+    options of the other direction are refused.
     """
     if (source_kind is None) == (target_kind is None):
         raise UserError("give one direction: --from KIND (into uniter3m) or --to KIND (out of it)")
@@ -67,17 +68,36 @@ def convert(
             "--model-config applies to --from uniter/memobert only (other sources carry their own config.json)"
         )
     out = Path(out)
+    _check_out(Path(src), out, overwrite)
+    if target_kind and target_kind not in TARGET_KINDS:
+        raise UserError(f"unknown target kind {target_kind!r}; use one of {', '.join(TARGET_KINDS)}")
+    with building_dir(out) as tmp:  # swapped in whole: no file of an earlier output is left beside it
+        if target_kind:
+            return export_to_hf_bert(src, tmp, with_mlm_head=mlm_head, with_head=head)
+        return convert_to_ours(source_kind, src, tmp, model_config, seed, allow_new=allow_new)
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """`out` must be new or empty, or (with `overwrite`) hold only a model folder we wrote; never the source."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents:
         raise UserError(
-            f"--out {out} is not empty; pass --overwrite to write into it or choose another folder"
+            f"--out {out} is the source {src} or holds it: the conversion would replace what it reads. "
+            "Give another --out"
         )
-    if target_kind:
-        if target_kind not in TARGET_KINDS:
-            raise UserError(f"unknown target kind {target_kind!r}; use one of {', '.join(TARGET_KINDS)}")
-        return export_to_hf_bert(src, out, with_mlm_head=mlm_head, with_head=head)
-    return convert_to_ours(source_kind, src, out, model_config, seed, allow_new=allow_new)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it or choose another folder")
+    foreign = unlisted_entries(out)
+    if foreign:
+        raise UserError(
+            f"--overwrite: --out {out} holds files uniter3m did not write ({', '.join(foreign[:8])}"
+            f"{' ...' if len(foreign) > 8 else ''}; no {MANIFEST_NAME} lists them); nothing was changed. "
+            "--overwrite replaces only a model folder uniter3m wrote: choose another --out"
+        )
 
 
 # ------------------------------------------------------------------------------ into ours
@@ -101,7 +121,8 @@ def convert_to_ours(
     config, report, heads = loaded.config, loaded.report, loaded.heads
     with torch.random.fork_rng(devices=[]):  # seeded init of the new weights, caller's RNG untouched
         torch.manual_seed(seed)
-        model = UniterForPretraining(config, heads) if heads else UniterModel(config)
+        words = int(loaded.meta.get("emo_word_classes", 0))
+        model = UniterForPretraining(config, heads, emo_word_classes=words) if heads else UniterModel(config)
     info = load_into(model, loaded, allow_new=allow_new)
     unfit = sorted(set(info["unexpected_keys"]) - set(report.ignored))
     if unfit:  # converted keys the inferred model has no place for
@@ -111,8 +132,6 @@ def convert_to_ours(
             "the checkpoint does not match the inferred layout (pass --model-config with its real config)"
         )
     model.save_pretrained(out)
-    if not heads:
-        (out / HEADS_FILE).unlink(missing_ok=True)  # a stale file from an earlier --overwrite run
     copied = copy_tokenizer(loaded.tokenizer_dir, out)
     _write_report(
         out,
@@ -141,6 +160,7 @@ def convert_to_ours(
             "Conversion": {"new": report.new, "ignored": sorted(report.ignored)},
         },
     )
+    write_manifest(out)
     return report
 
 
@@ -169,6 +189,12 @@ def export_to_hf_bert(
                 f"{src} was fine-tuned on modalities {modalities}: a text-only BERT classifier would not make "
                 "its predictions; export the encoder alone with --no-head, or fine-tune with data.modalities=L"
             )
+        if spec.get("pool", "cls") != "cls":
+            raise UserError(
+                f"{src} reads the encoder through pool {spec['pool']!r}; BertForSequenceClassification reads only "
+                "the pooled [CLS], so it would not make its predictions: export the encoder alone with --no-head, "
+                "or fine-tune with model.pool=cls"
+            )
         state, report = conv.export_hf_classifier(loaded.state, spec["head"], spec["classes"])
         hf_config = conv.hf_classifier_config(config.to_dict(), spec["head"], spec["classes"])
     else:
@@ -180,6 +206,9 @@ def export_to_hf_bert(
     architecture = hf_config["architectures"][0]
     out.mkdir(parents=True, exist_ok=True)
     write_weights(out / WEIGHTS_NAME, state)
+    soft = loaded.state.get(conv.SOFT_PROMPT_KEY) if spec is None or not with_head else None
+    if soft is not None:
+        write_weights(out / conv.SOFT_PROMPT_FILE, {"soft_prompt": soft})
     atomic_write_json(out / CONFIG_NAME, hf_config)
     tok_dir = find_tokenizer_dir([src, (spec or {}).get("tokenizer")])
     copied = copy_tokenizer(tok_dir, out)
@@ -198,6 +227,14 @@ def export_to_hf_bert(
         f"Text encoder{' and classifier' if spec and with_head else ''} of the uniter3m checkpoint `{src}`, "
         "in plain transformers form. Frame streams (face/speech) are not part of it."
         + (
+            f" The {soft.shape[0]} learned prompt vectors (soft_prompt) have no place in BERT: "
+            f"`{conv.SOFT_PROMPT_FILE}` holds them (tensor `soft_prompt`, one row per vector); to use the "
+            "prompt, embed the ids with `model.get_input_embeddings()`, put row k where the prompt's k-th "
+            "vector stood (right before the template's words) and pass the result as `inputs_embeds`."
+            if soft is not None
+            else ""
+        )
+        + (
             ""
             if copied
             else " No tokenizer files were found beside the source: add the ones it was trained with."
@@ -210,6 +247,7 @@ def export_to_hf_bert(
             "Conversion": {"ignored": sorted(report.ignored), "tokenizer files": copied},
         },
     )
+    write_manifest(out)
     return report
 
 

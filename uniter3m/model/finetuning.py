@@ -1,15 +1,19 @@
 """Fine-tuning models: the backbone plus one utterance-level head.
 
-Heads (`head` in the downstream config):
-  linear      pooled [CLS] -> dropout + Linear(H, C)
-  mlp         pooled [CLS] -> dropout, Linear, GELU, LayerNorm, Linear (UNITER's two-layer head)
-  regression  pooled [CLS] -> one score (CMU-MOSI sentiment)
+Heads (`head` in the downstream config) read what `model.pool` gives (`model/pooling.py`: the pooled
+[CLS] by default, or a mean / attention / per-stream vector; weights `pool.*`):
+  linear      pooled vector -> dropout + Linear(P, C)
+  mlp         pooled vector -> dropout, Linear, GELU, LayerNorm, Linear (UNITER's two-layer head)
+  regression  pooled vector -> one score (CMU-MOSI sentiment)
   prompt      the input already holds `[CLS] text <prompt> [SEP]` (built by `data/prompts.py` in the
               data workers) and `prompt_positions` says where its mask token is; the MLM head scores
               the label words of the verbaliser there. Training uses the MLM loss over the whole
               vocabulary (as in pretraining); PREDICTIONS are the argmax over the verbaliser's words
               only, so an out-of-verbaliser word can never be predicted and no random fallback is
               needed (the reference code replaced such words by random labels).
+
+`freeze` gives `model.freeze` its meaning (none, embeddings, layers:N, backbone) and
+`trainable_groups` counts what trains; LoRA adapters come from `model/lora.py`.
 
 Building the model for a corpus (checkpoint, streams, tokenizer, verbaliser) is the training
 engine's job (`uniter3m/train/finetune.py`); this module knows no corpus.
@@ -33,9 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from uniter3m.errors import ConfigError, DatabaseError, UserError
+from uniter3m.fileio import building_dir, write_manifest
 from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.heads import ClassificationHead, MlmHead, RegressionHead
 from uniter3m.model.io import load_into, read_checkpoint, read_json_file, write_pretrained
+from uniter3m.model.lora import apply_lora, has_adapters, merged_copy
+from uniter3m.model.pooling import TEXT, Pooling
 from uniter3m.model.uniter import UniterModel
 from uniter3m.streams import StreamTable
 
@@ -50,6 +57,7 @@ class FinetuneOutput:
     logits: Tensor | None = None  # (B, C) class scores (prompt: MLM logits of the label words)
     scores: Tensor | None = None  # (B,) regression
     vocab_logits: Tensor | None = None  # (B, V) prompt head, for the MLM loss
+    pooled: Tensor | None = None  # (B, P) what the head read (model.pool), e.g. for feature distillation
 
 
 @dataclass
@@ -66,6 +74,9 @@ class HeadSpec:
     modalities: str = "L"
     fold_index: int | None = None
     fold: str | None = None
+    pool: str = "cls"  # model/pooling.py
+    per_stream: bool = False
+    lora: dict[str, Any] | None = None  # adapters kept beside the weights (lora.merge_on_save false)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,13 +93,18 @@ class FinetuneModel(nn.Module):
         self.config = uniter.config
         self.spec = spec
         self.new_backbone_weights: set[str] = set()  # backbone weights the checkpoint did not hold
-        hidden = uniter.config.hidden_size
+        streams = [TEXT, *uniter.config.frame_streams()]
+        self.pool = Pooling(spec.pool, uniter.config.hidden_size, streams, spec.per_stream)
         if spec.head in ("linear", "mlp"):
             self.head = ClassificationHead(
-                hidden, len(spec.classes), spec.dropout, kind=spec.head, eps=uniter.config.layer_norm_eps
+                self.pool.size,
+                len(spec.classes),
+                spec.dropout,
+                kind=spec.head,
+                eps=uniter.config.layer_norm_eps,
             )
         elif spec.head == "regression":
-            self.head = RegressionHead(hidden, spec.dropout)
+            self.head = RegressionHead(self.pool.size, spec.dropout)
         else:
             if not spec.prompt_ids or not spec.verbalizer_ids:
                 raise ConfigError("the prompt head needs prompt ids and verbaliser ids")
@@ -119,21 +135,24 @@ class FinetuneModel(nn.Module):
             yield from mlm.transform.parameters()
             yield mlm.bias
         else:
+            yield from self.pool.parameters()
             yield from self.head.parameters()
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
         t = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return f"{self.spec.head} head, {len(self.spec.classes)} classes, {n / 1e6:.1f}M params ({t / 1e6:.1f}M trainable)"
+        return f"{self.spec.head} head on {self.spec.pool} pooling, {len(self.spec.classes)} classes, {n / 1e6:.1f}M params ({t / 1e6:.1f}M trainable)"
 
     def forward(self, prompt_positions: Tensor | None = None, **backbone_inputs: Any) -> FinetuneOutput:
         """Backbone keyword arguments (text, frame streams) -> head output; the prompt head also
         needs `prompt_positions` (B,), the mask token of each row."""
         out = self.uniter(**backbone_inputs)
         if self.spec.head == "regression":
-            return FinetuneOutput(scores=self.head(out.pooler_output))
+            pooled = self.pool(out)
+            return FinetuneOutput(scores=self.head(pooled), pooled=pooled)
         if self.spec.head != "prompt":
-            return FinetuneOutput(logits=self.head(out.pooler_output))
+            pooled = self.pool(out)
+            return FinetuneOutput(logits=self.head(pooled), pooled=pooled)
         if prompt_positions is None:
             raise UserError(
                 "the prompt head needs prompt_positions (built with the prompt by the data workers)"
@@ -141,6 +160,10 @@ class FinetuneModel(nn.Module):
         rows = torch.arange(prompt_positions.shape[0], device=prompt_positions.device)
         vocab_logits = self.cls["predictions"](out.last_hidden_state[rows, prompt_positions])
         return FinetuneOutput(logits=vocab_logits[:, self.verbalizer_ids], vocab_logits=vocab_logits)
+
+    def probabilities(self, out: FinetuneOutput) -> Tensor:
+        """(B, C) class probabilities: softmax over the classes (prompt: over the verbaliser's words)."""
+        return out.logits.float().softmax(dim=-1)
 
     def predictions(self, out: FinetuneOutput) -> Tensor:
         """Class indices (argmax; ties go to the lowest index, deterministically) or scores."""
@@ -186,27 +209,89 @@ def load_mlm_head(model: FinetuneModel, init: Path) -> None:
     load_into(model, loaded)
 
 
-def freeze(model: FinetuneModel, layers: int, embeddings: bool) -> None:
-    """Freeze the text embeddings (and with them the tied MLM decoder) and the bottom `layers` layers.
+FREEZE_VALUES = "none, embeddings, layers:N (N >= 1) or backbone"
 
-    Frame-stream embeddings stay trainable: they are often new (a text-only checkpoint).
+
+def parse_freeze(value: str) -> tuple[str, int]:
+    """`model.freeze` -> (kind, N); N is the number of frozen encoder layers (`layers:N` only)."""
+    if value in ("none", "embeddings", "backbone"):
+        return value, 0
+    kind, _, n = value.partition(":")
+    if kind == "layers" and n.isdigit() and int(n) >= 1:
+        return kind, int(n)
+    raise ConfigError(f"model.freeze {value!r}: use {FREEZE_VALUES}")
+
+
+def freeze(model: FinetuneModel, value: str) -> None:
+    """Stop the gradients of part of the backbone (`model.freeze`):
+
+    none        everything trains;
+    embeddings  the input embeddings of every stream (text: words, positions, types; each frame
+                stream's `<s>_embeddings`) are frozen;
+    layers:N    MEmoBERT's: everything below encoder layer N (every embedding and layers 0..N-1);
+    backbone    the whole backbone, pooler included: only the pool and the head train.
+
+    Backbone weights the checkpoint did not hold (`new_backbone_weights`: a frame stream new to a
+    text checkpoint) never freeze, as a frozen random layer is no pretrained one; the log line of
+    `trainable_groups` shows them. The prompt head's decoder is tied to the word embeddings and
+    freezes with them.
     """
-    n = model.config.num_hidden_layers
-    if layers > n:
-        raise ConfigError(f"model.freeze_layers={layers} but the model has {n} layers")
-    frozen = [model.uniter.encoder.layer[i] for i in range(layers)]
-    if embeddings or layers > 0:
-        frozen.append(model.uniter.embeddings)
-    for module in frozen:
-        for p in module.parameters():
-            p.requires_grad_(False)
+    kind, n = parse_freeze(value)
+    layers = model.config.num_hidden_layers
+    if n > layers:
+        raise ConfigError(f"model.freeze {value!r} but the model has {layers} layers")
+
+    def frozen(name: str) -> bool:
+        if kind == "backbone":
+            return True
+        if kind == "none":
+            return False
+        if name.split(".", 1)[0].endswith("embeddings"):
+            return True
+        parts = name.split(".")
+        return kind == "layers" and parts[:2] == ["encoder", "layer"] and int(parts[2]) < n
+
+    for name, param in model.uniter.named_parameters():
+        if frozen(name) and name not in model.new_backbone_weights:
+            param.requires_grad_(False)
+
+
+def trainable_groups(model: FinetuneModel) -> dict[str, tuple[int, int]]:
+    """{group: (trainable, total) parameter counts}: each embedding module, each encoder layer, the
+    pooler, the LoRA adapters, and `head` (pool + head); logged once per fold."""
+    groups: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            group = "lora"
+        elif name.startswith("uniter."):
+            parts = name.split(".")
+            group = ".".join(parts[1:4]) if parts[1] == "encoder" else parts[1]
+        else:
+            group = "head"
+        counts = groups.setdefault(group, [0, 0])
+        counts[0] += param.numel() if param.requires_grad else 0
+        counts[1] += param.numel()
+    return {g: (t, n) for g, (t, n) in groups.items()}
+
+
+def describe_trainable(groups: Mapping[str, tuple[int, int]]) -> str:
+    """`trainable parameters: embeddings 0/11.9M, ..., head 1.9k/1.9k; 3.2M of 22.7M (14.1%)`."""
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+    trainable = sum(t for t, _ in groups.values())
+    total = sum(n for _, n in groups.values())
+    parts = ", ".join(f"{g} {size(t)}/{size(n)}" for g, (t, n) in groups.items())
+    return f"trainable parameters: {parts}; {size(trainable)} of {size(total)} ({100 * trainable / max(total, 1):.1f}%)"
 
 
 # ----------------------------------------------------------------------------- save / load
 def save_finetuned(
     model: FinetuneModel, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None
 ) -> None:
-    """Write the model, `finetune.json` (head spec + `extra`), the run's tokenizer files and a model card.
+    """Write the model, `finetune.json` (head spec + `extra`), the run's tokenizer files, a model card and
+    the manifest, into a new folder that then replaces `directory` whole.
 
     The tokenizer and the card's config come from the run's resolved `config.json`, two folders up
     (`<output_dir>/fold<K>-<name>/best`), unless `extra["tokenizer"]` names the tokenizer folder.
@@ -223,31 +308,39 @@ def save_finetuned(
     run_config = read_run_config(directory.parent.parent)
     tok_dir = (extra or {}).get("tokenizer") or run_tokenizer_dir(run_config)
     spec = model.spec.to_dict() | dict(extra or {}) | ({"tokenizer": str(tok_dir)} if tok_dir else {})
-    write_pretrained(model, directory, extra_files={FINETUNE_FILE: spec})
-    copied = copy_tokenizer(tok_dir, directory)
-    text_only = spec.get("modalities") == "L" and spec["head"] in ("linear", "regression")
-    export = (
-        " As a text-only model with a linear head it exports to a transformers classifier: "
-        "`uniter3m convert --to hf-bert --src DIR --out HF_DIR` writes a BertForSequenceClassification "
-        "(`transformers.pipeline('text-classification', model=HF_DIR)`)."
-        if text_only
-        else ""
-    )
-    write_model_card(
-        directory,
-        f"uniter3m emotion model ({spec.get('protocol') or 'fine-tuned'}, {spec['head']} head)",
-        f"Fine-tuned on modalities {spec.get('modalities')}, fold {spec.get('fold')}, classes "
-        f"{', '.join(map(str, spec['classes']))}; selected at step {spec.get('step')} on the validation split."
-        + ("" if copied else " No tokenizer files were found for this run.")
-        + export,
-        transformers_use=native_loading_note("BertModel")
-        + " `uniter3m evaluate --checkpoint DIR` scores it per modality case.",
-        sections={
-            "Validation metrics (selection)": spec.get("valid"),
-            "Data": (run_config or {}).get("data"),
-            "Run config": run_config,
-        },
-    )
+    if has_adapters(model) and model.spec.lora is None:  # lora.merge_on_save: plain BERT weights
+        model = merged_copy(model)
+    with building_dir(directory) as tmp:  # swapped in whole: a kill never mixes two saves
+        write_pretrained(model, tmp, extra_files={FINETUNE_FILE: spec})
+        copied = copy_tokenizer(tok_dir, tmp)
+        text_only = (
+            spec.get("modalities") == "L"
+            and spec["head"] in ("linear", "regression")
+            and spec["pool"] == "cls"
+        )
+        export = (
+            " As a text-only model with a linear head it exports to a transformers classifier: "
+            "`uniter3m convert --to hf-bert --checkpoint DIR --out HF_DIR` writes a BertForSequenceClassification "
+            "(`transformers.pipeline('text-classification', model=HF_DIR)`)."
+            if text_only
+            else ""
+        )
+        write_model_card(
+            tmp,
+            f"uniter3m emotion model ({spec.get('protocol') or 'fine-tuned'}, {spec['head']} head)",
+            f"Fine-tuned on modalities {spec.get('modalities')}, fold {spec.get('fold')}, classes "
+            f"{', '.join(map(str, spec['classes']))}; selected at step {spec.get('step')} on the validation split."
+            + ("" if copied else " No tokenizer files were found for this run.")
+            + export,
+            transformers_use=native_loading_note("BertModel")
+            + " `uniter3m evaluate --checkpoint DIR` scores it per modality case.",
+            sections={
+                "Validation metrics (selection)": spec.get("valid"),
+                "Data": (run_config or {}).get("data"),
+                "Run config": run_config,
+            },
+        )
+        write_manifest(tmp)
 
 
 def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:
@@ -264,5 +357,7 @@ def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:
     spec = HeadSpec(**{k: v for k, v in raw.items() if k in known})
     loaded = read_checkpoint(directory, "uniter3m", backbone=UniterModel)
     model = FinetuneModel(UniterModel(loaded.config), spec)
+    if spec.lora:  # saved with its adapters unmerged (lora.merge_on_save false)
+        apply_lora(model, **spec.lora)
     load_into(model, loaded, strict=True)
     return model

@@ -13,13 +13,14 @@ Loading: `load_into(model, source, strict=...)` is the one way weights enter a m
 `from_pretrained` (so `model.init`), `uniter3m convert`, fine-tuned `best/` folders and resume.
 Non-strict, it refuses to leave a backbone weight at its random initial value: only the frame
 streams the checkpoint lacks (`uniter.<name>_embeddings.*`), the pooler of a checkpoint with an MLM
-head (HF *ForMaskedLM saves none) and the patterns in `allow_new` may start fresh; heads may always
-start fresh. Strict, every weight of the model must come from the checkpoint and every tensor of
+head (HF *ForMaskedLM saves none), learned prompt vectors (`soft_prompt_tokens`) and the patterns in
+`allow_new` may start fresh; heads may always start fresh. Strict, every weight of the model must come from the checkpoint and every tensor of
 the checkpoint must find a place. Everything fresh or unused is reported.
 
-Writing: `write_pretrained` (config.json + model.safetensors, backbone under `bert.` as in HF
-BertFor* models) and `write_weights` (an atomic safetensors file). Nothing here imports the model
-classes: they import this module, and hand `read_checkpoint` the backbone class it checks against.
+Writing: `write_pretrained` (config.json + model.safetensors + manifest.json, backbone under `bert.`
+as in HF BertFor* models; `read_weights` checks the manifest of every folder that has one) and
+`write_weights` (an atomic safetensors file). Nothing here imports the model classes: they import
+this module, and hand `read_checkpoint` the backbone class it checks against.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from uniter3m.errors import ConfigError, UserError
-from uniter3m.fileio import atomic_write_bytes, atomic_write_json
+from uniter3m.fileio import atomic_write_bytes, atomic_write_json, check_manifest, write_manifest
 from uniter3m.model import conversion as conv
 from uniter3m.model.config import CONFIG_NAME, UniterConfig, is_ours
 from uniter3m.model.conversion import BACKBONE, HF_BACKBONE, frame_stream
@@ -103,6 +104,7 @@ def write_pretrained(
         atomic_write_json(directory / TOKENIZER_FILE, dict(record))
     architecture = "BertForMaskedLM" if any(k.startswith(MLM_HEAD) for k in state) else "BertModel"
     atomic_write_json(directory / CONFIG_NAME, model.config.to_disk(architecture))
+    write_manifest(directory)  # callers that add files (tokenizer, card) write it again last
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -118,7 +120,8 @@ class LoadedCheckpoint:
     report: conv.ConversionReport
     source: Path
     flavour: str
-    meta: dict[str, Any] = field(default_factory=dict)  # heads.json of our pretraining dirs
+    # heads.json of our pretraining dirs; head sizes read from the weights (`conv.head_sizes`) of research ones
+    meta: dict[str, Any] = field(default_factory=dict)
     tokenizer_dir: Path | None = None
 
     @property
@@ -150,6 +153,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.is_dir():
+        check_manifest(path)  # a folder we wrote: its bytes must be what was written
         for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return read_weights(path / name)
@@ -276,7 +280,7 @@ def detect_flavour(path: str | os.PathLike) -> str:
     if path.suffix in (".pt", ".pth") or (path.is_dir() and any(path.glob("model_step_*.pt"))):
         raise UserError(
             f"{path} is a research state dict without a config: convert it first with "
-            f"`uniter3m convert --from memobert|uniter --src {path} --out DIR`, or pass flavour='memobert'|'uniter'"
+            f"`uniter3m convert --from memobert|uniter --checkpoint {path} --out DIR`, or pass flavour='memobert'|'uniter'"
         )
     if path.is_file():
         raise UserError(
@@ -434,7 +438,7 @@ def _read_research(
     )
     data = conv.infer_config(state, base, report, flavour=flavour)
     config = UniterConfig.from_dict(data, f"config inferred from {file}")
-    return LoadedCheckpoint(state, config, report, file, flavour, {}, file.parent)
+    return LoadedCheckpoint(state, config, report, file, flavour, conv.head_sizes(state), file.parent)
 
 
 def _latest_step_file(folder: Path) -> Path:
@@ -512,6 +516,8 @@ def config_hint(key: str, shape: tuple) -> str | None:
         return f"max_position_embeddings={shape[0]}"
     if name == "embeddings.token_type_embeddings.weight":
         return f"type_vocab_size={shape[0]}"
+    if name == "embeddings.soft_prompt":
+        return f"soft_prompt_tokens={shape[0]}"
     if re.fullmatch(r"encoder\.layer\.\d+\.intermediate\.dense\.(weight|bias)", name):
         return f"intermediate_size={shape[0]}"
     if re.fullmatch(r"encoder\.layer\.\d+\.output\.dense\.weight", name):
@@ -546,8 +552,8 @@ def load_into(
     ConfigError naming key, shapes and the config field. Strict: a model weight the checkpoint lacks
     or a checkpoint tensor with no place in the model is a ConfigError (a model saved from another
     config or head). Not strict: backbone weights may start fresh only when they belong to a frame
-    stream the checkpoint lacks, to the pooler of a checkpoint with an MLM head, or match a pattern
-    of `allow_new` (fnmatch, on full names such as `uniter.face_embeddings.position_embeddings.*`);
+    stream the checkpoint lacks, to the pooler of a checkpoint with an MLM head, are the learned prompt
+    vectors, or match a pattern of `allow_new` (fnmatch, on full names such as `uniter.face_embeddings.position_embeddings.*`);
     heads absent from the checkpoint start fresh, unused tensors are reported.
     Returns `info` (missing_keys, unexpected_keys, mismatched_keys, error_msgs, new_streams) in the
     model's own names, and records the fresh keys (full names) as `loaded.report.new`.
@@ -597,7 +603,8 @@ def load_into(
             )
     else:
         has_mlm_head = any(k.startswith(MLM_HEAD) for k in loaded.state)
-        patterns = (*allow_new, *([POOLER] if has_mlm_head else []))
+        # learned prompt vectors start fresh when a prompt task first asks for them
+        patterns = (*allow_new, *([POOLER] if has_mlm_head else []), conv.SOFT_PROMPT_KEY)
         have_streams = loaded.streams
         refused: list[str] = []
         for name in sorted(missing):

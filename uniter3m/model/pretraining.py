@@ -10,6 +10,7 @@ Head attributes (state-dict prefixes) and what MEmoBERT called them:
 | `face_fom`, `speech_fom` | frame order (scores slots against position embeddings) | `vfom_output`, `sfom_output` |
 | `itm` | matching, Linear(H, 2) | `itm_output` |
 | `emo_classifier` | utterance emotion classes (`emo_classes`) | `emo_classifier` |
+| `emo_word_classifier` | a masked word's emotion category (`emo_word_classes`; MELM `emotion_head`), UNITER's 2H MLP | `emomelm_classifier` |
 
 Frame heads exist for every stream of the model config's stream table (`<name>_regress`,
 `<name>_fom`, `<name>_classifier`), so a declared stream gets them with no code change.
@@ -35,13 +36,12 @@ from uniter3m.model.heads import (
     ItmHead,
     MlmHead,
 )
-from uniter3m.model.io import load_into, read_checkpoint, write_pretrained
+from uniter3m.model.io import HEADS_FILE, load_into, read_checkpoint, write_pretrained
 from uniter3m.model.uniter import UniterModel, UniterOutput, init_bert_weights
 from uniter3m.streams import StreamTable
 
-TEXT_HEADS = ("mlm", "itm", "emo_classifier")
+TEXT_HEADS = ("mlm", "itm", "emo_classifier", "emo_word_classifier")
 FRAME_HEAD_KINDS = ("regress", "fom", "classifier")
-HEADS_FILE = "heads.json"
 
 
 def head_names(table: StreamTable) -> list[str]:
@@ -59,7 +59,13 @@ def _frame_head(name: str, table: StreamTable) -> tuple[str, str] | None:
 
 
 class UniterForPretraining(nn.Module):
-    def __init__(self, config: UniterConfig, heads: Iterable[str] = ("mlm",), emo_classes: int = 0):
+    def __init__(
+        self,
+        config: UniterConfig,
+        heads: Iterable[str] = ("mlm",),
+        emo_classes: int = 0,
+        emo_word_classes: int = 0,
+    ):
         super().__init__()
         heads = list(dict.fromkeys(heads))
         table = config.stream_table
@@ -69,6 +75,7 @@ class UniterForPretraining(nn.Module):
         self.config = config
         self.heads = heads
         self.emo_classes = emo_classes
+        self.emo_word_classes = emo_word_classes
         self.uniter = UniterModel(config)
         h, eps = config.hidden_size, config.layer_norm_eps
         for name in heads:
@@ -104,6 +111,12 @@ class UniterForPretraining(nn.Module):
                         "head 'emo_classifier' needs emo_classes >= 1 (the number of emotion classes)"
                     )
                 self.emo_classifier = ClassificationHead(h, emo_classes, config.hidden_dropout_prob)
+            elif name == "emo_word_classifier":
+                if emo_word_classes < 2:
+                    raise ConfigError(
+                        "head 'emo_word_classifier' needs emo_word_classes >= 2 (no emotion + the lexicon's categories)"
+                    )
+                self.emo_word_classifier = ClassificationHead(h, emo_word_classes, 0.0, kind="mlp")
         self._init_heads()
 
     def _init_heads(self) -> None:
@@ -120,7 +133,15 @@ class UniterForPretraining(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json + model.safetensors (+ heads.json); tied head weights are stored once."""
         write_pretrained(
-            self, directory, {HEADS_FILE: {"heads": self.heads, "emo_classes": self.emo_classes}}
+            self,
+            directory,
+            {
+                HEADS_FILE: {
+                    "heads": self.heads,
+                    "emo_classes": self.emo_classes,
+                    "emo_word_classes": self.emo_word_classes,
+                }
+            },
         )
 
     @classmethod
@@ -129,6 +150,7 @@ class UniterForPretraining(nn.Module):
         directory: str | os.PathLike,
         heads: Iterable[str] | None = None,
         emo_classes: int | None = None,
+        emo_word_classes: int | None = None,
         output_loading_info: bool = False,
         **config_overrides: Any,
     ) -> UniterForPretraining | tuple[UniterForPretraining, dict[str, Any]]:
@@ -139,6 +161,9 @@ class UniterForPretraining(nn.Module):
         loaded = read_checkpoint(directory, backbone=UniterModel)
         heads = list(heads) if heads is not None else loaded.meta.get("heads", ["mlm"])
         emo = emo_classes if emo_classes is not None else int(loaded.meta.get("emo_classes", 0))
-        model = cls(loaded.model_config(**config_overrides), heads, emo)
+        words = (
+            emo_word_classes if emo_word_classes is not None else int(loaded.meta.get("emo_word_classes", 0))
+        )
+        model = cls(loaded.model_config(**config_overrides), heads, emo, words)
         info = load_into(model, loaded)
         return (model, info) if output_loading_info else model

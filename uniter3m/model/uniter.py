@@ -85,6 +85,8 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, FrameEmbeddings):
         nn.init.normal_(module.mask_embedding, std=std)
+    elif isinstance(module, TextEmbeddings) and module.soft_prompt is not None:
+        nn.init.normal_(module.soft_prompt, std=std)
 
 
 class UniterModel(nn.Module):
@@ -133,11 +135,13 @@ class UniterModel(nn.Module):
         pack_src: Tensor | None = None,
         pack_dst: Tensor | None = None,
         pack_doc: Tensor | None = None,
+        soft_slots: Tensor | None = None,
         **frames: Tensor | None,
     ) -> UniterOutput:
         """`padded=False` promises every mask given is all True (the collator knows; the model then
         passes SDPA no mask, without asking the device); None checks the masks. `pack_*` (a plan of
-        `uniter3m.data.packing.pack_plan`) runs the encoder on packed rows; the output is the same."""
+        `uniter3m.data.packing.pack_plan`) runs the encoder on packed rows; the output is the same.
+        `soft_slots` (B, L) puts learned prompt vector k at the text positions holding k (-1: the word)."""
         frames.update(
             face_feat=face_feat,
             face_mask=face_mask,
@@ -167,7 +171,7 @@ class UniterModel(nn.Module):
             names.append(name)
 
         if input_ids is not None:
-            add("text", self.embeddings(input_ids, token_type_ids), attention_mask)
+            add("text", self.embeddings(input_ids, token_type_ids, soft_slots), attention_mask)
         for stream in self.frame_streams:
             feat = frames.get(stream.feat_key)
             if feat is None:

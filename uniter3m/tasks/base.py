@@ -43,6 +43,7 @@ def model_keys(table: StreamTable) -> tuple[str, ...]:
         "pack_src",
         "pack_dst",
         "pack_doc",
+        "soft_slots",
         *frames,
     )
 
@@ -249,6 +250,14 @@ class Task:
     def __call__(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         return self.forward(model, inputs)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the task learns outside the model's parameters (tensors and plain values), saved
+        per rank in every checkpoint so that a resume is exact; most tasks have none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`'s output (an empty mapping: a checkpoint saved without it)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -347,7 +356,10 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "melm_wwm": ("uniter3m.tasks.mlm", "MlmTask", {"unit": "word", "emotion": True}),
     "itm": ("uniter3m.tasks.matching", "MatchingTask", {"hard": False}),
     "itm_hard": ("uniter3m.tasks.matching", "MatchingTask", {"hard": True}),
+    "emotion_itm": ("uniter3m.tasks.matching", "MatchingTask", {"hard": False, "emotion": True}),
+    "itm_rank": ("uniter3m.tasks.ranking", "RankingTask", {}),
     "contrastive": ("uniter3m.tasks.matching", "ContrastiveTask", {}),
+    "tuple_contrastive": ("uniter3m.tasks.tuple_nce", "TupleContrastiveTask", {}),
     "prompt": ("uniter3m.tasks.prompt", "PromptTask", {}),
     "prompt_cross": ("uniter3m.tasks.prompt", "PromptTask", {}),
     "emo_cls": ("uniter3m.tasks.emo_cls", "EmoClsTask", {}),

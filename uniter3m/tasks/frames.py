@@ -8,6 +8,16 @@ real frames drawn from the batch, or kept. Spans may end on the last frame; a cl
 span gets one shorter span (``masking.span_starts``); every clip with frames gets at least one
 target; empty clips (T = 0) and padding contribute none.
 
+MEmoBERT's span rules are options of ``span``, a length or a mapping (``masking.SpanSpec``):
+``{"length": 3, "overlap": true}`` (its overlapping spans, floor(T·ratio / length) starts; about
+17.8 % of frames at ratio 0.2), ``{"length": [1, 2, 3, 4, 5], "ratios": [0.1, ..., 0.9], "overlap":
+true}`` (its mixed ratios: one rate and one length drawn per clip), ``{"single": true}`` (one span of
+floor(T·ratio) frames); MEmoBERT always used the mask vector: ``"replace": [1, 0, 0]`` inside
+``span`` (the span's rates; the task-level ``replace`` says the same for any masking, and giving
+both is a ConfigError, so no rule decides between two values).
+``select: "emotion"`` chooses the frames instead by their per-frame soft labels' distance from
+neutral (``masking.emotion_frames``; class ``neutral``, default 0) for any stream with soft labels.
+
 Registered names: ``face_mrfr``, ``speech_mrfr`` (MRFR / MSRFR, regression) and ``face_mrc``
 (MRC-KL, where the batch carries per-frame soft labels ``face_soft``).
 """
@@ -35,15 +45,26 @@ from uniter3m.tasks.base import (
     wants_chance,
 )
 from uniter3m.tasks.chance import majority, mean_prediction_error
-from uniter3m.tasks.masking import ReplaceRates, check_rate, choose_frames, choose_spans, corrupt_frames
+from uniter3m.tasks.masking import (
+    ReplaceRates,
+    SpanSpec,
+    check_rate,
+    choose_frames,
+    choose_span_units,
+    corrupt_frames,
+    emotion_frames,
+)
+
+SELECTIONS = ("random", "emotion")
 
 
 class MaskedFrameTask(Task):
     """Shared masking of one frame stream; subclasses define the head and the loss.
 
     Options: ``stream`` (the stream's letter, fixed by the task name), ``mask_prob`` (0.15), ``span``
-    (1 = independent frames; k > 1 = spans of k frames), ``replace`` ([0.8, 0.1, 0.1]), plus the
-    modality options of ``Task``.
+    (1 = independent frames; k > 1 = spans of k frames; a mapping: ``masking.SpanSpec``), ``replace``
+    ([0.8, 0.1, 0.1]), ``select`` ("random" | "emotion"), ``neutral`` (0: the soft labels' neutral
+    class, ``select: "emotion"`` only), plus the modality options of ``Task``.
     """
 
     def __init__(
@@ -52,8 +73,10 @@ class MaskedFrameTask(Task):
         *,
         stream: str = "V",
         mask_prob: float = 0.15,
-        span: int = 1,
+        span: Any = 1,
         replace: Any = None,
+        select: str = "random",
+        neutral: int = 0,
         **common: Any,
     ) -> None:
         frame_letters = context.stream_table.frame_letters()
@@ -66,18 +89,28 @@ class MaskedFrameTask(Task):
         self.streams = (stream,)
         super().__init__(context, **common)
         self.mask_prob = check_rate("mask_prob", mask_prob)
-        if int(span) != span or span < 1:
-            raise ConfigError(f"task {self.name}: span={span} must be a whole number >= 1")
-        self.span = int(span)
-        self.replace = ReplaceRates.parse(replace)
+        self.span = SpanSpec.parse(span, f"task {self.name}")
+        if self.span.replace is not None and replace is not None:
+            raise ConfigError(
+                f"task {self.name}: replace is given twice (span.replace and replace); keep one"
+            )
+        self.replace = self.span.replace or ReplaceRates.parse(replace)
+        if select not in SELECTIONS:
+            raise ConfigError(f"task {self.name}: select={select!r}; use one of {', '.join(SELECTIONS)}")
+        if select == "emotion" and not self.span.plain_frames:
+            raise ConfigError(f"task {self.name}: select='emotion' picks single frames; leave span out")
+        self.select = select
+        self.neutral = int(neutral)
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         feat = batch[f"{self.prefix}_feat"]
         real = batch[f"{self.prefix}_mask"].bool()
-        if self.span == 1:
+        if self.select == "emotion":
+            units = emotion_frames(real, self.soft_labels(batch), self.mask_prob, self.neutral, generator)
+        elif self.span.plain_frames:
             units = choose_frames(real, self.mask_prob, generator)
         else:
-            units = choose_spans(real, self.mask_prob, self.span, generator)
+            units = choose_span_units(real, self.mask_prob, self.span, generator)
         masking = corrupt_frames(feat, real, units, self.replace, generator)
         inputs = self.model_inputs(batch)
         inputs[f"{self.prefix}_feat"] = masking.feat
@@ -86,6 +119,22 @@ class MaskedFrameTask(Task):
         inputs["frame_index"] = flat_index(masking.targets)
         self.add_targets(inputs, batch, masking.targets)
         return inputs
+
+    def soft_labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The stream's per-frame soft labels (B, T, C), or an error saying how to get them."""
+        soft = batch.get(f"{self.prefix}_soft")
+        if soft is None:
+            raise UserError(
+                f"task {self.name} needs per-frame soft labels ({self.prefix}_soft) but the batch "
+                f"(ids {list(batch.get('ids', []))[:3]}...) has none: build the {self.prefix} db with "
+                "soft labels, or use select='random' / the regression task"
+            )
+        if not 0 <= self.neutral < soft.shape[-1]:
+            raise UserError(
+                f"task {self.name}: neutral={self.neutral} but the {self.prefix} soft labels have "
+                f"{soft.shape[-1]} classes; set neutral to the neutral class's index"
+            )
+        return soft
 
     def add_targets(self, inputs: dict[str, Any], batch: Mapping[str, Any], targets: torch.Tensor) -> None:
         raise NotImplementedError
@@ -143,14 +192,7 @@ class FrameSoftLabelTask(MaskedFrameTask):
         self.heads = (self.head_name,)
 
     def add_targets(self, inputs: dict[str, Any], batch: Mapping[str, Any], targets: torch.Tensor) -> None:
-        soft = batch.get(f"{self.prefix}_soft")
-        if soft is None:
-            raise UserError(
-                f"task {self.name} needs per-frame soft labels ({self.prefix}_soft) but the batch "
-                f"(ids {list(batch.get('ids', []))[:3]}...) has none: build the {self.prefix} db with "
-                "soft labels or use the regression task instead"
-            )
-        labels = soft[targets].float()
+        labels = self.soft_labels(batch)[targets].float()
         total = labels.sum(-1, keepdim=True)
         labelled = total.squeeze(-1) > 0
         inputs["frame_soft"] = (labels / total.clamp(min=1e-12))[labelled]

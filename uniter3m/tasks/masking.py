@@ -12,7 +12,9 @@ Vocabulary used throughout:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -180,16 +182,14 @@ class TokenMasking:
 def mask_tokens(
     input_ids: torch.Tensor,
     unit_ids: torch.Tensor,
-    probs: torch.Tensor,
-    exists: torch.Tensor,
+    chosen_units: torch.Tensor,
     special: SpecialTokens,
     rates: ReplaceRates,
     generator: torch.Generator,
     random_pool: torch.Tensor,
 ) -> TokenMasking:
-    """Choose units, then corrupt every token of a chosen unit with the unit's action."""
-    chosen_units = choose_units(exists, probs, generator)
-    unit_actions = draw_actions(tuple(exists.shape), rates, generator)
+    """Corrupt every token of a chosen unit ((B, U) bool, e.g. from `choose_units`) with the unit's action."""
+    unit_actions = draw_actions(tuple(chosen_units.shape), rates, generator)
     index = unit_ids.clamp(min=0)
     is_target = (unit_ids >= 0) & chosen_units.gather(1, index)
     actions = torch.where(is_target, unit_actions.gather(1, index), torch.full_like(index, -1))
@@ -242,18 +242,6 @@ def span_starts(length: int, span: int, rate: float, generator: torch.Generator)
     return starts, span
 
 
-def choose_spans(
-    frame_mask: torch.Tensor, rate: float, span: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Span unit id per frame (0, 1, … within the clip; -1 outside every span)."""
-    units = torch.full(frame_mask.shape, -1, dtype=torch.long)
-    for b, length in enumerate(frame_lengths(frame_mask).tolist()):
-        starts, span_len = span_starts(length, span, rate, generator)
-        for k, start in enumerate(starts):
-            units[b, start : start + span_len] = k
-    return units
-
-
 @dataclass
 class FrameMasking:
     """Corrupted frames, the model's frame mask, and the targets' positions."""
@@ -288,3 +276,165 @@ def corrupt_frames(
         picks = torch.randint(len(pool), (int(replace.sum()),), generator=generator)
         out[replace] = pool[picks]
     return FrameMasking(out, actions == ACTION_MASK, is_target, actions)
+
+
+# ------------------------------------------------------------------------------- MEmoBERT's rules
+
+
+def memobert_melm_chosen(
+    exists: torch.Tensor, is_emo: torch.Tensor, mask_prob: float, emo_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """MEmoBERT's token MELM: only emotion units are drawn (each with ``emo_prob``); a sample whose
+    draw chose none is masked as plain MLM instead (each unit with ``mask_prob``, at least one).
+
+    The emotion-word-free sentences thus fall back to MLM, and a sentence with emotion words but no
+    draw too, so non-emotion tokens are targets only in those sentences (their rate depends on the
+    share of such sentences, e.g. 0.039 against 0.075 under our weighted rule on MELD).
+    """
+    first = (torch.rand(exists.shape, generator=generator) < emo_prob) & exists & is_emo
+    fallback = choose_units(exists, exists.float() * mask_prob, generator)
+    empty = ~first.any(1, keepdim=True)
+    return torch.where(empty, fallback, first)
+
+
+def memobert_wwm_chosen(
+    exists: torch.Tensor, is_emo: torch.Tensor, mask_prob: float, emo_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """MEmoBERT's MELM-WWM: our weighted probabilities (`melm_unit_probs`) but no "at least one
+    target" rule (its fallback compared lists with -1 and never fired), so some samples have none."""
+    probs = melm_unit_probs(exists, is_emo, mask_prob, emo_prob)
+    return (torch.rand(probs.shape, generator=generator) < probs) & exists
+
+
+@dataclass(frozen=True)
+class SpanSpec:
+    """How frame spans are laid out (the ``span`` option of the frame objectives).
+
+    ``length``: frames per span (a list: one drawn per clip); ``ratios``: the masked share drawn per
+    clip from this list (None: the task's ``mask_prob``); ``overlap``: MEmoBERT's rule, where
+    floor(T·ratio / length) starts are drawn without replacement from [0, T − length − 2] and spans
+    may overlap (so fewer than ratio·T frames are masked, e.g. 17.8 % at 0.2 with 3-frame spans on
+    50-frame clips; see `overlap_coverage`); ``single``: one span of floor(T·ratio) frames at a
+    uniform start in [0, T − len − 1] (MEmoBERT's one-span variant). A clip where the rule gives no
+    span gets one uniform frame. Default (``overlap`` and ``single`` false): `span_starts`.
+    ``replace``: [mask, random, keep] rates of each span (MEmoBERT: [1, 0, 0]); None leaves them to
+    the task's ``replace`` (giving both is an error).
+    """
+
+    length: tuple[int, ...] = (1,)
+    ratios: tuple[float, ...] | None = None
+    overlap: bool = False
+    single: bool = False
+    replace: ReplaceRates | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> SpanSpec:
+        """An int (span length) or ``{"length": k | [k, ...], "ratios": [...], "overlap": b, "single": b,
+        "replace": [mask, random, keep]}``."""
+        if isinstance(value, SpanSpec):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = {"length": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: span={value!r}; give a length (e.g. 3) or a mapping with length")
+        unknown = sorted(set(value) - {"length", "ratios", "overlap", "single", "replace"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: span keys {unknown} unknown; use length, ratios, overlap, single, replace"
+            )
+        raw = value.get("length", 1)
+        lengths = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if not lengths or any(int(k) != k or k < 1 for k in lengths):
+            raise ConfigError(f"{where}: span length {raw!r} must be whole numbers >= 1")
+        ratios = value.get("ratios")
+        if ratios is not None:
+            ratios = tuple(check_rate("span.ratios", r) for r in ratios)
+            if not ratios:
+                raise ConfigError(f"{where}: span.ratios is empty; leave it out or list rates")
+        replace = value.get("replace")
+        spec = cls(
+            tuple(int(k) for k in lengths),
+            ratios,
+            bool(value.get("overlap")),
+            bool(value.get("single")),
+            None if replace is None else ReplaceRates.parse(replace),
+        )
+        if spec.single and spec.overlap:
+            raise ConfigError(f"{where}: span.single and span.overlap exclude each other; choose one")
+        return spec
+
+    @property
+    def plain_frames(self) -> bool:
+        """Independent frames (no spans at all)."""
+        return self.length == (1,) and self.ratios is None and not self.overlap and not self.single
+
+
+def _pick(values: tuple, generator: torch.Generator) -> Any:
+    return values[int(torch.randint(len(values), (), generator=generator))] if len(values) > 1 else values[0]
+
+
+def overlap_starts(length: int, span: int, rate: float, generator: torch.Generator) -> list[int]:
+    """MEmoBERT's overlapping spans: floor(T·rate / span) distinct starts in [0, T − span − 2]."""
+    valid = length - span - 1
+    n = min(int(length * rate // span), max(valid, 0))
+    return torch.randperm(valid, generator=generator)[:n].tolist() if n > 0 else []
+
+
+def overlap_coverage(length: int, span: int, rate: float) -> float:
+    """Expected share of a clip's frames covered under `overlap_starts` (before the one-frame
+    fallback): frame f is missed when none of the m_f starts that cover it is among the n drawn
+    from R = T − span − 1, probability C(R − m_f, n) / C(R, n)."""
+    valid = length - span - 1
+    n = min(int(length * rate // span), max(valid, 0))
+    if n <= 0:
+        return 0.0
+    covered = 0.0
+    for f in range(length):
+        m = len(range(max(0, f - span + 1), min(f, valid - 1) + 1))
+        covered += 1.0 - math.comb(valid - m, n) / math.comb(valid, n)
+    return covered / length
+
+
+def choose_span_units(
+    frame_mask: torch.Tensor, rate: float, spec: SpanSpec, generator: torch.Generator
+) -> torch.Tensor:
+    """Unit id per frame (-1 outside every span) under `spec`; overlapping spans merge into the
+    later span's unit. Every clip with frames gets at least one target."""
+    units = torch.full(frame_mask.shape, -1, dtype=torch.long)
+    for b, length in enumerate(frame_lengths(frame_mask).tolist()):
+        if length <= 0:
+            continue
+        clip_rate = _pick(spec.ratios, generator) if spec.ratios is not None else rate
+        span = _pick(spec.length, generator)
+        if spec.single:
+            span = int(length * clip_rate)
+            starts = [int(torch.randint(max(length - span, 1), (), generator=generator))] if span else []
+        elif spec.overlap:
+            starts = overlap_starts(length, span, clip_rate, generator)
+        else:
+            starts, span = span_starts(length, span, clip_rate, generator)
+        for k, start in enumerate(starts):
+            units[b, start : start + span] = k
+        if not starts:
+            units[b, int(torch.randint(length, (), generator=generator))] = 0
+    return units
+
+
+def emotion_frames(
+    frame_mask: torch.Tensor, soft: torch.Tensor, rate: float, neutral: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Emotion-salient frames: about ``rate`` of each clip's frames (stochastic rounding, at least
+    one), drawn without replacement with probability proportional to the frame's distance from
+    neutral, 1 − p(neutral) of its normalised soft label (a tiny floor lets all-neutral clips draw
+    uniformly). Unit id per frame (its position), -1 elsewhere."""
+    real = frame_mask.bool()
+    probs = soft.float() / soft.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    distance = (1.0 - probs[..., neutral]).clamp(min=0.0) + 1e-6
+    units = torch.full(real.shape, -1, dtype=torch.long)
+    for b, length in enumerate(frame_lengths(real).tolist()):
+        if length <= 0:
+            continue
+        k = min(max(int(rate * length + torch.rand((), generator=generator).item()), 1), length)
+        picks = torch.multinomial(distance[b, :length], k, replacement=False, generator=generator)
+        units[b, picks] = picks
+    return units

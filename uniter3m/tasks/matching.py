@@ -14,6 +14,15 @@
   synthetic corpus (tests/test_objectives_learn.py's matching group, 360 steps, validation
   accuracy against a chance of 0.50): ``mining: "hardest"`` 0.49; temperature 0.07 0.55 (600
   steps); 0.2 0.65; 0.5 0.74 (easier negatives, closer to plain itm).
+* ``emotion_itm``: ``itm`` whose negatives know the utterances' emotion (``label_column``), as
+  MEmoBERT's EITM: with ``same_emotion: "exclude"`` (default) a negative's streams come only from an
+  utterance of ANOTHER emotion (a row with none stays a positive, counted in ``fallback``); with
+  ``"positive"`` the donor is drawn from any utterance and a same-emotion pair is labelled matched.
+  "exclude" is the default because a face or voice of the same emotion is no evidence of a mismatch
+  at the level this objective is for (a same-emotion negative is a false negative), while calling it
+  a match ("positive", MEmoBERT's unfinished `use_total_eitm`) turns matching into classifying the
+  pair's emotion and contradicts plain ITM's label for the same inputs.
+* ``itm_rank``: the positive against K negatives (``tasks/ranking.py``).
 * ``contrastive``: InfoNCE across modalities: each stream is encoded alone, mean-pooled and
   L2-normalised; for each pair of streams (L–V, L–A, V–A by default) the matching utterance must
   win against the other utterances of the batch, in both directions.
@@ -44,6 +53,7 @@ from uniter3m.tasks.base import (
 )
 
 ITM_HEAD = "itm"
+SAME_EMOTION = ("exclude", "positive")
 TEXT_KEYS = ("input_ids", "txt_mask", "word_ids", "emo_flags", "ctx_flags")
 
 
@@ -107,11 +117,11 @@ def pooled(output: Any) -> torch.Tensor:
 def encode_streams_alone(
     model: torch.nn.Module, inputs: Mapping[str, Any], streams: Sequence[str], table: StreamTable
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each stream encoded on its own, in ONE model call: per stream a copy of the batch in which
-    the other streams are masked out (attention never crosses to masked positions), so the
-    backbone runs once (what DDP expects) yet no stream sees another.
+    """Each stream (or group of streams, e.g. "VA") encoded on its own, in ONE model call: per
+    group a copy of the batch in which the other streams are masked out (attention never crosses
+    to masked positions), so the backbone runs once (what DDP expects) yet no group sees another.
 
-    Returns stream -> (normalised pooled embedding (B, H), rows that have data (B,)).
+    Returns group -> (normalised pooled embedding (B, H), rows that have data (B,)).
     """
     bsz = inputs["input_ids"].shape[0]
     copies = len(streams)
@@ -121,15 +131,18 @@ def encode_streams_alone(
     kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"].repeat(copies, 1)}
     # text always rides along ([CLS] keeps the model's contract); frame streams only when needed
     masks: dict[str, list[torch.Tensor]] = {"text": []}
-    masks.update({frame_letters[s]: [] for s in streams if s in frame_letters})
+    masks.update({frame_letters[s]: [] for group in streams for s in group if s in frame_letters})
     has: dict[str, torch.Tensor] = {}
-    for stream in streams:
-        own = names[stream]
+    for group in streams:
+        own = {names[s] for s in group}
         for name in masks:
             mask = text_mask if name == "text" else frames[f"{name}_mask"]
-            masks[name].append(mask if name == own else torch.zeros_like(mask))
-        own_mask = text_mask if own == "text" else frames[f"{own}_mask"]
-        has[stream] = inputs["has_text"].to(own_mask.device) if stream == "L" else own_mask.any(1)
+            masks[name].append(mask if name in own else torch.zeros_like(mask))
+        rows = [
+            inputs["has_text"].to(text_mask.device) if s == TEXT_LETTER else frames[f"{names[s]}_mask"].any(1)
+            for s in group
+        ]
+        has[group] = torch.stack(rows).any(0)
     kwargs["attention_mask"] = torch.cat(masks.pop("text"))
     kwargs["padded"] = True  # the other streams are masked out: always padded, no need to ask the device
     for name, parts in masks.items():
@@ -179,7 +192,8 @@ class MatchingTask(Task):
     Options: ``mining`` (``"sample"``: draw the negative by softmax(similarity /
     ``mining_temperature`` = 0.2); ``"hardest"``: the most similar; itm_hard only),
     ``neg_prob`` (0.5, itm only), ``negative_streams`` (subset -> probability, default
-    each frame stream alone and all together, e.g. ``{"V": 1/3, "A": 1/3, "VA": 1/3}``, restricted to the streams the batch has; itm only), plus the
+    each frame stream alone and all together, e.g. ``{"V": 1/3, "A": 1/3, "VA": 1/3}``, restricted to the streams the batch has; itm only), ``emotion`` (fixed by the name
+    emotion_itm), ``label_column`` and ``same_emotion`` ("exclude" | "positive"; emotion_itm only), plus the
     modality options of ``Task``. A drawn negative whose replaced streams are identical to the
     original (e.g. both utterances have no face) stays a positive; ``fallback`` counts those.
     """
@@ -196,9 +210,20 @@ class MatchingTask(Task):
         negative_streams: Mapping[str, float] | None = None,
         mining: str = "sample",
         mining_temperature: float = 0.2,
+        emotion: bool = False,
+        label_column: str | None = None,
+        same_emotion: str = "exclude",
         **common: Any,
     ) -> None:
         super().__init__(context, **common)
+        if same_emotion not in SAME_EMOTION:
+            raise ConfigError(f"task {self.name}: same_emotion={same_emotion!r}; use one of {SAME_EMOTION}")
+        if bool(emotion) != (label_column is not None):
+            raise ConfigError(
+                f"task {self.name}: label_column (the utterances' emotion) goes with emotion_itm, and only with it"
+            )
+        self.label_column = label_column
+        self.same_emotion = same_emotion
         if mining not in ("sample", "hardest"):
             raise ConfigError(f"task {self.name}: mining={mining!r} must be 'sample' or 'hardest'")
         if not float(mining_temperature) > 0:
@@ -267,6 +292,9 @@ class MatchingTask(Task):
         is_negative = torch.rand(bsz, generator=generator) < self.neg_prob
         choice = torch.multinomial(weights, bsz, replacement=True, generator=generator)
         donors = (torch.arange(bsz) + torch.randint(1, bsz, (bsz,), generator=generator)) % bsz
+        emotions = self.emotions(batch)
+        if emotions is not None and self.same_emotion == "exclude":
+            donors = other_emotion_donors(emotions, generator)
         # Read donors from the untouched tensors and write into copies: the batch's own tensors
         # are shared with the caller, and a donor's row may itself be replaced.
         source = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -276,7 +304,7 @@ class MatchingTask(Task):
         for i in torch.nonzero(is_negative).flatten().tolist():
             j = int(donors[i])
             subset = options[int(choice[i])][0]
-            if all(same_content(batch, s, i, j, self.stream_table) for s in subset):
+            if j < 0 or all(same_content(batch, s, i, j, self.stream_table) for s in subset):
                 fallback += 1
                 continue
             for stream in subset:
@@ -284,8 +312,20 @@ class MatchingTask(Task):
                     key = "attention_mask" if key == "txt_mask" else key
                     if key in inputs:
                         inputs[key][i] = source[key][j]
-            targets[i] = 0
+            targets[i] = int(emotions is not None and emotions[i] == emotions[j])
         return targets, fallback
+
+    def emotions(self, batch: Mapping[str, Any]) -> list[str] | None:
+        """The batch's emotion labels (emotion_itm), or None."""
+        if self.label_column is None:
+            return None
+        column = batch.get("labels", {}).get(self.label_column)
+        if column is None:
+            raise UserError(
+                f"task {self.name}: the batch has no label column {self.label_column!r} "
+                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
+            )
+        return [str(v) for v in column]
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         if not self.hard:
@@ -340,6 +380,15 @@ class MatchingTask(Task):
         result = itm_loss(model, paired, targets, self.name, self.stream_table, weights)
         result.metrics["mined"] = ratio(valid.sum(), count(weights, bsz))
         return result
+
+
+def other_emotion_donors(emotions: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """Per row, a uniformly drawn row of another emotion (-1 when the batch has none)."""
+    labels = {e: k for k, e in enumerate(dict.fromkeys(emotions))}
+    codes = torch.tensor([labels[e] for e in emotions])
+    other = codes[:, None] != codes[None, :]
+    scores = torch.rand(other.shape, generator=generator).masked_fill(~other, -1.0)
+    return torch.where(other.any(1), scores.argmax(1), torch.full_like(codes, -1))
 
 
 class ContrastiveTask(Task):

@@ -10,6 +10,16 @@ words from the other modalities too (MEmoBERT). Registered names:
   ``mask_prob`` of all units are chosen (0 when every unit is an emotion unit: no division by zero);
 * ``melm_wwm``: MELM over whole words (a word is an emotion word when any of its pieces is flagged).
 
+MEmoBERT's own rules (``rule: "memobert"``; default ``"weighted"`` is the rule above): ``melm`` draws
+only emotion tokens (each with ``emo_prob``) and masks a sample with no drawn emotion token as plain
+MLM (``masking.memobert_melm_chosen``); ``melm_wwm`` keeps the weighted word probabilities but has no
+"at least one target" rule and always uses [MASK] (``replace`` defaults to [1, 0, 0] there).
+``lexicon`` ("nrc" = NRC 8 emotions, "nrc6" = MEmoBERT's 6, or a word-list file; default: the text
+db's own ``emo_flags``) re-flags the batch's words at run time (``uniter3m.data.lexicon``).
+``emotion_head: true`` adds MEmoBERT's multitask head (``emo_word_classifier``): every target token is
+also classified into its word's emotion category (class 0 = not an emotion word, k + 1 = the
+lexicon's category k); loss = MLM + ``emotion_weight`` × that cross-entropy (mean over targets).
+
 Chosen units are corrupted with ``replace`` = [mask, random, keep] = [0.8, 0.1, 0.1], one action per
 unit (all pieces of a word get the same action). [CLS], [SEP], [MASK], padding and dialogue context
 (``ctx_flags``, see ``uniter3m.data.context``) are never chosen.
@@ -25,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from uniter3m.data.lexicon import EmotionLexicon, load_emotion_lexicon, word_classes
 from uniter3m.errors import ConfigError
 from uniter3m.tasks.base import (
     Task,
@@ -43,9 +54,12 @@ from uniter3m.tasks.chance import majority
 from uniter3m.tasks.masking import (
     ReplaceRates,
     check_rate,
+    choose_units,
     mask_tokens,
     maskable_tokens,
     melm_unit_probs,
+    memobert_melm_chosen,
+    memobert_wwm_chosen,
     random_token_pool,
     token_units,
     uniform_unit_probs,
@@ -54,6 +68,8 @@ from uniter3m.tasks.masking import (
 )
 
 MLM_HEAD = "cls.predictions"
+EMO_WORD_HEAD = "emo_word_classifier"
+RULES = ("weighted", "memobert")
 
 
 def mlm_loss(
@@ -88,8 +104,10 @@ class MlmTask(Task):
     """MLM family. Loss: cross-entropy over the vocabulary, mean over target tokens.
 
     Options: ``unit`` ("token" | "word", fixed by the task name), ``emotion`` (MELM, fixed by the
-    name), ``mask_prob`` (0.15), ``emo_prob`` (0.5, MELM only), ``replace`` ([0.8, 0.1, 0.1]),
-    plus the modality options of ``Task``.
+    name), ``mask_prob`` (0.15), ``emo_prob`` (0.5, MELM only), ``replace`` ([0.8, 0.1, 0.1];
+    MEmoBERT's melm_wwm: [1, 0, 0]), ``rule`` ("weighted" | "memobert", MELM only), ``lexicon``
+    (None | "nrc" | "nrc6" | FILE), ``emotion_head`` (False), ``emotion_weight`` (1.0), plus the
+    modality options of ``Task``.
     """
 
     heads = ("mlm",)
@@ -104,17 +122,56 @@ class MlmTask(Task):
         mask_prob: float = 0.15,
         emo_prob: float = 0.5,
         replace: Any = None,
+        rule: str = "weighted",
+        lexicon: str | None = None,
+        emotion_head: bool = False,
+        emotion_weight: float = 1.0,
         **common: Any,
     ) -> None:
         super().__init__(context, **common)
         if unit not in ("token", "word"):
             raise ConfigError(f"task {self.name}: unit={unit!r}; use 'token' or 'word'")
+        if rule not in RULES:
+            raise ConfigError(f"task {self.name}: rule={rule!r}; use one of {', '.join(RULES)}")
         self.unit = unit
         self.emotion = bool(emotion)
+        if not self.emotion and (rule != "weighted" or lexicon is not None or emotion_head):
+            raise ConfigError(
+                f"task {self.name}: rule, lexicon and emotion_head are emotion-word options; use melm or melm_wwm"
+            )
+        self.rule = rule
         self.mask_prob = check_rate("mask_prob", mask_prob)
         self.emo_prob = check_rate("emo_prob", emo_prob)
-        self.replace = ReplaceRates.parse(replace)
+        memobert_wwm = rule == "memobert" and unit == "word"
+        self.replace = ReplaceRates.parse(replace if replace is not None or not memobert_wwm else [1, 0, 0])
         self.random_pool = random_token_pool(self.special)
+        self.lexicon: EmotionLexicon | None = None
+        self.vocab_tokens: list[str] = []
+        if emotion_head and lexicon is None:
+            raise ConfigError(
+                f"task {self.name}: emotion_head needs the words' categories: give lexicon "
+                "(nrc, nrc6 or a word-list file)"
+            )
+        if lexicon is not None:
+            if context.tokenizer is None:
+                raise ConfigError(f"task {self.name}: lexicon needs the tokenizer in its TaskContext")
+            self.lexicon = load_emotion_lexicon(str(lexicon))
+            self.vocab_tokens = context.tokenizer.convert_ids_to_tokens(list(range(len(context.tokenizer))))
+        self.emotion_head = bool(emotion_head)
+        self.emotion_weight = float(emotion_weight)
+        if self.emotion_head:
+            self.heads = ("mlm", EMO_WORD_HEAD)
+            #: the emotion-category head's size (the model is built with it)
+            self.emo_word_classes = self.lexicon.num_classes
+
+    def word_classes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, L) emotion class of every token under `lexicon` (0: not an emotion word)."""
+        ids, word_ids = batch["input_ids"], batch["word_ids"]
+        out = torch.zeros(ids.shape, dtype=torch.long)
+        for b in range(ids.shape[0]):
+            tokens = [self.vocab_tokens[i] for i in ids[b].tolist()]
+            out[b] = torch.from_numpy(word_classes(tokens, word_ids[b].tolist(), self.lexicon))
+        return out
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         input_ids = batch["input_ids"]
@@ -123,22 +180,41 @@ class MlmTask(Task):
             units = word_units(batch["word_ids"], maskable)
         else:
             units = token_units(maskable)
-        exists, is_emo = unit_table(units, batch["emo_flags"] if self.emotion else None)
-        if self.emotion:
-            probs = melm_unit_probs(exists, is_emo, self.mask_prob, self.emo_prob)
+        classes = self.word_classes(batch) if self.lexicon is not None else None
+        flags = batch["emo_flags"] if classes is None else classes > 0
+        exists, is_emo = unit_table(units, flags if self.emotion else None)
+        if self.rule == "memobert":
+            choose = memobert_melm_chosen if self.unit == "token" else memobert_wwm_chosen
+            chosen = choose(exists, is_emo, self.mask_prob, self.emo_prob, generator)
         else:
-            probs = uniform_unit_probs(exists, self.mask_prob)
+            probs = (
+                melm_unit_probs(exists, is_emo, self.mask_prob, self.emo_prob)
+                if self.emotion
+                else uniform_unit_probs(exists, self.mask_prob)
+            )
+            chosen = choose_units(exists, probs, generator)
         masked = mask_tokens(
-            input_ids, units, probs, exists, self.special, self.replace, generator, self.random_pool
+            input_ids, units, chosen, self.special, self.replace, generator, self.random_pool
         )
         inputs = self.model_inputs(batch)
         inputs["input_ids"] = masked.input_ids
         inputs["mlm_targets"] = masked.targets
         inputs["mlm_index"] = flat_index(masked.targets >= 0)
+        if self.emotion_head:
+            inputs["emo_word_targets"] = classes.flatten().index_select(0, inputs["mlm_index"])
         return inputs
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         output = self.encode(model, inputs)
-        return mlm_loss(
-            model, segment_states(output, "text"), inputs["mlm_targets"], self.name, inputs["mlm_index"]
-        )
+        states = segment_states(output, "text")
+        result = mlm_loss(model, states, inputs["mlm_targets"], self.name, inputs["mlm_index"])
+        if not self.emotion_head:
+            return result
+        index = inputs["mlm_index"]
+        gold = inputs["emo_word_targets"].to(states.device)
+        logits = head(model, EMO_WORD_HEAD, self.name)(gather_flat(states, index)).float()
+        n = index.numel()
+        emo_loss = mean_over(F.cross_entropy(logits, gold, reduction="sum"), n)
+        result.loss = result.loss + self.emotion_weight * emo_loss
+        result.metrics["emo_acc"] = ratio((logits.argmax(-1) == gold).sum(), result.n_targets)
+        return result

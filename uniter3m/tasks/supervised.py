@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from uniter3m.data.labels import lookup_targets
 from uniter3m.data.prompts import add_prompt
-from uniter3m.tasks.base import Task, TaskContext, TaskOutput, ratio
+from uniter3m.tasks.base import Task, TaskContext, TaskOutput, count, ratio
 
 HEAD_KINDS = ("linear", "mlp", "prompt", "regression")
+_NOT_MODEL_KEYS = ("targets", "ids", "class_weights")
 
 
 class SupervisedTask(Task):
@@ -55,6 +56,16 @@ class SupervisedTask(Task):
         self.max_len = int(max_len)
 
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        inputs = self.backbone_inputs(batch)
+        values = lookup_targets(batch["ids"], self.targets, what="protocol target", where="the fold's ids")
+        inputs["targets"] = torch.tensor(values, dtype=torch.float32 if self.regression else torch.long)
+        if self.class_weights is not None:  # copied with the batch: the step copies nothing from the host
+            inputs["class_weights"] = self.class_weights.clone()
+        return inputs
+
+    def backbone_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's keyword arguments (the prompt inserted for the prompt head), without targets:
+        what training builds on and what `uniter3m predict` feeds."""
         inputs = self.model_inputs(batch)
         if self.head == "prompt":
             ids, mask, positions, _ = add_prompt(
@@ -66,22 +77,26 @@ class SupervisedTask(Task):
                 ctx_flags=batch.get("ctx_flags"),
             )
             inputs.update(input_ids=ids, attention_mask=mask, prompt_positions=positions)
-        values = lookup_targets(batch["ids"], self.targets, what="protocol target", where="the fold's ids")
-        inputs["targets"] = torch.tensor(values, dtype=torch.float32 if self.regression else torch.long)
         return inputs
 
+    #: entries of `prepare`'s dict that are not model inputs
+    not_inputs: tuple[str, ...] = _NOT_MODEL_KEYS
+
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
-        kwargs = {k: v for k, v in inputs.items() if k not in ("targets", "ids") and v is not None}
-        out = model(**kwargs)
+        kwargs = {k: v for k, v in inputs.items() if k not in self.not_inputs and v is not None}
+        return self.loss(model, model(**kwargs), inputs)
+
+    def loss(self, model: torch.nn.Module, out: Any, inputs: Mapping[str, Any]) -> TaskOutput:
+        """The supervised loss and metric of the model's output `out` against the batch's targets."""
         target = inputs["targets"]
-        n = torch.tensor(float(target.shape[0]), device=target.device)
+        n = count(target, target.shape[0])
         if self.regression:
             scores = out.scores.float()
             loss = F.l1_loss(scores, target)
             return TaskOutput(loss, n, {"mae": ratio((scores - target).abs().sum(), n)})
-        weights = None if self.class_weights is None else self.class_weights.to(target.device)
+        weights = inputs.get("class_weights")
         if self.head == "prompt":
-            verbalizer = model.verbalizer_ids.to(target.device)
+            verbalizer = model.verbalizer_ids  # a buffer: already on the device
             vocab_weights = None
             if weights is not None:
                 vocab_weights = torch.ones(out.vocab_logits.shape[-1], device=target.device)

@@ -27,8 +27,17 @@ from uniter3m.errors import ConfigError, DatabaseError
 from uniter3m.evaluation.corpora import default_verbalizer
 from uniter3m.evaluation.protocols import ProtocolPlan
 from uniter3m.model.config import UniterConfig, deep_merge
-from uniter3m.model.finetuning import FinetuneModel, HeadSpec, check_feature_dims, freeze, load_mlm_head
+from uniter3m.model.finetuning import (
+    FinetuneModel,
+    HeadSpec,
+    check_feature_dims,
+    describe_trainable,
+    freeze,
+    load_mlm_head,
+    trainable_groups,
+)
 from uniter3m.model.io import read_config
+from uniter3m.model.lora import apply_lora
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.model.uniter import UniterModel
 from uniter3m.train.config import DataConfig, FinetuneConfig, PretrainConfig
@@ -228,6 +237,10 @@ def build_pretraining_model(
     if len(emo) > 1:
         raise ConfigError(f"emo_cls tasks disagree on the number of classes {emo}; use one class list")
     emo_classes = emo[0] if emo else 0
+    words = sorted({t.emo_word_classes for t in tasks if "emo_word_classifier" in t.heads})
+    if len(words) > 1:
+        raise ConfigError(f"melm emotion heads disagree on the number of classes {words}; use one lexicon")
+    emo_word_classes = words[0] if words else 0
     init = cfg.model.init
     base = (
         read_config(init, **cfg.model.overrides)
@@ -235,11 +248,30 @@ def build_pretraining_model(
         else UniterConfig.from_json(cfg.model.config, **cfg.model.overrides)
     )
     overrides: dict[str, Any] = deep_merge({}, cfg.model.overrides)
+    soft = sorted({t.soft_prompt for t in tasks if getattr(t, "soft_prompt", 0)})
+    if len(soft) > 1:
+        raise ConfigError(
+            f"prompt tasks disagree on soft_prompt {soft}; the model has one set of prompt vectors"
+        )
+    if soft and init and base.soft_prompt_tokens not in (0, soft[0]):
+        raise ConfigError(
+            f"the prompt task's soft_prompt {soft[0]} differs from the {base.soft_prompt_tokens} learned prompt "
+            f"vectors of model.init {init}; set soft_prompt: {base.soft_prompt_tokens}"
+        )
+    if soft:
+        overrides["soft_prompt_tokens"] = soft[0]
     stream_table = cfg.stream_table
     for frame_stream in stream_table.frame_streams():
         stream = frame_stream.name
         dims = stream_dims(dbs, cfg.datasets.values(), stream)
         if dims is None:
+            needing = [t.name for t in tasks if frame_stream.letter in getattr(t, "streams", ())]
+            if needing:
+                raise ConfigError(
+                    f"task(s) {', '.join(needing)} learn from the {stream} stream but no dataset gives a "
+                    f"{frame_stream.db_key}: add `{frame_stream.db_key}` to the task's dataset (the stream's "
+                    "feat_dim comes from its database), or drop the task"
+                )
             continue
         dim, soft = dims
         have = base.stream(stream)
@@ -265,8 +297,12 @@ def build_pretraining_model(
     check_vocab_size(base, special, str(init or cfg.model.config))
     check_lengths({f"datasets.{name}": ds for name, ds in cfg.datasets.items()}, base)
     if init:
-        return UniterForPretraining.from_pretrained(init, heads=heads, emo_classes=emo_classes, **overrides)
-    return UniterForPretraining(UniterConfig.from_json(cfg.model.config, **overrides), heads, emo_classes)
+        return UniterForPretraining.from_pretrained(
+            init, heads=heads, emo_classes=emo_classes, emo_word_classes=emo_word_classes, **overrides
+        )
+    return UniterForPretraining(
+        UniterConfig.from_json(cfg.model.config, **overrides), heads, emo_classes, emo_word_classes
+    )
 
 
 def build_finetune_model(
@@ -290,6 +326,7 @@ def build_finetune_model(
         check_feature_dims(base, feat_dims, str(source), dict(cfg.data.model_extra or {}), cfg.stream_table),
     )
     check_vocab_size(base, special, str(source))
+    check_lengths({"data": cfg.data}, base)  # at the start, not when the test split is scored
     if m.init:
         uniter, info = UniterModel.from_pretrained(m.init, output_loading_info=True, **overrides)
         new_weights = set(info["missing_keys"])
@@ -302,6 +339,8 @@ def build_finetune_model(
         dropout=m.dropout,
         protocol=plan.name,
         modalities=cfg.data.used_modalities,
+        pool=m.pool,
+        per_stream=m.per_stream,
     )
     if spec.head == "prompt":
         spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special, meta)
@@ -310,7 +349,12 @@ def build_finetune_model(
     model.tokenizer_record = tokenizer_record(meta)
     if spec.head == "prompt" and m.init:
         load_mlm_head(model, Path(m.init))
-    freeze(model, m.freeze_layers, m.freeze_embeddings)
+    if m.lora is not None:
+        settings = m.lora.model_dump(exclude={"merge_on_save"})
+        apply_lora(model, **settings)
+        spec.lora = None if m.lora.merge_on_save else settings
+    freeze(model, m.freeze)
+    log.info("%s", describe_trainable(trainable_groups(model)))
     return model
 
 

@@ -13,10 +13,21 @@ from typing import Any
 
 import numpy as np
 
+from uniter3m.data.store import DbReader
 from uniter3m.evaluation.baselines import scalar_metrics
 from uniter3m.evaluation.report import format_mean_std
 
 ROW_KEYS = ("uar", "wa", "valid_uar")
+
+
+def clip_vectors(db: Path, ids: Sequence[str]) -> np.ndarray:
+    """One vector per utterance of feature db `db`: its one frame in a one-frame db, else the mean and
+    std of its frames (2 x dim; the pooled form of frame features for a linear baseline)."""
+    reader = DbReader(db, kind="feat")
+    feats = [np.asarray(reader[uid]["feat"], np.float64) for uid in ids]
+    if all(len(f) == 1 for f in feats):
+        return np.stack([f[0] for f in feats])
+    return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in feats])
 
 
 def finetune_fold(config: str | Path, fold: int, overrides: Sequence[str], run_dir: Path) -> dict[str, Any]:

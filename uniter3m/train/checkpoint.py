@@ -49,7 +49,15 @@ import torch
 from torch import nn
 
 from uniter3m.errors import UserError
-from uniter3m.fileio import atomic_write_json, default_file_mode, fsync_dir
+from uniter3m.fileio import (
+    WRITE_ERRNOS,
+    atomic_write_json,
+    fsync_dir,
+    hash_files,
+    manifest_problems,
+    write_failed,
+    write_manifest,
+)
 from uniter3m.model.io import load_into, read_saved
 
 CHECKPOINT_DIR = "checkpoints"
@@ -133,25 +141,6 @@ def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- saving
-def _fsync_tree(root: Path) -> list[dict[str, Any]]:
-    """fsync every file under `root` and list it with its size and SHA-256 (read back from disk).
-
-    Each file also gets the mode the umask gives: some writers (safetensors) create files 0600.
-    """
-    files = []
-    mode = default_file_mode()
-    for dirpath, _, filenames in os.walk(root):
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            os.chmod(p, mode)
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            files.append({"path": str(p.relative_to(root)), "size": p.stat().st_size, "sha256": digest})
-        fsync_dir(dirpath)
-    return files
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -169,13 +158,27 @@ def save_checkpoint(
     _remove_stale_temps(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    save_model(model, tmp / MODEL_DIR)
-    _describe_model(Path(output_dir), tmp / MODEL_DIR, step)
-    torch.save({**trainer_state, "step": step}, tmp / TRAINER_STATE)
-    files = _fsync_tree(tmp)
-    atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, "format": 1})
-    fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_model(model, tmp / MODEL_DIR)
+        _describe_model(Path(output_dir), tmp / MODEL_DIR, step)
+        write_manifest(tmp / MODEL_DIR)  # `checkpoints/step_N/model` is read alone too (model.init)
+        torch.save({**trainer_state, "step": step}, tmp / TRAINER_STATE)
+        files = hash_files(tmp)
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, "format": 1})
+        fsync_dir(tmp)
+    except BaseException as err:  # a full disk leaves no partial checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save reports a failed write as a RuntimeError of its stream writer
+        refused = isinstance(err, OSError) and err.errno in WRITE_ERRNOS
+        if (
+            refused
+            or isinstance(err, RuntimeError)
+            and ("write" in str(err) or "inline_container" in str(err))
+        ):
+            need = sum(t.nbytes for _, t in _tensors([model.state_dict(), trainer_state], ""))
+            raise write_failed(root, err, need) from err
+        raise
     if final.exists():  # the same step saved again (e.g. a resumed run): swap, never mix
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -304,24 +307,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
         return [f"no {MANIFEST}: its save was interrupted or the folder was not written by uniter3m"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"{MANIFEST} is unreadable ({err})"]
-    problems = []
-    for entry in files:
-        file = path / entry["path"]
-        if not file.is_file():
-            problems.append(f"{entry['path']} is missing")
-            continue
-        size = file.stat().st_size
-        if size != entry["size"]:
-            problems.append(
-                f"{entry['path']} is {size} bytes where {entry['size']} were written (truncated or cut)"
-            )
-            continue
-        if "sha256" in entry:
-            with open(file, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
-                    problems.append(
-                        f"{entry['path']} differs from what was written (SHA-256 mismatch: bytes changed on disk)"
-                    )
+    problems = manifest_problems(path, files)
     if problems:
         return problems
     problems += _weight_problems(path / MODEL_DIR / "model.safetensors")

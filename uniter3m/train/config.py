@@ -7,13 +7,13 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 
 | section | keys |
 |---|---|
-| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `dropout`, `freeze_layers`, `freeze_embeddings`, `prompt`, `verbalizer` |
+| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `pool`, `per_stream`, `dropout`, `freeze`, `lora`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
 | `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_context_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
 
 Pretraining adds `datasets` and `tasks`; fine-tuning adds `protocol`, `epochs`, `patience`,
-`evals_per_epoch` and `class_weighted`. `streams` declares frame streams beyond face (V) and speech
+`evals_per_epoch`, `class_weighted`, `modality_sets`, `select_on` and `distill`. `streams` declares frame streams beyond face (V) and speech
 (A): `{"pose": "P"}` makes `pose_db`, the letter P and the tasks `pose_mrfr` / `pose_fom` valid.
 
 Every section forbids unknown keys; `load_config` reports every bad key of a file in one
@@ -23,6 +23,7 @@ taken relative to the current directory (run from the repository root, as the sc
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, field_valid
 
 from uniter3m.config import StrictModel, apply_overrides, load_config, read_json
 from uniter3m.data.context import DialogueContext
+from uniter3m.data.store import build_command
 from uniter3m.errors import ConfigError
 from uniter3m.streams import StreamTable
 
@@ -61,6 +63,8 @@ RENAMED: dict[str, str] = {
     "data.num_workers": "batching.num_workers",
     "modality_cases": "modality_sets",
     "data.context.max_tokens": "data.context.max_context_tokens",
+    "model.freeze_layers": 'model.freeze ("layers:N": everything below layer N, embeddings included)',
+    "model.freeze_embeddings": 'model.freeze ("embeddings")',
     "datasets.*.context.max_tokens": "datasets.*.context.max_context_tokens",
 }
 #: old database keys of a data section -> their names now
@@ -82,6 +86,8 @@ RENAMED_TASK_OPTIONS = {
 
 def renamed_key(loc: tuple[Any, ...], value: Any) -> str | None:
     """The error line for a key of the old vocabulary at `loc` (None: not an old key)."""
+    if len(loc) > 1 and str(loc[0]) in ("data", "datasets") and str(loc[-1]) in RENAMED_DB_KEYS:
+        return f"renamed: it is now {RENAMED_DB_KEYS[str(loc[-1])]} (one vocabulary)"
     pattern = ".".join(
         "*" if isinstance(p, int) or (i == 1 and loc[0] == "datasets") else str(p) for i, p in enumerate(loc)
     )
@@ -111,9 +117,8 @@ def _paths_shape(value: Any) -> bool:
 def _check_db(path: str, where: str) -> str | None:
     p = Path(path)
     if not p.exists():
-        return (
-            f"{where}: database {p} does not exist (build it with `uniter3m build-txt-db` / `build-feat-db`)"
-        )
+        kind = "txt" if where.startswith("txt_db") else "feat"
+        return f"{where}: database {p} does not exist; build it with {build_command(p, kind)}"
     if not (p / "meta.json").is_file():
         return f"{where}: {p} has no meta.json (not a database, or its build was interrupted: rebuild it)"
     return None
@@ -167,9 +172,13 @@ class DbSet(StrictModel):
             if key in RENAMED_DB_KEYS:
                 problems.append(f"{key}: renamed: it is now {RENAMED_DB_KEYS[key]} (one vocabulary)")
             elif name is None or name not in stream_table.names():
+                known = [*type(self).model_fields, *(f"{n}_db" for n in stream_table.names())]
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
                 problems.append(
-                    f"{key}: unknown key; feature databases are <stream>_db with a stream of "
-                    f"{stream_table.describe()} (declare others in `streams`)"
+                    f"{key}: unknown key"
+                    + (f"; did you mean {close[0]}?" if close else "")
+                    + f"; feature databases are <stream>_db with a stream of {stream_table.describe()} "
+                    "(declare others in `streams`)"
                 )
             elif value is not None and not _paths_shape(value):
                 problems.append(
@@ -328,16 +337,52 @@ class ModelSection(StrictModel):
         return self
 
 
+class LoraSection(StrictModel):
+    """LoRA adapters (`pip install 'uniter3m[peft]'`) on the encoder's `target_modules` (`model/lora.py`)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # best/ holds the adapters merged into the weights: a plain BERT-named folder transformers loads
+    merge_on_save: bool = True
+
+
 class FinetuneModelSection(ModelSection):
     """The model section of fine-tuning: the backbone source plus the head."""
 
     tokenizer: str | None = None  # for the prompt head; defaults to the text db's tokenizer
     head: Literal["linear", "mlp", "prompt", "regression"] = "linear"
+    # what the head reads (model/pooling.py): cls (the pooler over [CLS]), mean, attention, streams
+    pool: Literal["cls", "mean", "attention", "streams"] = "cls"
+    per_stream: bool = False  # mean / attention: one vector per stream, concatenated
     dropout: float = Field(0.1, ge=0, lt=1)
-    freeze_layers: int = Field(0, ge=0)
-    freeze_embeddings: bool = False
+    # none | embeddings | layers:N | backbone (model/finetuning.py: freeze)
+    freeze: str = "none"
+    lora: LoraSection | None = None  # low-rank adapters on the encoder (peft); the backbone is frozen
     prompt: str = "i am [MASK] ."
     verbalizer: dict[str, str] | None = None  # class name -> label word; default: the corpus table's
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str) -> str:
+        from uniter3m.model.finetuning import parse_freeze
+
+        try:
+            parse_freeze(v)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _pool_fits_head(self) -> FinetuneModelSection:
+        if self.head == "prompt" and (self.pool != "cls" or self.per_stream):
+            raise ValueError(
+                "the prompt head reads its mask token: leave model.pool at 'cls' (no per_stream)"
+            )
+        if self.per_stream and self.pool not in ("mean", "attention"):
+            raise ValueError(f"model.per_stream applies to pool 'mean' or 'attention', not {self.pool!r}")
+        return self
 
 
 class BatchingConfig(StrictModel):
@@ -562,7 +607,7 @@ class ProtocolConfig(StrictModel):
     # loso: how many training speakers validate (the next ones in sorted order) or {test: [valid]}
     valid_speakers: int | dict[str, list[str]] = 1
     # speaker_kfold: how many folds of consecutive speakers (RAVDESS: 6 folds of 4 actors)
-    speaker_folds: int = Field(6, ge=2)
+    num_folds: int = Field(6, ge=2)
     selection_metric: str | None = None
     # fewer labels: keep this share of each fold's training utterances per class (valid/test untouched),
     # the subset fixed by subset_seed (not by the training seed)
@@ -579,6 +624,23 @@ class ProtocolConfig(StrictModel):
         return v
 
 
+class DistillSection(StrictModel):
+    """Cross-modal distillation in one run (`tasks/distill.py`): the students are `modality_sets`."""
+
+    # a fine-tuned `best/` folder; "{fold}" stands for the fold folder (fold04-Session5), so each fold
+    # learns from the teacher tuned on that fold's training split
+    teacher: str
+    weight: float = Field(1.0, ge=0)  # KL to the teacher's softened probabilities (x temperature^2)
+    temperature: float = Field(2.0, gt=0)
+    feature_weight: float = Field(0.0, ge=0)  # MSE between the student's and the teacher's pooled vectors
+    # the model scored on test: "fusion" = mean of the teacher's and each student set's probabilities;
+    # "student" = the student on data.modalities (the all-modality student)
+    final: Literal["fusion", "student"] = "fusion"
+
+
+FINETUNE_MAX_BATCH_SIZE = 32  # fine-tuning's batching.max_batch_size when a config sets none
+
+
 class FinetuneConfig(RunConfig):
     model: FinetuneModelSection
     data: DataConfig
@@ -592,21 +654,35 @@ class FinetuneConfig(RunConfig):
     # Missing-modality training: each batch keeps one of these modality sets (e.g. ["L", "A", "LA"]),
     # drawn uniformly; the model is selected on the mean of the validation metric over the sets.
     modality_sets: list[str] | None = None
+    # The sets whose mean selects the model (default: all of modality_sets); MEmoBERT trains on the 7
+    # sets and selects on the 6 without LVA: ["L", "V", "A", "LV", "LA", "VA"]. Every set is still scored.
+    select_on: list[str] | None = None
+    distill: DistillSection | None = None  # a teacher's logits (and features) guide the modality_sets
 
-    @field_validator("modality_sets")
+    @field_validator("modality_sets", "select_on")
     @classmethod
     def _sets(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
             return v
         if not v:
-            raise ValueError("modality_sets is empty; leave it out or list sets such as ['L', 'A', 'LA']")
+            raise ValueError(
+                f"{info.field_name} is empty; leave it out or list sets such as ['L', 'A', 'LA']"
+            )
         try:
             sets = [_context_table(info).parse_modalities(c, f"modality_sets {c!r}") for c in v]
         except ConfigError as err:
             raise ValueError(str(err)) from None
         if len(set(sets)) != len(sets):
-            raise ValueError(f"modality_sets {v} lists a set twice")
+            raise ValueError(f"{info.field_name} {v} lists a set twice")
         return sets
+
+    @model_validator(mode="after")
+    def _batch_size_default(self) -> FinetuneConfig:
+        """Fine-tuning batches by utterances: FINETUNE_MAX_BATCH_SIZE unless set. `max_tokens` alone packs a
+        hundred short texts into a batch: a handful of optimiser steps per epoch, a model that learns nothing."""
+        if self.batching.max_batch_size is None:
+            self.batching.max_batch_size = FINETUNE_MAX_BATCH_SIZE
+        return self
 
     @model_validator(mode="after")
     def _head_fits_protocol(self) -> FinetuneConfig:
@@ -619,6 +695,19 @@ class FinetuneConfig(RunConfig):
             )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
+        if self.select_on is not None and (
+            self.modality_sets is None or set(self.select_on) - set(self.modality_sets)
+        ):
+            raise ValueError(
+                f"select_on {self.select_on} must be sets listed in modality_sets {self.modality_sets}"
+            )
+        if self.distill is not None and (
+            self.modality_sets is None or self.model.head in ("prompt", "regression")
+        ):
+            raise ValueError(
+                "distill: list the students' modality sets in modality_sets (e.g. ['A', 'V']) and use a "
+                "linear or mlp head"
+            )
         for modalities in self.modality_sets or []:
             if set(modalities) - set(self.data.used_modalities):
                 raise ValueError(

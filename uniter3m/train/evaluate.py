@@ -26,8 +26,10 @@ from uniter3m.train.distributed import init_backend
 from uniter3m.train.finetune import (
     evaluation_sets,
     find_run_config,
+    fold_checkpoints,
     plan_protocol,
     predict,
+    prediction_rows,
     score,
     supervised_task,
 )
@@ -44,6 +46,32 @@ def run_config(
     if config is None:
         config = str(find_run_config(checkpoint, section="protocol"))
     return load_finetune_config(config, overrides)
+
+
+def evaluate_run(
+    checkpoint: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    modality_sets: Sequence[str] = (),
+    *,
+    split: str = "test",
+    fold: int | None = None,
+    out: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """`uniter3m evaluate`: a `<fold>/best` folder, or a run folder whose every fold (or fold `fold`) is
+    scored (`evaluate_modalities` each; with `out` and several folds, one subfolder per fold)."""
+    found = fold_checkpoints(checkpoint)
+    if len(found) > 1 and fold is not None:
+        found = [d for d in found if json.loads((d / FINETUNE_FILE).read_text()).get("fold_index") == fold]
+        if not found:
+            raise UserError(f"{checkpoint} has no fold {fold} with a best/ folder")
+    results = []
+    for ckpt in found:
+        folder = None if out is None else Path(out) / (ckpt.parent.name if len(found) > 1 else "")
+        cfg = run_config(ckpt, config, overrides)
+        own_fold = fold if len(found) == 1 else None
+        results.append(evaluate_modalities(cfg, ckpt, modality_sets, split=split, fold=own_fold, out=folder))
+    return results
 
 
 def evaluate_modalities(
@@ -88,6 +116,7 @@ def evaluate_modalities(
         precision = Precision(cfg.precision, backend.device)
         task = supervised_task(model, plan, special)
         rows = []
+        per_case: dict[str, list[dict[str, Any]]] = {}  # every prediction, with its class probabilities
         for case in modality_sets:
             dataset = build_dataset(
                 cfg.data, dbs, ids=ids, modalities=case, tokenizer=cfg.model.tokenizer or cfg.tokenizer
@@ -96,8 +125,9 @@ def evaluate_modalities(
             check_feature_dims(
                 model.config, dims, str(ckpt), dict(cfg.data.model_extra or {}), cfg.stream_table
             )
-            metrics = score(plan, predict(model, task, dataset, cfg, backend, precision, f"case {case}"), ids)
-            rows.append({"modalities": case, "n": len(ids), "metrics": metrics})
+            predictions = predict(model, task, dataset, cfg, backend, precision, f"case {case}")
+            rows.append({"modalities": case, "n": len(ids), "metrics": score(plan, predictions, ids)})
+            per_case[case] = prediction_rows(plan, predictions, ids)
         folder = Path(out) if out else ckpt.parent
         table = ""
         if backend.is_main:
@@ -105,7 +135,7 @@ def evaluate_modalities(
             table = modality_table(rows, folder / TABLE_STEM)
             atomic_write_json(
                 folder / f"{TABLE_STEM}.json",
-                {"checkpoint": str(ckpt), "split": split, "fold": k, "rows": rows},
+                {"checkpoint": str(ckpt), "split": split, "fold": k, "rows": rows, "predictions": per_case},
             )
         return {"rows": rows, "table": table, "fold": k, "out": str(folder)}
     finally:

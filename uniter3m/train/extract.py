@@ -10,11 +10,21 @@ under `no_grad` over batches of similar length in a fixed order, so two runs wri
 Pooling: `cls` = last hidden state at [CLS] (the collator always puts one first), `mean` = mean
 over every real position of the joint sequence (text and frame streams; padding excluded),
 `pooler` = the model's tanh pooler over [CLS] (what fine-tuning heads read).
+
+`per_stream` adds one masked-mean vector per stream of the model (text, then its frame streams) and
+the count of real positions each utterance has in it (0: absent, its vector is zeros): `streams/<name>`
+and `stream_frames/<name>` (npz: `stream_<name>`, `frames_<name>`). `sequence` adds every real
+position's last hidden state, ragged: `sequence` (sum of lengths, H), `sequence_offsets` (N + 1; rows
+of utterance i are offsets[i]:offsets[i+1], in the joint order text | face | speech),
+`sequence_streams` (index into `stream_names`). A `.safetensors` file holds the same arrays under the
+h5 names, with ids, text labels and settings in its metadata: a feature cache that
+`read_embeddings` (or `safetensors.torch.load_file`) loads without h5py.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -29,6 +39,7 @@ from uniter3m.data.collate import Collator
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.fileio import atomic_write_bytes, fsync_dir
+from uniter3m.model.pooling import TEXT, masked_mean, stream_parts
 from uniter3m.model.uniter import UniterModel
 from uniter3m.progress import disabled
 from uniter3m.streams import StreamTable
@@ -40,11 +51,15 @@ from uniter3m.train.assembly import (
     tokenizer_record,
 )
 from uniter3m.train.config import STREAM_TABLE, DataConfig
+from uniter3m.train.distributed import pick_device
 from uniter3m.train.finetune import find_run_config
 from uniter3m.train.session import check_vocabulary, read_tokenizer_record
 
 POOLS = ("cls", "mean", "pooler")
-FORMATS = (".h5", ".npz")
+FORMATS = (".h5", ".npz", ".safetensors")
+#: npz names of the per-stream groups (h5 and safetensors use "<group>/<name>")
+NPZ_PREFIX = {"labels": "label", "streams": "stream", "stream_frames": "frames"}
+RAGGED = ("sequence", "sequence_offsets", "sequence_streams")
 
 
 def extract_to_file(
@@ -58,9 +73,11 @@ def extract_to_file(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = False,
+    per_stream: bool = False,
+    sequence: bool = False,
 ) -> dict[str, Any]:
     """`uniter3m extract`: embeddings of the data `config` names (default: the run config beside a
-    fine-tuned checkpoint) written to `file` (.h5 or .npz); returns what `extract` returns."""
+    fine-tuned checkpoint) written to `file` (.h5, .npz or .safetensors); returns what `extract` returns."""
     file = Path(file)
     if file.suffix not in FORMATS:
         raise UserError(f"--file {file}: use a file name ending in {' or '.join(FORMATS)}")
@@ -68,10 +85,20 @@ def extract_to_file(
         raise UserError(f"--file {file} exists; pass --overwrite to replace it")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    device = str(pick_device(0, device))  # a GPU that is not there: an error before any reading
     if config is None:
         config = find_run_config(checkpoint)
     data = load_data_config(config, modalities)
-    result = extract(checkpoint, data, pool=pool, batch_size=batch_size, device=device, progress=progress)
+    result = extract(
+        checkpoint,
+        data,
+        pool=pool,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        per_stream=per_stream,
+        sequence=sequence,
+    )
     write_embeddings(file, result)
     return result
 
@@ -101,13 +128,17 @@ def extract(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = False,
+    per_stream: bool = False,
+    sequence: bool = False,
 ) -> dict[str, Any]:
-    """Embeddings of every utterance the data config describes; returns ids, embeddings, labels, settings."""
+    """Embeddings of every utterance the data config describes; returns ids, embeddings, labels,
+    settings and, on request, per-stream vectors and per-position sequences (module docstring)."""
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
     if pool not in POOLS:
         raise UserError(f"pool {pool!r}: use one of {', '.join(POOLS)}")
+    dev = pick_device(0, device)
     dbs = Databases()
     meta = data_tokenizer(data, dbs)
     special = SpecialTokens.from_dict(meta)
@@ -118,7 +149,6 @@ def extract(
     model = UniterModel.from_pretrained(checkpoint)
     check_vocab_size(model.config, special, str(checkpoint))
     _check_streams(model.config, dataset, checkpoint)
-    dev = _device(device)
     model.to(dev).eval()
     # Batches of similar length (little padding), in a fixed order; rows go back to the db's order.
     order = np.argsort(dataset.lengths, kind="stable")
@@ -129,7 +159,14 @@ def extract(
         collate_fn=Collator(special, stream_table=data.stream_table),
         num_workers=0,
     )
-    embeddings = np.zeros((len(dataset), model.config.hidden_size), dtype=np.float32)
+    hidden, n = model.config.hidden_size, len(dataset)
+    names = [TEXT, *model.config.frame_streams()]
+    embeddings = np.zeros((n, hidden), dtype=np.float32)
+    streams = {name: np.zeros((n, hidden), dtype=np.float32) for name in names} if per_stream else {}
+    frames = {name: np.zeros(n, dtype=np.int32) for name in names} if per_stream else {}
+    positions: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.zeros((0, hidden), np.float32), np.zeros(0, np.int8))
+    ] * n
     label_rows: list[dict[str, Any]] = [{} for _ in range(len(dataset))]
     start = 0
     with torch.no_grad():
@@ -147,6 +184,21 @@ def extract(
             rows = order[start : start + len(batch["ids"])]
             start += len(rows)
             embeddings[rows] = pool_output(out, pool).float().cpu().numpy()
+            for name, part in zip(names, stream_parts(out, names), strict=True):
+                if per_stream and part is not None:
+                    streams[name][rows] = masked_mean(*part).float().cpu().numpy()
+                    frames[name][rows] = part[1].sum(1).cpu().numpy()
+            if sequence:
+                states = out.last_hidden_state.float().cpu().numpy()
+                mask = out.attention_mask.cpu().numpy()
+                which = np.concatenate(
+                    [
+                        np.full(s.stop - s.start, names.index(name), np.int8)
+                        for name, s in out.segments.items()
+                    ]
+                )
+                for i, row in enumerate(rows):
+                    positions[row] = (states[i][mask[i]], which[mask[i]])
             for i, row in enumerate(rows):
                 if batch["ids"][i] != dataset.ids[row]:  # the loader must follow `order` exactly
                     raise RuntimeError(f"batch id {batch['ids'][i]!r} != dataset id {dataset.ids[row]!r}")
@@ -154,7 +206,7 @@ def extract(
     report = dataset.report()
     columns = list(dict.fromkeys(c for row in label_rows for c in row))
     labels = {c: [row.get(c) for row in label_rows] for c in columns}
-    return {
+    result = {
         "ids": list(dataset.ids),
         "embeddings": embeddings,
         "labels": labels,
@@ -162,7 +214,18 @@ def extract(
         "modalities": dataset.modalities,
         "checkpoint": str(checkpoint),
         "dropped": report.dropped,
+        "stream_names": names,
     }
+    if per_stream:
+        result.update(streams=streams, stream_frames=frames)
+    if sequence:
+        lengths = [len(p[1]) for p in positions]
+        result.update(
+            sequence=np.concatenate([p[0] for p in positions]).astype(np.float32),
+            sequence_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            sequence_streams=np.concatenate([p[1] for p in positions]).astype(np.int8),
+        )
+    return result
 
 
 def pool_output(out: Any, pool: str) -> torch.Tensor:
@@ -171,8 +234,7 @@ def pool_output(out: Any, pool: str) -> torch.Tensor:
         return out.pooler_output
     if pool == "cls":
         return out.last_hidden_state[:, 0]
-    mask = out.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-    return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return masked_mean(out.last_hidden_state, out.attention_mask)
 
 
 def _check_streams(config: Any, dataset: Any, checkpoint: str | os.PathLike) -> None:
@@ -187,15 +249,6 @@ def _check_streams(config: Any, dataset: Any, checkpoint: str | os.PathLike) -> 
             )
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r}: {err}") from None
-
-
 # ----------------------------------------------------------------------------- writing
 def _label_array(values: list[Any]) -> np.ndarray:
     """Numbers stay numbers (NaN where absent); anything else becomes text ('' where absent)."""
@@ -204,48 +257,67 @@ def _label_array(values: list[Any]) -> np.ndarray:
     return np.array(["" if v is None else str(v) for v in values], dtype=str)
 
 
+def _arrays(result: Mapping[str, Any]) -> dict[tuple[str, str], np.ndarray]:
+    """Every array of a result by (group, name); group "" = top level."""
+    arrays = {("", "embeddings"): np.asarray(result["embeddings"], dtype=np.float32)}
+    arrays.update({("labels", c): _label_array(v) for c, v in result["labels"].items()})
+    for group in ("streams", "stream_frames"):
+        arrays.update({(group, name): np.asarray(a) for name, a in (result.get(group) or {}).items()})
+    arrays.update({("", k): np.asarray(result[k]) for k in RAGGED if k in result})
+    return arrays
+
+
+def _settings(result: Mapping[str, Any]) -> dict[str, str]:
+    return {k: str(result[k]) for k in ("pool", "modalities", "checkpoint")}
+
+
 def write_embeddings(path: str | os.PathLike, result: Mapping[str, Any]) -> None:
-    """Write atomically (temp file in the same folder, then rename) as .npz or .h5."""
+    """Write atomically (temp file in the same folder, then rename) as .npz, .h5 or .safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ids = np.array(result["ids"], dtype=str)
-    labels = {col: _label_array(values) for col, values in result["labels"].items()}
-    settings = {
-        "pool": result["pool"],
-        "modalities": result["modalities"],
-        "checkpoint": result["checkpoint"],
-    }
+    arrays = _arrays(result)
+    names = list(result.get("stream_names") or [])
     if path.suffix == ".npz":
         buffer = io.BytesIO()
-        arrays = {f"label_{col}": arr for col, arr in labels.items()}
-        np.savez(
-            buffer,
-            ids=ids,
-            embeddings=result["embeddings"],
-            **arrays,
-            **{k: np.array(v) for k, v in settings.items()},
-        )
+        flat = {(f"{NPZ_PREFIX[g]}_{k}" if g else k): a for (g, k), a in arrays.items()}
+        extra = {"stream_names": np.array(names, dtype=str)} if names else {}
+        settings = {k: np.array(v) for k, v in _settings(result).items()}
+        np.savez(buffer, ids=np.array(result["ids"], dtype=str), **flat, **extra, **settings)
         atomic_write_bytes(path, buffer.getvalue())
         return
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save
+
+        numeric = {(f"{g}/{k}" if g else k): a for (g, k), a in arrays.items() if a.dtype.kind != "U"}
+        text = {k: a.tolist() for (g, k), a in arrays.items() if a.dtype.kind == "U"}
+        metadata = {
+            "ids": json.dumps(list(result["ids"])),
+            "text_labels": json.dumps(text),
+            "stream_names": json.dumps(names),
+            **_settings(result),
+        }
+        atomic_write_bytes(path, save({k: np.ascontiguousarray(a) for k, a in numeric.items()}, metadata))
+        return
     import h5py
+
+    def strings(values: Any) -> list[bytes]:
+        return [str(v).encode("utf-8") for v in values]
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset(
-                "ids", data=[i.encode("utf-8") for i in result["ids"]], dtype=h5py.string_dtype()
-            )
-            f.create_dataset("embeddings", data=result["embeddings"])
-            group = f.create_group("labels")
-            for col, arr in labels.items():
+            f.create_dataset("ids", data=strings(result["ids"]), dtype=h5py.string_dtype())
+            f.require_group("labels")
+            for (group, key), arr in arrays.items():
+                name = f"{group}/{key}" if group else key
                 if arr.dtype.kind == "U":
-                    group.create_dataset(
-                        col, data=[v.encode("utf-8") for v in arr], dtype=h5py.string_dtype()
-                    )
+                    f.create_dataset(name, data=strings(arr), dtype=h5py.string_dtype())
                 else:
-                    group.create_dataset(col, data=arr)
-            f.attrs.update(settings)
+                    f.create_dataset(name, data=arr)
+            if names:
+                f.create_dataset("stream_names", data=strings(names), dtype=h5py.string_dtype())
+            f.attrs.update(_settings(result))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -253,26 +325,72 @@ def write_embeddings(path: str | os.PathLike, result: Mapping[str, Any]) -> None
     fsync_dir(path.parent)
 
 
+def _nest(flat: Mapping[str, Any], split: Any) -> dict[str, Any]:
+    """{file key: array} -> the layout `extract` returns (labels / streams / stream_frames nested)."""
+    out: dict[str, Any] = {"labels": {}}
+    for key, value in flat.items():
+        group, name = split(key)
+        if group:
+            out.setdefault(group, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
 def read_embeddings(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a file written by `write_embeddings` back: ids (list[str]), embeddings, labels, settings."""
+    """Read a file written by `write_embeddings` back: ids (list[str]), embeddings, labels, settings,
+    and the per-stream and sequence arrays when it has them."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"features file {path} does not exist; write it with `uniter3m extract`")
     if path.suffix == ".npz":
+        groups = {v: k for k, v in NPZ_PREFIX.items()}
+
+        def split_npz(key: str) -> tuple[str, str]:
+            if key in ("ids", "embeddings", "stream_names", "pool", "modalities", "checkpoint", *RAGGED):
+                return "", key
+            prefix, _, rest = key.partition("_")
+            return (groups[prefix], rest) if prefix in groups and rest else ("", key)
+
         with np.load(path) as z:
-            return {
-                "ids": [str(i) for i in z["ids"]],
-                "embeddings": z["embeddings"],
-                "labels": {k[len("label_") :]: z[k] for k in z.files if k.startswith("label_")},
-                **{k: str(z[k]) for k in ("pool", "modalities", "checkpoint")},
-            }
+            data = _nest({k: z[k] for k in z.files}, split_npz)
+        data["ids"] = [str(i) for i in data["ids"]]
+        for k in ("pool", "modalities", "checkpoint"):
+            data[k] = str(data[k])
+        if "stream_names" in data:
+            data["stream_names"] = [str(n) for n in data["stream_names"]]
+        return data
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+        data = _nest(load_file(str(path)), lambda k: tuple(k.split("/", 1)) if "/" in k else ("", k))
+        data["labels"].update(
+            {c: np.array(v, dtype=str) for c, v in json.loads(metadata["text_labels"]).items()}
+        )
+        data["ids"] = json.loads(metadata["ids"])
+        data["stream_names"] = json.loads(metadata["stream_names"])
+        data.update({k: metadata[k] for k in ("pool", "modalities", "checkpoint")})
+        return data
     import h5py
 
     with h5py.File(path, "r") as f:
-        labels = {}
-        for col, ds in f["labels"].items():
-            labels[col] = np.array(ds.asstr()[()], dtype=str) if ds.dtype.kind == "O" else ds[()]
-        return {
-            "ids": list(f["ids"].asstr()[()]),
-            "embeddings": f["embeddings"][()],
-            "labels": labels,
-            **{k: str(f.attrs[k]) for k in ("pool", "modalities", "checkpoint")},
+        flat: dict[str, Any] = {}
+        f.visititems(
+            lambda name, obj: (
+                flat.__setitem__(name, obj.asstr()[()] if obj.dtype.kind == "O" else obj[()])
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
+        data = _nest(flat, lambda k: tuple(k.split("/", 1)) if "/" in k else ("", k))
+        data["ids"] = [str(i) for i in data["ids"]]
+        data["labels"] = {
+            c: np.array(v, dtype=str) if v.dtype.kind == "O" else v for c, v in data["labels"].items()
         }
+        if "stream_names" in data:
+            data["stream_names"] = [str(n) for n in data["stream_names"]]
+        data.update({k: str(f.attrs[k]) for k in ("pool", "modalities", "checkpoint")})
+        return data

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,10 @@ from uniter3m.evaluation.protocols import ProtocolPlan, build_protocol
 from uniter3m.evaluation.report import FOLD_FILE, load_fold_results, write_summary
 from uniter3m.fileio import atomic_write_json
 from uniter3m.model.config import UniterConfig
-from uniter3m.model.finetuning import FinetuneModel, load_finetuned, save_finetuned
+from uniter3m.model.finetuning import FINETUNE_FILE, FinetuneModel, load_finetuned, save_finetuned
 from uniter3m.progress import disabled
 from uniter3m.tasks.base import TaskContext
+from uniter3m.tasks.distill import DistillTask, check_features, fuse, load_teacher
 from uniter3m.tasks.supervised import SupervisedTask
 from uniter3m.train.assembly import (
     Databases,
@@ -53,7 +54,9 @@ from uniter3m.train.assembly import (
 from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.config import DataConfig, FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import Backend, init_backend
+from uniter3m.train.inputs import INPUTS_KEY, input_record
 from uniter3m.train.loaders import TaskStream, validation_loader
+from uniter3m.train.logs import read_metrics
 from uniter3m.train.loop import Evaluator, LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
@@ -75,6 +78,8 @@ def find_run_config(checkpoint: str | Path, section: str | None = None) -> Path:
     """The resolved config.json of the run a checkpoint (`<run>/fold/best`) belongs to, for
     `evaluate`/`extract` without `--config`; `section`: a key the config must hold (e.g. "protocol")."""
     ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise UserError(f"checkpoint {ckpt} does not exist; check --checkpoint (a `<fold>/best` folder)")
     candidates = [p / RESOLVED_CONFIG for p in (ckpt.parent.parent, ckpt.parent)]
     for file in candidates:
         if file.is_file() and (section is None or section in json.loads(file.read_text())):
@@ -82,6 +87,26 @@ def find_run_config(checkpoint: str | Path, section: str | None = None) -> Path:
     raise UserError(
         f"{ckpt}: no run config.json beside it ({', '.join(map(str, candidates))}); pass --config"
     )
+
+
+def fold_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """The fine-tuned model folders `path` names: itself (a `<fold>/best`), its `best/` (a fold folder),
+    or every `fold*/best` of a run folder; an error naming what to give otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(
+            f"{p} does not exist; give a fine-tuning run folder (its output_dir) or one of its `<fold>/best` folders"
+        )
+    for candidate in (p, p / "best"):
+        if (candidate / FINETUNE_FILE).is_file():
+            return [candidate]
+    found = sorted(d.parent for d in p.glob(f"fold*/best/{FINETUNE_FILE}"))
+    if not found:
+        raise UserError(
+            f"{p} holds no fine-tuned model (no {FINETUNE_FILE} in it, in best/ or in fold*/best/); give the "
+            "output_dir of `uniter3m finetune` or one of its `<fold>/best` folders"
+        )
+    return found
 
 
 def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
@@ -98,10 +123,18 @@ def read_label_rows(data: DataConfig, split_column: str = "split") -> dict[str, 
     given per split, each record's split comes from its db (`split_column`); a record that says
     otherwise is an error naming it."""
     rows: dict[str, dict[str, Any]] = {}
+    source: dict[str, str] = {}
     split_of = data.split_of
     for path in data.txt_dbs:
         db = DbReader(path, kind="txt")
         for uid in db.ids:
+            if uid in rows:
+                raise UserError(
+                    f"utterance id {uid!r} is in both {source[uid]} and {path}: their ids repeat (split files "
+                    "often number utterances alike); rebuild them with `uniter3m build-txt-db --id-prefix NAME_` "
+                    "(e.g. train_, dev_, test_) and their feature dbs with the same ids"
+                )
+            source[uid] = path
             labels = dict(db[uid].get("labels") or {})
             if split_of:
                 own = labels.get(split_column)
@@ -139,7 +172,7 @@ def plan_protocol(cfg: FinetuneConfig) -> ProtocolPlan:
         selection_metric=p.selection_metric,
         source=", ".join(cfg.data.txt_dbs),
         valid_speakers=p.valid_speakers,
-        speaker_folds=p.speaker_folds,
+        num_folds=p.num_folds,
         train_fraction=p.train_fraction,
         subset_seed=p.subset_seed,
     )
@@ -154,9 +187,11 @@ def supervised_task(
     special: SpecialTokens,
     class_weights: Sequence[float] | None = None,
     modality_sets: Sequence[str] | None = None,
+    **distill: Any,
 ) -> SupervisedTask:
-    """The fine-tuning task; `modality_sets` (training only) = modality dropout over those sets."""
-    return SupervisedTask(
+    """The fine-tuning task; `modality_sets` (training only) = modality dropout over those sets;
+    `distill` (teacher outputs, weight, temperature, feature_weight) makes it a `DistillTask`."""
+    return (DistillTask if distill else SupervisedTask)(
         TaskContext(special=special, stream_table=model.config.stream_table),
         targets=plan.targets,
         head=model.spec.head,
@@ -164,7 +199,48 @@ def supervised_task(
         class_weights=class_weights,
         max_len=model.config.max_position_embeddings,
         modality_sets=modality_sets,
+        **distill,
     )
+
+
+def distill_task(
+    cfg: FinetuneConfig,
+    model: FinetuneModel,
+    plan: ProtocolPlan,
+    special: SpecialTokens,
+    weights: Sequence[float] | None,
+    k: int,
+    train_set: Callable[[str], JoinedDataset],
+    backend: Backend,
+) -> tuple[FinetuneModel, SupervisedTask]:
+    """Fold `k`'s teacher (`distill.teacher`) and the students' task, which looks up the teacher's
+    logits (and pooled vectors) on the training utterances, computed once (`tasks/distill.py`)."""
+    d = cfg.distill
+    teacher = load_teacher(d.teacher, fold_dir(cfg, plan, k).name, k, plan.label.classes).to(backend.device)
+    if d.feature_weight:
+        check_features(model, teacher, d.teacher)
+    outputs = predict(
+        teacher,
+        supervised_task(teacher, plan, special),
+        train_set(teacher.spec.modalities),
+        cfg,
+        backend,
+        Precision(cfg.precision, backend.device),
+        "teacher",
+        keep=("logits", "pooled") if d.feature_weight else ("logits",),
+    )
+    task = supervised_task(
+        model,
+        plan,
+        special,
+        weights,
+        cfg.modality_sets,
+        teacher=outputs,
+        weight=d.weight,
+        temperature=d.temperature,
+        feature_weight=d.feature_weight,
+    )
+    return teacher, task
 
 
 def class_weights(plan: ProtocolPlan, train_ids: Sequence[str]) -> list[float]:
@@ -189,8 +265,11 @@ def predict(
     backend: Backend,
     precision: Precision,
     desc: str = "score",
-) -> dict[str, float | int]:
-    """{id: prediction} over the WHOLE dataset: ranks score disjoint batches, then all are gathered."""
+    keep: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """{id: {"pred": class index | score, "probs": class probabilities (classification only)}} over the
+    WHOLE dataset: ranks score disjoint batches, then all are gathered. `keep`: FinetuneOutput fields
+    also kept per id as lists (a distillation teacher's `logits` and `pooled`)."""
     from tqdm.auto import tqdm
 
     b = cfg.batching
@@ -215,31 +294,39 @@ def predict(
     )
     was_training = model.training
     model.eval()
-    local: dict[str, float | int] = {}
+    local: dict[str, dict[str, Any]] = {}
     bar = tqdm(
         loader, desc=desc, leave=False, disable=disabled(cfg.progress and backend.is_main), dynamic_ncols=True
     )
     for inputs in bar:
         inputs = to_device(inputs, backend.device)
-        kwargs = {k: v for k, v in inputs.items() if k not in ("targets", "ids") and v is not None}
+        kwargs = {k: v for k, v in inputs.items() if k not in task.not_inputs and v is not None}
         with precision.autocast():
             out = model(**kwargs)
-        local.update(zip(inputs["ids"], model.predictions(out).tolist(), strict=True))
+        preds = model.predictions(out).tolist()
+        probs = model.probabilities(out).tolist() if out.logits is not None else [None] * len(preds)
+        for uid, pred, prob in zip(inputs["ids"], preds, probs, strict=True):
+            local[uid] = {"pred": pred} if prob is None else {"pred": pred, "probs": prob}
+        for name in keep:
+            for uid, value in zip(inputs["ids"], getattr(out, name).float().tolist(), strict=True):
+                local[uid][name] = value
     model.train(was_training)
-    merged: dict[str, float | int] = {}
+    merged: dict[str, dict[str, Any]] = {}
     for part in backend.all_gather_object(local):
         merged.update(part)
     return merged
 
 
-def score(plan: ProtocolPlan, predictions: Mapping[str, float | int], ids: Sequence[str]) -> dict[str, Any]:
+def score(
+    plan: ProtocolPlan, predictions: Mapping[str, Mapping[str, Any]], ids: Sequence[str]
+) -> dict[str, Any]:
     missing = [i for i in ids if i not in predictions]
     if missing:
         raise UserError(
             f"{len(missing)} utterances got no prediction (e.g. {missing[:3]}); a data shard was lost"
         )
     gold = [plan.targets[i] for i in ids]
-    pred = [predictions[i] for i in ids]
+    pred = [predictions[i]["pred"] for i in ids]
     if plan.regression:
         return regression_metrics(gold, pred)
     return classification_metrics(gold, pred, plan.label.num_classes)
@@ -249,11 +336,55 @@ def scalars(scores: Mapping[str, Any]) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in scores.items() if not isinstance(v, list)}
 
 
+FEW_STEPS = 50  # fewer optimiser steps than this in a whole fold is almost never a real fine-tuning
+COLLAPSE_FIX = (
+    "train longer (more epochs, or a smaller batching.max_batch_size for more steps), raise optim.lr / "
+    "optim.head_lr, or set class_weighted: true when one class dominates"
+)
+
+
+def single_class(plan: ProtocolPlan, predictions: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The class of every prediction when they are all one (a collapsed classifier), else None."""
+    values = {int(p["pred"]) for p in predictions.values()}
+    if plan.regression or len(predictions) < 2 or len(values) != 1:
+        return None
+    return plan.label.classes[values.pop()]
+
+
+def batching_warning(
+    n_train: int, batches: int, epochs: int, grad_accum: int, max_batch_size: int | None
+) -> str | None:
+    """A warning with the fix when a whole fold makes fewer than FEW_STEPS optimiser steps."""
+    total = epochs * max(1, batches // grad_accum)
+    if total >= FEW_STEPS:
+        return None
+    size = n_train / max(1, batches)
+    return (
+        f"only {total} optimiser steps for {epochs} epoch(s): {n_train} training utterances in {batches} batches "
+        f"(about {size:.0f} per batch; batching.max_batch_size {max_batch_size}, limited by batching.max_tokens "
+        "otherwise); the model will hardly learn: set batching.max_batch_size (16-32) or more epochs"
+    )
+
+
+def set_scores(
+    per_set: Mapping[str, Mapping[str, float]], select_on: Sequence[str] | None = None
+) -> dict[str, float]:
+    """One validation's scores over modality sets: each metric's mean over the `select_on` sets
+    (None: every set; MEmoBERT selects on its 6 sets without LVA) is what selection compares;
+    every set's own figures come along as `<set>_<metric>`."""
+    chosen = [per_set[s] for s in (select_on or per_set)]
+    scores = {k: round(float(np.mean([c[k] for c in chosen])), 4) for k in chosen[0]}
+    for name, values in per_set.items():
+        scores.update({f"{name}_{k}": v for k, v in values.items()})
+    return scores
+
+
 class SelectionEvaluator(Evaluator):
     """Validation of fine-tuning: the protocol's metric on the validation split; the best model
     is written to `best_dir` (main rank), `patience` validations without improvement stop the run.
     With `modality_sets` ({modalities: validation dataset reading them}) the metric is scored per set
-    and the model is selected on the MEAN over the sets (missing-modality training)."""
+    and the model is selected on the MEAN over the sets (missing-modality training), or over
+    `cfg.select_on` only (MEmoBERT: the 6 sets without LVA)."""
 
     def __init__(
         self,
@@ -278,12 +409,15 @@ class SelectionEvaluator(Evaluator):
         self.bad_evals = 0
         self.history: list[dict[str, Any]] = []
         self.should_stop = False
+        self._single: str | None = None  # the one class the last validation predicted, if it was one
+        self.best_single: str | None = None  # ... at the selected step: the selected model is collapsed
 
     def _scores(self) -> dict[str, float]:
         if not self.modality_sets:
             preds = predict(
                 self.model, self.task, self.valid_set, self.cfg, self.backend, self.precision, "validate"
             )
+            self._single = single_class(self.plan, preds)
             return scalars(score(self.plan, preds, self.valid_set.ids))
         per_case = {}
         for case, dataset in self.modality_sets.items():
@@ -291,11 +425,9 @@ class SelectionEvaluator(Evaluator):
                 self.model, self.task, dataset, self.cfg, self.backend, self.precision, f"validate {case}"
             )
             per_case[case] = scalars(score(self.plan, preds, dataset.ids))
-        first = next(iter(per_case.values()))
-        scores = {k: round(float(np.mean([c[k] for c in per_case.values()])), 4) for k in first}
-        for case, case_scores in per_case.items():
-            scores.update({f"{case}_{k}": v for k, v in case_scores.items()})
-        return scores
+            if case == next(iter(self.modality_sets)):  # the first set speaks for the collapse check
+                self._single = single_class(self.plan, preds)
+        return set_scores(per_case, self.cfg.select_on)
 
     def evaluate(self, loop: TrainLoop) -> dict[str, float]:
         scores = self._scores()
@@ -303,6 +435,7 @@ class SelectionEvaluator(Evaluator):
         self.history.append({"step": loop.step, "valid": scores})
         if is_better(self.metric, value, self.best_value):
             self.best_value, self.best_step, self.bad_evals = value, loop.step, 0
+            self.best_single = self._single
             if self.backend.is_main:
                 save_finetuned(self.model, self.best_dir, {**self.extra, "step": loop.step, "valid": scores})
             self.backend.barrier()
@@ -327,6 +460,7 @@ class SelectionEvaluator(Evaluator):
             "bad_evals": self.bad_evals,
             "history": self.history,
             "should_stop": self.should_stop,
+            "best_single": self.best_single,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -335,6 +469,7 @@ class SelectionEvaluator(Evaluator):
         self.bad_evals = int(state["bad_evals"])
         self.history = list(state["history"])
         self.should_stop = bool(state["should_stop"])
+        self.best_single = state.get("best_single")
 
 
 def evaluation_sets(
@@ -453,6 +588,13 @@ def train_fold(
         return build_dataset(cfg.data, dbs, ids=ids, modalities=modalities, tokenizer=tokenizer)
 
     train_set, valid_set = dataset(fold.train), dataset(fold.valid)
+    lost = sorted(set(fold.test) - set(dataset(fold.test).ids))  # at the start, not after training
+    if lost:
+        raise UserError(
+            f"fold {fold.name}: data.missing='drop' would leave {len(lost)} of its {len(fold.test)} test utterances "
+            f"out (no record in a feature database), e.g. {lost[:3]}; scores on another test split are not the "
+            "protocol's. Rebuild the feature databases with these ids, or leave the stream out of data.modalities"
+        )
     model = build_finetune_model(cfg, plan, feature_dims(train_set), meta).to(backend.device)
     if cfg.model.init:
         check_vocabulary(
@@ -472,6 +614,10 @@ def train_fold(
     train_task = (
         supervised_task(model, plan, special, weights, cfg.modality_sets) if cfg.modality_sets else task
     )
+    if cfg.distill:
+        teacher, train_task = distill_task(
+            cfg, model, plan, special, weights, k, lambda m: dataset(fold.train, m), backend
+        )
     valid_sets = {m: dataset(fold.valid, m) for m in cfg.modality_sets or []}
     if backend.is_main:
         log.info("fold %s: sizes %s; %s", fold.name, fold.sizes(), model.describe())
@@ -496,6 +642,10 @@ def train_fold(
         cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
     )
     val_every = max(1, steps_per_epoch // min(cfg.evals_per_epoch, steps_per_epoch))
+    few = batching_warning(len(train_set), len(stream.sampler), cfg.epochs, cfg.grad_accum, b.max_batch_size)
+    warnings = (
+        [few] if few and cfg.steps is None else []
+    )  # a `steps` cap is a smoke run: few steps on purpose
     o = cfg.optim
     optimizer = build_optimizer(
         model,
@@ -519,7 +669,7 @@ def train_fold(
         backend,
         precision,
         out_dir / "best",
-        {"fold_index": k, "fold": fold.name},
+        {"fold_index": k, "fold": fold.name, INPUTS_KEY: input_record(cfg, dbs)},
         modality_sets=valid_sets,
     )
     settings = LoopSettings(
@@ -565,14 +715,33 @@ def train_fold(
     if cfg.stop_after is not None and steps < total and not stopped_early:
         return {"fold": fold.name, "fold_index": k, "stopped_at": steps, "test": {}}
     train_seconds = time.time() - t0
+    if evaluator.best_single is not None:
+        warnings.append(
+            f"the selected model predicts {evaluator.best_single!r} for every validation utterance (chance "
+            f"level); {COLLAPSE_FIX}"
+        )
+    if backend.is_main:
+        for warning in warnings:
+            log.warning("fold %s: %s", fold.name, warning)
 
     best = load_finetuned(out_dir / "best").to(backend.device)  # the model selected on validation
     test_pred = predict(best, task, dataset(fold.test), cfg, backend, precision, "test")  # scored ONCE
     test_scores = score(plan, test_pred, fold.test)
-    test_sets = {}
+    test_sets, set_preds = {}, {}
     for modalities in cfg.modality_sets or []:  # the same selected model, scored once per set
-        set_pred = predict(best, task, dataset(fold.test, modalities), cfg, backend, precision, modalities)
-        test_sets[modalities] = scalars(score(plan, set_pred, fold.test))
+        set_preds[modalities] = predict(
+            best, task, dataset(fold.test, modalities), cfg, backend, precision, modalities
+        )
+        test_sets[modalities] = scalars(score(plan, set_preds[modalities], fold.test))
+    if cfg.distill:  # the teacher alone, and the final model: the fusion or the all-modality student
+        teacher_task = supervised_task(teacher, plan, special)
+        teacher_set = dataset(fold.test, teacher.spec.modalities)
+        teacher_pred = predict(teacher, teacher_task, teacher_set, cfg, backend, precision, "teacher")
+        test_sets["teacher"] = scalars(score(plan, teacher_pred, fold.test))
+        if cfg.distill.final == "fusion":
+            test_sets["student"] = scalars(test_scores)
+            test_pred = fuse([teacher_pred, *set_preds.values()])
+            test_scores = score(plan, test_pred, fold.test)
     result = {
         "protocol": f"{plan.name}/{cfg.protocol.scheme}"
         + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
@@ -584,6 +753,10 @@ def train_fold(
         "untrained_classes": untrained,
         "modalities": cfg.data.used_modalities,
         "head": cfg.model.head,
+        "pool": cfg.model.pool,
+        "freeze": cfg.model.freeze,
+        **({"lora": cfg.model.lora.model_dump()} if cfg.model.lora else {}),
+        **({"distill": cfg.distill.model_dump()} if cfg.distill else {}),
         "init": cfg.model.init or cfg.model.config,
         "seed": cfg.seed,
         "selection_metric": plan.selection_metric,
@@ -592,11 +765,18 @@ def train_fold(
         "steps": steps,
         "early_stopped": stopped_early,
         "history": evaluator.history,
+        "train_loss": [
+            [r["step"], r[k]]
+            for r in read_metrics(out_dir, "train")
+            for k in sorted(r)
+            if k.startswith("loss")
+        ],  # the learning curve's (step, training loss) points
         "test": test_scores,
         **({"modality_sets": list(cfg.modality_sets), "test_sets": test_sets} if test_sets else {}),
+        "warnings": warnings,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
-        "predictions": _prediction_rows(plan, test_pred, fold.test),
+        "predictions": prediction_rows(plan, test_pred, fold.test),
     }
     if backend.is_main:
         atomic_write_json(done, result)
@@ -605,10 +785,21 @@ def train_fold(
     return result
 
 
-def _prediction_rows(
+def prediction_rows(
     plan: ProtocolPlan, predictions: Mapping[str, Any], ids: Sequence[str]
 ) -> list[dict[str, Any]]:
+    """One row per id: gold and predicted class (or score) and, for classes, every class probability."""
     if plan.regression:
-        return [{"id": i, "gold": plan.targets[i], "pred": round(float(predictions[i]), 5)} for i in ids]
+        return [
+            {"id": i, "gold": plan.targets[i], "pred": round(float(predictions[i]["pred"]), 5)} for i in ids
+        ]
     names = plan.label.classes
-    return [{"id": i, "gold": names[int(plan.targets[i])], "pred": names[int(predictions[i])]} for i in ids]
+    return [
+        {
+            "id": i,
+            "gold": names[int(plan.targets[i])],
+            "pred": names[int(predictions[i]["pred"])],
+            "probs": {c: round(float(p), 5) for c, p in zip(names, predictions[i]["probs"], strict=True)},
+        }
+        for i in ids
+    ]

@@ -10,6 +10,11 @@ every rank draws the same task (DDP would hang otherwise) and a resumed run draw
 uninterrupted one drew, with no RNG state to save. The step's `grad_accum` micro-batches all
 come from that task's stream.
 
+Compiling (`compile: true`): each task gets its own compiled step (`compiled_steps`), a function
+with its own code object, so Dynamo keeps one cache and one recompile budget per objective: a mix
+of 12 objectives compiles a few graphs for each (shapes turn dynamic at the first new length)
+instead of sharing one budget of 8 graphs and running the rest eager once it is spent.
+
 DDP and heads a step does not use: every task's forward runs through `TaskStep`, one module
 holding the model, and that module is what DDP wraps, so each call goes through DDP's forward
 (a task calling `model.uniter` and a head directly would bypass it). DDP is built with
@@ -27,7 +32,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +79,8 @@ class LoopSettings:
     stop_after: int | None = None  # end this invocation after this step (with a checkpoint)
     desc: str = "pretrain"  # progress bar label
     databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
-    compile: bool = False  # torch.compile the training step (set batching.pad_multiple so shapes repeat)
-    compile_backend: str = "inductor"
+    compile: bool = False  # torch.compile each task's training step (one Dynamo cache per task)
+    compile_backend: str | Callable = "inductor"
     # fetch the next micro-batch while the current one computes and copy it to the device on a
     # side CUDA stream; on the CPU the fetch happens early with no overlap (what tests check)
     prefetch: bool = False
@@ -180,10 +186,9 @@ class TrainLoop:
             # Same parameters on every rank come from the model seed; dropout differs per rank.
             torch.manual_seed(mix_seed(self.s.seed, backend.rank, 3) % (1 << 63))
         self.step_module = backend.wrap_model(TaskStep(model, {t.key: t.task for t in self.tasks}))
-        if self.s.compile:
-            # dynamic=None: the first new shape recompiles with symbolic sizes, so an epoch of
-            # varied lengths costs a few graphs, not one per length
-            self.step_module = torch.compile(self.step_module, backend=self.s.compile_backend)
+        self.compiled = (
+            compiled_steps([t.key for t in self.tasks], self.s.compile_backend) if self.s.compile else {}
+        )
         backend.broadcast_initial_state(self.step_module, optimizer)
         self.logger = MetricsLogger(
             self.s.output_dir,
@@ -227,7 +232,12 @@ class TrainLoop:
             sync = micro == self.s.grad_accum - 1
             with self.backend.no_sync(self.step_module, sync):
                 with self.precision.autocast():
-                    out = self.step_module(t.key, batch.inputs)
+                    run = self.compiled.get(t.key)
+                    out = (
+                        run(self.step_module, t.key, batch.inputs)
+                        if run
+                        else self.step_module(t.key, batch.inputs)
+                    )
                 loss = out["loss"].float()
                 self.precision.backward(loss / self.s.grad_accum)
             if self.s.prefetch:  # the step is queued on the device: fetch and copy the next batch now
@@ -370,6 +380,7 @@ class TrainLoop:
         return {
             "rng": capture_rng_state(),
             "loaders": {t.key: t.stream.state_dict() for t in self.tasks},
+            "tasks": {t.key: t.task.state_dict() for t in self.tasks},  # per rank (e.g. itm_rank's queue)
             "param_digest": parameter_digest(self.model),
         }
 
@@ -426,6 +437,7 @@ class TrainLoop:
         self.batches.drop()
         for t in self.tasks:
             t.stream.load_state_dict(mine["loaders"][t.key])
+            t.task.load_state_dict(mine.get("tasks", {}).get(t.key, {}))
         restore_rng_state(mine["rng"])
         self.step = int(state["step"])
         self.nonfinite.load_state_dict(state)
@@ -468,7 +480,7 @@ class TrainLoop:
             while self.step < end and not (self.evaluator is not None and self.evaluator.should_stop):
                 self.train_step(window)
                 bar.update(1)
-                if stop.agreed(self.backend):
+                if stop.agreed(self.backend, ask=self.step % self.s.log_every == 0):
                     if saved_at != self.step:
                         self.save()
                     raise stop.preempted(self.step, self.s.output_dir)
@@ -518,6 +530,22 @@ class TrainLoop:
         self.step_module = None  # type: ignore[assignment]
 
 
+def _run_task(step_module: nn.Module, key: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return step_module(key, inputs)
+
+
+def compiled_steps(keys: Sequence[str], backend: str | Callable) -> dict[str, Callable]:
+    """One compiled step per task key: `_run_task` copied with its own code object, since Dynamo
+    keeps its graphs and its recompile limit per code object. `dynamic=None`: the first new shape
+    recompiles with symbolic sizes, so an epoch of varied lengths costs a few graphs per task."""
+    out = {}
+    for i, key in enumerate(keys):
+        code = _run_task.__code__.replace(co_name=f"task_step_{i}")
+        fn = types.FunctionType(code, _run_task.__globals__, code.co_name)
+        out[key] = torch.compile(fn, backend=backend)
+    return out
+
+
 def _numerator(value: torch.Tensor) -> float | np.ndarray:
     """A metric numerator as a float, or per-class counts as an array (summed per class, then
     reduced to their largest entry: the majority rate that `tasks/chance.py` reports)."""
@@ -531,4 +559,5 @@ __all__ = [
     "TaskStep",
     "TrainLoop",
     "TrainTask",
+    "compiled_steps",
 ]

@@ -39,9 +39,7 @@ class NonfiniteSteps:
         """The sync-free path: `bad` (a 0-d bool on the device) says whether this step was skipped."""
         bad = bad.double()
         if self._device is None:
-            self._device = torch.tensor(
-                [0.0, float(self.in_a_row), 0.0], dtype=torch.float64, device=bad.device
-            )
+            self._device = _fresh_counts(self.in_a_row, bad.device)
         streak = (self._device[1] + 1) * bad
         self._device = torch.stack([self._device[0] + bad, streak, torch.maximum(self._device[2], streak)])
         self._task = task
@@ -51,9 +49,7 @@ class NonfiniteSteps:
         if self._device is None:
             return
         skipped, in_a_row, longest = (int(v) for v in self._device.tolist())
-        self._device = torch.tensor(
-            [0.0, float(in_a_row), 0.0], dtype=torch.float64, device=self._device.device
-        )
+        self._device = _fresh_counts(in_a_row, self._device.device)
         self._apply(skipped, in_a_row, longest, step, self._task)
 
     def _apply(self, skipped: int, in_a_row: int, longest: int, step: int, task: str) -> None:
@@ -80,3 +76,10 @@ class NonfiniteSteps:
         self.skipped = int(state["skipped_nonfinite"])
         self.in_a_row = int(state["nonfinite_in_a_row"])
         self._device = None  # rebuilt from `in_a_row` by the next device count
+
+
+def _fresh_counts(in_a_row: int, device: torch.device) -> torch.Tensor:
+    """[0, in_a_row, 0] made on the device by fills (`torch.tensor(..., device=)` copies from the host and waits)."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    counts[1] = float(in_a_row)
+    return counts

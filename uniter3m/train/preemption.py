@@ -1,9 +1,11 @@
 """Stopping a run cleanly on SIGTERM (what schedulers send before a kill) or SIGINT.
 
-A signal only raises a flag; the loop checks it after each step, every rank agrees on it in one
-collective (so all ranks stop after the same step), writes a checkpoint and raises `Preempted`
-(exit 2): the same command with `--resume auto` continues exactly. A second signal of the same
-kind interrupts at once.
+A signal only raises a flag; the loop checks it after each step, writes a checkpoint and raises
+`Preempted` (exit 2): the same command with `--resume auto` continues exactly. A second signal of
+the same kind interrupts at once. With several ranks all must stop after the same step, so they
+agree in one collective whose answer the host reads (a sync): that is asked only at the loop's
+log steps, which read the device anyway, never in the steps between (a signal waits at most
+`log_every` steps).
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ class StopRequest:
         self._restore()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.raised:
+        if self.raised:  # a second signal: what the process did before the loop does with it, at once
+            previous = self._previous.get(signum)
             self._restore()
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.raised = True
         self.name = signal.Signals(signum).name
@@ -55,10 +60,13 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def agreed(self, backend: Backend) -> bool:
-        """True on every rank when any rank was signalled (all stop at the same step)."""
+    def agreed(self, backend: Backend, ask: bool) -> bool:
+        """True on every rank when any rank was signalled (all stop at the same step). One rank
+        answers from its flag; several answer only where `ask` (the same steps on every rank)."""
         if backend.world_size == 1:
             return self.raised
+        if not ask:
+            return False
         t = torch.tensor([1.0 if self.raised else 0.0], device=backend.device)
         backend.all_reduce(t, op="max")
         return bool(t.item())

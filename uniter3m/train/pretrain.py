@@ -36,6 +36,7 @@ from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
 from uniter3m.train.session import (
+    check_model_config,
     check_vocabulary,
     database_digests,
     main_rank_print,
@@ -114,6 +115,8 @@ def run_pretrain(
         # 4. model: the heads the tasks use, stream dims from the databases
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_pretraining_model(cfg, tasks, dbs, special).to(backend.device)
+        if checkpoint is not None:
+            check_model_config(model.config, checkpoint)
         model.tokenizer_record = tokenizer_record(meta)
 
         # 5. optimiser, schedule, precision

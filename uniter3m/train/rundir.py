@@ -5,6 +5,10 @@ when the folder is claimed. The marker is what makes the folder recognisably our
 - a new or empty folder is claimed (and marked);
 - a marked folder is continued with `resume=True`, or emptied and re-marked with `overwrite=True`;
   without either it is refused, so a second run never replaces the checkpoints of the first;
+- a marked folder belongs to one kind of run: another kind (a pretraining into a fine-tuning run or
+  a demo folder) is refused whatever the flags;
+- `overwrite` deletes only what a run makes (`RUN_CONTENT`): a folder that also holds files the user
+  added (notes, analysis scripts) is refused, listing them;
 - a folder holding anything else is refused even with `overwrite`, naming what it holds.
 
 `lock_run_dir` holds an exclusive `flock` on `<dir>/RUN_LOCK` for the life of a run: a second
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -33,6 +38,20 @@ from uniter3m.fileio import atomic_write_json
 
 RUN_MARKER = "uniter3m_run.json"
 RUN_LOCK = ".uniter3m.lock"
+#: what runs write at the top of their folder (pretraining, fine-tuning folds, their tables and
+#: pictures, interrupted atomic writes): `--overwrite` deletes these and nothing else
+RUN_CONTENT = (
+    RUN_MARKER,
+    "config.json",
+    "checkpoints",
+    "logs",
+    "fold[0-9][0-9]-*",
+    "summary.csv",
+    "summary.md",
+    "summary.json",
+    "confusion.png",
+    ".*.tmp",
+)
 
 
 class RunDirBusy(UserError):
@@ -106,6 +125,12 @@ def claim_output_dir(
                 "uniter3m run created is ever continued or replaced; to start from a checkpoint of a run "
                 "without that file, set model.init to its checkpoints/step_N/model)"
             )
+        kind = (read_marker(path) or {}).get("kind")
+        if kind != marker:
+            raise UserError(
+                f"output folder {path} holds a {kind} run ({_describe(path)}), not a {marker} run; a run folder "
+                f"belongs to one kind of run, so nothing was changed. Choose another output_dir for the {marker} run"
+            )
         if resume:
             _write_marker(path, marker)
             return path
@@ -113,6 +138,12 @@ def claim_output_dir(
             raise UserError(
                 f"output folder {path} already holds a run ({_describe(path)}); pass --resume auto to continue "
                 "it, --overwrite to replace it, or choose another output_dir"
+            )
+        foreign = [n for n in entries if not any(fnmatch.fnmatchcase(n, p) for p in RUN_CONTENT)]
+        if foreign:
+            raise UserError(
+                f"--overwrite: output folder {path} holds files no run made: {', '.join(n + '/' if (path / n).is_dir() else n for n in foreign)}; nothing was "
+                "deleted. Move them out of the folder (or choose another output_dir), then run again"
             )
         for name in entries:
             p = path / name

@@ -6,7 +6,9 @@
   setting that may change is applied and listed, any other change is refused with the list;
 * `database_digests` / `check_databases`: the content digest of every database is recorded in
   the checkpoints, and a resume on a database that changed since is refused;
-* `check_vocabulary`: a model whose tokenizer differs from the text databases' is refused.
+* `check_vocabulary`: a model whose tokenizer differs from the text databases' is refused (an init
+  folder without our record is compared by the tokenizer files it ships);
+* `check_model_config`: a resume whose resolved model config differs from its checkpoint's is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from uniter3m.data.store import changed_databases, database_digest
+from uniter3m.data.tokenization import TOKENIZER_FILES, load_tokenizer, vocab_hash
 from uniter3m.errors import UserError
+from uniter3m.model.config import CONFIG_NAME, UniterConfig
 from uniter3m.model.io import TOKENIZER_FILE
+from uniter3m.train.checkpoint import MODEL_DIR
 from uniter3m.train.distributed import Backend
 from uniter3m.train.rundir import claim_output_dir, lock_run_dir
 
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 #: settings a resumed run may change (applied and listed); every other change is refused
 CHANGEABLE_ON_RESUME = frozenset(
     {
+        "steps",  # a finished run is extended: the schedule is recomputed for the new length (no new warm-up)
+        "epochs",
         "optim.lr",
         "optim.head_lr",
         "val_every",
@@ -137,6 +144,32 @@ def check_vocabulary(
 
 
 def read_tokenizer_record(model_dir: str | Path) -> dict[str, Any] | None:
-    """The tokenizer a model directory was trained with (name, vocab hash, size), when it records one."""
-    file = Path(model_dir) / TOKENIZER_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    """The tokenizer a model directory was trained with (name, vocab hash, size): the record we wrote, or
+    for a folder without one (an HF model) the hash of the tokenizer files it ships; None without either."""
+    model_dir = Path(model_dir)
+    file = model_dir / TOKENIZER_FILE
+    if file.is_file():
+        return json.loads(file.read_text())
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = load_tokenizer(model_dir)
+    return {"name": str(model_dir), "vocab_hash": vocab_hash(tokenizer), "size": len(tokenizer)}
+
+
+def check_model_config(now: UniterConfig, checkpoint: str | Path) -> None:
+    """A resumed run must build the model its checkpoint holds: the RESOLVED model config (a file named by
+    `model.config` may have been edited since; only its path is a setting) is compared with the saved one."""
+    file = Path(checkpoint) / MODEL_DIR / CONFIG_NAME
+    if not file.is_file():
+        return
+    saved = json.loads(file.read_text())
+    changed = {
+        k: (saved.get(k), v) for k, v in now.to_dict().items() if k != "model_type" and saved.get(k) != v
+    }
+    if changed:
+        listed = "; ".join(f"{k}: {was!r} -> {new!r}" for k, (was, new) in sorted(changed.items()))
+        raise UserError(
+            f"--resume: the model config resolved now differs from the one of checkpoint {checkpoint} ({listed}); "
+            "the file model.config names (or model.overrides) changed since the run started. Restore it, or start "
+            "a new run (another output_dir, or --overwrite)"
+        )

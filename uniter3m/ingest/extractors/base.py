@@ -1,6 +1,7 @@
 """The extractor contract: decoded media in, per-utterance frames (and optional per-frame soft labels) out.
 
-A speech extractor receives mono float32 signals at its `sample_rate`; a face extractor receives one
+A speech extractor receives mono float32 signals at its `sample_rate`, or, with `sample_rate = None`
+(openSMILE functionals: decoded at each file's own rate), `(signal, rate)` pairs; a face extractor receives one
 `FaceTrack` per utterance (the aligned crops, boxes and landmarks of the frames where a face was found).
 Cheap per-file work (openSMILE) may run in the decoding worker processes (`in_worker = True`); neural
 networks run batched in the main process. See docs/DESIGN.md §2 (ingest) for where this sits.
@@ -63,7 +64,7 @@ class Extractor:
 
     dim: int
     frame_rate: float  # frames per second of the output (face: the sampling --fps; 0: one per utterance)
-    sample_rate: int = 16000  # speech: the rate signals are decoded at
+    sample_rate: int | None = 16000  # speech: the rate signals are decoded at; None: each file's own
     crop_size: int = 64  # face: the crop side it wants
     colour: str = "grey"  # face: grey | rgb
     soft_label_dim: int = 0  # > 0 when Frames.soft is filled
@@ -74,7 +75,8 @@ class Extractor:
         self.options = options
 
     def extract(self, inputs: Sequence[Any]) -> list[Frames]:
-        """Speech: a list of 1-D signals; face: a list of FaceTrack. One Frames per input, in order.
+        """Speech: a list of 1-D signals (`(signal, rate)` pairs when `sample_rate` is None); face: a list of
+        FaceTrack. One Frames per input, in order.
 
         Frames.feat is (T, dim); a face extractor gives one row per crop (T = 0 for an empty track).
         Raise `UserError` for bad input: the caller adds the file and id to the message.

@@ -68,12 +68,16 @@ class HfExtractor(Extractor):
         return [Frames(f) for f in np.split(flat, np.cumsum(sizes)[:-1])]
 
     def info(self) -> dict[str, Any]:
+        import transformers
+
         from uniter3m.ingest.extractors.weights import sha256_of
 
         weights = sorted(p for p in self.model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         return {
             **super().info(),
             **self.encoder.info(),
+            "package": "transformers",
+            "version": transformers.__version__,
             "frame_rate": self.frame_rate,
             "weights_sha256": {p.name: sha256_of(p) for p in weights},
         }

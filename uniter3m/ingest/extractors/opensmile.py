@@ -9,9 +9,12 @@ utterance gets an empty stream (kept and counted by the builder), not a NaN erro
 `egemaps` frames are the 25 eGeMAPSv02 LLDs, 10 ms apart (that set has no delta level).
 `functionals` is the ComParE_2016 functionals of the whole utterance: ONE 6373-d frame (frame rate 0).
 
-All run in the decoding workers (cheap, per file) on mono audio at 16 kHz, and store float32 by
-default (ComParE energies exceed float16 on real speech). `--pool-frames K` mean-pools every K LLD
-frames. openSMILE's licence is non-commercial, so it is the optional extra `uniter3m[speech]`.
+All run in the decoding workers (cheap, per file) on mono audio and store float32 by default
+(ComParE energies exceed float16 on real speech). The frame extractors read it resampled to 16 kHz
+(one corpus's files give comparable frames); `functionals` reads each file at its own rate
+(`sample_rate = None`), as openSMILE reads a file and as the classic SVM baselines were measured
+(EmoDB: 22.05 kHz). `--pool-frames K` mean-pools every K LLD frames. openSMILE's licence is
+non-commercial, so it is the optional extra `uniter3m[speech]`.
 """
 
 from __future__ import annotations
@@ -94,21 +97,26 @@ def signal_frames(kind: str, signal: np.ndarray, rate: int, dim: int) -> np.ndar
 
 
 class _OpenSmile(Extractor):
-    """What the three share: 16 kHz mono in, run per file in the workers, float32 storage."""
+    """What the three share: mono in, run per file in the workers, float32 storage."""
 
     kind: ClassVar[str]
     modality = "speech"
     in_worker = True
     store_dtype = "float32"
-    sample_rate = OPENSMILE_RATE
+    sample_rate: int | None = OPENSMILE_RATE
 
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
             "package": "opensmile",
             "version": importlib.metadata.version("opensmile"),
-            "sample_rate": self.sample_rate,
+            "sample_rate": self.sample_rate or "native",
         }
+
+    def frames(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """openSMILE's frames of each input (a signal at `sample_rate`, or a (signal, rate) pair)."""
+        pairs = inputs if self.sample_rate is None else [(s, self.sample_rate) for s in inputs]
+        return [signal_frames(self.kind, signal, rate, self.dim) for signal, rate in pairs]
 
 
 class _Lld(_OpenSmile):
@@ -124,10 +132,7 @@ class _Lld(_OpenSmile):
         self.frame_rate = OPENSMILE_FRAME_RATE / self.pool
 
     def extract(self, inputs: Sequence[np.ndarray]) -> list[Frames]:
-        return [
-            Frames(pool_frames(signal_frames(self.kind, s, self.sample_rate, self.dim), self.pool))
-            for s in inputs
-        ]
+        return [Frames(pool_frames(f, self.pool)) for f in self.frames(inputs)]
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "pool_frames": self.pool}
@@ -146,17 +151,18 @@ class Egemaps(_Lld):
 
 
 class Functionals(_OpenSmile):
-    """ComParE_2016 functionals: one 6373-d frame per utterance (declare it as its own stream)."""
+    """ComParE_2016 functionals: one 6373-d frame per utterance (declare it as its own stream), at the file's rate."""
 
     name = "functionals"
     kind = "functionals"
     dim = FUNCTIONALS_DIM
     frame_rate = 0.0
+    sample_rate = None
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
         if arg:
             raise UserError(f"--extractor functionals takes no argument, got 'functionals:{arg}'")
         super().__init__(arg, options)
 
-    def extract(self, inputs: Sequence[np.ndarray]) -> list[Frames]:
-        return [Frames(signal_frames(self.kind, s, self.sample_rate, self.dim)[:1]) for s in inputs]
+    def extract(self, inputs: Sequence[tuple[np.ndarray, int]]) -> list[Frames]:
+        return [Frames(f[:1]) for f in self.frames(inputs)]

@@ -205,12 +205,13 @@ class ResemblyzerUtterance(Resemblyzer):
     """Resemblyzer's utterance embedding as one 256-d frame per utterance (frame_rate 0: one per utterance)."""
 
     name = "resemblyzer-utt"
+    frame_rate = 0.0
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
         if options.layer is not None:
             raise UserError(f"--extractor {self.name} embeds with the last layer and its head; drop --layer")
         super().__init__(arg, options)
-        self.frame_rate = 0.0
+        self.frame_rate = ResemblyzerUtterance.frame_rate  # the parent set its per-frame rate
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "layers": None, "pool_frames": None, "partial_frames": PARTIAL_FRAMES}

