@@ -54,9 +54,18 @@ from typing import Any
 import numpy as np
 
 from uniter3m.console import setup_logging
+from uniter3m.evaluation.baselines import scalar_metrics
 from uniter3m.evaluation.metrics import classification_metrics
 from uniter3m.evaluation.protocols import Fold, build_protocol
-from uniter3m.evaluation.report import format_mean_std
+from uniter3m.train.benchmark import (
+    case_lines,
+    case_table,
+    clip_vectors,
+    deterministic_row,
+    finetune_fold,
+    seed_row,
+    table_lines,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,19 +118,6 @@ def functionals(rows: Sequence[dict[str, Any]], cache: Path) -> np.ndarray:
     return x
 
 
-def _scalar(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
-
-
-def pooled_states(rows: Sequence[dict[str, Any]], db: Path) -> np.ndarray:
-    """Each utterance's frames of feature db `db` summarised by their mean and std (2 x dim)."""
-    from uniter3m.data.store import DbReader
-
-    reader = DbReader(db, kind="feat")
-    frames = [np.asarray(reader[r["id"]]["feat"], np.float64) for r in rows]
-    return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in frames])
-
-
 def run_linear(
     name: str, data: Path, out: Path, db: Path, folds: Sequence[int]
 ) -> tuple[dict[str, list[dict]], float]:
@@ -134,7 +130,7 @@ def run_linear(
     if name == "svm":
         x, kind, grid = functionals(rows, out / "functionals.npz"), "svm", C_GRID
     else:
-        x, kind, grid = pooled_states(rows, db / "emodb_resemblyzer"), "logreg", LR_C_GRID
+        x, kind, grid = clip_vectors(db / "emodb_resemblyzer", [r["id"] for r in rows]), "logreg", LR_C_GRID
     y = np.array([plan.targets[r["id"]] for r in rows])
     baseline = LinearBaseline(speaker_znorm(x, [r["speaker"] for r in rows]), y, kind)
     index = {r["id"]: i for i, r in enumerate(rows)}
@@ -183,8 +179,6 @@ def pretrain_fold(db: Path, out: Path, fold: Fold, speaker_of: dict[str, str], s
 def run_variant(
     name: str, db: Path, out: Path, seeds: Sequence[int], folds: Sequence[int], args: argparse.Namespace
 ) -> tuple[dict[int, list[dict]], float]:
-    from uniter3m.train.finetune import run_finetune
-
     spec = VARIANTS[name]
     t0 = time.process_time()
     _, plan = emodb_plan(args.data)
@@ -208,52 +202,10 @@ def run_variant(
             if spec.get("pretrain"):
                 ckpt = pretrain_fold(db, out, plan.folds[k], speaker_of, args.pretrain_steps)
                 sets += [f"model.init={ckpt}", "model.config=null"]
-            result = run_finetune(REPO / spec["config"], fold=k, overrides=sets, resume="auto")
-            fold_result = result["folds"][0]
-            per_seed[seed].append(
-                {"fold": k, **_scalar(fold_result["test"]), "test_cases": fold_result.get("test_sets"),
-                 "valid_uar": _valid_score(fold_result), "classes": fold_result["classes"],
-                 "predictions": {p["id"]: (p["gold"], p["pred"]) for p in fold_result["predictions"]},
-                 "best_dir": str(Path(fold_result.get("best_dir") or _best_dir(run_dir, k)))}
-            )  # fmt: skip
+            per_seed[seed].append(finetune_fold(REPO / spec["config"], k, sets, run_dir))
             logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
-                         per_seed[seed][-1]["valid_uar"], fold_result["test"]["uar"])  # fmt: skip
+                         per_seed[seed][-1]["valid_uar"], per_seed[seed][-1]["uar"])  # fmt: skip
     return per_seed, time.process_time() - t0
-
-
-def _valid_score(fold_result: dict[str, Any]) -> float:
-    """The selected checkpoint's validation score (the fine-tune's `best_valid`): UAR on the validation
-    speaker; with modality_cases, the mean UAR over the cases (what the fine-tune selected on)."""
-    metric = fold_result.get("selection_metric")
-    if metric not in (None, "uar"):
-        raise ValueError(f"the fine-tune selected on {metric!r}, not UAR")
-    return float(fold_result["best_valid"])
-
-
-def _best_dir(run: Path, k: int) -> Path:
-    return next(run.glob(f"fold{k:02d}-*")) / "best"
-
-
-def case_table(runs: dict[int, list[dict]]) -> dict[str, list]:
-    """{case: [fold-mean UAR per seed]}: from the run's own test_cases, else by `evaluate`."""
-    from uniter3m.train.config import load_finetune_config
-    from uniter3m.train.evaluate import evaluate_modalities
-
-    per_case: dict[str, list[float]] = {c: [] for c in CASES}
-    for folds in runs.values():
-        scores: dict[str, list[float]] = {c: [] for c in CASES}
-        for f in folds:
-            if f.get("test_cases"):
-                for c in CASES:
-                    scores[c].append(f["test_cases"][c]["uar"])
-                continue
-            cfg = load_finetune_config(Path(f["best_dir"]).parents[1] / "config.json")
-            rows = evaluate_modalities(cfg, f["best_dir"], list(CASES), fold=f["fold"])["rows"]
-            for row in rows:
-                scores[row["modalities"]].append(float(row["metrics"]["uar"]))
-        for c in CASES:
-            per_case[c].append(float(np.mean(scores[c])))
-    return per_case
 
 
 def member_seeds(seed: int, size: int) -> list[int]:
@@ -275,7 +227,7 @@ def vote_fold(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
         top = max(votes.count(v) for v in votes)
         gold.append(classes.index(label))
         pred.append(classes.index(next(v for v in votes if votes.count(v) == top)))
-    scores = _scalar(classification_metrics(gold, pred, len(classes)))
+    scores = scalar_metrics(classification_metrics(gold, pred, len(classes)))
     return {
         "fold": ranked[0]["fold"],
         **scores,
@@ -289,16 +241,6 @@ def vote_runs(runs: dict[int, list[dict]], seeds: Sequence[int], size: int) -> d
         seed: [vote_fold([runs[m][i] for m in member_seeds(seed, size)]) for i in range(len(runs[seed]))]
         for seed in seeds
     }
-
-
-# ----------------------------------------------------------------------------- table
-def _row(folds_by_seed: dict[int, list[dict]], cpu_s: float) -> dict[str, Any]:
-    """A table row: per seed, the mean over folds of test UAR / WA and validation UAR."""
-    return {
-        **{key: [float(np.mean([f[key] for f in folds])) for folds in folds_by_seed.values()]
-           for key in ("uar", "wa", "valid_uar")},
-        "cpu_s": cpu_s, "runs": folds_by_seed, "seeds": len(folds_by_seed),
-    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,39 +278,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             results, cpu = run_linear(linear, args.data, args.out, args.db, args.folds)
             for name, folds in results.items():
                 if name in variants:
-                    table[name] = {"uar": [float(np.mean([f["uar"] for f in folds]))] * len(args.seeds),
-                                   "wa": [float(np.mean([f["wa"] for f in folds]))] * len(args.seeds),
-                                   "valid_uar": [float(np.mean([f["valid_uar"] for f in folds]))] * len(args.seeds),
-                                   "cpu_s": cpu, "folds": folds, "seeds": "deterministic"}  # fmt: skip
+                    table[name] = deterministic_row(folds, len(args.seeds), cpu)
     for name in variants:
         if name in VARIANTS:
             trained = [m for seed in args.seeds for m in member_seeds(seed, args.vote)]
             runs[name], cpu = run_variant(name, args.db, args.out, trained, args.folds, args)
-            table[name] = _row({seed: runs[name][seed] for seed in args.seeds}, cpu / args.vote)
+            table[name] = seed_row({seed: runs[name][seed] for seed in args.seeds}, cpu / args.vote)
             if args.vote > 1:
-                table[f"{name} vote {args.vote}"] = _row(vote_runs(runs[name], args.seeds, args.vote), cpu)
+                table[f"{name} vote {args.vote}"] = seed_row(
+                    vote_runs(runs[name], args.seeds, args.vote), cpu
+                )
     lines = [
         f"EmoDB LOSO, folds {args.folds}, seeds {args.seeds} (mean ± sample std over seeds of the fold means)",
         "",
         "Validation UAR: the selected checkpoint's UAR on each fold's validation speaker (for uniter3m the",
         "fine-tune's best_valid, for the SVM the chosen C's), fold mean; choose settings on it, not on test.",
         "",
-        "| contender | validation UAR | test UAR | test UAR per seed | test WA | seeds | CPU min |",
-        "|---|---|---|---|---|---|---|",
+        *table_lines(table),
     ]
-    for name, row in table.items():
-        per_seed = ", ".join(f"{v:.1f}" for v in row["uar"]) if row["seeds"] != "deterministic" else "-"
-        lines.append(f"| {name} | {format_mean_std(row['valid_uar'], 1)} | {format_mean_std(row['uar'], 1)} | "
-                     f"{per_seed} | {format_mean_std(row['wa'], 1)} | "
-                     f"{row['seeds']} | {row['cpu_s'] / 60:.1f} |")  # fmt: skip
     cases = {}
     if "LA" in runs and "LA_cases" in runs:
-        lines += ["", "| model (UAR on test speakers) | " + " | ".join(CASES) + " |", "|---|---|---|---|"]
-        for name in ("LA", "LA_cases"):
-            cases[name] = case_table(runs[name])
-            lines.append(
-                f"| {name} | " + " | ".join(format_mean_std(cases[name][c], 1) for c in CASES) + " |"
-            )
+        cases = {name: case_table(runs[name], CASES) for name in ("LA", "LA_cases")}
+        lines += ["", *case_lines(cases, CASES)]
     text = "\n".join(lines)
     print(text)
     (args.out / "table.md").write_text(text + "\n")

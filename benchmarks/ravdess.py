@@ -43,15 +43,7 @@ import numpy as np
 from uniter3m.data.store import DbReader
 from uniter3m.evaluation.baselines import KINDS, LinearBaseline, speaker_znorm
 from uniter3m.evaluation.protocols import ProtocolPlan, build_protocol
-from uniter3m.train.benchmark import (
-    case_lines,
-    case_table,
-    clip_vectors,
-    deterministic_row,
-    finetune_fold,
-    seed_row,
-    table_lines,
-)
+from uniter3m.train import benchmark as shared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +85,7 @@ def run_baselines(
             )
             continue
         t0 = time.process_time()
-        blocks[key] = (speaker_znorm(clip_vectors(db / name, ids), actors), time.process_time() - t0)
+        blocks[key] = (speaker_znorm(shared.clip_vectors(db / name, ids), actors), time.process_time() - t0)
     table = {}
     for name in names:
         kind, feats = name.split("_", 1)
@@ -109,7 +101,7 @@ def run_baselines(
             logging.info("%s fold %s: C=%g valid UAR %.1f, test UAR %.1f", name, plan.folds[k].name, res["C"],
                          res["valid_uar"], res["test"]["uar"])  # fmt: skip
         cpu = time.process_time() - t0 + sum(blocks[p][1] for p in parts)
-        table[name] = deterministic_row(results, seeds, cpu)
+        table[name] = shared.deterministic_row(results, seeds, cpu)
     return table
 
 
@@ -133,7 +125,7 @@ def run_variant(
         ]
         per_seed[seed] = []
         for k in folds:
-            per_seed[seed].append(finetune_fold(config, k, sets, run_dir))
+            per_seed[seed].append(shared.finetune_fold(config, k, sets, run_dir))
             logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
                          per_seed[seed][-1]["valid_uar"], per_seed[seed][-1]["uar"])  # fmt: skip
     return per_seed, time.process_time() - t0
@@ -175,18 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in contenders:
         if name in VARIANTS:
             runs[name], cpu = run_variant(name, args, folds)
-            table[name] = seed_row(runs[name], cpu)
+            table[name] = shared.seed_row(runs[name], cpu)
     lines = [
         f"RAVDESS {args.protocol}, folds {folds}, seeds {args.seeds} (mean ± sample std over seeds of the fold means)",
         "",
         "Validation UAR: the selected C's / checkpoint's UAR on each fold's validation actors, fold mean;",
         "choose settings on it, not on test.",
         "",
-        *table_lines(table),
+        *shared.table_lines(table),
     ]
-    cases = {name: case_table(runs[name], CASES) for name in ("VA", "VA_cases") if name in runs}
+    cases = {name: shared.case_table(runs[name], CASES) for name in ("VA", "VA_cases") if name in runs}
     if cases:
-        lines += ["", *case_lines(cases, CASES)]
+        lines += ["", *shared.case_lines(cases, CASES)]
     text = "\n".join(lines)
     print(text)
     (args.out / "table.md").write_text(text + "\n")

@@ -364,10 +364,11 @@ def test_landmarks_stored_with_the_db_and_small_faces_counted(tmp_path, capsys):
             assert inside(pts, box + np.array([-1, -1, 1, 1]) * 2e-3)  # float16 storage
     assert 3 not in np.round(stored["times/big"] * 6)  # the blank frames have no face, so no landmarks
     assert "landmarks (5 per face) of 2 utterances in landmarks.npz" in report
+    assert db.meta["side_files"] == ["landmarks.npz"]  # part of the database: --overwrite may replace it
     # haar has no landmarks: nothing stored, and meta says so
-    assert main([*argv, "haar", "--out", str(tmp_path / "haar")]) == 0
-    assert DbReader(tmp_path / "haar").meta["source"]["landmarks"] is None
-    assert not (tmp_path / "haar" / "landmarks.npz").exists()
+    assert main([*argv, "haar", "--overwrite", "--out", str(out)]) == 0
+    assert DbReader(out).meta["source"]["landmarks"] is None and "side_files" not in DbReader(out).meta
+    assert sorted(p.name for p in out.iterdir()) == ["data.mdb", "lock.mdb", "meta.json"]
 
 
 def test_face_weight_packages_name_their_no_deps_install():

@@ -9,6 +9,7 @@ and long ids are errors naming what is wrong (9, 10, 13, 15, 20, 23); and the re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,15 @@ def test_4_run_folder_overwrite_refuses_files_the_user_added(tiny_dbs, tmp_path,
     assert main(["pretrain", "--config", str(cfg), "--overwrite"]) == 0  # only what runs make: replaced
 
 
+def test_4_overwrite_replaces_everything_a_finetune_run_wrote(finetuned, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finetuned.parents[1], run)  # folds, summary tables, pictures, logs
+    claim_output_dir(run, overwrite=True, marker="finetune")  # nothing in it is taken for the user's
+    assert sorted(os.listdir(run)) == [RUN_LOCK, "uniter3m_run.json"]  # (the lock file stays, unlocked)
+
+
 # ------------------------------------------------------------------ 3: convert
 def test_3_convert_never_replaces_its_source_or_a_foreign_folder(tmp_path, minilm_dir, capsys):
     ours = tmp_path / "ours"
@@ -158,7 +168,7 @@ from uniter3m.model.finetuning import FinetuneModel, HeadSpec, save_finetuned
 from uniter3m.model.uniter import UniterModel
 config = UniterConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=32)
-model = FinetuneModel(UniterModel(config), HeadSpec(head="linear", classes=["a", "b"]))
+model = FinetuneModel(UniterModel(config), HeadSpec(classifier="linear", classes=["a", "b"]))
 step = 0
 while True:
     step += 1
@@ -194,6 +204,7 @@ def test_6_best_is_swapped_in_whole_when_its_writer_is_killed(tmp_path):
         proc.wait(timeout=30)
     finally:
         proc.kill()
+    assert (best / MANIFEST_NAME).is_file()
     check_manifest(best)  # every file of best/ is from one save
     step = json.loads((best / "finetune.json").read_text())["step"]
     model = load_finetuned(best)
@@ -520,6 +531,18 @@ def test_19_missing_drop_that_would_drop_test_utterances_is_refused_at_the_start
     assert not (tmp_path / "run" / "fold00-split" / "best").exists()
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, minilm_dir) -> Path:
+    """A fine-tuning run of test_finetune's corpus: its `fold00-split/best` folder."""
+    from tests.test_finetune import config
+
+    root = tmp_path_factory.mktemp("finetuned")
+    data, model = _finetune_parts(root, minilm_dir)
+    cfg = config(data, model, root / "run", top__epochs=1)
+    assert main(["finetune", "--config", str(_write_config(cfg, root))]) == 0
+    return root / "run" / "fold00-split" / "best"
+
+
 def _finetune_parts(tmp_path: Path, minilm_dir: Path) -> tuple[Path, Path]:
     """test_finetune's 48-utterance databases and tiny model, built here (its fixtures are module-scoped there)."""
     import tests.test_finetune as ft
@@ -531,3 +554,144 @@ def _finetune_parts(tmp_path: Path, minilm_dir: Path) -> tuple[Path, Path]:
             return path
 
     return ft.dbs.__wrapped__(Factory(), minilm_dir), ft.tiny_checkpoint(tmp_path / "tiny")
+
+
+def test_5_evaluate_and_extract_refuse_a_best_folder_whose_weights_changed(finetuned, tmp_path, capsys):
+    import shutil
+
+    from uniter3m.fileio import MANIFEST_NAME
+
+    assert (finetuned / MANIFEST_NAME).is_file()
+    best = tmp_path / "run" / "fold00-split" / "best"
+    shutil.copytree(finetuned.parents[1], best.parents[1])
+    _flip_floats(best / "model.safetensors")
+    assert main(["evaluate", "--checkpoint", str(best)]) == 2
+    assert "model.safetensors differs from what was written (SHA-256 mismatch" in capsys.readouterr().err
+    assert main(["extract", "--checkpoint", str(best), "--file", str(tmp_path / "e.npz")]) == 2
+    assert "SHA-256 mismatch" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(finetuned)]) == 0  # the intact one scores
+
+
+# ------------------------------------------------------------------ 14: full disks, read-only folders
+_DRIVER = """
+import contextlib, io, json, sys
+from pathlib import Path
+from uniter3m.cli import main
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results[name] = [rc, err.getvalue()]
+results["left"] = [str(p) for p in map(Path, sys.argv[2:]) for p in p.rglob("*")]  # before the mounts go
+print(json.dumps(results))
+"""
+
+
+def _in_mount_namespace(mounts: str, cases: dict[str, list[str]], look: list[Path]) -> dict[str, list]:
+    """Run `uniter3m` commands in a private mount namespace (real read-only binds, a real tiny tmpfs: the
+    kernel refuses the writes, even to root); the mounts vanish with the process."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs `unshare -m` (root or user namespaces) for a read-only folder and a full disk")
+    script = f'{mounts} && exec "$0" -c "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, sys.executable, _DRIVER, json.dumps(cases), *map(str, look)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny_dbs, finetuned, tmp_path):  # noqa: F811
+    ro, full, small, tiny = tmp_path / "ro", tmp_path / "full", tmp_path / "small", tmp_path / "tiny"
+    for folder in (ro, full, small, tiny):
+        folder.mkdir()
+    done = tmp_path / "done"  # a run that stopped at step 2, to be resumed in a read-only folder
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(_write_config(_config(tiny_dbs, done, steps=4, stop_after=2), tmp_path)),
+            ]
+        )
+        == 0
+    )
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i in range(40):
+        np.savez(npz / f"u{i}.npz", feat=np.random.default_rng(i).random((100, 64)).astype(np.float32))
+
+    def pretrain(out: Path, name: str, *flags: str) -> list[str]:
+        cfg = _config(tiny_dbs, out, steps=4, ckpt_every=2)
+        return ["pretrain", "--config", str(_write_config(cfg, tmp_path / name)), *flags]
+
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / name).mkdir()
+    cases = {
+        "pretrain_read_only": pretrain(ro / "run", "a"),
+        "resume_read_only": pretrain(done, "b", "--resume", "auto"),
+        "build_read_only": ["build-feat-db", "--input", str(npz), "--format", "npz", "--out", str(ro / "db")],
+        "build_full": ["build-feat-db", "--input", str(npz), "--format", "npz", "--out", str(small / "db")],
+        "checkpoint_full": pretrain(full / "run", "c"),  # the weights fit, the trainer state does not
+        "weights_full": pretrain(tiny / "run", "d"),  # the safetensors file does not fit
+        "evaluate_read_only": [
+            "evaluate",
+            "--checkpoint",
+            str(finetuned),
+        ],  # its table goes into the fold folder
+    }
+    fold = finetuned.parent
+    mounts = (
+        f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && mount --bind {done} {done} && "
+        f"mount -o remount,bind,ro {done} && mount -t tmpfs -o size=6m tmpfs {full} && "
+        f"mount -t tmpfs -o size=256k tmpfs {small} && mount -t tmpfs -o size=2m tmpfs {tiny} && mount --bind {fold} {fold} && mount -o remount,bind,ro {fold}"
+    )
+    results = _in_mount_namespace(mounts, cases, [full, small, tiny])
+    left = results.pop("left")
+    assert not [p for p in left if ".tmp-" in p or ".building-" in p], (
+        left
+    )  # nothing partial on the full disks
+    for name, (rc, err) in results.items():
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert "cannot write in" in err and "free there" in err or "read-only file system" in err, (name, err)
+    assert "read-only file system" in results["pretrain_read_only"][1]
+    assert f"cannot write in {done}: it is on a read-only file system" in results["resume_read_only"][1]
+    assert (
+        "the write failed" in results["build_full"][1]
+        and "nothing half-written was kept" in results["build_full"][1]
+    )
+    assert "checkpoints: the disk (or the quota) is full" in results["checkpoint_full"][1]
+    assert "MB needed" in results["checkpoint_full"][1]
+    assert (
+        f"cannot write in {tiny / 'run' / 'checkpoints'}: the disk (or the quota) is full"
+        in results["weights_full"][1]
+    )
+    assert f"cannot write in {fold}: it is on a read-only file system" in results["evaluate_read_only"][1]
+    assert not list(ro.iterdir()) and not list(
+        small.iterdir()
+    )  # (the tmpfs is gone: its mount point is empty)
+
+
+def test_17_a_second_sigterm_during_a_checkpoint_write_is_reported_as_sigterm():
+    import signal
+
+    from uniter3m.cli import Terminated, _terminate
+    from uniter3m.train.preemption import StopRequest
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # what `uniter3m` installs around a command
+    try:
+        with pytest.raises(Terminated):  # not KeyboardInterrupt: the CLI then says "stopped by SIGTERM"
+            with StopRequest() as stop:
+                os.kill(os.getpid(), signal.SIGTERM)  # the first: the loop checkpoints and stops
+                assert stop.raised
+                os.kill(os.getpid(), signal.SIGTERM)  # the second, e.g. during that checkpoint's write
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -59,8 +59,10 @@ def test_a_second_run_into_a_run_folder_is_refused_and_the_first_survives(tiny_d
 def test_resume_applies_a_new_lr_and_refuses_a_new_schedule(tiny_dbs, tmp_path, caplog):  # noqa: F811
     out = tmp_path / "run"
     run_pretrain(_config(tiny_dbs, out, steps=6, stop_after=3, log_every=1))
-    with pytest.raises(UserError, match=r"cannot change in a resumed run: steps: 6 -> 9"):
-        run_pretrain(_config(tiny_dbs, out, steps=9), resume="auto")
+    new_warmup = _config(tiny_dbs, out, steps=6)
+    new_warmup["optim"]["warmup_steps"] = 3  # (a longer run, `steps`, may be asked for: it extends the run)
+    with pytest.raises(UserError, match=r"cannot change in a resumed run: optim.warmup_steps: 2 -> 3"):
+        run_pretrain(new_warmup, resume="auto")
     cfg = _config(tiny_dbs, out, steps=6, log_every=1)
     cfg["optim"]["lr"] = 4e-3  # twice the run's 2e-3
     run_pretrain(cfg, resume="auto")

@@ -112,7 +112,7 @@ def config(dbs, tiny, out, **over):
             "max_txt_len": 16,
         },
         "protocol": {"name": "iemocap4", "label_column": "emo"},
-        "model": {"init": str(tiny), "head": "linear"},
+        "model": {"init": str(tiny), "classifier": "linear"},
         "epochs": 2,
         "batching": {"max_batch_size": 8, "max_tokens": 4096},
         "optim": {"lr": 1e-3},
@@ -176,7 +176,7 @@ def test_evaluate_rejects_a_modality_the_databases_lack(trained, dbs, tiny):
 
 
 def test_prompt_finetuning_predicts_only_label_words(dbs, tiny, tmp_path):
-    cfg = config(dbs, tiny, tmp_path, model__head="prompt", data__modalities="L", top__epochs=1)
+    cfg = config(dbs, tiny, tmp_path, model__classifier="prompt", data__modalities="L", top__epochs=1)
     fold = run_finetune(cfg)["folds"][0]
     assert all(p["pred"] in ("ang", "hap", "neu", "sad") for p in fold["predictions"])
     spec = json.loads((tmp_path / "fold00-split" / "best" / "finetune.json").read_text())
@@ -187,7 +187,7 @@ def test_prompt_finetuning_predicts_only_label_words(dbs, tiny, tmp_path):
 
 
 def test_regression_head_reports_mosi_metrics(dbs, tiny, tmp_path):
-    cfg = config(dbs, tiny, tmp_path, model__head="regression", top__epochs=1)
+    cfg = config(dbs, tiny, tmp_path, model__classifier="regression", top__epochs=1)
     cfg["protocol"] = {"name": "mosi", "target": "regression", "label_column": "score"}
     fold = run_finetune(cfg)["folds"][0]
     assert fold["selection_metric"] == "mae"
@@ -295,7 +295,7 @@ def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
         max_position_embeddings=32,
     )
     prompt = [1045, 2572, special.mask_id, 1012]  # "i am [MASK] ."
-    spec = HeadSpec(head="prompt", classes=["a", "b"], prompt_ids=prompt, verbalizer_ids=[3407, 6517])
+    spec = HeadSpec(classifier="prompt", classes=["a", "b"], prompt_ids=prompt, verbalizer_ids=[3407, 6517])
     model = FinetuneModel(UniterModel(config), spec).eval()
     ids = torch.tensor(
         [[special.cls_id, 7, 8, special.sep_id], [special.cls_id, 9, special.sep_id, special.pad_id]]

@@ -1,5 +1,6 @@
-"""Fine-tuning methods (issue 24): pooling heads, exact freezing, LoRA, linear probes, per-stream and
-sequence features, cross-modal distillation. Tiny real databases and a tiny model (test_finetune.py)."""
+"""Fine-tuning methods (issue 24): heads (`model.head`) and classifiers (`model.classifier`), exact
+freezing, LoRA, linear probes, per-stream and sequence features, cross-modal distillation. Tiny real
+databases and a tiny model (test_finetune.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from uniter3m.cli import main
 from uniter3m.data.collate import Collator
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.fileio import write_manifest
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.export import convert
 from uniter3m.model.finetuning import FinetuneModel, HeadSpec, freeze, load_finetuned, trainable_groups
@@ -24,6 +26,7 @@ from uniter3m.tasks.base import TaskContext
 from uniter3m.tasks.distill import DistillTask
 from uniter3m.train.assembly import build_dataset, data_tokenizer
 from uniter3m.train.config import load_finetune_config
+from uniter3m.train.evaluate import evaluate_run
 from uniter3m.train.extract import extract, read_embeddings, write_embeddings
 from uniter3m.train.finetune import plan_protocol, run_finetune
 from uniter3m.train.probe import run_probe
@@ -37,7 +40,7 @@ def tiny3(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny3") / "model", **STREAMS)
 
 
-def tiny_model(head: str = "linear", **spec) -> FinetuneModel:
+def tiny_model(classifier: str = "linear", **spec) -> FinetuneModel:
     torch.manual_seed(0)
     cfg = UniterConfig(
         vocab_size=100,
@@ -48,15 +51,15 @@ def tiny_model(head: str = "linear", **spec) -> FinetuneModel:
         max_position_embeddings=32,
         **STREAMS,
     )
-    return FinetuneModel(UniterModel(cfg), HeadSpec(head=head, classes=["a", "b", "c"], **spec))
+    return FinetuneModel(UniterModel(cfg), HeadSpec(classifier=classifier, classes=["a", "b", "c"], **spec))
 
 
 def best_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "fold00-split" / "best" / "model.safetensors"))
 
 
-# ----------------------------------------------------------------------------- pooling heads
-def test_pools_reduce_only_real_positions_and_zero_absent_streams():
+# ----------------------------------------------------------------------------- heads
+def test_heads_reduce_only_real_positions_and_zero_absent_streams():
     model = tiny_model().eval()
     ids = torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0]])
     face_mask = torch.tensor([[True, True, False], [False, False, False]])  # row 1: no face found
@@ -84,7 +87,7 @@ def test_pools_reduce_only_real_positions_and_zero_absent_streams():
 
 
 @pytest.mark.parametrize(
-    ("pool", "per_stream", "names"),
+    ("head", "per_stream", "names"),
     [
         ("cls", False, []),
         ("mean", True, []),
@@ -96,14 +99,40 @@ def test_pools_reduce_only_real_positions_and_zero_absent_streams():
         ),
     ],
 )
-def test_pool_weight_names_and_head_input_size(pool, per_stream, names):
-    model = tiny_model("mlp", pool=pool, per_stream=per_stream)
+def test_head_weight_names_and_classifier_input_size(head, per_stream, names):
+    model = tiny_model("mlp", head=head, per_stream=per_stream)
     assert sorted(k for k in model.state_dict() if k.startswith("pool.")) == names
-    assert model.head.net[1].in_features == (16 if pool == "cls" else 48)
+    assert model.head.net[1].in_features == (16 if head == "cls" else 48)
+
+
+def test_model_head_chooses_the_readout_and_an_old_classifier_value_names_the_new_key(dbs, tiny, tmp_path):  # noqa: F811
+    def model_section(**model):
+        cfg = config(dbs, tiny, tmp_path)
+        cfg["model"] = {"init": str(tiny), **model}
+        return cfg
+
+    streams = load_finetune_config(model_section(head="streams")).model
+    assert (streams.head, streams.classifier) == ("streams", "mlp")  # the late-fusion baseline: an MLP
+    assert load_finetune_config(model_section(head="mean")).model.classifier == "linear"
+    assert (
+        load_finetune_config(model_section(head="streams", classifier="linear")).model.classifier == "linear"
+    )
+    old = dict(model_section(head="mlp"), epoch=3)
+    with pytest.raises(ConfigError) as err:
+        load_finetune_config(old)
+    assert "2 bad key(s)" in str(err.value) and "epoch: unknown key" in str(err.value)  # hides no other key
+    assert (
+        "model.head: model.head now chooses the readout (cls|mean|attention|streams); the classifier kind is "
+        "model.classifier: mlp\n" in str(err.value) + "\n"
+    )
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_finetune_config(config(dbs, tiny, tmp_path, model__pool="mean"))  # never shipped: no alias
+    with pytest.raises(ConfigError, match="prompt classifier reads its mask token"):
+        load_finetune_config(config(dbs, tiny, tmp_path, model__head="mean", model__classifier="prompt"))
 
 
 def test_attention_head_trains_resumes_exactly_and_refuses_hf_export(dbs, tiny, tmp_path):  # noqa: F811
-    over = {"model__pool": "attention", "model__per_stream": True, "top__ckpt_every": 1}
+    over = {"model__head": "attention", "model__per_stream": True, "top__ckpt_every": 1}
     whole_cfg = config(dbs, tiny, tmp_path / "whole", **over)
     whole = run_finetune(whole_cfg)["folds"][0]
     cut = dict(whole_cfg, output_dir=str(tmp_path / "cut"), stop_after=3)
@@ -113,12 +142,31 @@ def test_attention_head_trains_resumes_exactly_and_refuses_hf_export(dbs, tiny, 
     a, b = best_weights(tmp_path / "whole"), best_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pool.query"], torch.zeros_like(a["pool.query"]))  # the query learned
-    assert load_finetuned(tmp_path / "whole" / "fold00-split" / "best").spec.pool == "attention"
+    spec = load_finetuned(tmp_path / "whole" / "fold00-split" / "best").spec
+    assert (spec.head, spec.classifier) == ("attention", "linear")
     text = dict(whole_cfg, output_dir=str(tmp_path / "text"), data=dict(whole_cfg["data"], modalities="L"))
-    text["model"] = dict(text["model"], per_stream=False, pool="mean")
+    text["model"] = dict(text["model"], per_stream=False, head="mean")
     run_finetune(dict(text, epochs=1))
-    with pytest.raises(UserError, match="pool 'mean'.*--no-head"):
+    with pytest.raises(UserError, match="head 'mean'.*--no-head.*model.head=cls"):
         convert(tmp_path / "text" / "fold00-split" / "best", tmp_path / "hf", target_kind="hf-bert")
+
+
+def test_a_run_saved_with_the_classifier_under_head_still_evaluates(dbs, tiny, tmp_path):  # noqa: F811
+    """A run folder written before `model.classifier` existed (finetune.json and config.json hold the
+    classifier kind under `head`, the readout under `pool`) evaluates as it did."""
+    fold = run_finetune(config(dbs, tiny, tmp_path, model__head="mean", top__epochs=1))["folds"][0]
+    assert (fold["head"], fold["classifier"], fold["per_stream"]) == ("mean", "linear", False)
+    best = tmp_path / "fold00-split" / "best"
+    for file, section in ((best / "finetune.json", None), (tmp_path / "config.json", "model")):
+        saved = json.loads(file.read_text())
+        record = saved[section] if section else saved
+        record.update(head=record.pop("classifier"), pool=record["head"])
+        file.write_text(json.dumps(saved))
+    write_manifest(best)  # as that run wrote it
+    spec = load_finetuned(best).spec
+    assert (spec.head, spec.classifier) == ("mean", "linear")
+    (result,) = evaluate_run(best, modality_sets=["LVA"])  # the run's own config.json, old layout
+    assert result["rows"][0]["metrics"]["uar"] == pytest.approx(fold["test"]["uar"])
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -174,7 +222,7 @@ def test_old_freeze_keys_name_the_new_one(dbs, tiny, tmp_path):  # noqa: F811
 
 
 def test_backbone_freeze_leaves_the_backbone_as_loaded(dbs, tiny3, tmp_path):  # noqa: F811
-    run_finetune(config(dbs, tiny3, tmp_path, model__freeze="backbone", model__pool="mean", top__epochs=1))
+    run_finetune(config(dbs, tiny3, tmp_path, model__freeze="backbone", model__head="mean", top__epochs=1))
     start = {k: v for k, v in load_file(str(tiny3 / "model.safetensors")).items()}
     best = best_weights(tmp_path)
     backbone = [k for k in best if k.startswith("bert.")]
@@ -264,7 +312,7 @@ def test_probe_selects_c_on_validation_and_writes_the_finetune_summary(dbs, tiny
     )
     assert "uar" in capsys.readouterr().out
     saved = json.loads((tmp_path / "p2" / "fold00-split" / "metrics.json").read_text())
-    assert saved["head"] == "probe" and saved["predictions"][0]["probs"]
+    assert saved["classifier"] == "probe" and saved["predictions"][0]["probs"]
 
 
 # ----------------------------------------------------------------------------- distillation

@@ -150,7 +150,7 @@ def test_degenerate_training_is_named_with_its_fix():
 def test_finetuning_batches_by_utterances_unless_told(tmp_path):
     cfg = json.loads((REPO / "configs/downstream/my_corpus.json").read_text())
     cfg["batching"] = {"max_tokens": 8192}
-    cfg["model"] = {"config": "configs/model/tiny.json", "head": "linear"}
+    cfg["model"] = {"config": "configs/model/tiny.json", "classifier": "linear"}
     cfg["data"]["txt_db"] = str(_any_db(tmp_path))
     assert load_finetune_config(cfg).batching.max_batch_size == 32
     cfg["batching"]["max_batch_size"] = 8
@@ -243,3 +243,31 @@ def test_a_finished_pretraining_run_is_extended_with_more_steps(tmp_path, tokeni
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run", "train") if "lr" in r}
     # the old line ended at 0 at step 4; step 5 is on the line from step 2 (end of warm-up) to step 6
     assert lrs[4] == 0 and lrs[5] == pytest.approx(1e-3 * (6 - 5) / (6 - 2)) and lrs[6] == 0
+
+
+def test_a_finished_finetuning_fold_is_extended_with_more_epochs(tmp_path, minilm_dir):
+    """A fold that ran its epochs (not early-stopped) continues on `--resume auto --set epochs=N` and is
+    scored again; the same settings keep it as it is."""
+    from uniter3m.train.finetune import run_finetune
+
+    src = tmp_path / "t.csv"
+    lines = [f"u{i},{'good fine happy' if i % 2 else 'bad awful sad'} {i},{'joy' if i % 2 else 'anger'},{split}"
+             for i, split in enumerate(["train"] * 8 + ["valid"] * 4 + ["test"] * 4)]  # fmt: skip
+    src.write_text("id,text,emotion,split\n" + "\n".join(lines) + "\n")
+    assert main(["build-txt-db", "--input", str(src), "--id-col", "id", "--text-col", "text", "--label-col",
+                 "emotion,split", "--tokenizer", str(minilm_dir), "--out", str(tmp_path / "txt")]) == 0  # fmt: skip
+    cfg = {
+        "output_dir": str(tmp_path / "run"), "seed": 1, "device": "cpu", "precision": "fp32", "progress": False,
+        "data": {"txt_db": str(tmp_path / "txt"), "modalities": "L", "max_txt_len": 8},
+        "protocol": {"name": "generic", "scheme": "split", "label_column": "emotion"},
+        "model": {"config": "configs/model/tiny.json", "classifier": "linear",
+                  "overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 64, "max_position_embeddings": 64}},
+        "epochs": 2, "patience": 10, "batching": {"max_batch_size": 4},
+    }  # fmt: skip
+    first = run_finetune(cfg)["folds"][0]
+    assert first["steps"] == 4 and first["schedule"] == {"epochs": 2, "steps": None}
+    assert run_finetune(cfg, resume="auto")["folds"][0]["steps"] == 4  # same settings: kept
+    extended = run_finetune(cfg, overrides=["epochs=3"], resume="auto")["folds"][0]
+    assert extended["steps"] == 6 and extended["schedule"]["epochs"] == 3
+    assert [h["step"] for h in extended["history"]] == [2, 4, 6]

@@ -143,7 +143,7 @@ def text_run(tmp_path_factory, minilm_dir):
         "output_dir": str(root / "run"),
         "data": {"txt_db": str(root / "txt"), "modalities": "L", "max_txt_len": 32},
         "protocol": {"name": "iemocap4", "label_column": "emo"},
-        "model": {"init": str(minilm_dir), "head": "linear"},
+        "model": {"init": str(minilm_dir), "classifier": "linear"},
         "epochs": 1,
         "batching": {"max_batch_size": 8, "max_tokens": 4096},
         "optim": {"lr": 1e-3},

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from uniter3m.cli import main as cli_main
 from uniter3m.errors import ConfigError, UserError
+from uniter3m.fileio import MANIFEST_NAME
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.conversion import frame_stream
 from uniter3m.model.io import load_into, read_checkpoint, read_config
@@ -117,6 +118,7 @@ def test_pretraining_checkpoint_with_streams_and_heads_loads_back_identically(tm
 def test_missing_encoder_weights_are_an_error_listing_them(tmp_path):
     torch.manual_seed(0)
     UniterModel(tiny_config()).save_pretrained(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()  # a folder without a manifest (an HF model): the load itself checks
     weights = load_file(str(tmp_path / "model.safetensors"))
     dropped = sorted(k for k in weights if k.startswith("encoder.layer.1.attention"))
     save_file({k: v for k, v in weights.items() if k not in dropped}, str(tmp_path / "model.safetensors"))
@@ -228,6 +230,7 @@ def test_research_state_dicts_need_their_kind(tmp_path):
 def test_damaged_weights_are_a_user_error_naming_the_file(tmp_path, capsys, damage):
     torch.manual_seed(0)
     UniterModel(tiny_config()).save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / MANIFEST_NAME).unlink()  # without a manifest, reading the file finds the damage
     file = tmp_path / "ours" / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(
@@ -257,6 +260,7 @@ def test_damaged_config_is_a_user_error_naming_the_file(tmp_path, capsys):
 def test_config_that_disagrees_with_its_weights_names_key_shapes_and_fix(tmp_path, capsys):
     torch.manual_seed(0)
     UniterModel(tiny_config()).save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / MANIFEST_NAME).unlink()  # a hand-edited folder without a manifest
     config_file = tmp_path / "ours" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 64}))
     code = cli_main(
@@ -300,7 +304,7 @@ def test_finetuned_dir_loads_strictly_and_a_missing_weight_is_refused(tmp_path):
     from uniter3m.model.finetuning import FinetuneModel, HeadSpec, load_finetuned, save_finetuned
 
     torch.manual_seed(0)
-    spec = HeadSpec(head="mlp", classes=["a", "b", "c"], modalities="LV")
+    spec = HeadSpec(classifier="mlp", classes=["a", "b", "c"], modalities="LV")
     model = FinetuneModel(UniterModel(tiny_config()), spec).eval()
     save_finetuned(model, tmp_path / "best")
     again = load_finetuned(tmp_path / "best").eval()
@@ -309,6 +313,7 @@ def test_finetuned_dir_loads_strictly_and_a_missing_weight_is_refused(tmp_path):
         assert torch.equal(again(**x).logits, model(**x).logits)
 
     file = tmp_path / "best" / "model.safetensors"
+    (tmp_path / "best" / MANIFEST_NAME).unlink()  # hand-edited below: the strict load itself must refuse
     weights = load_file(str(file))
     save_file({k: v for k, v in weights.items() if k != "head.net.4.bias"}, str(file))
     with pytest.raises(ConfigError, match=r"does not fit the model: missing \['head\.net\.4\.bias'\]"):
@@ -336,7 +341,7 @@ def test_strict_load_of_any_module_and_the_prompt_head_from_a_checkpoint(tmp_pat
     with torch.no_grad():
         pretrained.cls.predictions.bias.normal_()  # a trained head's bias is not zero
     pretrained.save_pretrained(tmp_path / "mlm")
-    spec = HeadSpec(head="prompt", classes=["a", "b"], prompt_ids=[5, 6], verbalizer_ids=[7, 8])
+    spec = HeadSpec(classifier="prompt", classes=["a", "b"], prompt_ids=[5, 6], verbalizer_ids=[7, 8])
     model = FinetuneModel(UniterModel.from_pretrained(tmp_path / "mlm"), spec)
     assert not torch.equal(model.cls["predictions"].bias, pretrained.cls.predictions.bias)
     load_mlm_head(model, tmp_path / "mlm")

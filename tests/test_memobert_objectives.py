@@ -177,13 +177,7 @@ def test_run_time_lexicon_reflags_the_batch_and_the_head_target_is_the_word_cate
 
 
 def test_emotion_head_trains_jointly_and_round_trips(tmp_path, tokenizer, special):
-    config = UniterConfig(
-        vocab_size=special.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    config = tiny_text_config(special)
     task = build_task("melm", TaskContext(special, tokenizer), lexicon="nrc6", emotion_head=True)
     model = UniterForPretraining(config, task.heads, emo_word_classes=task.emo_word_classes)
     words = ["we", "hate", "the", "happy", "shop"]
@@ -464,6 +458,107 @@ def test_several_templates_and_per_case_condition_prompts(tokenizer, special):
             case_templates={"L": "x [MASK] ."},
             **common,  # 6 of its 7 sets lack one
         )
+
+
+def test_soft_prompt_vectors_learn_the_prompt_and_round_trip(tmp_path, tokenizer, special):
+    """`soft_prompt: 3`: three learned vectors stand before the template's words (placeholder ids,
+    no vocabulary row); they get gradients, and training them ALONE (every other weight frozen and
+    equal) turns the [MASK] prediction to either label word; save/load keeps them."""
+    batch = matching_batch(tokenizer, special)
+    options = {
+        "verbalizer": {"a": "happy", "b": "angry"},
+        "label_column": "emotion",
+        "loss_over": "verbalizer",
+    }
+    task = build_task(
+        "prompt", TaskContext(special, tokenizer), soft_prompt=3, modality_sets=["L"], **options
+    )
+    inputs = task.prepare(batch, torch.Generator().manual_seed(0))
+    slots, ids = inputs["soft_slots"], inputs["input_ids"]
+    template = task.prompt_ids[3:]
+    for row, mask_at in enumerate((inputs["prompt_targets"] >= 0).int().argmax(1).tolist()):
+        start = mask_at - template.index(special.mask_id) - 3
+        assert slots[row, start : start + 3].tolist() == [0, 1, 2] and int((slots[row] >= 0).sum()) == 3
+        assert ids[row, start + 3 : start + 3 + len(template)].tolist() == template
+    assert (ids[slots >= 0] == special.pad_id).all()  # placeholders: no new token id
+    # initializer_range 0.5: attention that carries the prompt to [MASK] (at 0.02 a random network is
+    # almost the identity, and no input steers its prediction)
+    config = tiny_text_config(special).model_copy(update={"soft_prompt_tokens": 3, "initializer_range": 0.5})
+
+    def steer(label: str) -> tuple[UniterForPretraining, dict, float]:
+        """A fresh model (seed 0) whose soft vectors alone learn to answer `label` for every row."""
+        torch.manual_seed(0)
+        model = UniterForPretraining(config, task.heads).eval()  # eval: no dropout, gradients still flow
+        soft = model.uniter.embeddings.soft_prompt
+        for p in model.parameters():
+            p.requires_grad_(p is soft)
+        one = task.prepare({**batch, "labels": {"emotion": [label] * 8}}, torch.Generator().manual_seed(0))
+        optimizer = torch.optim.Adam([soft], lr=0.1)
+        for _ in range(30):
+            out = task(model, one)
+            optimizer.zero_grad()
+            out.loss.backward()
+            assert soft.grad.abs().sum() > 0
+            optimizer.step()
+        correct, total = task(model, one).metrics["acc"]
+        return model, one, (correct / total).item()
+
+    happy, happy_inputs, happy_acc = steer("a")
+    angry, _, angry_acc = steer("b")
+    assert happy_acc == angry_acc == 1.0  # the same frozen network answers each label by its vectors
+    embeddings = happy.uniter.embeddings
+    assert embeddings.word_embeddings.num_embeddings == special.vocab_size == len(tokenizer)
+    assert not torch.equal(embeddings.soft_prompt, angry.uniter.embeddings.soft_prompt)
+    with torch.no_grad():
+        want = task(happy, happy_inputs).loss
+        happy.save_pretrained(tmp_path / "m")
+        again = UniterForPretraining.from_pretrained(tmp_path / "m").eval()
+        assert again.config.soft_prompt_tokens == 3
+        assert torch.equal(again.uniter.embeddings.soft_prompt, embeddings.soft_prompt)
+        assert torch.equal(task(again, happy_inputs).loss, want)
+
+
+def test_soft_prompt_pretraining_from_bert_and_the_hf_export(tmp_path, minilm_dir, demo_dbs):
+    """A prompt task with soft_prompt: 2 from a BERT checkpoint (which has no such vectors: they start
+    fresh), then `--to hf-bert`: the vectors go to soft_prompt.safetensors, transformers loads the rest."""
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM
+
+    from uniter3m.model.export import convert, read_report
+    from uniter3m.train.checkpoint import find_resume
+    from uniter3m.train.pretrain import run_pretrain
+
+    verbalizer = {"anger": "angry", "joy": "happy", "sadness": "sad", "neutral": "neutral"}
+    options = {"soft_prompt": 2, "label_column": "weak_emotion", "verbalizer": verbalizer}
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "precision": "fp32",
+        "tokenizer": str(minilm_dir),
+        "model": {"init": str(minilm_dir)},
+        "datasets": {"d": {"txt_db": [str(demo_dbs["txt_train"])]}},
+        "tasks": [{"name": "prompt", "dataset": "d", "options": options}],
+        "batching": {"max_tokens": 256, "num_workers": 0},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "steps": 2,
+        "ckpt_every": 2,
+        "val_every": 0,
+        "progress": False,
+    }
+    run_pretrain(cfg)
+    model_dir = find_resume(tmp_path / "run", "auto") / "model"
+    assert UniterConfig.from_pretrained(model_dir).soft_prompt_tokens == 2
+    saved = load_file(str(model_dir / "model.safetensors"))["bert.embeddings.soft_prompt"]
+    assert saved.shape == (2, 384)
+    convert(model_dir, tmp_path / "hf", target_kind="hf-bert")
+    assert torch.equal(load_file(str(tmp_path / "hf" / "soft_prompt.safetensors"))["soft_prompt"], saved)
+    assert (
+        "soft_prompt.safetensors" in read_report(tmp_path / "hf")["ignored"]["uniter.embeddings.soft_prompt"]
+    )
+    assert not [k for k in load_file(str(tmp_path / "hf" / "model.safetensors")) if "soft_prompt" in k]
+    assert "inputs_embeds" in (tmp_path / "hf" / "README.md").read_text()  # the card says how to use them
+    _, info = BertForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"]  # (its pooler is unused by BertForMaskedLM, as for every export)
 
 
 # ------------------------------------------------------------------------------------------ preset

@@ -66,7 +66,7 @@ def trained(tmp_path_factory, shared_data, minilm_dir):
         "model": {
             "config": str(REPO / "configs/model/tiny.json"),
             "overrides": {"face": {"feat_dim": face_dim, "soft_label_dim": 0}, "speech": {"feat_dim": 130}},
-            "head": "linear",
+            "classifier": "linear",
         },
         "steps": 4,
         "epochs": 2,

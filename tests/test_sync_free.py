@@ -81,7 +81,8 @@ class HostCopies(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") not in (None, "cpu"):
+            # device "cpu" by name stays on the CPU on any machine (the foreach AdamW's step increment)
             self.copies[f"torch.{func.__name__}(device=...)"] += 1
         elif func in (torch.Tensor.to, torch.Tensor.cuda) and not kwargs.get("non_blocking"):
             source = args[0]
@@ -150,7 +151,7 @@ def test_every_pretraining_objective_steps_without_a_host_sync(tiny_dbs, tmp_pat
 
     cfg = _config(tiny_dbs, tmp_path / "run", steps=80, log_every=1000)
     cfg["tasks"] = [{"name": n, "dataset": "syn", "ratio": 1.0, "options": o} for n, o in FULL_MIX]
-    cfg["batching"]["num_workers"] = 1
+    cfg["batching"]["num_workers"] = len(FULL_MIX)  # the budget of a rank: one worker per objective
     cfg["optim"]["fused"] = True
     seen: dict[str, list[dict]] = {}
     original = TrainLoop.train_step

@@ -49,7 +49,7 @@ def _plan(db: Path, seed: int = 42, **protocol):
             "output_dir": "unused",
             "data": {"txt_db": str(db), "modalities": "L"},
             "protocol": {"name": "iemocap4", "scheme": "session", "valid_fraction": 0.3, **protocol},
-            "model": {"init": "default", "head": "linear"},
+            "model": {"init": "default", "classifier": "linear"},
             "seed": seed,
         }
     )

@@ -161,17 +161,20 @@ def format_validation_error(
 ) -> ConfigError:
     """One ConfigError listing every bad key with its dotted path and what is wrong; `renamed(loc,
     value)` names the new key of an unknown key that is an old name (None: a plain unknown key), also
-    beside a required key reported missing (an old name must not hide behind "Field required");
+    beside a required key reported missing (an old name must not hide behind "Field required"), and
+    the fix of a value outside a key's choices that is a value of the key's old meaning;
     `schema` (the validated class) lets a misspelt key be answered with the closest known one."""
     lines: dict[str, str] = {}
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
+        given = e.get("input")
+        old_value = renamed(tuple(e["loc"]), given) if renamed and e["type"] == "literal_error" else None
         if e["type"] == "extra_forbidden":
-            msg = (renamed and renamed(tuple(e["loc"]), e.get("input"))) or "unknown key" + closest_key(
+            msg = (renamed and renamed(tuple(e["loc"]), given)) or "unknown key" + closest_key(
                 schema, tuple(e["loc"])
             )
-        given = e.get("input")
+        msg = old_value or msg
         if e["type"] == "missing" and renamed and isinstance(given, Mapping):
             for key, value in given.items():
                 old = (*e["loc"][:-1], key)
@@ -180,7 +183,7 @@ def format_validation_error(
                     lines.setdefault(".".join(map(str, old)), f"  {'.'.join(map(str, old))}: {line}")
         shown = (
             ""
-            if e["type"] in {"missing", "extra_forbidden"} or isinstance(given, dict)
+            if old_value or e["type"] in {"missing", "extra_forbidden"} or isinstance(given, dict)
             else f" (got {given!r})"
         )
         lines.setdefault(loc, f"  {loc}: {msg}{shown}")

@@ -127,7 +127,7 @@ def write_failed(folder: str | os.PathLike, err: BaseException, need: int | None
         )
     if code == errno.EFBIG:
         what = "a file grew past the size limit of this process or file system (ulimit -f)"
-    elif code in (errno.ENOSPC, errno.EDQUOT):
+    elif code in (errno.ENOSPC, errno.EDQUOT) or (need and (free_bytes(folder) or 0) < need):
         what = "the disk (or the quota) is full"
     else:
         what = f"the write failed ({type(err).__name__}: {err}); the disk may be full"

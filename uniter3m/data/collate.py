@@ -50,7 +50,8 @@ class Collator:
         the dataset normally truncates already (and counts it), this only guards examples built
         elsewhere.
     pad_multiple: each stream's padded width is rounded up to a multiple of it (the batch sampler
-        counts the same rounding), so a compiled step sees few distinct shapes.
+        counts the same rounding): fewer distinct shapes, though not fewer compiled graphs (see
+        `BatchingConfig.pad_multiple`).
     feature_dtype: dtype of the frame tensors ("float16" on GPU: the model casts to its own dtype).
     stream_table: the frame streams to pad (default: face and speech).
     """
@@ -68,7 +69,7 @@ class Collator:
         self.packing = packing  # read by the loaders: plan packed rows after the task's prepare
         self.feature_dtype = getattr(torch, feature_dtype)  # float16 halves the host->device copy
         self.max_txt_len = max_txt_len
-        self.pad_multiple = int(pad_multiple)  # round each stream's width up (fewer shapes to compile)
+        self.pad_multiple = int(pad_multiple)  # round each stream's width up
         self.streams = stream_table.names()
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -499,8 +499,8 @@ class DbReader:
                 "a run resumed on a changed database is refused (see database_digest)"
             )
         recorded = build.get("meta")
-        if recorded is not None and recorded != self.meta:
-            changed = sorted(k for k in set(recorded) | set(self.meta) if recorded.get(k) != self.meta.get(k))
+        changed = [] if recorded is None else _differing_keys(recorded, self.meta)
+        if changed:
             raise DatabaseError(
                 f"{self.path / META_FILE} differs from the meta its build recorded (in data.mdb, checksummed) in: "
                 f"{', '.join(changed)}; it was edited after the build. Restore it, or rebuild the database with "
@@ -577,6 +577,15 @@ class DbReader:
         env = _READ_ENVS.pop((os.getpid(), self._env_path, self.build_id), None)
         if env is not None:
             env.close()
+
+
+def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Top-level keys whose values differ, compared as JSON text (so a NaN equals a NaN)."""
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)
+    )
 
 
 def database_digest(path: str | os.PathLike) -> str:

@@ -60,6 +60,8 @@ def _blamed(err: ValidationError, source: str, overrides: Mapping[str, Any]) -> 
     """Where the bad keys of a model config came from: the file, or the overrides applied to it."""
 
     def given(data: Any, loc: tuple[Any, ...]) -> bool:
+        if not loc:  # a check of the whole config: the file and the overrides together
+            return False
         for part in loc:
             if not isinstance(data, Mapping) or part not in data:
                 return False

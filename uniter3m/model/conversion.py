@@ -660,18 +660,18 @@ def hf_bert_config(config: Mapping[str, Any], architecture: str = "BertModel") -
 
 
 def export_hf_classifier(
-    state: Mapping[str, torch.Tensor], head: str, classes: Sequence[str]
+    state: Mapping[str, torch.Tensor], classifier: str, classes: Sequence[str]
 ) -> tuple[StateDict, ConversionReport]:
     """A fine-tuned text model (`uniter.*` + `head.net.*`) -> BertForSequenceClassification names.
 
-    Only a `linear` head (dropout + Linear on the pooled [CLS], exactly HF's classifier) or a
-    linear `regression` head has an HF equivalent; any other head is a UserError.
+    Only a `linear` classifier (dropout + Linear on the pooled [CLS], exactly HF's classifier) or a
+    linear `regression` one has an HF equivalent; any other classifier is a UserError.
     """
-    if head not in ("linear", "regression"):
+    if classifier not in ("linear", "regression"):
         raise UserError(
-            f"a {head!r} head has no BertForSequenceClassification equivalent (only 'linear' and 'regression' "
-            "heads do): fine-tune with model.head=linear to export a classifier, or pass --no-head to export "
-            "the encoder alone"
+            f"a {classifier!r} classifier has no BertForSequenceClassification equivalent (only 'linear' and "
+            "'regression' ones do): fine-tune with model.classifier=linear to export a classifier, or pass "
+            "--no-head to export the encoder alone"
         )
     report = ConversionReport(source_kind="uniter3m")
     out: StateDict = {}
@@ -687,19 +687,23 @@ def export_hf_classifier(
         else:
             report.ignore(key, "no place in BertForSequenceClassification")
     if "classifier.weight" not in out:
-        raise UserError("the checkpoint has no linear head (head.net.1.*): is it a fine-tuned `best` dir?")
+        raise UserError(
+            "the checkpoint has no linear classifier (head.net.1.*): is it a fine-tuned `best` dir?"
+        )
     rows = out["classifier.weight"].shape[0]
-    if rows != (1 if head == "regression" else len(classes)):
-        raise UserError(f"the head has {rows} outputs but finetune.json lists {len(classes)} classes")
+    if rows != (1 if classifier == "regression" else len(classes)):
+        raise UserError(f"the classifier has {rows} outputs but finetune.json lists {len(classes)} classes")
     return out, report
 
 
-def hf_classifier_config(config: Mapping[str, Any], head: str, classes: Sequence[str]) -> dict[str, Any]:
+def hf_classifier_config(
+    config: Mapping[str, Any], classifier: str, classes: Sequence[str]
+) -> dict[str, Any]:
     """HF config of a BertForSequenceClassification export: labels by index, the problem type."""
-    labels = ["score"] if head == "regression" else list(classes)
+    labels = ["score"] if classifier == "regression" else list(classes)
     return {
         **hf_bert_config(config, "BertForSequenceClassification"),
         "id2label": {str(i): c for i, c in enumerate(labels)},
         "label2id": {c: i for i, c in enumerate(labels)},
-        "problem_type": "regression" if head == "regression" else "single_label_classification",
+        "problem_type": "regression" if classifier == "regression" else "single_label_classification",
     }

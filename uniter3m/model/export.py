@@ -24,7 +24,7 @@ from uniter3m.fileio import MANIFEST_NAME, atomic_write_json, building_dir, unli
 from uniter3m.model import conversion as conv
 from uniter3m.model.card import copy_tokenizer, find_tokenizer_dir, native_loading_note, write_model_card
 from uniter3m.model.config import CONFIG_NAME
-from uniter3m.model.finetuning import FINETUNE_FILE
+from uniter3m.model.finetuning import FINETUNE_FILE, read_spec
 from uniter3m.model.io import (
     WEIGHTS_NAME,
     load_into,
@@ -170,8 +170,8 @@ def export_to_hf_bert(
 ) -> conv.ConversionReport:
     """Our checkpoint dir -> an HF BERT dir (config.json in HF form + model.safetensors + tokenizer).
 
-    A fine-tuned text-only classifier (`finetune.json`, modalities L, linear head) becomes a
-    `BertForSequenceClassification` with id2label/label2id, so `transformers.pipeline(
+    A fine-tuned text-only model (`finetune.json`: modalities L, a linear classifier on the cls head)
+    becomes a `BertForSequenceClassification` with id2label/label2id, so `transformers.pipeline(
     "text-classification", model=out)` predicts what `uniter3m evaluate` does; `with_head=False`
     exports its encoder alone. Other checkpoints give BertForMaskedLM (with an MLM head) or BertModel.
     """
@@ -180,8 +180,7 @@ def export_to_hf_bert(
         src, backbone=UniterModel
     )  # a damaged file or a config that disagrees: a clear error, naming it
     config = loaded.config
-    spec_file = src / FINETUNE_FILE
-    spec = read_json_file(spec_file) if spec_file.is_file() else None
+    spec = read_spec(src) if (src / FINETUNE_FILE).is_file() else None
     if spec is not None and with_head:
         modalities = spec.get("modalities", "L")
         if modalities != "L":
@@ -189,14 +188,14 @@ def export_to_hf_bert(
                 f"{src} was fine-tuned on modalities {modalities}: a text-only BERT classifier would not make "
                 "its predictions; export the encoder alone with --no-head, or fine-tune with data.modalities=L"
             )
-        if spec.get("pool", "cls") != "cls":
+        if spec["head"] != "cls":
             raise UserError(
-                f"{src} reads the encoder through pool {spec['pool']!r}; BertForSequenceClassification reads only "
+                f"{src} reads the encoder through head {spec['head']!r}; BertForSequenceClassification reads only "
                 "the pooled [CLS], so it would not make its predictions: export the encoder alone with --no-head, "
-                "or fine-tune with model.pool=cls"
+                "or fine-tune with model.head=cls"
             )
-        state, report = conv.export_hf_classifier(loaded.state, spec["head"], spec["classes"])
-        hf_config = conv.hf_classifier_config(config.to_dict(), spec["head"], spec["classes"])
+        state, report = conv.export_hf_classifier(loaded.state, spec["classifier"], spec["classes"])
+        hf_config = conv.hf_classifier_config(config.to_dict(), spec["classifier"], spec["classes"])
     else:
         state, report = conv.export_hf_bert(loaded.state, with_mlm_head=with_mlm_head)
         architecture = "BertForMaskedLM" if any(k.startswith("cls.") for k in state) else "BertModel"

@@ -1,7 +1,10 @@
 """Fine-tuning models: the backbone plus one utterance-level head.
 
-Heads (`head` in the downstream config) read what `model.pool` gives (`model/pooling.py`: the pooled
-[CLS] by default, or a mean / attention / per-stream vector; weights `pool.*`):
+A head is a readout and a classifier. The readout (`model.head` in the downstream config:
+`model/pooling.py`) gives one vector per utterance: the pooled [CLS] (`cls`, default), a masked `mean`,
+a learned-query `attention`, or `streams` (each stream projected, pooled, concatenated); its weights
+are `pool.*`. The classifier (`model.classifier`; weights `head.*`, `cls.predictions.*` for prompt)
+reads that vector:
   linear      pooled vector -> dropout + Linear(P, C)
   mlp         pooled vector -> dropout, Linear, GELU, LayerNorm, Linear (UNITER's two-layer head)
   regression  pooled vector -> one score (CMU-MOSI sentiment)
@@ -19,7 +22,8 @@ Building the model for a corpus (checkpoint, streams, tokenizer, verbaliser) is 
 engine's job (`uniter3m/train/finetune.py`); this module knows no corpus.
 
 Saved fine-tuned models are ordinary checkpoint dirs (`config.json` + `model.safetensors`, backbone
-under `bert.` as in HF BertFor* models) plus `finetune.json` (head, classes, verbaliser, prompt, modalities), so
+under `bert.` as in HF BertFor* models) plus `finetune.json` (head, classifier, classes, verbaliser, prompt,
+modalities), so
 `UniterModel.from_pretrained` can start a new fine-tuning from them and `load_finetuned` restores
 the whole model for evaluation.
 """
@@ -42,29 +46,29 @@ from uniter3m.model.config import UniterConfig, deep_merge
 from uniter3m.model.heads import ClassificationHead, MlmHead, RegressionHead
 from uniter3m.model.io import load_into, read_checkpoint, read_json_file, write_pretrained
 from uniter3m.model.lora import apply_lora, has_adapters, merged_copy
-from uniter3m.model.pooling import TEXT, Pooling
+from uniter3m.model.pooling import HEADS, TEXT, Pooling
 from uniter3m.model.uniter import UniterModel
 from uniter3m.streams import StreamTable
 
 log = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"
-HEAD_TYPES = ("linear", "mlp", "prompt", "regression")
+CLASSIFIERS = ("linear", "mlp", "prompt", "regression")  # `model.classifier`
 
 
 @dataclass
 class FinetuneOutput:
     logits: Tensor | None = None  # (B, C) class scores (prompt: MLM logits of the label words)
     scores: Tensor | None = None  # (B,) regression
-    vocab_logits: Tensor | None = None  # (B, V) prompt head, for the MLM loss
-    pooled: Tensor | None = None  # (B, P) what the head read (model.pool), e.g. for feature distillation
+    vocab_logits: Tensor | None = None  # (B, V) prompt classifier, for the MLM loss
+    pooled: Tensor | None = None  # (B, P) what the classifier read (model.head), for feature distillation
 
 
 @dataclass
 class HeadSpec:
-    """Everything needed to rebuild the head, saved as finetune.json."""
+    """Everything needed to rebuild the head, saved as finetune.json (`read_spec` reads it back)."""
 
-    head: str
+    classifier: str
     classes: list[str]
     dropout: float = 0.1
     prompt_ids: list[int] | None = None
@@ -74,7 +78,7 @@ class HeadSpec:
     modalities: str = "L"
     fold_index: int | None = None
     fold: str | None = None
-    pool: str = "cls"  # model/pooling.py
+    head: str = "cls"  # the readout, model/pooling.py
     per_stream: bool = False
     lora: dict[str, Any] | None = None  # adapters kept beside the weights (lora.merge_on_save false)
 
@@ -83,31 +87,34 @@ class HeadSpec:
 
 
 class FinetuneModel(nn.Module):
-    """`uniter` backbone + head; `forward(batch) -> FinetuneOutput` on a collated batch."""
+    """`uniter` backbone + readout (`pool`) + classifier (`head`; prompt: `cls`);
+    `forward(batch) -> FinetuneOutput` on a collated batch."""
 
     def __init__(self, uniter: UniterModel, spec: HeadSpec):
         super().__init__()
-        if spec.head not in HEAD_TYPES:
-            raise ConfigError(f"model.head {spec.head!r} is not one of {', '.join(HEAD_TYPES)}")
+        if spec.classifier not in CLASSIFIERS:
+            raise ConfigError(f"model.classifier {spec.classifier!r} is not one of {', '.join(CLASSIFIERS)}")
+        if spec.head not in HEADS:
+            raise ConfigError(f"model.head {spec.head!r} is not one of {', '.join(HEADS)}")
         self.uniter = uniter
         self.config = uniter.config
         self.spec = spec
         self.new_backbone_weights: set[str] = set()  # backbone weights the checkpoint did not hold
         streams = [TEXT, *uniter.config.frame_streams()]
-        self.pool = Pooling(spec.pool, uniter.config.hidden_size, streams, spec.per_stream)
-        if spec.head in ("linear", "mlp"):
+        self.pool = Pooling(spec.head, uniter.config.hidden_size, streams, spec.per_stream)
+        if spec.classifier in ("linear", "mlp"):
             self.head = ClassificationHead(
                 self.pool.size,
                 len(spec.classes),
                 spec.dropout,
-                kind=spec.head,
+                kind=spec.classifier,
                 eps=uniter.config.layer_norm_eps,
             )
-        elif spec.head == "regression":
+        elif spec.classifier == "regression":
             self.head = RegressionHead(self.pool.size, spec.dropout)
         else:
             if not spec.prompt_ids or not spec.verbalizer_ids:
-                raise ConfigError("the prompt head needs prompt ids and verbaliser ids")
+                raise ConfigError("the prompt classifier needs prompt ids and verbaliser ids")
             self.cls = nn.ModuleDict(
                 {
                     "predictions": MlmHead(
@@ -121,15 +128,11 @@ class FinetuneModel(nn.Module):
                 "verbalizer_ids", torch.tensor(spec.verbalizer_ids, dtype=torch.long), persistent=False
             )
 
-    @property
-    def head_type(self) -> str:
-        return self.spec.head
-
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that start untrained (head, streams the checkpoint lacked): `train.head_lr` applies."""
         named = dict(self.uniter.named_parameters())
         yield from (named[n] for n in sorted(self.new_backbone_weights) if n in named)
-        if self.spec.head == "prompt":
+        if self.spec.classifier == "prompt":
             # The MLM decoder is tied to the word embeddings: only transform + bias are head-only.
             mlm = self.cls["predictions"]
             yield from mlm.transform.parameters()
@@ -141,21 +144,21 @@ class FinetuneModel(nn.Module):
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
         t = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return f"{self.spec.head} head on {self.spec.pool} pooling, {len(self.spec.classes)} classes, {n / 1e6:.1f}M params ({t / 1e6:.1f}M trainable)"
+        return f"{self.spec.classifier} classifier on the {self.spec.head} head, {len(self.spec.classes)} classes, {n / 1e6:.1f}M params ({t / 1e6:.1f}M trainable)"
 
     def forward(self, prompt_positions: Tensor | None = None, **backbone_inputs: Any) -> FinetuneOutput:
-        """Backbone keyword arguments (text, frame streams) -> head output; the prompt head also
+        """Backbone keyword arguments (text, frame streams) -> head output; the prompt classifier also
         needs `prompt_positions` (B,), the mask token of each row."""
         out = self.uniter(**backbone_inputs)
-        if self.spec.head == "regression":
+        if self.spec.classifier == "regression":
             pooled = self.pool(out)
             return FinetuneOutput(scores=self.head(pooled), pooled=pooled)
-        if self.spec.head != "prompt":
+        if self.spec.classifier != "prompt":
             pooled = self.pool(out)
             return FinetuneOutput(logits=self.head(pooled), pooled=pooled)
         if prompt_positions is None:
             raise UserError(
-                "the prompt head needs prompt_positions (built with the prompt by the data workers)"
+                "the prompt classifier needs prompt_positions (built with the prompt by the data workers)"
             )
         rows = torch.arange(prompt_positions.shape[0], device=prompt_positions.device)
         vocab_logits = self.cls["predictions"](out.last_hidden_state[rows, prompt_positions])
@@ -199,12 +202,12 @@ def check_feature_dims(
 
 
 def load_mlm_head(model: FinetuneModel, init: Path) -> None:
-    """The prompt head starts from the checkpoint's MLM head: the checkpoint goes through the one
+    """The prompt classifier starts from the checkpoint's MLM head: the checkpoint goes through the one
     load path again (`load_into`), which fills `cls.predictions` and rewrites the backbone with the
     values it already holds."""
     loaded = read_checkpoint(init, backbone=UniterModel)
     if not any(k.startswith("cls.predictions.") for k in loaded.state):
-        log.warning("%s has no MLM head (cls.predictions.*): the prompt head starts untrained", init)
+        log.warning("%s has no MLM head (cls.predictions.*): the prompt classifier starts untrained", init)
         return
     load_into(model, loaded)
 
@@ -229,11 +232,11 @@ def freeze(model: FinetuneModel, value: str) -> None:
     embeddings  the input embeddings of every stream (text: words, positions, types; each frame
                 stream's `<s>_embeddings`) are frozen;
     layers:N    MEmoBERT's: everything below encoder layer N (every embedding and layers 0..N-1);
-    backbone    the whole backbone, pooler included: only the pool and the head train.
+    backbone    the whole backbone, pooler included: only the readout (`pool`) and the classifier train.
 
     Backbone weights the checkpoint did not hold (`new_backbone_weights`: a frame stream new to a
     text checkpoint) never freeze, as a frozen random layer is no pretrained one; the log line of
-    `trainable_groups` shows them. The prompt head's decoder is tied to the word embeddings and
+    `trainable_groups` shows them. The prompt classifier's decoder is tied to the word embeddings and
     freezes with them.
     """
     kind, n = parse_freeze(value)
@@ -258,7 +261,7 @@ def freeze(model: FinetuneModel, value: str) -> None:
 
 def trainable_groups(model: FinetuneModel) -> dict[str, tuple[int, int]]:
     """{group: (trainable, total) parameter counts}: each embedding module, each encoder layer, the
-    pooler, the LoRA adapters, and `head` (pool + head); logged once per fold."""
+    pooler, the LoRA adapters, and `head` (readout + classifier); logged once per fold."""
     groups: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -315,11 +318,11 @@ def save_finetuned(
         copied = copy_tokenizer(tok_dir, tmp)
         text_only = (
             spec.get("modalities") == "L"
-            and spec["head"] in ("linear", "regression")
-            and spec["pool"] == "cls"
+            and spec["classifier"] in ("linear", "regression")
+            and spec["head"] == "cls"
         )
         export = (
-            " As a text-only model with a linear head it exports to a transformers classifier: "
+            " As a text-only model with a linear classifier on the cls head it exports to a transformers classifier: "
             "`uniter3m convert --to hf-bert --checkpoint DIR --out HF_DIR` writes a BertForSequenceClassification "
             "(`transformers.pipeline('text-classification', model=HF_DIR)`)."
             if text_only
@@ -327,7 +330,8 @@ def save_finetuned(
         )
         write_model_card(
             tmp,
-            f"uniter3m emotion model ({spec.get('protocol') or 'fine-tuned'}, {spec['head']} head)",
+            f"uniter3m emotion model ({spec.get('protocol') or 'fine-tuned'}, {spec['classifier']} classifier on "
+            f"the {spec['head']} head)",
             f"Fine-tuned on modalities {spec.get('modalities')}, fold {spec.get('fold')}, classes "
             f"{', '.join(map(str, spec['classes']))}; selected at step {spec.get('step')} on the validation split."
             + ("" if copied else " No tokenizer files were found for this run.")
@@ -343,16 +347,32 @@ def save_finetuned(
         write_manifest(tmp)
 
 
+def saved_head_layout(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record a run folder saved (`finetune.json`, its config's `model` section) in today's names.
+    Before `model.classifier` existed, `head` held the classifier kind and `pool` the readout (absent
+    before pooling heads: cls). Only what a run folder saved is read this way: a config a user gives
+    with the old meaning gets the ConfigError that names `model.classifier`."""
+    if "classifier" in record or record.get("head") not in CLASSIFIERS:
+        return dict(record)
+    new = {k: v for k, v in record.items() if k != "pool"}
+    new.update(classifier=record["head"], head=record.get("pool", "cls"))
+    return new
+
+
+def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
+    """`finetune.json` of a saved model, in today's names (`saved_head_layout`)."""
+    return saved_head_layout(read_json_file(Path(directory) / FINETUNE_FILE))
+
+
 def load_finetuned(directory: str | os.PathLike) -> FinetuneModel:
     """Restore a model saved by `save_finetuned` (strict: every weight must be there)."""
     directory = Path(directory)
-    spec_file = directory / FINETUNE_FILE
-    if not spec_file.is_file():
+    if not (directory / FINETUNE_FILE).is_file():
         raise UserError(
             f"{directory} has no {FINETUNE_FILE}: it is not a fine-tuned checkpoint; give a `<fold>/best` dir "
             "written by `uniter3m finetune`"
         )
-    raw = read_json_file(spec_file)
+    raw = read_spec(directory)
     known = set(HeadSpec.__dataclass_fields__)
     spec = HeadSpec(**{k: v for k, v in raw.items() if k in known})
     loaded = read_checkpoint(directory, "uniter3m", backbone=UniterModel)

@@ -1,7 +1,8 @@
-"""How a fine-tuning head reads the backbone: one vector per utterance from its hidden states.
+"""The fine-tuning head's readout: one vector per utterance from the backbone's hidden states.
 
-`model.pool` (fine-tuning config) picks one; `model.per_stream` makes `mean` and `attention` give one
-vector per stream, concatenated in the model's stream order (text, then its frame streams):
+`model.head` (fine-tuning config) picks one; `model.per_stream` makes `mean` and `attention` give one
+vector per stream, concatenated in the model's stream order (text, then its frame streams). The
+classifier (`model.classifier`, `model/finetuning.py`) reads the vector:
 
   cls        the pooler over [CLS] (`pooler.dense`, tanh): BERT's and MEmoBERT's head input. No weights.
   mean       masked mean over every real position (text and frames); per stream: over each stream's own.
@@ -9,7 +10,8 @@ vector per stream, concatenated in the model's stream order (text, then its fram
   attention  a learned query scores every real position (`pool.key` = Linear(H, H), `pool.query` (Q, H),
              Q = 1, or one query per stream with per_stream); softmax over the real positions only.
   streams    each stream projected (`pool.proj.<stream>` = Linear(H, H) + GELU), mean-pooled over its real
-             positions, concatenated: the late-fusion baseline (with `model.head: mlp`, an MLP over them).
+             positions, concatenated, then an MLP (its classifier defaults to `mlp`): the late-fusion
+             baseline.
 
 A stream the batch lacks, or an utterance with no real position in it (no face found), gives zeros
 in its slot, so a per-stream head sees "absent", never NaN. Every pooled vector is a masked
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-POOLS = ("cls", "mean", "attention", "streams")
+HEADS = ("cls", "mean", "attention", "streams")  # `model.head`
 TEXT = "text"
 
 
@@ -44,12 +46,12 @@ def stream_parts(out: object, streams: Sequence[str]) -> list[tuple[Tensor, Tens
 
 
 class Pooling(nn.Module):
-    """`forward(out) -> (B, size)` from a UniterOutput; `size` is what the head reads."""
+    """`forward(out) -> (B, size)` from a UniterOutput; `size` is what the classifier reads."""
 
     def __init__(self, kind: str, hidden_size: int, streams: Sequence[str], per_stream: bool = False):
         super().__init__()
-        if kind not in POOLS:
-            raise ValueError(f"unknown pool {kind!r}; use one of {', '.join(POOLS)}")
+        if kind not in HEADS:
+            raise ValueError(f"unknown head {kind!r}; use one of {', '.join(HEADS)}")
         self.kind = kind
         self.streams = list(streams)
         self.per_stream = per_stream or kind == "streams"

@@ -56,8 +56,10 @@ class DistillTask(SupervisedTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.head not in ("linear", "mlp"):
-            raise ConfigError(f"distill: the student needs a linear or mlp head, not {self.head!r}")
+        if self.classifier not in ("linear", "mlp"):
+            raise ConfigError(
+                f"distill: the student needs a linear or mlp classifier, not {self.classifier!r}"
+            )
         self.teacher = {i: dict(v) for i, v in teacher.items()}
         self.weight, self.temperature, self.feature_weight = (
             float(weight),
@@ -113,8 +115,10 @@ def load_teacher(template: str, fold: str, fold_index: int, classes: Sequence[st
             f"distill.teacher {path} was tuned on fold {spec.fold_index} ({spec.fold}) but this is fold {fold_index} "
             f"({fold}): its training data holds this fold's test utterances; put {{fold}} in distill.teacher"
         )
-    if spec.head not in ("linear", "mlp"):
-        raise UserError(f"distill.teacher {path} has a {spec.head} head; the teacher needs class logits")
+    if spec.classifier not in ("linear", "mlp"):
+        raise UserError(
+            f"distill.teacher {path} has a {spec.classifier} classifier; the teacher needs class logits"
+        )
     return teacher.eval().requires_grad_(False)
 
 
@@ -123,7 +127,7 @@ def check_features(student: FinetuneModel, teacher: FinetuneModel, where: str) -
     if student.pool.size != teacher.pool.size:
         raise ConfigError(
             f"distill.feature_weight: the student pools to {student.pool.size} values but the teacher {where} to "
-            f"{teacher.pool.size}; use the same model.pool/per_stream and hidden size, or set feature_weight 0"
+            f"{teacher.pool.size}; use the same model.head/per_stream and hidden size, or set feature_weight 0"
         )
 
 

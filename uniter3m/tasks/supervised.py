@@ -2,13 +2,13 @@
 
 Targets come from the protocol (`ProtocolPlan.targets`, looked up by utterance id), never from
 the batch's inputs. `prepare` runs in the data workers like every objective's: it keeps the
-modalities of the run, inserts the prompt for the prompt head (`data/prompts.py`) and attaches
+modalities of the run, inserts the prompt for the prompt classifier (`data/prompts.py`) and attaches
 the targets; `forward` runs the `FinetuneModel` and returns the loss:
 
-* classification heads: cross-entropy over the classes (optionally class-weighted);
-* prompt head: the MLM loss over the whole vocabulary at the prompt's mask token (as in
+* linear and mlp classifiers: cross-entropy over the classes (optionally class-weighted);
+* prompt classifier: the MLM loss over the whole vocabulary at the prompt's mask token (as in
   pretraining), class weights applied to the label words;
-* regression head: L1 (MAE), the MOSI convention.
+* regression classifier: L1 (MAE), the MOSI convention.
 
 The loss is a mean over the batch's utterances; `acc` (classification) or `mae` is the metric.
 """
@@ -25,7 +25,6 @@ from uniter3m.data.labels import lookup_targets
 from uniter3m.data.prompts import add_prompt
 from uniter3m.tasks.base import Task, TaskContext, TaskOutput, count, ratio
 
-HEAD_KINDS = ("linear", "mlp", "prompt", "regression")
 _NOT_MODEL_KEYS = ("targets", "ids", "class_weights")
 
 
@@ -39,7 +38,7 @@ class SupervisedTask(Task):
         context: TaskContext,
         *,
         targets: Mapping[str, int | float],
-        head: str = "linear",
+        classifier: str = "linear",
         prompt_ids: Sequence[int] | None = None,
         class_weights: Sequence[float] | None = None,
         max_len: int = 512,
@@ -47,8 +46,8 @@ class SupervisedTask(Task):
     ) -> None:
         super().__init__(context, **common)
         self.targets = dict(targets)
-        self.head = head
-        self.regression = head == "regression"
+        self.classifier = classifier
+        self.regression = classifier == "regression"
         self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
         self.class_weights = (
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
@@ -64,10 +63,10 @@ class SupervisedTask(Task):
         return inputs
 
     def backbone_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The model's keyword arguments (the prompt inserted for the prompt head), without targets:
+        """The model's keyword arguments (the prompt inserted for the prompt classifier), without targets:
         what training builds on and what `uniter3m predict` feeds."""
         inputs = self.model_inputs(batch)
-        if self.head == "prompt":
+        if self.classifier == "prompt":
             ids, mask, positions, _ = add_prompt(
                 batch["input_ids"],
                 batch["txt_mask"],
@@ -95,7 +94,7 @@ class SupervisedTask(Task):
             loss = F.l1_loss(scores, target)
             return TaskOutput(loss, n, {"mae": ratio((scores - target).abs().sum(), n)})
         weights = inputs.get("class_weights")
-        if self.head == "prompt":
+        if self.classifier == "prompt":
             verbalizer = model.verbalizer_ids  # a buffer: already on the device
             vocab_weights = None
             if weights is not None:

@@ -334,20 +334,20 @@ def build_finetune_model(
         uniter = UniterModel(UniterConfig.from_json(m.config, **overrides))
         new_weights = {n for n, _ in uniter.named_parameters()}
     spec = HeadSpec(
-        head=m.head,
+        classifier=m.classifier,
         classes=list(plan.label.classes),
         dropout=m.dropout,
         protocol=plan.name,
         modalities=cfg.data.used_modalities,
-        pool=m.pool,
+        head=m.head,
         per_stream=m.per_stream,
     )
-    if spec.head == "prompt":
+    if spec.classifier == "prompt":
         spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special, meta)
     model = FinetuneModel(uniter, spec)
     model.new_backbone_weights = new_weights
     model.tokenizer_record = tokenizer_record(meta)
-    if spec.head == "prompt" and m.init:
+    if spec.classifier == "prompt" and m.init:
         load_mlm_head(model, Path(m.init))
     if m.lora is not None:
         settings = m.lora.model_dump(exclude={"merge_on_save"})
@@ -363,7 +363,7 @@ def prompt_spec(
 ) -> tuple[list[int], list[int], dict[str, str]]:
     """Prompt ids, label word ids (class order) and the verbaliser, from the one prompt builder."""
     candidates = [cfg.model.tokenizer, cfg.tokenizer, meta.get("name"), cfg.model.init]
-    tokenizer = run_tokenizer(candidates, meta, needed_for="the prompt head (model.tokenizer)")
+    tokenizer = run_tokenizer(candidates, meta, needed_for="the prompt classifier (model.tokenizer)")
     verbalizer = cfg.model.verbalizer or default_verbalizer(plan.name, cfg.protocol.target)
     if not verbalizer:
         raise ConfigError(f"protocol {plan.name} has no default verbaliser: set model.verbalizer")

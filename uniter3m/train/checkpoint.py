@@ -51,6 +51,7 @@ from torch import nn
 from uniter3m.errors import UserError
 from uniter3m.fileio import (
     WRITE_ERRNOS,
+    WriteFailed,
     atomic_write_json,
     fsync_dir,
     hash_files,
@@ -169,15 +170,17 @@ def save_checkpoint(
         fsync_dir(tmp)
     except BaseException as err:  # a full disk leaves no partial checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
-        # torch.save reports a failed write as a RuntimeError of its stream writer
-        refused = isinstance(err, OSError) and err.errno in WRITE_ERRNOS
+        # said of the checkpoints folder, not of the temp folder just removed; torch.save reports a failed
+        # write as a RuntimeError of its stream writer
+        cause = err.__cause__ if isinstance(err, WriteFailed) else err
+        refused = isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS
         if (
             refused
-            or isinstance(err, RuntimeError)
-            and ("write" in str(err) or "inline_container" in str(err))
+            or isinstance(cause, RuntimeError)
+            and ("write" in str(cause) or "inline_container" in str(cause))
         ):
             need = sum(t.nbytes for _, t in _tensors([model.state_dict(), trainer_state], ""))
-            raise write_failed(root, err, need) from err
+            raise write_failed(root, cause, need) from cause
         raise
     if final.exists():  # the same step saved again (e.g. a resumed run): swap, never mix
         old = root / f".old-{final.name}-{os.getpid()}"

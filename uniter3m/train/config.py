@@ -7,7 +7,7 @@ Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precisio
 
 | section | keys |
 |---|---|
-| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `pool`, `per_stream`, `dropout`, `freeze`, `lora`, `prompt`, `verbalizer` |
+| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `per_stream`, `classifier`, `dropout`, `freeze`, `lora`, `prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
 | `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_context_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
@@ -27,7 +27,7 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
@@ -85,7 +85,14 @@ RENAMED_TASK_OPTIONS = {
 
 
 def renamed_key(loc: tuple[Any, ...], value: Any) -> str | None:
-    """The error line for a key of the old vocabulary at `loc` (None: not an old key)."""
+    """The error line for a key of the old vocabulary at `loc`, or for a value of a key's old meaning
+    (`model.head: linear`: the classifier kind, now `model.classifier`); None: neither."""
+    fields = FinetuneModelSection.model_fields
+    if tuple(map(str, loc)) == ("model", "head") and value in get_args(fields["classifier"].annotation):
+        return (
+            f"model.head now chooses the readout ({'|'.join(get_args(fields['head'].annotation))}); "
+            f"the classifier kind is model.classifier: {value}"
+        )
     if len(loc) > 1 and str(loc[0]) in ("data", "datasets") and str(loc[-1]) in RENAMED_DB_KEYS:
         return f"renamed: it is now {RENAMED_DB_KEYS[str(loc[-1])]} (one vocabulary)"
     pattern = ".".join(
@@ -349,13 +356,15 @@ class LoraSection(StrictModel):
 
 
 class FinetuneModelSection(ModelSection):
-    """The model section of fine-tuning: the backbone source plus the head."""
+    """The model section of fine-tuning: the backbone source plus the head (readout) and its classifier."""
 
-    tokenizer: str | None = None  # for the prompt head; defaults to the text db's tokenizer
-    head: Literal["linear", "mlp", "prompt", "regression"] = "linear"
-    # what the head reads (model/pooling.py): cls (the pooler over [CLS]), mean, attention, streams
-    pool: Literal["cls", "mean", "attention", "streams"] = "cls"
+    tokenizer: str | None = None  # for the prompt classifier; defaults to the text db's tokenizer
+    # the readout (model/pooling.py): cls (the pooler over [CLS]), mean, attention, streams (each stream
+    # projected and pooled, concatenated, then an MLP)
+    head: Literal["cls", "mean", "attention", "streams"] = "cls"
     per_stream: bool = False  # mean / attention: one vector per stream, concatenated
+    # what reads the head's vector (model/finetuning.py); default linear, mlp for head streams
+    classifier: Literal["linear", "mlp", "prompt", "regression"] = "linear"
     dropout: float = Field(0.1, ge=0, lt=1)
     # none | embeddings | layers:N | backbone (model/finetuning.py: freeze)
     freeze: str = "none"
@@ -375,13 +384,15 @@ class FinetuneModelSection(ModelSection):
         return v
 
     @model_validator(mode="after")
-    def _pool_fits_head(self) -> FinetuneModelSection:
-        if self.head == "prompt" and (self.pool != "cls" or self.per_stream):
+    def _classifier_fits_head(self) -> FinetuneModelSection:
+        if self.head == "streams" and "classifier" not in self.model_fields_set:
+            self.classifier = "mlp"
+        if self.classifier == "prompt" and (self.head != "cls" or self.per_stream):
             raise ValueError(
-                "the prompt head reads its mask token: leave model.pool at 'cls' (no per_stream)"
+                "the prompt classifier reads its mask token: leave model.head at 'cls' (no per_stream)"
             )
-        if self.per_stream and self.pool not in ("mean", "attention"):
-            raise ValueError(f"model.per_stream applies to pool 'mean' or 'attention', not {self.pool!r}")
+        if self.per_stream and self.head not in ("mean", "attention"):
+            raise ValueError(f"model.per_stream applies to head 'mean' or 'attention', not {self.head!r}")
         return self
 
 
@@ -389,10 +400,14 @@ class BatchingConfig(StrictModel):
     max_tokens: int = Field(4096, ge=1)  # padded tokens + frames per micro-batch on one rank
     max_batch_size: int | None = Field(None, ge=1)
     pool_size: int = Field(8192, ge=1)
-    num_workers: int | Literal["auto"] = "auto"  # auto: 0 on CPU; on GPU the cores per local rank, up to 8
+    # DataLoader workers of one rank IN ALL, shared by the tasks by ratio (train/loaders.py: share_workers);
+    # auto: 0 on CPU (the step uses the cores), on GPU the cores per local rank - 1
+    num_workers: int | Literal["auto"] = "auto"
     val_max_tokens: int | None = Field(None, ge=1)  # default: max_tokens
     val_max_batch_size: int | None = Field(None, ge=1)  # default: max_batch_size
-    pad_multiple: int = Field(1, ge=1)  # round each stream's padded width up (8 for a compiled GPU step)
+    # round each stream's padded width up: 8 gave a MELD epoch fewer shapes (45, not 194) but not fewer
+    # compiled graphs (3, not 2: shapes turn dynamic) and more padding (24.8 %, not 18.1 %)
+    pad_multiple: int = Field(1, ge=1)
     packing: bool = False  # several utterances per encoder row, attention confined to each (data/packing.py)
     feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frames on their way to the
     # device; auto: float16 on GPU (half the transfer; the model computes in its own dtype), float32 on CPU
@@ -407,12 +422,16 @@ class BatchingConfig(StrictModel):
             raise ValueError("num_workers must be >= 0 or 'auto'")
         return v
 
-    def workers_for(self, device: Any, local_world_size: int = 1) -> int:
+    def workers_for(self, device: Any, local_world_size: int = 1, cores: int | None = None) -> int:
+        """This rank's worker budget. `cores`: the CPUs this process may run on (default: its affinity),
+        which the local ranks share; one of each rank's is its main process."""
         if self.num_workers != "auto":
             return int(self.num_workers)
         if getattr(device, "type", str(device)) != "cuda":
             return 0
-        return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0, cores // max(1, local_world_size) - 1)
 
     def prefetch_for(self, device: Any) -> bool:
         if self.prefetch != "auto":
@@ -469,7 +488,9 @@ class RunConfig(StrictModel):
     max_nonfinite_in_a_row: int = Field(10, ge=1)
     # End this invocation after this step (a checkpoint is written there); `--resume auto` goes on.
     stop_after: int | None = Field(None, ge=1)
-    compile: bool = False  # torch.compile the training step (GPU; use with batching.pad_multiple 8)
+    compile: bool = False  # torch.compile each task's training step (GPU)
+    # Dynamo's backend: eager / aot_eager trace the same graphs without generating code (CPU tests)
+    compile_backend: Literal["inductor", "eager", "aot_eager"] = "inductor"
     # torchrun: "ddp" (DistributedDataParallel, unused heads found by a graph walk) or "allreduce" (no
     # wrapper: the gradients any rank has are averaged after backward, as under Horovod)
     grad_sync: Literal["ddp", "allreduce"] = "ddp"
@@ -689,9 +710,9 @@ class FinetuneConfig(RunConfig):
         from uniter3m.evaluation.corpora import is_regression
 
         regression = is_regression(self.protocol.name, self.protocol.target)
-        if regression != (self.model.head == "regression"):
+        if regression != (self.model.classifier == "regression"):
             raise ValueError(
-                "model.head 'regression' goes with a regression target (mosi/regression) and only with it"
+                "model.classifier 'regression' goes with a regression target (mosi/regression) and only with it"
             )
         if self.data.valid is not None:
             raise ValueError("data.valid: fine-tuning takes its validation split from the protocol")
@@ -702,11 +723,11 @@ class FinetuneConfig(RunConfig):
                 f"select_on {self.select_on} must be sets listed in modality_sets {self.modality_sets}"
             )
         if self.distill is not None and (
-            self.modality_sets is None or self.model.head in ("prompt", "regression")
+            self.modality_sets is None or self.model.classifier in ("prompt", "regression")
         ):
             raise ValueError(
                 "distill: list the students' modality sets in modality_sets (e.g. ['A', 'V']) and use a "
-                "linear or mlp head"
+                "linear or mlp classifier"
             )
         for modalities in self.modality_sets or []:
             if set(modalities) - set(self.data.used_modalities):

@@ -179,7 +179,7 @@ def finetune_config(
             "split_values": {"train": ["train"], "valid": ["valid"], "test": ["test"]},
             "selection_metric": "uar",
         },
-        "model": {"init": str(init), "head": "linear", "dropout": 0.1},
+        "model": {"init": str(init), "classifier": "linear", "dropout": 0.1},
         "epochs": epochs, "patience": epochs, "seed": seed, "device": "cpu", "precision": "fp32", "progress": False,
         "batching": {"max_batch_size": 16, "val_max_batch_size": 64, "max_tokens": 8192},
         "optim": {"lr": 1e-3, "warmup_ratio": 0.1},

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from uniter3m.config import read_json
 from uniter3m.data.tokenization import SpecialTokens
-from uniter3m.errors import DatabaseError, UserError
+from uniter3m.errors import ConfigError, DatabaseError, UserError
 from uniter3m.evaluation.report import modality_table
 from uniter3m.fileio import atomic_write_json
-from uniter3m.model.finetuning import FINETUNE_FILE, check_feature_dims, load_finetuned
+from uniter3m.model.finetuning import FINETUNE_FILE, check_feature_dims, load_finetuned, saved_head_layout
 from uniter3m.train.assembly import Databases, build_dataset, data_tokenizer, feature_dims, tokenizer_record
 from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import init_backend
@@ -42,10 +43,17 @@ TABLE_STEM = "modalities"  # <out>/modalities.csv, .md, .json
 def run_config(
     checkpoint: str | os.PathLike, config: str | os.PathLike | None, overrides: Sequence[str] = ()
 ) -> FinetuneConfig:
-    """The given config, else the resolved config.json of the run the checkpoint belongs to."""
-    if config is None:
-        config = str(find_run_config(checkpoint, section="protocol"))
-    return load_finetune_config(config, overrides)
+    """The given config, else the resolved config.json of the run the checkpoint belongs to (a run
+    saved before `model.classifier` existed is read in today's names: `saved_head_layout`)."""
+    if config is not None:
+        return load_finetune_config(config, overrides)
+    path = find_run_config(checkpoint, section="protocol")
+    saved = read_json(path)
+    saved["model"] = saved_head_layout(saved.get("model") or {})
+    try:
+        return load_finetune_config(saved, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def evaluate_run(

@@ -194,7 +194,7 @@ def supervised_task(
     return (DistillTask if distill else SupervisedTask)(
         TaskContext(special=special, stream_table=model.config.stream_table),
         targets=plan.targets,
-        head=model.spec.head,
+        classifier=model.spec.classifier,
         prompt_ids=model.spec.prompt_ids,
         class_weights=class_weights,
         max_len=model.config.max_position_embeddings,
@@ -556,6 +556,13 @@ def run_finetune(
         backend.shutdown()
 
 
+def schedule(cfg: FinetuneConfig) -> dict[str, int | None]:
+    """What a fold's length was planned with: a finished fold whose `epochs` / `steps` are raised on
+    `--resume auto` goes on from its last checkpoint (the schedule recomputed for the new length, no new
+    warm-up) and is scored again; an early-stopped fold is kept."""
+    return {"epochs": cfg.epochs, "steps": cfg.steps}
+
+
 def fold_dir(cfg: FinetuneConfig, plan: ProtocolPlan, k: int) -> Path:
     return Path(cfg.output_dir) / f"fold{k:02d}-{plan.folds[k].name}"
 
@@ -568,8 +575,13 @@ def train_fold(
     out_dir = fold_dir(cfg, plan, k)
     done = out_dir / FOLD_FILE
     if resume == "auto" and done.is_file():
-        log.info("fold %s already has %s: kept (--resume auto)", fold.name, done)
-        return json.loads(done.read_text())
+        kept = json.loads(done.read_text())
+        if kept.get("early_stopped") or kept.get("schedule", schedule(cfg)) == schedule(cfg):
+            log.info("fold %s already has %s: kept (--resume auto)", fold.name, done)
+            return kept
+        log.info(
+            "fold %s: extended from %s to %s (--resume auto)", fold.name, kept["schedule"], schedule(cfg)
+        )
     t0 = time.time()
     torch.manual_seed(cfg.seed)  # identical initial head weights on every rank
     dbs = Databases()
@@ -686,6 +698,7 @@ def train_fold(
         progress=cfg.progress,
         stop_after=cfg.stop_after,
         compile=cfg.compile,
+        compile_backend=cfg.compile_backend,
         prefetch=b.prefetch_for(backend.device),
         desc=f"fold {fold.name}",
         databases=database_digests(dbs.paths()),
@@ -753,7 +766,8 @@ def train_fold(
         "untrained_classes": untrained,
         "modalities": cfg.data.used_modalities,
         "head": cfg.model.head,
-        "pool": cfg.model.pool,
+        "per_stream": cfg.model.per_stream,
+        "classifier": cfg.model.classifier,
         "freeze": cfg.model.freeze,
         **({"lora": cfg.model.lora.model_dump()} if cfg.model.lora else {}),
         **({"distill": cfg.distill.model_dump()} if cfg.distill else {}),
@@ -764,6 +778,7 @@ def train_fold(
         "best_step": evaluator.best_step,
         "steps": steps,
         "early_stopped": stopped_early,
+        "schedule": schedule(cfg),
         "history": evaluator.history,
         "train_loss": [
             [r["step"], r[k]]

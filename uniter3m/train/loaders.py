@@ -36,6 +36,20 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
+def share_workers(total: int, ratios: Sequence[float]) -> list[int]:
+    """Each task's DataLoader workers out of one rank's `total` (`batching.num_workers`), in
+    proportion to the tasks' mix ratios: whole shares first, the workers left over to the largest
+    remainders (ties: the earlier task). A task whose share rounds to 0 prepares its batches in the
+    main process. One loader per task with its own workers would otherwise start tasks x workers
+    processes (8 objectives x 8 workers on 16 cores: 64 per rank)."""
+    weights = np.asarray(ratios, dtype=np.float64)
+    shares = total * weights / weights.sum()
+    counts = np.floor(shares).astype(np.int64)
+    for i in np.argsort(-(shares - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[i] += 1
+    return counts.tolist()
+
+
 class _Tagged(Dataset):
     """Dataset whose keys are (index, batch seed) pairs; returns (example, batch seed)."""
 

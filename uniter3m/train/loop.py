@@ -80,7 +80,7 @@ class LoopSettings:
     desc: str = "pretrain"  # progress bar label
     databases: dict[str, str] | None = None  # content digest of every database read (checked on resume)
     compile: bool = False  # torch.compile each task's training step (one Dynamo cache per task)
-    compile_backend: str | Callable = "inductor"
+    compile_backend: str = "inductor"  # run config `compile_backend`
     # fetch the next micro-batch while the current one computes and copy it to the device on a
     # side CUDA stream; on the CPU the fetch happens early with no overlap (what tests check)
     prefetch: bool = False
@@ -534,13 +534,13 @@ def _run_task(step_module: nn.Module, key: str, inputs: Mapping[str, Any]) -> di
     return step_module(key, inputs)
 
 
-def compiled_steps(keys: Sequence[str], backend: str | Callable) -> dict[str, Callable]:
+def compiled_steps(keys: Sequence[str], backend: str) -> dict[str, Callable]:
     """One compiled step per task key: `_run_task` copied with its own code object, since Dynamo
     keeps its graphs and its recompile limit per code object. `dynamic=None`: the first new shape
     recompiles with symbolic sizes, so an epoch of varied lengths costs a few graphs per task."""
     out = {}
-    for i, key in enumerate(keys):
-        code = _run_task.__code__.replace(co_name=f"task_step_{i}")
+    for key in keys:  # named by the task: Dynamo's logs and compile metrics say whose step it is
+        code = _run_task.__code__.replace(co_name=f"step_{key}")
         fn = types.FunctionType(code, _run_task.__globals__, code.co_name)
         out[key] = torch.compile(fn, backend=backend)
     return out

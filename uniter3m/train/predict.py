@@ -14,8 +14,9 @@ same code path as training reads them: a text db and feature dbs written to a te
 Segmentation: a manifest's start/end are kept; a recording without times is cut into FIXED WINDOWS
 with overlap (`window` = 4 s, `hop` = 2 s by default: each second is seen by two windows); one shorter
 than a window is one segment. No voice activity detection: silent windows are scored too.
-Text: the manifest's `text` column, else ASR (`asr="whisper-ct2"` or a local Whisper folder) when the
-model reads text; without either the model sees no text.
+Text: the manifest's `text` column, else ASR when the model reads text: `asr` ("whisper-ct2" or a local
+Whisper folder), by default the ASR model its training transcripts were made with (when they were);
+without either the model sees no text.
 
 Missing modalities follow the model's rule: a stream the input lacks (no face found, an audio file
 for a face stream, no text) is left out of that segment's input, exactly as an utterance without a
@@ -47,6 +48,7 @@ from uniter3m.evaluation.metrics import is_better
 from uniter3m.evaluation.report import FOLD_FILE
 from uniter3m.fileio import atomic_write_bytes, atomic_write_json
 from uniter3m.ingest import media
+from uniter3m.ingest.encoders import pick_device
 from uniter3m.ingest.normalise import STD_FLOOR
 from uniter3m.model.card import has_tokenizer
 from uniter3m.model.finetuning import FINETUNE_FILE, FinetuneModel, load_finetuned
@@ -151,19 +153,18 @@ class EmotionClassifier:
     """A fine-tuned model with everything it needs to classify new recordings or prepared inputs."""
 
     def __init__(self, model: FinetuneModel, directory: Path, device: str = "auto") -> None:
-        from uniter3m.ingest.encoders import pick_device
-
-        if model.spec.head == "regression":
+        if model.spec.classifier == "regression":
             raise UserError(f"{directory} is a regression model (scores, no classes); predict classifies")
         spec = json.loads((directory / FINETUNE_FILE).read_text())
-        self.record: dict[str, Any] | None = spec.get(INPUTS_KEY)
-        if self.record is None:
+        record = spec.get(INPUTS_KEY)
+        if record is None:
             raise UserError(
                 f"{directory}/{FINETUNE_FILE} does not record how its inputs were made (fine-tuned before "
                 "`inputs` was recorded); fine-tune it again (`uniter3m finetune --config ... --overwrite`)"
             )
         if not has_tokenizer(directory):
             raise UserError(f"{directory} holds no tokenizer files; fine-tune it again with `tokenizer` set")
+        self.record: dict[str, Any] = record
         self.directory = directory
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -196,8 +197,9 @@ class EmotionClassifier:
         hop: float = HOP_S,
         batch_size: int = 32,
     ) -> list[Prediction]:
-        """Prepared inputs (dicts: `id`, `text`, `<stream>`: (T, D) frames of the training extractor, raw:
-        they are normalised here) or recordings (files, folders, manifests: `predict_files`)."""
+        """Prepared inputs (dicts: `id`, `text`, `<stream>`: (T, D) frames as the training database holds
+        them, i.e. the training extractor's, per-speaker normalised when that database was; the z-score
+        with its statistics is applied here) or recordings (files, folders, manifests: `predict_files`)."""
         if inputs and all(isinstance(x, Mapping) for x in inputs):
             return self.predict_prepared(inputs, batch_size)  # type: ignore[arg-type]
         if any(isinstance(x, Mapping) for x in inputs):
@@ -213,7 +215,6 @@ class EmotionClassifier:
         from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 
         record = self.record
-        assert record is not None
         uses = self.modalities
         streams = [s for s in record["streams"] if self.stream_table.get(s).letter in uses]
         ids = [str(e["id"]) for e in examples]
@@ -290,7 +291,7 @@ class EmotionClassifier:
         task = SupervisedTask(
             TaskContext(special=special, stream_table=self.stream_table),
             targets={},
-            head=self.model.spec.head,
+            classifier=self.model.spec.classifier,
             prompt_ids=self.model.spec.prompt_ids,
             max_len=self.model.config.max_position_embeddings,
         )
@@ -328,16 +329,20 @@ class EmotionClassifier:
         for name, info in self.record["streams"].items():
             if self.stream_table.get(name).letter in uses:
                 self._add_frames(segments, name, info)
-        examples = [{"id": s.seg.id, "text": s.text, **{k: v for k, v in s.frames.items()}} for s in segments]
+        examples = [{"id": s.seg.id, "text": s.text, **s.frames} for s in segments]
         predictions = self.predict_prepared(examples, batch_size)
         for p, s in zip(predictions, segments, strict=True):
             p.recording, (p.start, p.end) = str(s.recording), s.shown
         return predictions
 
     def _add_text(self, segments: list[_Segment], asr: str | None) -> None:
+        """Transcripts for the segments without text: by `asr`, else by the ASR model the training
+        transcripts came from (`build-txt-db --asr`, recorded with its language and length limit)."""
         todo = [s for s in segments if s.text is None and s.within("audio")]
         if not todo:
             return
+        trained = self.record["text"].get("asr") or {}
+        asr = asr or trained.get("model")
         if asr is None:
             log.warning(
                 "the model reads text (L) but %d segments have none: pass --asr whisper-ct2 (or a manifest "
@@ -347,7 +352,13 @@ class EmotionClassifier:
             return
         from uniter3m.ingest.asr import make_transcriber
 
-        transcriber = make_transcriber(asr, str(self.device))
+        same = asr == trained.get("model")
+        transcriber = make_transcriber(
+            asr,
+            str(self.device),
+            language=trained.get("language") if same else None,
+            max_new_tokens=int(trained.get("max_new_tokens") or 128) if same else 128,
+        )
         by_id = {s.seg.id: s for s in todo}
         for task in media.file_tasks([s.within("audio") for s in todo]):
             cut = media.segment_audio(task, transcriber.sample_rate)
@@ -475,9 +486,12 @@ def write_predictions(
     for p in predictions:
         if p.recording is not None:
             by_recording[p.recording].append(p)
-    pictures = []
+    pictures: list[str] = []
     for recording, preds in by_recording.items():
-        picture = folder / f"timeline_{_stem(recording)}.png"
+        name = f"timeline_{_stem(recording)}"
+        if str(folder / f"{name}.png") in pictures:  # two recordings of one name in different folders
+            name += f"_{len(pictures)}"
+        picture = folder / f"{name}.png"
         timeline(preds, classes, picture, recording)
         pictures.append(str(picture))
     return {

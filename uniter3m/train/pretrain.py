@@ -31,7 +31,7 @@ from uniter3m.train.assembly import (
 from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.config import PretrainConfig, load_pretrain_config
 from uniter3m.train.distributed import init_backend
-from uniter3m.train.loaders import TaskStream, validation_loader
+from uniter3m.train.loaders import TaskStream, share_workers, validation_loader
 from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
 from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
 from uniter3m.train.precision import Precision
@@ -137,6 +137,14 @@ def run_pretrain(
         # 6. one endless, resumable stream per task; fixed validation batches
         b = cfg.batching
         pin = backend.device.type == "cuda"
+        workers = share_workers(
+            b.workers_for(backend.device, backend.local_world_size), [tc.ratio for tc in active]
+        )
+        if backend.is_main:
+            log.info(
+                "DataLoader workers of each rank, by task: %s",
+                ", ".join(f"{tc.key} {n}" for tc, n in zip(active, workers, strict=True)),
+            )
         train_tasks = []
         for i, (tc, task, train, val) in enumerate(zip(active, tasks, train_sets, val_sets, strict=True)):
             common = dict(
@@ -144,7 +152,7 @@ def run_pretrain(
                 seed=cfg.seed,
                 max_batch_size=b.max_batch_size,
                 pool_size=b.pool_size,
-                num_workers=b.workers_for(backend.device, backend.local_world_size),
+                num_workers=workers[i],
                 world_size=backend.world_size,
                 rank=backend.rank,
                 pin_memory=pin,
@@ -179,6 +187,7 @@ def run_pretrain(
             progress=cfg.progress,
             stop_after=cfg.stop_after,
             compile=cfg.compile,
+            compile_backend=cfg.compile_backend,
             prefetch=b.prefetch_for(backend.device),
             databases=database_digests(dbs.paths()),
         )

@@ -167,7 +167,7 @@ def probe_fold(
         "dropped_by_label": plan.dropped,
         "classes": list(plan.label.classes),
         "untrained_classes": untrained_classes(plan, fold),
-        "head": "probe",
+        "classifier": "probe",
         "C": best[0],
         "class_weighted": class_weighted,
         "selection_metric": metric,

@@ -50,6 +50,7 @@ RUN_CONTENT = (
     "summary.md",
     "summary.json",
     "confusion.png",
+    "learning_curve.png",
     ".*.tmp",
 )
 
