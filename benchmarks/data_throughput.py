@@ -9,12 +9,12 @@
    sampler, join, collate, the task's `prepare`, objectives drawn by ratio as the loop draws them)
    with each objective's DataLoader workers from ONE budget per rank (`num_workers: auto` on a GPU:
    cores - 1 shared by ratio, `train/loaders.py: share_workers`) against the former rule,
-   min(8, cores - 1) workers for every objective. Contenders run round by round in one process
+   min(8, cores - 1) workers for every objective, and none at all. Contenders run round by round in one process
    (each round starts its loaders fresh, one contender's processes at a time); min / median of the
    rounds' steps/s and the ratio of medians.
 3. MELD lengths (`--meld DIR`, the folder of MELD's csv files): transcripts through the real
-   tokenizer (+ [CLS]/[SEP], at most `--max-txt-len`), face and speech frames from each utterance's
-   duration (`--face-fps`, `--speech-fps`, at most `--max-frames`), cut into one epoch of
+   tokenizer (+ [CLS]/[SEP], at most 64 + 2), face and speech frames from each utterance's
+   duration (`--face-fps`, `--speech-fps`, at most 64: the data config's defaults), cut into one epoch of
    token-bucket batches: positions per batch with packing off and on (and the packing plan's time),
    and with `pad_multiple` 1 and 8 the padding share and the graphs Dynamo compiles for a tiny
    backbone over that epoch's shapes.
@@ -140,11 +140,13 @@ def measure(ds: JoinedDataset, workers: int, max_tokens: int, seconds: float) ->
 
 def worker_rules(cores: int, ratios: list[float]) -> dict[str, list[int]]:
     """Each objective's workers on a GPU machine with `cores` CPUs and one rank: one budget shared
-    by ratio (`num_workers: auto`) and the former rule, min(8, cores - 1) for every objective."""
+    by ratio (`num_workers: auto`), the former rule, min(8, cores - 1) for every objective, and none
+    (every batch prepared in the main process)."""
     budget = BatchingConfig(num_workers="auto").workers_for("cuda", 1, cores=cores)
     return {
         "budget": share_workers(budget, ratios),
         "per objective": [max(1, min(8, cores - 1))] * len(ratios),
+        "none": [0] * len(ratios),
     }
 
 

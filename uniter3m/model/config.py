@@ -20,7 +20,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from uniter3m.config import StrictModel, format_validation_error, read_json
 from uniter3m.errors import ConfigError
-from uniter3m.fileio import atomic_write_json
 from uniter3m.streams import Stream, StreamTable
 
 MODEL_TYPE = "uniter3m"
@@ -198,9 +197,6 @@ class UniterConfig(StrictModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, self.to_disk())
 
     def to_disk(self, architecture: str = "BertModel") -> dict[str, Any]:
         """The saved `config.json`: an HF BERT config (`architecture`, model_type "bert") whose extra

@@ -90,10 +90,6 @@ class Backend:
                 return int(os.environ[key])
         return 1
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
     # -- collectives (tensors may live on any device; results come back on the same one) --
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` over ranks IN PLACE and return it. `op` is one of REDUCE_OPS."""

@@ -8,13 +8,12 @@ autocast gives little and changes numerics the CPU tests compare exactly.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from uniter3m.errors import ConfigError
 
-PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
