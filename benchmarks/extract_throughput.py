@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the test media helpers: tests.support.media
 
 from uniter3m.errors import UserError  # noqa: E402
 from uniter3m.ingest.extractors import ExtractorOptions  # noqa: E402
@@ -58,7 +58,8 @@ def base_wav2vec2(folder: Path) -> Path:
 def make_long_video(path: Path, seconds: float, fps: int = 25) -> int:
     """A 320x240 video: the astronaut's head wandering, one blank frame in five. Returns the frame count."""
     import av
-    from _media import head
+
+    from tests.support.media import head
 
     face = head()
     out = av.open(str(path), "w")

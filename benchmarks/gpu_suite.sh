@@ -49,7 +49,7 @@ if [ "$MODE" = dry ]; then
     version=$("$HOST_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     BUNDLE=${BUNDLE:-$REPO/build/gpu_bundle}
     PYTHON="$HOST_PYTHON" bash "$REPO/scripts/gpu_bundle.sh" --python "$version" --out "$BUNDLE"
-    export UNITER3M_GPU_DRY_RUN=1 # tests/test_cuda.py runs on the CPU
+    export UNITER3M_GPU_DRY_RUN=1 # tests/gpu/test_cuda.py runs on the CPU
 else
     HOST_PYTHON=${HOST_PYTHON:-python3}
     OUT=${OUT:-$REPO/gpu_out}
@@ -142,7 +142,7 @@ PY="$WORK/venv/bin/python"
 cd "$WORK/tree"
 
 # 2. correctness on the device: bf16 and fp16 + GradScaler steps, compiled vs eager, packed vs unpacked
-run_step cuda_tests "$OUT/cuda_tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+run_step cuda_tests "$OUT/cuda_tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_cuda.py
 
 # 3. the fixed-shape base step, interleaved rounds
 if [ "$MODE" = dry ]; then

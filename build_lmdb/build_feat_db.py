@@ -5,7 +5,9 @@ Examples:
         --min-confidence 0.8 --out db/face
     uniter3m build-feat-db --input wav2vec.h5 --format h5 --dtype float32 --out db/speech
 
-Recordings (wav, video) go through `uniter3m build-media-db`. The rules for each format and for bad
+Recordings (`--format wav|video`) are `uniter3m build-media-db`'s work: given here, the whole line runs
+as that command (`route`), so `build-feat-db --format wav --extractor resemblyzer ...` works and each
+command's own flags stay the ones that mean something for its inputs. The rules for each format and for bad
 input are in `uniter3m.ingest.sources` and `uniter3m.ingest.feat_db`.
 """
 
@@ -16,14 +18,27 @@ from pathlib import Path
 
 from uniter3m.data.store import claim_database_dir
 from uniter3m.ingest.feat_db import DTYPES, NAN_POLICIES, FeatDbSpec, build_feat_db, summary_lines
-from uniter3m.ingest.sources import FORMATS, parse_patterns
+from uniter3m.ingest.sources import FORMATS, MEDIA_FORMATS, parse_patterns
+
+
+def route(argv: list[str]) -> str | None:
+    """`build-media-db` when the line names a recordings format (wav, video), else None (this command)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--format" and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == "--format" or arg.startswith("--format=")) and value in MEDIA_FORMATS:
+            return "build-media-db"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", type=Path, default=None, help="a folder (npz, openface), an HDF5 file (h5) or a CSV (csv)"
     )
-    parser.add_argument("--format", required=True, help=f"how the frames are stored: {' | '.join(FORMATS)}")
+    parser.add_argument(
+        "--format",
+        required=True,
+        help=f"how the frames are stored: {' | '.join(FORMATS)} (wav | video: run as build-media-db)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output database folder")
     parser.add_argument(
         "--id-col", default=None, help="csv only: id column(s), comma-separated; several are joined with '_'"

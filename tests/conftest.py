@@ -1,4 +1,5 @@
-"""Shared fixtures: the real corpora in ../shared/data and the real MiniLM BERT weights."""
+"""Shared fixtures: the real corpora in ../shared/data, the real MiniLM BERT weights, and the tiny
+pretraining / fine-tuning corpora and model of tests.support.runs (module-scoped: built once per module)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.runs import build_finetune_dbs, build_pretrain_dbs, tiny_checkpoint
 
 
 def shared_data_dir() -> Path:
@@ -56,3 +59,31 @@ def special(tokenizer):
     from uniter3m.data.tokenization import special_tokens
 
     return special_tokens(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny tensors
+    on 2 shared cores run several times faster without OpenMP threads spin-waiting; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dbs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """The synthetic pretraining databases (`build_pretrain_dbs`), for `pretrain_config`."""
+    return build_pretrain_dbs(tmp_path_factory.mktemp("pretrain_dbs"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory, minilm_dir) -> Path:
+    """The 48-utterance fine-tuning databases (`build_finetune_dbs`), for `finetune_config`."""
+    return build_finetune_dbs(tmp_path_factory.mktemp("ft"), minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A saved tiny model (`tiny_checkpoint`) to fine-tune."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")

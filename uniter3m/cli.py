@@ -110,6 +110,10 @@ def _main(argv: list[str]) -> int:
         previous = None
     try:
         module = importlib.import_module(COMMANDS[command][0])
+        routed = getattr(module, "route", lambda argv: None)(rest)
+        if routed is not None:  # the same line belongs to a sibling command (build-feat-db -> build-media-db)
+            command = routed
+            module = importlib.import_module(COMMANDS[command][0])
         parser = argparse.ArgumentParser(prog=f"uniter3m {command}", description=COMMANDS[command][1])
         module.add_arguments(parser)
         args = parser.parse_args(rest)

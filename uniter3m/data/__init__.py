@@ -1,1 +1,2 @@
-"""Run time data: LMDB stores, tokenisation, datasets, dialogue context, collate, sampler, packing, prompts, labels, the synthetic demo corpus."""
+"""Run time data: LMDB stores, tokenisation, emotion lexicons, datasets, dialogue context, collate, sampler, packing,
+prompts, labels, the synthetic demo corpus."""

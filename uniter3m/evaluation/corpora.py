@@ -3,7 +3,7 @@
 For every corpus (and each of its targets): the label column, the classes in head order, how
 raw label values map to them and which are dropped on purpose, whether the target is a score
 (regression) or derived from one, the validation metric used for model selection, and the
-default verbaliser words of the prompt head. The protocols (`data/protocols.py`), the heads and
+default verbaliser words of the prompt head. The protocols (`evaluation/protocols.py`), the heads and
 the recipes all read it; nothing about a corpus is spelled out anywhere else.
 
 Verbaliser words are single WordPieces of the bert-base-uncased vocabulary.

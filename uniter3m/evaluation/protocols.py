@@ -6,7 +6,7 @@ A protocol turns the label columns of a text database (`{id: {column: value}}`) 
   * the validation metric used for model selection (UAR for IEMOCAP / MSP-IMPROV, weighted F1
     for MELD, accuracy for MOSI binary and 7-class, MAE for MOSI regression).
 
-The corpora, their label sets and metrics are those of the corpus table (`data/corpora.py`):
+The corpora, their label sets and metrics are those of the corpus table (`evaluation/corpora.py`):
 iemocap4, iemocap6, msp4, meld (emotion | sentiment), mosi (binary | 7class | regression), emodb,
 ravdess, and generic (any label column + class list; default: every distinct value of the column, sorted).
 Fold schemes:
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uniter3m.errors import ConfigError, UserError
-from uniter3m.evaluation.corpora import CORPORA, corpus
+from uniter3m.evaluation.corpora import corpus
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ class ProtocolPlan:
         return self.label.regression
 
 
-BUILTINS = tuple(CORPORA)
 SCHEMES = ("split", "session", "speaker", "loso", "speaker_kfold")
 
 
@@ -287,14 +286,10 @@ def speaker_folds(
     speaker_column: str,
 ) -> list[Fold]:
     """Leave one speaker out: test one speaker, validate on the other speaker of that session."""
-    speaker: dict[str, tuple[str, str]] = {}
-    for uid in ids:
-        labels = rows[uid]
-        if labels.get(speaker_column) in (None, ""):
-            raise UserError(
-                f"id {uid!r} has no {speaker_column!r} value; the speaker scheme needs one per row"
-            )
-        speaker[uid] = (session_of(labels, uid, session_column, dialogue_column), str(labels[speaker_column]))
+    speaker_of = _speaker_of(rows, ids, speaker_column, "speaker")
+    speaker = {
+        uid: (session_of(rows[uid], uid, session_column, dialogue_column), speaker_of[uid]) for uid in ids
+    }
     by_session: dict[str, set[str]] = {}
     for sess, spk in speaker.values():
         by_session.setdefault(sess, set()).add(spk)

@@ -261,29 +261,60 @@ def build_mosi(
 EMODB_LABELS = ["emotion", "speaker", "gender", "sentence"]
 
 
-def emodb_rows(emodb: Path) -> list[dict[str, Any]]:
-    """One row per utterance of emodb.csv, with the wav's absolute path checked to exist."""
-    path = _need(emodb / "emodb.csv")
+def corpus_rows(folder: Path, table: str, media: str, labels: list[str], unit: str) -> list[dict[str, Any]]:
+    """One row per `unit` of `folder/table` (columns id, `media`, text, `labels`), the media file's
+    absolute path checked to exist (a corpus with a bad path fails before any long extraction)."""
+    path = _need(folder / table)
     rows = []
     with path.open(encoding="utf-8", newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
-                wav = _need(emodb / row["wav"])
+                file = _need(folder / row[media])
                 rows.append(
                     {
                         "id": row["id"],
-                        "wav": str(wav.resolve()),
+                        media: str(file.resolve()),
                         "text": row["text"],
-                        **{k: row[k] for k in EMODB_LABELS},
+                        **{k: row[k] for k in labels},
                     }
                 )
             except KeyError as err:
                 raise UserError(
-                    f"{path} line {line}: no column {err} (need id, wav, text, {EMODB_LABELS})"
+                    f"{path} line {line}: no column {err} (need id, {media}, text, {labels})"
                 ) from err
     if not rows:
-        raise UserError(f"{path} holds no utterance")
+        raise UserError(f"{path} holds no {unit}")
     return rows
+
+
+def emodb_rows(emodb: Path) -> list[dict[str, Any]]:
+    """One row per utterance of emodb.csv, with the wav's absolute path checked to exist."""
+    return corpus_rows(emodb, "emodb.csv", "wav", EMODB_LABELS, "utterance")
+
+
+def text_dbs_by(
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    name: str,
+    column: str,
+    part: str,
+    tokenizer: Path,
+    labels: list[str],
+    overwrite: bool,
+    lexicon: str,
+    split_dbs: bool,
+) -> dict[str, Any]:
+    """`<out>/<name>` of all rows (the media column left out), and with split_dbs one more per value v of
+    `column`, `<out>/<name>_<part>v`, so fold-safe pretraining reads exactly a fold's training speakers."""
+    text_rows = [{k: v for k, v in r.items() if k in ("id", "text", *labels)} for r in rows]
+    metas = {name: text_db_from_rows(text_rows, out / name, tokenizer, labels, overwrite, lexicon)}
+    if split_dbs:
+        for value in sorted({r[column] for r in text_rows}):
+            group = [r for r in text_rows if r[column] == value]
+            metas[f"{name}_{part}{value}"] = text_db_from_rows(
+                group, out / f"{name}_{part}{value}", tokenizer, labels, overwrite, lexicon
+            )
+    return metas
 
 
 def one_frame(extractor: str) -> bool:
@@ -317,18 +348,9 @@ def build_emodb(
     for name in extractors:
         extractor_class(name)  # an unknown name fails here, not after the first databases
     rows = emodb_rows(data / "emodb")[:limit]
-    text_rows = [{k: v for k, v in r.items() if k != "wav"} for r in rows]
-    metas: dict[str, Any] = {
-        "emodb_txt": text_db_from_rows(
-            text_rows, out / "emodb_txt", tokenizer, EMODB_LABELS, overwrite, lexicon
-        )
-    }
-    if split_dbs:
-        for spk in sorted({r["speaker"] for r in rows}):
-            part = [r for r in text_rows if r["speaker"] == spk]
-            metas[f"emodb_txt_spk{spk}"] = text_db_from_rows(
-                part, out / f"emodb_txt_spk{spk}", tokenizer, EMODB_LABELS, overwrite, lexicon
-            )
+    metas = text_dbs_by(
+        rows, out, "emodb_txt", "speaker", "spk", tokenizer, EMODB_LABELS, overwrite, lexicon, split_dbs
+    )
     segments = [Segment(r["id"], Path(r["wav"])) for r in rows]
     metas["emodb_compare"] = speech_db(segments, out / "emodb_compare", "compare", overwrite)
     for k in pool_frames:

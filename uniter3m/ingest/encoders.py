@@ -120,7 +120,49 @@ def _hidden_states(outputs: Any, model_dir: Path) -> tuple[Any, ...]:
     return states
 
 
-class AudioEncoder:
+class _HfEncoder:
+    """What both encoders share: the model on its device, the hidden states to read (`layers`), the
+    feature size and the `info()` keys every feature db's meta records."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model: Any,
+        config: Any,
+        layers: str | None,
+        batch_size: int,
+        device: str,
+        precision: str,
+    ):
+        import torch
+
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self.model_dir = model_dir
+        self.device = pick_device(device)
+        self.model = model.to(self.device)
+        self.precision = precision
+        self.batch_size = batch_size
+        self.layers = _resolve_layers(parse_layers(layers), int(config.num_hidden_layers) + 1, model_dir)
+        self.dim = int(config.hidden_size)
+        self.model_type = config.model_type
+        self._torch = torch
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": f"hf:{self.model_dir}",
+            "model_type": self.model_type,
+            "dim": self.dim,
+            "layers": self.layers,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+
+    def _mixed_precision(self) -> Any:
+        return _autocast(self.device, self.precision)
+
+
+class AudioEncoder(_HfEncoder):
     """Frames of a local audio encoder; `encode(list of mono float32 arrays) -> list of (T, D)`."""
 
     def __init__(
@@ -132,8 +174,6 @@ class AudioEncoder:
         device: str = "auto",
         precision: str = "auto",
     ):
-        import torch
-
         model, config = _load(model_dir, "audio", AUDIO_FAMILIES)
         if getattr(model, "main_input_name", None) != "input_values" or not hasattr(
             model, "_get_feat_extract_output_lengths"
@@ -144,39 +184,22 @@ class AudioEncoder:
             )
         if pool_frames < 1:
             raise UserError(f"--pool-frames must be >= 1, got {pool_frames}")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        self.model_dir = model_dir
-        self.device = pick_device(device)
-        self.model = model.to(self.device)
-        self.precision = precision
-        self._autocast = lambda: _autocast(self.device, precision)
+        super().__init__(model_dir, model, config, layers, batch_size, device, precision)
         self.pool_frames = pool_frames
-        self.batch_size = batch_size
         pre = _preprocessor(model_dir)
         self.sample_rate = int(pre.get("sampling_rate", 16000))
         self.normalize = bool(pre.get("do_normalize", True))
         self.maskable = getattr(config, "feat_extract_norm", "layer") == "layer"
-        n_states = int(config.num_hidden_layers) + 1
-        self.layers = _resolve_layers(parse_layers(layers), n_states, model_dir)
-        self.dim = int(config.hidden_size)
         stride = int(np.prod(getattr(config, "conv_stride", [320])))
         self.frame_rate = self.sample_rate / stride / pool_frames
-        self.model_type = config.model_type
-        self._torch = torch
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": f"hf:{self.model_dir}",
-            "model_type": self.model_type,
-            "dim": self.dim,
-            "layers": self.layers,
+            **super().info(),
             "pool_frames": self.pool_frames,
             "sample_rate": self.sample_rate,
             "frame_rate": self.frame_rate,
             "normalize": self.normalize,
-            "device": str(self.device),
-            "precision": self.precision,
         }
 
     def n_frames(self, n_samples: int) -> int:
@@ -223,7 +246,7 @@ class AudioEncoder:
         kwargs: dict[str, Any] = {"input_values": torch.from_numpy(values).to(self.device)}
         if self.maskable and min(lengths) != max(lengths):
             kwargs["attention_mask"] = torch.from_numpy(mask).to(self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._mixed_precision():
             states = _hidden_states(self.model(**kwargs, output_hidden_states=True), self.model_dir)
             hidden = torch.stack([states[k].float() for k in self.layers]).mean(0)
         hidden = hidden.float().cpu().numpy()
@@ -242,7 +265,7 @@ def pool_frames(frames: np.ndarray, k: int) -> np.ndarray:
     return (sums / counts).astype(np.float32)
 
 
-class VisionEncoder:
+class VisionEncoder(_HfEncoder):
     """One vector per image of a local vision encoder; `encode(uint8 (N, H, W, C)) -> (N, D)`."""
 
     def __init__(
@@ -254,8 +277,6 @@ class VisionEncoder:
         device: str = "auto",
         precision: str = "auto",
     ):
-        import torch
-
         model, config = _load(model_dir, "vision", VISION_FAMILIES)
         if hasattr(model, "vision_model") and getattr(model, "main_input_name", None) != "pixel_values":
             model, config = (
@@ -269,36 +290,21 @@ class VisionEncoder:
             )
         if pool not in TOKEN_POOLS:
             raise UserError(f"--pool must be one of {', '.join(TOKEN_POOLS)}, got {pool!r}")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        self.model_dir = model_dir
-        self.device = pick_device(device)
-        self.model = model.to(self.device)
-        self.precision = precision
+        super().__init__(model_dir, model, config, layers, batch_size, device, precision)
         self.pool = pool
-        self.batch_size = batch_size
         size = getattr(config, "image_size", 224)
         self.image_size = int(size if isinstance(size, int) else size[0])
         pre = _preprocessor(model_dir)
         self.mean = np.asarray(pre.get("image_mean", [0.5, 0.5, 0.5]), np.float32)
         self.std = np.asarray(pre.get("image_std", [0.5, 0.5, 0.5]), np.float32)
-        self.layers = _resolve_layers(parse_layers(layers), int(config.num_hidden_layers) + 1, model_dir)
-        self.dim = int(config.hidden_size)
-        self.model_type = config.model_type
-        self._torch = torch
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": f"hf:{self.model_dir}",
-            "model_type": self.model_type,
-            "dim": self.dim,
+            **super().info(),
             "pool": self.pool,
-            "layers": self.layers,
             "image_size": self.image_size,
             "image_mean": self.mean.tolist(),
             "image_std": self.std.tolist(),
-            "device": str(self.device),
-            "precision": self.precision,
         }
 
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -327,7 +333,7 @@ class VisionEncoder:
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         torch = self._torch
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), self._mixed_precision():
             outputs = self.model(pixel_values=x, output_hidden_states=True)
             if self.pool == "pooler":
                 pooled = getattr(outputs, "pooler_output", None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,19 @@ def _open(av, path: Path, seg: Segment):
         ) from err
 
 
+@contextmanager
+def _first_track(av, task: FileTask, kind: str, fix: str) -> Iterator[tuple[Any, Any]]:
+    """(open container, its first `kind` stream) of a file, closed on exit; a file without such a
+    track is an error naming what it holds and `fix` (what to pass instead)."""
+    seg = task.segments[0]
+    with _open(av, task.path, seg) as container:
+        streams = getattr(container.streams, kind)
+        if not streams:
+            kinds = ", ".join(s.type for s in container.streams) or "no stream"
+            raise UserError(f"{seg.where()} has no {kind} track (it holds: {kinds}); {fix}")
+        yield container, streams[0]
+
+
 def probe(path: Path) -> dict[str, float]:
     """{"audio" | "video": seconds} of the tracks a file holds (the container's duration for a track
     that declares none)."""
@@ -233,15 +247,8 @@ def decode_audio(task: FileTask, sample_rate: int | None) -> tuple[np.ndarray, i
     """The whole file's first audio track, mono float32 at `sample_rate` (None: its own), and its native rate."""
     av = _av()
     seg = task.segments[0]
-    container = _open(av, task.path, seg)
-    with container:
-        if not container.streams.audio:
-            kinds = ", ".join(s.type for s in container.streams) or "no stream"
-            raise UserError(
-                f"{seg.where()} has no audio track (it holds: {kinds}); drop it from the input or use "
-                "--format video for its faces"
-            )
-        stream = container.streams.audio[0]
+    fix = "drop it from the input or use --format video for its faces"
+    with _first_track(av, task, "audio", fix) as (container, stream):
         declared = declared_seconds(av, container, stream)
         native = int(stream.codec_context.sample_rate or stream.rate or 0)
         if sample_rate is None and not native:
@@ -309,15 +316,8 @@ def video_frames(task: FileTask, fps: float | None) -> Iterator[tuple[float, np.
     """
     av = _av()
     seg = task.segments[0]
-    container = _open(av, task.path, seg)
-    with container:
-        if not container.streams.video:
-            kinds = ", ".join(s.type for s in container.streams) or "no stream"
-            raise UserError(
-                f"{seg.where()} has no video track (it holds: {kinds}); --format video reads faces from "
-                "video files: use --format wav for audio"
-            )
-        stream = container.streams.video[0]
+    fix = "--format video reads faces from video files: use --format wav for audio"
+    with _first_track(av, task, "video", fix) as (container, stream):
         stream.thread_type = "AUTO"
         declared = declared_seconds(av, container, stream)
         interval = 1.0 / float(stream.average_rate or 25)

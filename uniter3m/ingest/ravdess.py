@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from uniter3m.errors import UserError
-from uniter3m.ingest.corpora import _need, one_frame, speech_db, text_db_from_rows
+from uniter3m.ingest.corpora import _need, corpus_rows, one_frame, speech_db, text_dbs_by
 from uniter3m.ingest.extractors import extractor_class
 from uniter3m.ingest.feat_db import FeatDbSpec, build_feat_db
 from uniter3m.ingest.media import Segment
@@ -44,27 +44,7 @@ FACE_AU_DIM = 35
 
 def ravdess_rows(ravdess: Path) -> list[dict[str, Any]]:
     """One row per clip of ravdess.csv, with the audio file's absolute path checked to exist."""
-    path = _need(ravdess / "ravdess.csv")
-    rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                audio = _need(ravdess / row["audio"])
-                rows.append(
-                    {
-                        "id": row["id"],
-                        "audio": str(audio.resolve()),
-                        "text": row["text"],
-                        **{k: row[k] for k in RAVDESS_LABELS},
-                    }
-                )
-            except KeyError as err:
-                raise UserError(
-                    f"{path} line {line}: no column {err} (need id, audio, text, {RAVDESS_LABELS})"
-                ) from err
-    if not rows:
-        raise UserError(f"{path} holds no clip")
-    return rows
+    return corpus_rows(ravdess, "ravdess.csv", "audio", RAVDESS_LABELS, "clip")
 
 
 def face_vectors(ravdess: Path, ids: Sequence[str]) -> dict[str, np.ndarray]:
@@ -117,18 +97,9 @@ def build_ravdess(
     faces = face_vectors(ravdess, [r["id"] for r in rows])  # checked before any long extraction
     for name in extractors:
         extractor_class(name)  # an unknown name fails here, not after the first databases
-    text_rows = [{k: v for k, v in r.items() if k != "audio"} for r in rows]
-    metas: dict[str, Any] = {
-        "ravdess_txt": text_db_from_rows(
-            text_rows, out / "ravdess_txt", tokenizer, RAVDESS_LABELS, overwrite, lexicon
-        )
-    }
-    if split_dbs:
-        for actor in sorted({r["actor"] for r in rows}):
-            part = [r for r in text_rows if r["actor"] == actor]
-            metas[f"ravdess_txt_actor{actor}"] = text_db_from_rows(
-                part, out / f"ravdess_txt_actor{actor}", tokenizer, RAVDESS_LABELS, overwrite, lexicon
-            )
+    metas = text_dbs_by(
+        rows, out, "ravdess_txt", "actor", "actor", tokenizer, RAVDESS_LABELS, overwrite, lexicon, split_dbs
+    )
 
     def face_utterances() -> Iterator[Utterance]:
         for r in rows:

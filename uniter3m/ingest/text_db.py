@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.data.lexicon import join_pieces, load_emotion_lexicon
+from uniter3m.data.lexicon import load_emotion_lexicon, word_classes
 from uniter3m.data.store import DbWriter
 from uniter3m.data.tokenization import encode_text, load_tokenizer, special_tokens, vocab_hash
 from uniter3m.errors import UserError
@@ -183,36 +183,6 @@ def _as_id_part(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip() if value is not None else ""
-
-
-# --------------------------------------------------------------------------- lexicon
-
-
-@dataclass(frozen=True)
-class Lexicon:
-    words: frozenset[str]
-    info: dict[str, Any]
-
-
-def load_lexicon(spec: str) -> Lexicon:
-    """`nrc` (NRC EmoLex, 8 emotions), `nrc6` (MEmoBERT's 6), `none` or a word-list file
-    (`uniter3m.data.lexicon`, shared with the MELM objectives' run-time lexicon)."""
-    lexicon = load_emotion_lexicon(spec)
-    return Lexicon(frozenset(lexicon.words), lexicon.info)
-
-
-def emotion_flags(tokens: Sequence[str], word_ids: Sequence[int], lexicon: Lexicon) -> np.ndarray:
-    """1 on every token of a word whose joined wordpieces are in the lexicon."""
-    flags = np.zeros(len(tokens), dtype=np.uint8)
-    if not lexicon.words:
-        return flags
-    start = 0
-    for end in range(1, len(tokens) + 1):
-        if end == len(tokens) or word_ids[end] != word_ids[start]:
-            if join_pieces(tokens[start:end]) in lexicon.words:
-                flags[start:end] = 1
-            start = end
-    return flags
 
 
 # --------------------------------------------------------------------------- histograms
@@ -392,7 +362,7 @@ def build_text_db(spec: TextDbSpec, rows: Iterable[dict[str, Any]] | None = None
     if spec.soft_label_col is not None:
         wanted["--soft-label-col"] = [spec.soft_label_col]
     _require_columns(where, columns, wanted)
-    lexicon = load_lexicon(spec.lexicon)
+    lexicon = load_emotion_lexicon(spec.lexicon)
     tokenizer = load_tokenizer(spec.tokenizer)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"tokenizer {spec.tokenizer} is not a fast tokenizer; word ids need tokenizer.json")
@@ -424,7 +394,8 @@ def build_text_db(spec: TextDbSpec, rows: Iterable[dict[str, Any]] | None = None
                     input_ids[: spec.max_len],
                 )
             word_ids = np.asarray([-1 if w is None else w for w in words], dtype=np.int32)
-            flags = emotion_flags(tokens, list(word_ids), lexicon)
+            # the run-time MELM rule: every token of a word whose joined pieces the lexicon holds
+            flags = (word_classes(tokens, list(word_ids), lexicon) > 0).astype(np.uint8)
             encoded.append((np.asarray(input_ids, dtype=np.int32), word_ids, flags))
             keep.append(utt)
         bar.update(len(chunk))

@@ -192,25 +192,34 @@ def convert_hf_bert(
         _, name = strip_prefix(name, ("bert.", "roberta.", "model."))
         if _is_position_ids(name):
             report.ignore(key, "index buffer, not a weight (positions are computed)", harmless=True)
-        elif name.startswith(TEXT_BACKBONE_PREFIXES):
-            if family == "roberta" and name == "embeddings.position_embeddings.weight":
-                tensor = tensor[offset:]
-                report.note(
-                    f"RoBERTa position table: rows 0-{offset - 1} (padding offset) were dropped, "
-                    f"{tensor.shape[0]} positions kept"
-                )
-            _put(out, report, BACKBONE + name, key, tensor)
-        elif name.startswith("cls.predictions."):
-            ours = "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
-            _put(out, report, ours, key, tensor)
-        elif name in _ROBERTA_LM_HEAD:
-            _put(out, report, _ROBERTA_LM_HEAD[name], key, tensor)
-        elif name.startswith("cls.seq_relationship."):
-            report.ignore(key, "BERT next-sentence head: uniter3m has no NSP task")
-        else:
-            report.ignore(key, "not part of a BERT encoder or its MLM head")
+            continue
+        if family == "roberta" and name == "embeddings.position_embeddings.weight":
+            tensor = tensor[offset:]
+            report.note(
+                f"RoBERTa position table: rows 0-{offset - 1} (padding offset) were dropped, "
+                f"{tensor.shape[0]} positions kept"
+            )
+        _place_bert(out, report, name, key, tensor)
     resolve_tied(out, report)
     return out, report
+
+
+def _place_bert(
+    out: StateDict, report: ConversionReport, name: str, source: str, tensor: torch.Tensor
+) -> None:
+    """A weight under its BERT name (HF or renamed TF) into ours: the text backbone and the MLM head
+    (HF's and RoBERTa's names) are kept, the NSP head and anything else are reported as ignored."""
+    if name.startswith(TEXT_BACKBONE_PREFIXES):
+        _put(out, report, BACKBONE + name, source, tensor)
+    elif name.startswith("cls.predictions."):
+        ours = "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
+        _put(out, report, ours, source, tensor)
+    elif name in _ROBERTA_LM_HEAD:
+        _put(out, report, _ROBERTA_LM_HEAD[name], source, tensor)
+    elif name.startswith("cls.seq_relationship."):
+        report.ignore(source, "BERT next-sentence head: uniter3m has no NSP task")
+    else:
+        report.ignore(source, "not part of a BERT encoder or its MLM head")
 
 
 def _put(out: StateDict, report: ConversionReport, ours: str, source: str, tensor: torch.Tensor) -> None:
@@ -278,14 +287,7 @@ def convert_tf_bert(variables: Mapping[str, np.ndarray]) -> tuple[StateDict, Con
         tensor = torch.from_numpy(np.array(variables[variable], copy=True))
         if variable.endswith("/kernel"):
             tensor = tensor.t().contiguous()
-        if name.startswith(TEXT_BACKBONE_PREFIXES):
-            _put(out, report, BACKBONE + name, variable, tensor)
-        elif name.startswith("cls.predictions."):
-            _put(out, report, name, variable, tensor)
-        elif name.startswith("cls.seq_relationship."):
-            report.ignore(variable, "BERT next-sentence head: uniter3m has no NSP task")
-        else:
-            report.ignore(variable, "not part of a BERT encoder or its MLM head")
+        _place_bert(out, report, name, variable, tensor)
     resolve_tied(out, report)
     return out, report
 

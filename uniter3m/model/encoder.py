@@ -81,10 +81,13 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, h)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, config: UniterConfig):
+class BertOutput(nn.Module):
+    """Dense back to the hidden size, dropout, residual, LayerNorm: the end of the attention block
+    (`in_size` = hidden size) and of the feed-forward block (`in_size` = intermediate size)."""
+
+    def __init__(self, config: UniterConfig, in_size: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -96,7 +99,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.self = BertSelfAttention(config)
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         return self.output(self.self(x, bias), x)
@@ -112,23 +115,12 @@ class BertIntermediate(nn.Module):
         return self.act(self.dense(x))
 
 
-class BertOutput(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
 class BertLayer(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+        self.output = BertOutput(config, config.intermediate_size)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         x = self.attention(x, bias)

@@ -1,1 +1,2 @@
-"""One module per pretraining objective: how it masks, which head, which loss."""
+"""One module per objective (how it masks, which head, which loss), and fine-tuning as tasks (supervised,
+distillation), behind the registry in `base.py`."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from uniter3m.data.labels import lookup_targets
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.model.uniter import unwrap
@@ -292,6 +293,32 @@ class Task:
                     f"a {names[key]} feature db"
                 )
 
+    def label_values(self, batch: Mapping[str, Any], column: str) -> Sequence[Any]:
+        """The batch's raw values of label column `column` (hard labels, emotion_itm, ranking codes);
+        a batch without that column is an error naming the columns it has."""
+        values = batch.get("labels", {}).get(column)
+        if values is None:
+            raise UserError(
+                f"task {self.name}: the batch has no label column {column!r} "
+                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
+            )
+        return values
+
+    def label_targets(
+        self, batch: Mapping[str, Any], column: str, table: Mapping[str, int], what: str, fix: str
+    ) -> torch.Tensor:
+        """Label column `column` mapped through `table` (label -> target index), a long tensor; labels
+        the table lacks are one error listing them, with `fix` (`uniter3m.data.labels.lookup_targets`)."""
+        out = lookup_targets(
+            self.label_values(batch, column),
+            table,
+            what=what,
+            where=f"task {self.name}",
+            ids=list(batch.get("ids", [])),
+            fix=fix,
+        )
+        return torch.tensor(out, dtype=torch.long)
+
     def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The backbone's keyword arguments from a batch (text mask = ``txt_mask``)."""
         out: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["txt_mask"]}
@@ -304,6 +331,26 @@ class Task:
     def encode(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
         """Run the backbone on the model keys of ``inputs`` (returns a UniterOutput)."""
         return call_model(model, **{k: inputs[k] for k in self.model_keys if inputs.get(k) is not None})
+
+
+class FrameStreamTask(Task):
+    """A task on one frame stream: option ``stream`` (the stream's letter, fixed by the task name);
+    its head is ``<stream name>_<head_suffix>`` (``face_regress``, ``speech_fom``, ...)."""
+
+    head_suffix: str = ""
+
+    def __init__(self, context: TaskContext, *, stream: str = "V", **common: Any) -> None:
+        frame_letters = context.stream_table.frame_letters()
+        if stream not in frame_letters:
+            raise ConfigError(
+                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(frame_letters)}"
+            )
+        self.stream = stream
+        self.prefix = frame_letters[stream]
+        self.streams = (stream,)
+        self.head_name = f"{self.prefix}_{self.head_suffix}"
+        self.heads = (self.head_name,)
+        super().__init__(context, **common)
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:

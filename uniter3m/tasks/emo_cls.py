@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from uniter3m.data.labels import lookup_targets
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
     Task,
@@ -97,23 +96,6 @@ class EmoClsTask(Task):
             raise ConfigError(f"task {self.name}: min_confidence values {conf} must be in [0, 1]")
         self.thresholds = thresholds
 
-    def hard_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        column = batch.get("labels", {}).get(self.label_column)
-        if column is None:
-            raise UserError(
-                f"task {self.name}: the batch has no label column {self.label_column!r} "
-                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
-            )
-        out = lookup_targets(
-            column,
-            self.label_index,
-            what="class",
-            where=f"task {self.name}",
-            ids=list(batch.get("ids", [])),
-            fix="add the label to classes or label_map, or filter the data",
-        )
-        return torch.tensor(out, dtype=torch.long)
-
     def soft_targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         soft = batch.get("soft_labels")
         if soft is None:
@@ -138,7 +120,13 @@ class EmoClsTask(Task):
             inputs["emo_soft"] = soft
             inputs["emo_keep"] = keep
         else:
-            inputs["emo_targets"] = self.hard_targets(batch)
+            inputs["emo_targets"] = self.label_targets(
+                batch,
+                self.label_column,
+                self.label_index,
+                "class",
+                "add the label to classes or label_map, or filter the data",
+            )
             inputs["emo_keep"] = torch.ones(len(inputs["emo_targets"]), dtype=torch.bool)
         inputs["emo_index"] = inputs["emo_keep"].nonzero().squeeze(1)  # on the CPU, in the workers
         return inputs

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from uniter3m.errors import ConfigError
 from uniter3m.tasks.base import (
-    Task,
+    FrameStreamTask,
     TaskContext,
     TaskOutput,
     backbone,
@@ -64,7 +63,7 @@ def shuffle_frames(
     return out, targets
 
 
-class FrameOrderTask(Task):
+class FrameOrderTask(FrameStreamTask):
     """VFOM / SFOM. Loss: cross-entropy over the clip's positions, mean over shuffled frames.
 
     Head: ``face_fom`` / ``speech_fom``, which scores a frame state against the stream's own
@@ -72,17 +71,9 @@ class FrameOrderTask(Task):
     ``shuffle_prob`` (0.15), plus the modality options of ``Task``.
     """
 
-    def __init__(self, context: TaskContext, *, stream: str = "V", shuffle_prob: float = 0.15, **common: Any):
-        frame_letters = context.stream_table.frame_letters()
-        if stream not in frame_letters:
-            raise ConfigError(
-                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(frame_letters)}"
-            )
-        self.stream = stream
-        self.prefix = frame_letters[stream]
-        self.streams = (stream,)
-        self.head_name = f"{self.prefix}_fom"
-        self.heads = (self.head_name,)
+    head_suffix = "fom"
+
+    def __init__(self, context: TaskContext, *, shuffle_prob: float = 0.15, **common: Any):
         super().__init__(context, **common)
         self.shuffle_prob = check_rate("shuffle_prob", shuffle_prob)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
-    Task,
+    FrameStreamTask,
     TaskContext,
     TaskOutput,
     count,
@@ -58,7 +58,7 @@ from uniter3m.tasks.masking import (
 SELECTIONS = ("random", "emotion")
 
 
-class MaskedFrameTask(Task):
+class MaskedFrameTask(FrameStreamTask):
     """Shared masking of one frame stream; subclasses define the head and the loss.
 
     Options: ``stream`` (the stream's letter, fixed by the task name), ``mask_prob`` (0.15), ``span``
@@ -71,7 +71,6 @@ class MaskedFrameTask(Task):
         self,
         context: TaskContext,
         *,
-        stream: str = "V",
         mask_prob: float = 0.15,
         span: Any = 1,
         replace: Any = None,
@@ -79,14 +78,6 @@ class MaskedFrameTask(Task):
         neutral: int = 0,
         **common: Any,
     ) -> None:
-        frame_letters = context.stream_table.frame_letters()
-        if stream not in frame_letters:
-            raise ConfigError(
-                f"task option stream={stream!r}; use a frame stream's letter: {', '.join(frame_letters)}"
-            )
-        self.stream = stream
-        self.prefix = frame_letters[stream]
-        self.streams = (stream,)
         super().__init__(context, **common)
         self.mask_prob = check_rate("mask_prob", mask_prob)
         self.span = SpanSpec.parse(span, f"task {self.name}")
@@ -156,10 +147,7 @@ class FrameRegressionTask(MaskedFrameTask):
     Head: ``face_regress`` / ``speech_regress``.
     """
 
-    def __init__(self, context: TaskContext, **options: Any) -> None:
-        super().__init__(context, **options)
-        self.head_name = f"{self.prefix}_regress"
-        self.heads = (self.head_name,)
+    head_suffix = "regress"
 
     def add_targets(self, inputs: dict[str, Any], batch: Mapping[str, Any], targets: torch.Tensor) -> None:
         inputs["frame_values"] = batch[f"{self.prefix}_feat"][targets].float()
@@ -186,10 +174,7 @@ class FrameSoftLabelTask(MaskedFrameTask):
     ``acc``: the predicted top class is the soft label's top class; ``chance``: the majority top class.
     """
 
-    def __init__(self, context: TaskContext, **options: Any) -> None:
-        super().__init__(context, **options)
-        self.head_name = f"{self.prefix}_classifier"
-        self.heads = (self.head_name,)
+    head_suffix = "classifier"
 
     def add_targets(self, inputs: dict[str, Any], batch: Mapping[str, Any], targets: torch.Tensor) -> None:
         labels = self.soft_labels(batch)[targets].float()

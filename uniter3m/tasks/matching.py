@@ -11,7 +11,7 @@
   draws its hard negatives by similarity too), not taken as the most similar: the most similar is
   often a false negative (an utterance of the same speaker, emotion and arousal carries no
   evidence of the mismatch), and a head trained on those stays at chance. Measured on the
-  synthetic corpus (tests/test_objectives_learn.py's matching group, 360 steps, validation
+  synthetic corpus (tests/tasks/test_objectives_learn.py's matching group, 360 steps, validation
   accuracy against a chance of 0.50): ``mining: "hardest"`` 0.49; temperature 0.07 0.55 (600
   steps); 0.2 0.65; 0.5 0.74 (easier negatives, closer to plain itm).
 * ``emotion_itm``: ``itm`` whose negatives know the utterances' emotion (``label_column``), as
@@ -319,13 +319,7 @@ class MatchingTask(Task):
         """The batch's emotion labels (emotion_itm), or None."""
         if self.label_column is None:
             return None
-        column = batch.get("labels", {}).get(self.label_column)
-        if column is None:
-            raise UserError(
-                f"task {self.name}: the batch has no label column {self.label_column!r} "
-                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
-            )
-        return [str(v) for v in column]
+        return [str(v) for v in self.label_values(batch, self.label_column)]
 
     def forward(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> TaskOutput:
         if not self.hard:

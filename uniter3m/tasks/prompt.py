@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from uniter3m.data.labels import lookup_targets
 from uniter3m.data.prompts import add_prompt, label_word_ids, tokenize_template
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
@@ -156,26 +155,14 @@ class PromptTask(Task):
         kept["prompt_case"] = case
         return kept
 
-    def label_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        column = batch.get("labels", {}).get(self.label_column)
-        ids = list(batch.get("ids", []))
-        if column is None:
-            raise UserError(
-                f"task {self.name}: the batch has no label column {self.label_column!r} "
-                f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
-            )
-        out = lookup_targets(
-            column,
-            self.label_ids,
-            what="verbalizer word",
-            where=f"task {self.name}",
-            ids=ids,
-            fix="add the label to the verbalizer or filter the data",
-        )
-        return torch.tensor(out, dtype=torch.long)
-
     def build(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        words = self.label_targets(batch)
+        words = self.label_targets(
+            batch,
+            self.label_column,
+            self.label_ids,
+            "verbalizer word",
+            "add the label to the verbalizer or filter the data",
+        )
         prompts = self.case_prompts.get(batch.get("prompt_case"), self.prompts)
         pick = int(torch.randint(len(prompts), (), generator=generator)) if len(prompts) > 1 else 0
         input_ids, txt_mask, positions, truncated = add_prompt(

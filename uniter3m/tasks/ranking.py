@@ -97,12 +97,7 @@ class RankingTask(Task):
         inputs["rank_group"] = group
         inputs["rank_rows"] = has_frames.nonzero().squeeze(1)
         if self.label_column is not None:
-            column = batch.get("labels", {}).get(self.label_column)
-            if column is None:
-                raise UserError(
-                    f"task {self.name}: the batch has no label column {self.label_column!r} "
-                    f"(columns: {sorted(batch.get('labels', {}))}); set label_column to one of them"
-                )
+            column = self.label_values(batch, self.label_column)
             inputs["rank_codes"] = label_codes(column).index_select(0, inputs["rank_rows"])
         return inputs
 

@@ -1,4 +1,5 @@
-"""The one assembly of what a run reads and trains: databases, tokenizer, datasets and the model.
+"""The one assembly of what a run reads and trains: databases, tokenizer, datasets and the model,
+and the engine parts every run sets from its config alike (collator, optimiser and schedule, loop settings).
 
 Pretraining, fine-tuning, evaluation and extraction build them with these functions, so every
 check has one rule and one error type wherever it runs:
@@ -19,6 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
 from uniter3m.data.prompts import label_word_ids, tokenize_template
 from uniter3m.data.store import DbReader
@@ -40,7 +44,18 @@ from uniter3m.model.io import read_config
 from uniter3m.model.lora import apply_lora
 from uniter3m.model.pretraining import UniterForPretraining
 from uniter3m.model.uniter import UniterModel
-from uniter3m.train.config import DataConfig, FinetuneConfig, PretrainConfig
+from uniter3m.streams import StreamTable
+from uniter3m.train.config import (
+    BatchingConfig,
+    DataConfig,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+)
+from uniter3m.train.loop import LoopSettings
+from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
+from uniter3m.train.session import database_digests
 
 log = logging.getLogger(__name__)
 TOKENIZER_RECORD_KEYS = ("name", "vocab_hash", "vocab_size")
@@ -372,3 +387,62 @@ def prompt_spec(
         tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes
     )
     return prompt_ids, [words[c] for c in plan.label.classes], {c: verbalizer[c] for c in plan.label.classes}
+
+
+# ----------------------------------------------------------------------------- engine parts
+def run_collator(
+    batching: BatchingConfig, special: SpecialTokens, device: torch.device, stream_table: StreamTable
+) -> Collator:
+    """The collator of a run's `batching` section for batches bound to `device`."""
+    return Collator(
+        special,
+        pad_multiple=batching.pad_multiple,
+        feature_dtype=batching.feature_dtype_for(device),
+        packing=batching.packing,
+        stream_table=stream_table,
+    )
+
+
+def run_optimizer(
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    total_steps: int,
+    device: torch.device,
+    head_parameters: Iterable[torch.nn.Parameter] | None = None,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its warm-up + linear decay over `total_steps`, as the `optim` section says;
+    `head_parameters` (fine-tuning: the untrained heads) get `optim.head_lr`."""
+    optimizer = build_optimizer(
+        model,
+        optim.lr,
+        optim.weight_decay,
+        tuple(optim.betas),
+        optim.eps,
+        device,
+        head_parameters=head_parameters or (),
+        head_lr=None if head_parameters is None else optim.head_lr,
+        fused=optim.fused,
+    )
+    schedule = warmup_linear_schedule(
+        optimizer, optim.warmup_for(total_steps), total_steps, optim.final_lr_ratio
+    )
+    return optimizer, schedule
+
+
+def loop_settings(cfg: RunConfig, device: torch.device, dbs: Databases, **run: Any) -> LoopSettings:
+    """The training loop's settings that every run takes from its config alike; `run`: the ones
+    each run sets its own way (output_dir, steps, val_every, ckpt_every, log_every, desc)."""
+    return LoopSettings(
+        seed=cfg.seed,
+        grad_accum=cfg.grad_accum,
+        grad_clip=cfg.optim.grad_clip,
+        keep_last=cfg.keep_last,
+        max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
+        progress=cfg.progress,
+        stop_after=cfg.stop_after,
+        compile=cfg.compile,
+        compile_backend=cfg.compile_backend,
+        prefetch=cfg.batching.prefetch_for(device),
+        databases=database_digests(dbs.paths()),
+        **run,
+    )

@@ -2,8 +2,9 @@
 (`configs/downstream/`) share one vocabulary.
 
 Both have the same top-level run keys (`output_dir`, `seed`, `device`, `precision`, `progress`,
-`tokenizer`, `streams`, `steps`, `grad_accum`, `val_every`, `ckpt_every`, `keep_last`, `log_every`,
-`max_nonfinite_in_a_row`, `stop_after`) and the same sections:
+`tokenizer`, `streams`, `steps`, `grad_accum`, `val_every`, `val_max_batches`, `ckpt_every`, `keep_last`,
+`log_every`, `max_nonfinite_in_a_row`, `stop_after`, `compile`, `compile_backend`, `grad_sync`) and the same
+sections:
 
 | section | keys |
 |---|---|
@@ -610,7 +611,7 @@ class PretrainConfig(RunConfig):
 
 
 class ProtocolConfig(StrictModel):
-    """See uniter3m/data/protocols.py for the built-in protocols and schemes."""
+    """See uniter3m/evaluation/protocols.py for the built-in protocols and schemes."""
 
     name: str
     scheme: Literal["split", "session", "speaker", "loso", "speaker_kfold"] = "split"

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniter3m.data.collate import Collator
 from uniter3m.data.dataset import JoinedDataset
 from uniter3m.data.store import DbReader
 from uniter3m.data.tokenization import SpecialTokens
@@ -50,6 +49,9 @@ from uniter3m.train.assembly import (
     build_finetune_model,
     data_tokenizer,
     feature_dims,
+    loop_settings,
+    run_collator,
+    run_optimizer,
 )
 from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.config import DataConfig, FinetuneConfig, load_finetune_config
@@ -57,13 +59,11 @@ from uniter3m.train.distributed import Backend, init_backend
 from uniter3m.train.inputs import INPUTS_KEY, input_record
 from uniter3m.train.loaders import TaskStream, validation_loader
 from uniter3m.train.logs import read_metrics
-from uniter3m.train.loop import Evaluator, LoopSettings, TrainLoop, TrainTask
-from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
+from uniter3m.train.loop import Evaluator, TrainLoop, TrainTask
 from uniter3m.train.precision import Precision
 from uniter3m.train.prefetch import to_device
 from uniter3m.train.session import (
     check_vocabulary,
-    database_digests,
     main_rank_print,
     open_run_dir,
     read_tokenizer_record,
@@ -116,6 +116,19 @@ def untrained_classes(plan: ProtocolPlan, fold: Any) -> list[str]:
     trained = {int(plan.targets[i]) for i in fold.train}
     tested = {int(plan.targets[i]) for i in fold.test}
     return [plan.label.classes[c] for c in sorted(tested - trained)]
+
+
+def fold_facts(plan: ProtocolPlan, k: int) -> dict[str, Any]:
+    """What every fold result (fine-tuned or probed) records about fold `k` itself (`evaluation.report` reads it)."""
+    fold = plan.folds[k]
+    return {
+        "fold": fold.name,
+        "fold_index": k,
+        "sizes": fold.sizes(),
+        "dropped_by_label": plan.dropped,
+        "classes": list(plan.label.classes),
+        "untrained_classes": untrained_classes(plan, fold),
+    }
 
 
 def read_label_rows(data: DataConfig, split_column: str = "split") -> dict[str, dict[str, Any]]:
@@ -276,13 +289,7 @@ def predict(
     loader = validation_loader(
         task,
         dataset,
-        Collator(
-            task.special,
-            pad_multiple=b.pad_multiple,
-            feature_dtype=b.feature_dtype_for(backend.device),
-            packing=b.packing,
-            stream_table=task.stream_table,
-        ),
+        run_collator(b, task.special, backend.device, task.stream_table),
         task_index=0,
         seed=cfg.seed,
         max_tokens=b.val_max_tokens or b.max_tokens,
@@ -587,13 +594,7 @@ def train_fold(
     dbs = Databases()
     meta = data_tokenizer(cfg.data, dbs)
     special = SpecialTokens.from_dict(meta)
-    collator = Collator(
-        special,
-        pad_multiple=cfg.batching.pad_multiple,
-        feature_dtype=cfg.batching.feature_dtype_for(backend.device),
-        packing=cfg.batching.packing,
-        stream_table=cfg.stream_table,
-    )
+    collator = run_collator(cfg.batching, special, backend.device, cfg.stream_table)
     tokenizer = cfg.model.tokenizer or cfg.tokenizer  # for context speaker prefixes
 
     def dataset(ids: Sequence[str], modalities: str | None = None) -> JoinedDataset:
@@ -658,19 +659,9 @@ def train_fold(
     warnings = (
         [few] if few and cfg.steps is None else []
     )  # a `steps` cap is a smoke run: few steps on purpose
-    o = cfg.optim
-    optimizer = build_optimizer(
-        model,
-        o.lr,
-        o.weight_decay,
-        tuple(o.betas),
-        o.eps,
-        backend.device,
-        head_parameters=model.head_parameters(),
-        head_lr=o.head_lr,
-        fused=o.fused,
+    optimizer, scheduler = run_optimizer(
+        model, cfg.optim, total, backend.device, head_parameters=model.head_parameters()
     )
-    scheduler = warmup_linear_schedule(optimizer, o.warmup_for(total), total, o.final_lr_ratio)
     precision = Precision(cfg.precision, backend.device)
     evaluator = SelectionEvaluator(
         model,
@@ -684,24 +675,16 @@ def train_fold(
         {"fold_index": k, "fold": fold.name, INPUTS_KEY: input_record(cfg, dbs)},
         modality_sets=valid_sets,
     )
-    settings = LoopSettings(
+    settings = loop_settings(
+        cfg,
+        backend.device,
+        dbs,
         output_dir=str(out_dir),
         steps=total,
-        seed=cfg.seed,
-        grad_accum=cfg.grad_accum,
-        grad_clip=o.grad_clip,
         val_every=val_every,
         ckpt_every=cfg.ckpt_every or val_every,
-        keep_last=cfg.keep_last,
         log_every=min(cfg.log_every, val_every),
-        max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
-        progress=cfg.progress,
-        stop_after=cfg.stop_after,
-        compile=cfg.compile,
-        compile_backend=cfg.compile_backend,
-        prefetch=b.prefetch_for(backend.device),
         desc=f"fold {fold.name}",
-        databases=database_digests(dbs.paths()),
     )
     checkpoint = find_resume(out_dir, resume, report=main_rank_print(backend))
     if checkpoint is not None and backend.is_main:
@@ -758,12 +741,7 @@ def train_fold(
     result = {
         "protocol": f"{plan.name}/{cfg.protocol.scheme}"
         + (f"/{cfg.protocol.target}" if cfg.protocol.target else ""),
-        "fold": fold.name,
-        "fold_index": k,
-        "sizes": fold.sizes(),
-        "dropped_by_label": plan.dropped,
-        "classes": list(plan.label.classes),
-        "untrained_classes": untrained,
+        **fold_facts(plan, k),
         "modalities": cfg.data.used_modalities,
         "head": cfg.model.head,
         "per_stream": cfg.model.per_stream,

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from uniter3m.data.collate import Collator
 from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.fileio import atomic_write_json
 from uniter3m.tasks.base import TaskContext, build_task
@@ -23,6 +22,9 @@ from uniter3m.train.assembly import (
     Databases,
     build_dataset,
     build_pretraining_model,
+    loop_settings,
+    run_collator,
+    run_optimizer,
     run_tokenizer,
     text_db_paths,
     tokenizer_meta,
@@ -32,13 +34,11 @@ from uniter3m.train.checkpoint import find_resume
 from uniter3m.train.config import PretrainConfig, load_pretrain_config
 from uniter3m.train.distributed import init_backend
 from uniter3m.train.loaders import TaskStream, share_workers, validation_loader
-from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask
-from uniter3m.train.optim import build_optimizer, warmup_linear_schedule
+from uniter3m.train.loop import TrainLoop, TrainTask
 from uniter3m.train.precision import Precision
 from uniter3m.train.session import (
     check_model_config,
     check_vocabulary,
-    database_digests,
     main_rank_print,
     open_run_dir,
     read_tokenizer_record,
@@ -86,13 +86,7 @@ def run_pretrain(
         if cfg.model.init:
             check_vocabulary(read_tokenizer_record(cfg.model.init), meta, cfg.model.init, "the text dbs")
         tokenizer = run_tokenizer([cfg.tokenizer, meta.get("name")], meta)  # prompt tasks need its words
-        collator = Collator(
-            special,
-            pad_multiple=cfg.batching.pad_multiple,
-            feature_dtype=cfg.batching.feature_dtype_for(backend.device),
-            packing=cfg.batching.packing,
-            stream_table=cfg.stream_table,
-        )
+        collator = run_collator(cfg.batching, special, backend.device, cfg.stream_table)
 
         # 3. tasks, each with its training dataset (and validation dataset when it has one)
         context = TaskContext(special=special, tokenizer=tokenizer, stream_table=cfg.stream_table)
@@ -120,18 +114,7 @@ def run_pretrain(
         model.tokenizer_record = tokenizer_record(meta)
 
         # 5. optimiser, schedule, precision
-        optimizer = build_optimizer(
-            model,
-            cfg.optim.lr,
-            cfg.optim.weight_decay,
-            tuple(cfg.optim.betas),
-            cfg.optim.eps,
-            backend.device,
-            fused=cfg.optim.fused,
-        )
-        scheduler = warmup_linear_schedule(
-            optimizer, cfg.optim.warmup_for(cfg.steps), cfg.steps, cfg.optim.final_lr_ratio
-        )
+        optimizer, scheduler = run_optimizer(model, cfg.optim, cfg.steps, backend.device)
         precision = Precision(cfg.precision, backend.device)
 
         # 6. one endless, resumable stream per task; fixed validation batches
@@ -173,23 +156,15 @@ def run_pretrain(
             train_tasks.append(TrainTask(tc.key, task, tc.ratio, stream, val_loader))
 
         # 7. the loop (resume loads weights, optimiser, RNG and loader positions before DDP wraps)
-        settings = LoopSettings(
+        settings = loop_settings(
+            cfg,
+            backend.device,
+            dbs,
             output_dir=cfg.output_dir,
             steps=cfg.steps,
-            seed=cfg.seed,
-            grad_accum=cfg.grad_accum,
-            grad_clip=cfg.optim.grad_clip,
             val_every=cfg.val_every,
             ckpt_every=cfg.ckpt_every,
-            keep_last=cfg.keep_last,
             log_every=cfg.log_every,
-            max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row,
-            progress=cfg.progress,
-            stop_after=cfg.stop_after,
-            compile=cfg.compile,
-            compile_backend=cfg.compile_backend,
-            prefetch=b.prefetch_for(backend.device),
-            databases=database_digests(dbs.paths()),
         )
         if checkpoint is not None and backend.is_main:
             log.info("resuming from %s", checkpoint)

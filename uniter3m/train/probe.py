@@ -33,11 +33,11 @@ from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.extract import extract, read_embeddings
 from uniter3m.train.finetune import (
     fold_dir,
+    fold_facts,
     plan_protocol,
     prediction_rows,
     scalars,
     score,
-    untrained_classes,
 )
 from uniter3m.train.rundir import claim_output_dir, lock_run_dir
 
@@ -161,12 +161,7 @@ def probe_fold(
     test_pred = predictions(best[1], x_test, fold.test)
     return {
         "protocol": plan.name,
-        "fold": fold.name,
-        "fold_index": k,
-        "sizes": fold.sizes(),
-        "dropped_by_label": plan.dropped,
-        "classes": list(plan.label.classes),
-        "untrained_classes": untrained_classes(plan, fold),
+        **fold_facts(plan, k),
         "classifier": "probe",
         "C": best[0],
         "class_weighted": class_weighted,

@@ -59,16 +59,22 @@ class RunDirBusy(UserError):
     """Another live process holds the run folder's lock."""
 
 
+def output_folder(path: str | os.PathLike) -> Path:
+    """`path` as a folder, created with its parents; a file there is an error (nothing is replaced)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file; give a folder path (it is created)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextmanager
 def lock_run_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Hold the run folder's exclusive lock (creating the folder) for the `with` block.
 
     Raises `RunDirBusy` at once, naming the holder, when another process holds it.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output folder {path} is a file; give a folder path (it is created)")
-    path.mkdir(parents=True, exist_ok=True)
+    path = output_folder(path)
     lock = path / RUN_LOCK
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -112,10 +118,7 @@ def claim_output_dir(
     `resume=True` keeps the content (the caller continues from it); `overwrite=True` deletes it first. Call it while
     holding `lock_run_dir(path)`, so the folder cannot be in use by a live run.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output folder {path} is a file; give a folder path (it is created)")
-    path.mkdir(parents=True, exist_ok=True)
+    path = output_folder(path)
     entries = sorted(p.name for p in path.iterdir() if p.name != RUN_LOCK)
     if entries:
         if RUN_MARKER not in entries:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from uniter3m.errors import UserError
 from uniter3m.ingest.detectors.base import Detection, Detector
+from uniter3m.ingest.registry import lookup
 
 __all__ = ["DETECTORS", "Detection", "Detector", "get_detector", "register"]
 
@@ -23,10 +22,4 @@ def register(name: str, cls: type[Detector]) -> None:
 
 
 def get_detector(name: str, options: Any) -> Detector:
-    if name not in DETECTORS:
-        raise UserError(f"unknown face detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
-    target = DETECTORS[name]
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-    return target(options)
+    return lookup(DETECTORS, name, "face detector")(options)

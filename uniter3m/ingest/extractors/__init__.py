@@ -7,11 +7,11 @@ else). `register(name, cls)` adds one at run time (tests, plugins).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from uniter3m.errors import UserError
 from uniter3m.ingest.extractors.base import Extractor, ExtractorOptions, FaceTrack, Frames
+from uniter3m.ingest.registry import lookup
 
 __all__ = ["EXTRACTORS", "Extractor", "ExtractorOptions", "FaceTrack", "Frames", "get_extractor", "register"]
 
@@ -37,13 +37,7 @@ def register(name: str, cls: type[Extractor]) -> None:
 
 
 def extractor_class(name: str) -> type[Extractor]:
-    if name not in EXTRACTORS:
-        raise UserError(f"unknown extractor {name!r}; known: {', '.join(sorted(EXTRACTORS))}")
-    target = EXTRACTORS[name]
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-    return target
+    return lookup(EXTRACTORS, name, "extractor")
 
 
 def extractors_for(modality: str) -> list[str]:

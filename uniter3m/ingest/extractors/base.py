@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from uniter3m.errors import UserError
+
 
 @dataclass
 class ExtractorOptions:
@@ -73,6 +75,12 @@ class Extractor:
         """`arg`: the text after "NAME:" in --extractor (None without one)."""
         self.arg = arg
         self.options = options
+
+    @classmethod
+    def refuse_argument(cls, arg: str | None) -> None:
+        """For an extractor with nothing to choose: a ":ARG" (even an empty one) is a mistake, not ignored."""
+        if arg is not None:
+            raise UserError(f"--extractor {cls.name} takes no argument, got '{cls.name}:{arg}'")
 
     def extract(self, inputs: Sequence[Any]) -> list[Frames]:
         """Speech: a list of 1-D signals (`(signal, rate)` pairs when `sample_rate` is None); face: a list of

@@ -8,7 +8,7 @@ as log-probabilities (`exp(output)`, argmax); the probabilities here are that, n
 1, i.e. softmax(sigmoid(logits)) -- the same ranking as the package, and flat by construction (the
 largest ratio between two classes is e). Input: grey, resized to 48x48, x / 127.5 - 1 (the package's
 ToTensor + Normalize(0.5, 0.5)). Checked against the package's own network on the astronaut
-(tests/test_extractors_face.py).
+(tests/ingest/test_extractors_face.py).
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ class FerExtractor(Extractor):
 
         from uniter3m.ingest.encoders import pick_device
 
-        if arg:
-            raise UserError(f"--extractor fer takes no argument, got 'fer:{arg}'")
+        self.refuse_argument(arg)
         if options.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {options.batch_size}")
         super().__init__(arg, options)

@@ -123,8 +123,7 @@ class _Lld(_OpenSmile):
     """Low-level descriptors every 10 ms, mean-pooled `--pool-frames` at a time."""
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
-        if arg:
-            raise UserError(f"--extractor {self.name} takes no argument, got '{self.name}:{arg}'")
+        self.refuse_argument(arg)
         if options.pool_frames < 1:
             raise UserError(f"--pool-frames must be >= 1, got {options.pool_frames}")
         super().__init__(arg, options)
@@ -160,8 +159,7 @@ class Functionals(_OpenSmile):
     sample_rate = None
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
-        if arg:
-            raise UserError(f"--extractor functionals takes no argument, got 'functionals:{arg}'")
+        self.refuse_argument(arg)
         super().__init__(arg, options)
 
     def extract(self, inputs: Sequence[tuple[np.ndarray, int]]) -> list[Frames]:

@@ -112,9 +112,8 @@ class Resemblyzer(Extractor):
     sample_rate = SAMPLE_RATE
 
     def __init__(self, arg: str | None, options: ExtractorOptions) -> None:
+        self.refuse_argument(arg)
         super().__init__(arg, options)
-        if arg is not None:
-            raise UserError(f"--extractor {self.name} takes no ':{arg}': its weights are the packaged ones")
         if options.pool_frames < 1:
             raise UserError(f"--pool-frames must be >= 1, got {options.pool_frames}")
         if options.batch_size < 1:

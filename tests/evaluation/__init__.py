@@ -1,0 +1,1 @@
+"""Evaluation (uniter3m.evaluation): metrics, protocols, the EmoDB and RAVDESS corpora."""

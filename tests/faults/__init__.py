@@ -1,0 +1,1 @@
+"""Faults (killed processes, damaged files, full disks, bad input) through the commands users run."""

@@ -1,0 +1,1 @@
+"""Pretraining objectives and masking (uniter3m.tasks)."""

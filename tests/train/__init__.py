@@ -1,0 +1,1 @@
+"""Training (uniter3m.train): the engine, pretraining and fine-tuning runs, launchers, extract, predict."""
