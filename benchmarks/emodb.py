@@ -65,6 +65,7 @@ from uniter3m.train.benchmark import (
     finetune_fold,
     seed_row,
     table_lines,
+    write_results,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,12 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "LA" in runs and "LA_cases" in runs:
         cases = {name: case_table(runs[name], CASES) for name in ("LA", "LA_cases")}
         lines += ["", *case_lines(cases, CASES)]
-    text = "\n".join(lines)
-    print(text)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(
-        json.dumps({"table": table, "cases": cases}, indent=1, default=str)
-    )
+    write_results(args.out, "\n".join(lines), table, cases)
     return 0
 
 

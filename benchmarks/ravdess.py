@@ -31,7 +31,6 @@ set (V, A, VA) on the test actors. Results: <out>/results.json and <out>/table.m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -179,12 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = {name: shared.case_table(runs[name], CASES) for name in ("VA", "VA_cases") if name in runs}
     if cases:
         lines += ["", *shared.case_lines(cases, CASES)]
-    text = "\n".join(lines)
-    print(text)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(
-        json.dumps({"table": table, "cases": cases}, indent=1, default=str)
-    )
+    shared.write_results(args.out, "\n".join(lines), table, cases)
     return 0
 
 

@@ -235,14 +235,8 @@ def build_mosi(
 ) -> dict:
     rows, feats = mosi_utterances(data / "mosi_bclstm")
     labels = ["binary", "score", "video", "split"]
-    metas = {"mosi_txt": text_db_from_rows(rows, out / "mosi_txt", tokenizer, labels, overwrite, lexicon)}
-    if split_dbs:
-        # One text db per split, e.g. for pretraining on the training portion only.
-        for split in ("train", "valid", "test"):
-            part = [r for r in rows if r["split"] == split]
-            metas[f"mosi_txt_{split}"] = text_db_from_rows(
-                part, out / f"mosi_txt_{split}", tokenizer, labels, overwrite, lexicon
-            )
+    # with split_dbs one text db per split too (mosi_txt_train, ...), e.g. to pretrain on the training portion only
+    metas = text_dbs_by(rows, out, "mosi_txt", "split", "", tokenizer, labels, overwrite, lexicon, split_dbs)
     for m in ("audio", "video"):
         dims = {len(v) for v in feats[m]}
         if len(dims) != 1:

@@ -7,6 +7,7 @@ over folds, and the table prints the mean ± sample std over seeds (`evaluation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,10 @@ def case_lines(cases: Mapping[str, Mapping[str, list[float]]], names: Sequence[s
     for model, per_case in cases.items():
         lines.append(f"| {model} | " + " | ".join(format_mean_std(per_case[c], 1) for c in names) + " |")
     return lines
+
+
+def write_results(out: Path, text: str, table: Mapping[str, Any], cases: Mapping[str, Any]) -> None:
+    """Print the benchmark's table and keep it as `table.md` + `results.json` in `out`."""
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"table": table, "cases": cases}, indent=1, default=str))
