@@ -98,10 +98,11 @@ def wav(shared_data) -> Path:
     return path
 
 
-def test_a_registered_extractor_builds_a_database_from_a_real_wav(registered, wav, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["build-media-db", "build-feat-db"])  # the second runs as the first
+def test_a_registered_extractor_builds_a_database_from_a_real_wav(registered, wav, tmp_path, capsys, command):
     pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
     out = tmp_path / "db"
-    argv = ["build-media-db", "--input", str(wav), "--format", "wav", "--extractor", "toy", "--out", str(out)]
+    argv = [command, "--input", str(wav), "--format", "wav", "--extractor", "toy", "--out", str(out)]
     assert main(argv) == 0
     assert "extractor: toy (2-d, 10.0 frames/s)" in capsys.readouterr().out
     db = DbReader(out, "feat")
