@@ -53,17 +53,18 @@ from typing import Any
 
 import numpy as np
 
-from uniter3m.console import setup_logging
 from uniter3m.evaluation.baselines import scalar_metrics
 from uniter3m.evaluation.metrics import classification_metrics
 from uniter3m.evaluation.protocols import Fold, build_protocol
 from uniter3m.train.benchmark import (
     case_lines,
     case_table,
+    chosen,
     clip_vectors,
     deterministic_row,
     finetune_fold,
     seed_row,
+    start,
     table_lines,
     write_results,
 )
@@ -261,16 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "voting on each test utterance: the row '<name> vote N'",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    setup_logging()
-    for noisy in ("uniter3m", "downstream", "pretrain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ALL]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(ALL)}")
+    start(args.threads)
+    variants = chosen(args.variants, ALL, "variants", parser)
     args.out.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict[str, Any]] = {}
     runs: dict[str, dict[int, list[dict]]] = {}

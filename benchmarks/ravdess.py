@@ -143,16 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every fine-tune")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("uniter3m", "downstream", "pretrain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in contenders if c not in ALL]
-    if unknown:
-        parser.error(f"unknown contenders {unknown}; choose from {', '.join(ALL)}")
+    shared.start(args.threads)
+    contenders = shared.chosen(args.contenders, ALL, "contenders", parser)
     folds = (
         args.folds
         if args.folds is not None

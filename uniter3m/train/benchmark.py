@@ -7,13 +7,16 @@ over folds, and the table prints the mean ± sample std over seeds (`evaluation.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from uniter3m.console import setup_logging
 from uniter3m.data.store import DbReader
 from uniter3m.evaluation.baselines import scalar_metrics
 from uniter3m.evaluation.report import format_mean_std
@@ -135,3 +138,23 @@ def write_results(out: Path, text: str, table: Mapping[str, Any], cases: Mapping
     print(text)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"table": table, "cases": cases}, indent=1, default=str))
+
+
+def start(threads: int) -> None:
+    """A benchmark's start: the library's one log format (its own loggers quiet below warnings), and
+    `threads` torch CPU threads."""
+    import torch
+
+    setup_logging()
+    for noisy in ("uniter3m", "downstream", "pretrain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
+
+
+def chosen(spec: str, known: Sequence[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The comma-separated names of `spec`; an unknown one is a usage error listing the known ones."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+    return names
