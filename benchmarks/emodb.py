@@ -27,6 +27,7 @@ Contenders (`--variants`, default all):
               LSTM layer) mean-pooled by 10 (10 frames/s), globally z-scored (`--extractor resemblyzer`)
   R_p10_spk   ... z-scored per speaker (as A_p10_spk)
   R_utt_spk   ... on ONE frame: Resemblyzer's utterance embedding (`--extractor resemblyzer-utt`), per speaker
+  R_p10_spk_streams   R_p10_spk with the `streams` head (the speech states projected, mean-pooled, MLP)
   lr_resemblyzer  the states' mean and std over each utterance (512-d, per-speaker z-normalised), logistic
               regression, C chosen on the validation speaker (the linear probe of the speaker encoder)
   lr_resemblyzer_refit  the same C refitted on training + validation speakers
@@ -90,6 +91,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "R_p10": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_p10", *RESEMBLYZER]},
     "R_p10_spk": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_p10_spk", *RESEMBLYZER]},
     "R_utt_spk": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_utt_spk", *RESEMBLYZER]},
+    "R_p10_spk_streams": {"config": FT, "set": ["data.speech_db={db}/emodb_resemblyzer_p10_spk", *RESEMBLYZER,
+                                                "model.head=streams"]},
 }  # fmt: skip
 LINEAR = ("svm", "svm_refit", "lr_resemblyzer", "lr_resemblyzer_refit")
 ALL = (*LINEAR, *VARIANTS)

@@ -14,7 +14,9 @@ from uniter3m.errors import UserError
 from uniter3m.evaluation.protocols import build_protocol
 from uniter3m.evaluation.report import summarize_runs, write_summary
 from uniter3m.train.config import DataConfig, load_finetune_config
-from uniter3m.train.finetune import FEW_STEPS, batching_warning, read_label_rows, single_class
+from uniter3m.train.finetune import FEW_STEPS, batching_warning
+from uniter3m.train.folds import read_label_rows
+from uniter3m.train.scoring import single_class
 
 
 # ----------------------------------------------------------------------------- split files, repeated ids

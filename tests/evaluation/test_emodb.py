@@ -22,7 +22,8 @@ from uniter3m.ingest.corpora import build_emodb
 from uniter3m.tasks.base import text_absent
 from uniter3m.train.assembly import build_dataset, build_finetune_model, data_tokenizer, feature_dims
 from uniter3m.train.config import load_finetune_config
-from uniter3m.train.finetune import plan_protocol, run_finetune, supervised_task
+from uniter3m.train.finetune import run_finetune, supervised_task
+from uniter3m.train.folds import plan_protocol
 
 SPEAKERS = ["03", "08", "09", "10", "11", "12", "13", "14", "15", "16"]
 

@@ -179,7 +179,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
 
 def test_a_class_only_in_the_test_split_is_listed_not_silently_scored():
     from uniter3m.evaluation.protocols import Fold, LabelSpec, ProtocolPlan
-    from uniter3m.train.finetune import untrained_classes
+    from uniter3m.train.folds import untrained_classes
 
     spec = LabelSpec("label", ("a", "b", "c"), {"a": "a", "b": "b", "c": "c"})
     targets = {"u1": 0, "u2": 1, "u3": 0, "u4": 2, "u5": 1}

@@ -22,8 +22,10 @@ from uniter3m.train.assembly import build_dataset, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend, distributed_session
 from uniter3m.train.evaluate import evaluate_modalities
-from uniter3m.train.finetune import plan_protocol, predict, run_finetune, set_scores, supervised_task
+from uniter3m.train.finetune import run_finetune, supervised_task
+from uniter3m.train.folds import plan_protocol
 from uniter3m.train.precision import Precision
+from uniter3m.train.scoring import predict, set_scores
 
 
 @pytest.fixture(scope="module")

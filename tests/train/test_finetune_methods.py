@@ -28,7 +28,8 @@ from uniter3m.train.assembly import build_dataset, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.evaluate import evaluate_run
 from uniter3m.train.extract import extract, read_embeddings, write_embeddings
-from uniter3m.train.finetune import plan_protocol, run_finetune
+from uniter3m.train.finetune import run_finetune
+from uniter3m.train.folds import plan_protocol
 from uniter3m.train.probe import run_probe
 
 STREAMS = {"face": {"feat_dim": 5}, "speech": {"feat_dim": 4}}
@@ -380,3 +381,32 @@ def test_the_kl_term_moves_student_logits_toward_the_teacher(dbs, tiny3, tmp_pat
             return float(task.forward(model, inputs).metrics["kl"][0]) / len(train)
 
     assert kl_after_training(5.0) < 0.6 * kl_after_training(0.0)
+
+
+# ----------------------------------------------------------------------------- a checkpoint per fold
+def test_model_init_and_probe_checkpoint_read_each_folds_own_folder(dbs, tiny3, tmp_path):
+    """ "{fold}" in model.init / probe --checkpoint names the fold folder: a fold starts from ITS model
+    (e.g. pretrained on its training speakers only), and a fold without one is a clear error."""
+    own = tmp_path / "pre" / "fold00-split" / "model"
+    model = UniterModel.from_pretrained(str(tiny3))
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.weight.add_(0.5)  # unlike tiny3
+    model.save_pretrained(own)
+    template = str(tmp_path / "pre" / "{fold}" / "model")
+    result = run_finetune(
+        finetune_config(
+            dbs, tiny3, tmp_path / "ft", model__init=template, model__freeze="backbone", top__epochs=1
+        )
+    )["folds"][0]
+    assert result["init"] == str(own)
+    best, start = best_weights(tmp_path / "ft"), load_file(str(own / "model.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(best[f"bert.{key}"], start[key])
+    assert not torch.equal(start[key], load_file(str(tiny3 / "model.safetensors"))[key])
+    probe = run_probe(finetune_config(dbs, tiny3, tmp_path / "probe"), checkpoint=template, device="cpu")
+    assert probe["folds"][0]["features"].startswith(str(own))
+    missing = str(tmp_path / "none" / "{fold}" / "model")
+    with pytest.raises(UserError, match="fold00-split"):
+        run_finetune(finetune_config(dbs, tiny3, tmp_path / "ft2", model__init=missing))
+    with pytest.raises(UserError, match="fold00-split has no model folder"):
+        run_probe(finetune_config(dbs, tiny3, tmp_path / "probe2"), checkpoint=missing, device="cpu")

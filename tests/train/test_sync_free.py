@@ -21,7 +21,8 @@ from uniter3m.data.tokenization import SpecialTokens
 from uniter3m.train.assembly import build_dataset, build_finetune_model, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend
-from uniter3m.train.finetune import plan_protocol, supervised_task
+from uniter3m.train.finetune import supervised_task
+from uniter3m.train.folds import plan_protocol
 from uniter3m.train.loaders import TaskStream
 from uniter3m.train.logs import read_metrics
 from uniter3m.train.loop import LoopSettings, TrainLoop, TrainTask, _Window

@@ -18,7 +18,7 @@ from uniter3m.evaluation.protocols import build_protocol
 from uniter3m.ingest.corpora import iemocap_rows
 from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.train.config import load_finetune_config
-from uniter3m.train.finetune import plan_protocol
+from uniter3m.train.folds import plan_protocol
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ reads that vector:
 `trainable_groups` counts what trains; LoRA adapters come from `model/lora.py`.
 
 Building the model for a corpus (checkpoint, streams, tokenizer, verbaliser) is the training
-engine's job (`uniter3m/train/finetune.py`); this module knows no corpus.
+engine's job (`uniter3m/train/assembly.py`); this module knows no corpus.
 
 Saved fine-tuned models are ordinary checkpoint dirs (`config.json` + `model.safetensors`, backbone
 under `bert.` as in HF BertFor* models) plus `finetune.json` (head, classifier, classes, verbaliser, prompt,

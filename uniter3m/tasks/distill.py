@@ -9,7 +9,7 @@ one set drawn per batch, as in missing-modality training). Per utterance the stu
 where `x_T` = softmax(logits / T) (Hinton et al.; T² keeps the gradient scale of the soft term
 independent of T). The teacher is frozen and runs in eval mode on its own modalities, so its logits and
 pooled vectors for a training utterance are the same at every step: they are computed once per fold
-(`finetune.predict(..., keep=("logits", "pooled"))`) and looked up by id in the data workers, like the
+(`scoring.predict(..., keep=("logits", "pooled"))`) and looked up by id in the data workers, like the
 targets. With `weight` and `feature_weight` 0 the run is plain fine-tuning on the modality sets.
 
 After training, the selected student is scored on each student set, the teacher on its own

@@ -90,10 +90,14 @@ def table_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        per_seed = ", ".join(f"{v:.1f}" for v in row["uar"]) if row["seeds"] != "deterministic" else "-"
+        fixed = row["seeds"] == "deterministic"  # the same value for every seed: no spread to print
+        valid, test, wa = (
+            f"{row[key][0]:.1f}" if fixed else format_mean_std(row[key], 1)
+            for key in ("valid_uar", "uar", "wa")
+        )
+        per_seed = "-" if fixed else ", ".join(f"{v:.1f}" for v in row["uar"])
         lines.append(
-            f"| {name} | {format_mean_std(row['valid_uar'], 1)} | {format_mean_std(row['uar'], 1)} | {per_seed} | "
-            f"{format_mean_std(row['wa'], 1)} | {row['seeds']} | {row['cpu_s'] / 60:.1f} |"
+            f"| {name} | {valid} | {test} | {per_seed} | {wa} | {row['seeds']} | {row['cpu_s'] / 60:.1f} |"
         )
     return lines
 

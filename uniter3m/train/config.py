@@ -285,6 +285,7 @@ class DataConfig(DbSet):
         return self.max_txt_len + 2 + (self.context.max_context_tokens if self.context else 0)
 
 
+FOLD_PLACEHOLDER = "{fold}"  # in model.init / distill.teacher: the fold folder's name (fold00-Session1)
 DEFAULT_MODEL = "default"  # `model.init` / `tokenizer` value meaning "the default text model"
 DEFAULT_MODEL_ENV = "UNITER3M_TEXT_MODEL"
 HOW_TO_SET_MODEL = (
@@ -314,7 +315,9 @@ class ModelSection(StrictModel):
     """Build from a model config JSON, or start from a checkpoint (ours or an HF BERT dir)."""
 
     config: str | None = None  # e.g. configs/model/tiny.json
-    init: str | None = None  # a save_pretrained dir or an HF BERT folder; "default": default_text_model()
+    # a save_pretrained dir or an HF BERT folder; "default": default_text_model(); in a fine-tune, "{fold}"
+    # stands for the fold folder, so each fold starts from its own checkpoint (pretrained fold-safely)
+    init: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # UniterConfig fields, e.g. dropouts
 
     @field_validator("init")
@@ -337,7 +340,11 @@ class ModelSection(StrictModel):
             )
         if self.config and not Path(self.config).is_file():
             raise ValueError(f"model.config {self.config} does not exist (see configs/model/)")
-        if self.init and not (Path(self.init) / "config.json").is_file():
+        if (
+            self.init
+            and FOLD_PLACEHOLDER not in self.init
+            and not (Path(self.init) / "config.json").is_file()
+        ):
             raise ValueError(
                 f"model.init {self.init} does not exist or is not a model folder with config.json; "
                 + HOW_TO_SET_MODEL
@@ -590,6 +597,10 @@ class PretrainConfig(RunConfig):
     @model_validator(mode="after")
     def _tasks_fit(self) -> PretrainConfig:
         problems = []
+        if self.model.init and FOLD_PLACEHOLDER in self.model.init:
+            problems.append(
+                f"model.init: {FOLD_PLACEHOLDER} stands for a fine-tuning fold; give the folder itself"
+            )
         if all(t.ratio == 0 for t in self.tasks):
             problems.append("tasks: every ratio is 0; give at least one task a ratio > 0")
         keys = [t.key for t in self.tasks]

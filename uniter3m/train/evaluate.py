@@ -24,17 +24,10 @@ from uniter3m.model.finetuning import FINETUNE_FILE, check_feature_dims, load_fi
 from uniter3m.train.assembly import Databases, build_dataset, data_tokenizer, feature_dims, tokenizer_record
 from uniter3m.train.config import FinetuneConfig, load_finetune_config
 from uniter3m.train.distributed import init_backend
-from uniter3m.train.finetune import (
-    evaluation_sets,
-    find_run_config,
-    fold_checkpoints,
-    plan_protocol,
-    predict,
-    prediction_rows,
-    score,
-    supervised_task,
-)
+from uniter3m.train.finetune import supervised_task
+from uniter3m.train.folds import find_run_config, fold_checkpoints, plan_protocol
 from uniter3m.train.precision import Precision
+from uniter3m.train.scoring import evaluation_sets, predict, prediction_rows, score
 from uniter3m.train.session import check_vocabulary, read_tokenizer_record
 
 TABLE_STEM = "modalities"  # <out>/modalities.csv, .md, .json

@@ -52,7 +52,7 @@ from uniter3m.train.assembly import (
 )
 from uniter3m.train.config import STREAM_TABLE, DataConfig
 from uniter3m.train.distributed import pick_device
-from uniter3m.train.finetune import find_run_config
+from uniter3m.train.folds import find_run_config
 from uniter3m.train.session import check_vocabulary, read_tokenizer_record
 
 POOLS = ("cls", "mean", "pooler")

@@ -57,7 +57,7 @@ from uniter3m.tasks.base import TaskContext
 from uniter3m.tasks.supervised import SupervisedTask
 from uniter3m.train.assembly import Databases, build_dataset, data_tokenizer
 from uniter3m.train.config import STREAM_TABLE, DataConfig
-from uniter3m.train.finetune import fold_checkpoints
+from uniter3m.train.folds import fold_checkpoints
 from uniter3m.train.inputs import INPUTS_KEY
 
 log = logging.getLogger(__name__)

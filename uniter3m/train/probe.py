@@ -29,17 +29,11 @@ from uniter3m.evaluation.metrics import is_better
 from uniter3m.evaluation.protocols import ProtocolPlan
 from uniter3m.evaluation.report import FOLD_FILE, load_fold_results, write_summary
 from uniter3m.fileio import atomic_write_json
-from uniter3m.train.config import FinetuneConfig, load_finetune_config
+from uniter3m.train.config import FOLD_PLACEHOLDER, FinetuneConfig, load_finetune_config
 from uniter3m.train.extract import extract, read_embeddings
-from uniter3m.train.finetune import (
-    fold_dir,
-    fold_facts,
-    plan_protocol,
-    prediction_rows,
-    scalars,
-    score,
-)
+from uniter3m.train.folds import fold_dir, fold_facts, fold_model_path, plan_protocol
 from uniter3m.train.rundir import claim_output_dir, lock_run_dir
+from uniter3m.train.scoring import prediction_rows, scalars, score
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 RUN_KIND = "probe"
@@ -75,8 +69,9 @@ def run_probe(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Probe every fold (or `fold`) of the config's protocol on `features` (a file) or on the features
-    of `checkpoint` (extracted here from the config's data). `out` defaults to the config's output_dir;
-    `class_weighted` to its `class_weighted`. Returns {"folds", "summary", "summary_md"}."""
+    of `checkpoint` (extracted here from the config's data; FOLD_PLACEHOLDER in it stands for the fold
+    folder's name, so each fold reads its own checkpoint, e.g. one pretrained on its training speakers).
+    `out` defaults to the config's output_dir; `class_weighted` to its `class_weighted`. Returns {"folds", "summary", "summary_md"}."""
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config, overrides)
     if (features is None) == (checkpoint is None):
         raise UserError(
@@ -89,15 +84,28 @@ def run_probe(
         )
     if fold is not None and not 0 <= fold < len(plan.folds):
         raise UserError(f"--fold {fold}: protocol {plan.name} has folds 0..{len(plan.folds) - 1}")
-    if features is not None:
-        data, source = read_embeddings(features), str(features)
-    else:
-        data = extract(
-            checkpoint, cfg.data, pool=pool, per_stream=per_stream, device=device, batch_size=batch_size
-        )
-        source = f"{checkpoint} ({pool} pooling)"
-    matrix = feature_matrix(data, per_stream)
-    row = {uid: i for i, uid in enumerate(data["ids"])}
+    cache: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def features_of(k: int) -> tuple[dict[str, Any], str]:
+        """Fold k's features and their source: the file's, or the checkpoint's (with FOLD_PLACEHOLDER,
+        the fold's own); the last one read is kept."""
+        if features is not None:
+            key = str(features)
+        elif FOLD_PLACEHOLDER in str(checkpoint):
+            key = fold_model_path(str(checkpoint), fold_dir(cfg, plan, k).name, "--checkpoint")
+        else:
+            key = str(checkpoint)
+        if key not in cache:
+            cache.clear()
+            if features is not None:
+                cache[key] = read_embeddings(features), key
+            else:
+                data = extract(
+                    key, cfg.data, pool=pool, per_stream=per_stream, device=device, batch_size=batch_size
+                )
+                cache[key] = data, f"{key} ({pool} pooling)"
+        return cache[key]
+
     cfg = cfg.model_copy(update={"output_dir": str(out or cfg.output_dir)})
     weighted = cfg.class_weighted if class_weighted is None else class_weighted
     chosen = range(len(plan.folds)) if fold is None else [fold]
@@ -105,6 +113,9 @@ def run_probe(
         claim_output_dir(Path(cfg.output_dir), overwrite, RUN_KIND, resume=fold is not None)
         results = []
         for k in chosen:
+            data, source = features_of(k)
+            matrix = feature_matrix(data, per_stream)
+            row = {uid: i for i, uid in enumerate(data["ids"])}
             result = probe_fold(plan, k, matrix, row, weighted)
             result.update(
                 features=source, per_stream=per_stream, modalities=str(data["modalities"]), seed=cfg.seed
