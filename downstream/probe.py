@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a downstream config (protocol, data)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", help="a file written by `uniter3m extract` (.h5, .npz, .safetensors)")
-    source.add_argument("--checkpoint", help="a model folder: extract its features, then probe them")
+    source.add_argument(
+        "--checkpoint",
+        help="a model folder: extract its features, then probe them ({fold} in it: each fold's own folder)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
     parser.add_argument("--pool", choices=POOLS, default="cls", help="with --checkpoint: how to pool")
     parser.add_argument(
