@@ -39,11 +39,12 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from uniter3m.data.store import DbReader
+from uniter3m.evaluation.protocols import Fold
 from uniter3m.train import benchmark as shared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,12 @@ def pretrain_config(
     }
 
 
+def pretraining_actors(fold: Fold, actor: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The actors whose clips fold `fold` pretrains on (its training actors) and validates on: never a
+    test actor, so pretraining sees none of the fold's test audio or faces, even unlabeled."""
+    return sorted({actor[u] for u in fold.train}), sorted({actor[u] for u in fold.valid})
+
+
 def pretrain_folds(args: argparse.Namespace, folds: Sequence[int]) -> tuple[Path, float]:
     """Pretrain one model per fold (kept when its run folder is complete); the root and CPU seconds."""
     from uniter3m.train.config import load_finetune_config
@@ -145,8 +152,7 @@ def pretrain_folds(args: argparse.Namespace, folds: Sequence[int]) -> tuple[Path
         if (out / "checkpoints/latest/model/config.json").is_file():
             logging.info("pretraining of fold %s kept: %s", fold.name, out)
             continue
-        train_actors = sorted({actor[u] for u in fold.train})
-        valid_actors = sorted({actor[u] for u in fold.valid})
+        train_actors, valid_actors = pretraining_actors(fold, actor)
         metrics = run_pretrain(pretrain_config(args.db, out, train_actors, valid_actors, args.pretrain_steps))
         logging.info("pretrained fold %s on actors %s: %s", fold.name, ",".join(train_actors), metrics)
     return root, time.process_time() - t0

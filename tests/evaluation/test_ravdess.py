@@ -275,3 +275,24 @@ def test_benchmark_baselines_two_folds_and_uniter3m_one_fold(ravdess_dbs, tmp_pa
     assert set(result["table"]) == {"VA", "VA_cases"} and result["table"]["VA"]["seeds"] == 1
     assert set(result["cases"]) == {"VA", "VA_cases"} and set(result["cases"]["VA"]) == set(bench.CASES)
     assert "| VA_cases |" in (tmp_path / "ft" / "table.md").read_text()
+
+
+def test_methods_benchmark_pretrains_each_fold_on_its_training_actors_only(shared_data, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "ravdess_methods", REPO / "benchmarks" / "ravdess_methods.py"
+    )
+    methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods)
+    rows = {r["id"]: r for r in ravdess_rows(shared_data / "ravdess")}
+    config = json.loads(methods.CONFIG.read_text())["protocol"]
+    plan = build_protocol(rows, "ravdess", **{k: v for k, v in config.items() if k != "name"})
+    actor = {uid: row["actor"] for uid, row in rows.items()}
+    for fold in plan.folds:
+        train, valid = methods.pretraining_actors(fold, actor)
+        test = {actor[u] for u in fold.test}
+        assert len(train) == 16 and len(valid) == 4 and not (set(train) | set(valid)) & test
+        cfg = methods.pretrain_config(tmp_path / "db", tmp_path / "pre", train, valid, steps=100)
+        data = cfg["datasets"]["ravdess"]
+        assert data["txt_db"] == [str(tmp_path / "db" / f"ravdess_txt_actor{a}") for a in train]
+        assert len(data["face_db"]) == len(data["speech_db"]) == 16 and cfg["optim"]["warmup_steps"] == 10
+    assert all("{fold}" in s for s in methods.CONTENDERS["pretrained@0.1"] if s.startswith("model.init"))
