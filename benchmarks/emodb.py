@@ -207,9 +207,9 @@ def run_variant(
             if spec.get("pretrain"):
                 ckpt = pretrain_fold(db, out, plan.folds[k], speaker_of, args.pretrain_steps)
                 sets += [f"model.init={ckpt}", "model.config=null"]
-            per_seed[seed].append(finetune_fold(REPO / spec["config"], k, sets, run_dir))
-            logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
-                         per_seed[seed][-1]["valid_uar"], per_seed[seed][-1]["uar"])  # fmt: skip
+            per_seed[seed].append(
+                finetune_fold(REPO / spec["config"], k, sets, run_dir, f"{name} seed {seed}")
+            )
     return per_seed, time.process_time() - t0
 
 

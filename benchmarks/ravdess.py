@@ -114,19 +114,10 @@ def run_variant(
     per_seed: dict[int, list[dict]] = {}
     for seed in args.seeds:
         run_dir = args.out / name / f"seed{seed}"
-        sets = [
-            f"output_dir={run_dir}",
-            f"seed={seed}",
-            f"data.txt_db={args.db}/ravdess_txt",
-            f"data.face_db={args.db}/ravdess_face_spk",
-            f"data.speech_db={args.db}/ravdess_resemblyzer_p10_spk",
-            *args.set,
+        sets = [f"output_dir={run_dir}", f"seed={seed}", *shared.databases_under(config, args.db), *args.set]
+        per_seed[seed] = [
+            shared.finetune_fold(config, k, sets, run_dir, f"{name} seed {seed}") for k in folds
         ]
-        per_seed[seed] = []
-        for k in folds:
-            per_seed[seed].append(shared.finetune_fold(config, k, sets, run_dir))
-            logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
-                         per_seed[seed][-1]["valid_uar"], per_seed[seed][-1]["uar"])  # fmt: skip
     return per_seed, time.process_time() - t0
 
 

@@ -76,14 +76,16 @@ def pretrain_config(
 ) -> dict:
     """The fold's pretraining run: the training actors' clips (per-actor text dbs), no labels used."""
 
+    base = json.loads(CONFIG.read_text())
+
     def section(actors: Sequence[str]) -> dict[str, list[str]]:
+        """One text db per actor, each beside the fine-tune config's face and speech dbs (under `db`)."""
+        frames = {key: str(db / Path(base["data"][key]).name) for key in ("face_db", "speech_db")}
         return {
             "txt_db": [str(db / f"ravdess_txt_actor{a}") for a in actors],
-            "face_db": [str(db / "ravdess_face_spk")] * len(actors),
-            "speech_db": [str(db / "ravdess_resemblyzer_p10_spk")] * len(actors),
+            **{key: [path] * len(actors) for key, path in frames.items()},
         }
 
-    base = json.loads(CONFIG.read_text())
     return {
         "output_dir": str(out),
         "seed": 0,
@@ -140,7 +142,7 @@ def pretrain_folds(args: argparse.Namespace, folds: Sequence[int]) -> tuple[Path
     from uniter3m.train.folds import fold_dir, plan_protocol
     from uniter3m.train.pretrain import run_pretrain
 
-    cfg = load_finetune_config(CONFIG, data_sets(args))
+    cfg = load_finetune_config(CONFIG, shared.databases_under(CONFIG, args.db))
     plan = plan_protocol(cfg)
     txt = DbReader(args.db / "ravdess_txt", kind="txt")
     actor = {uid: str(txt[uid]["labels"]["actor"]) for uid in txt.ids}
@@ -158,14 +160,6 @@ def pretrain_folds(args: argparse.Namespace, folds: Sequence[int]) -> tuple[Path
     return root, time.process_time() - t0
 
 
-def data_sets(args: argparse.Namespace) -> list[str]:
-    return [
-        f"data.txt_db={args.db}/ravdess_txt",
-        f"data.face_db={args.db}/ravdess_face_spk",
-        f"data.speech_db={args.db}/ravdess_resemblyzer_p10_spk",
-    ]
-
-
 def run_contender(
     name: str, args: argparse.Namespace, folds: Sequence[int], pre: Path | None
 ) -> tuple[dict[int, list[dict]], float]:
@@ -178,12 +172,16 @@ def run_contender(
             s.replace("{pre}", str(pre)).replace("{cls}", str(args.out / "cls" / f"seed{seed}"))
             for s in CONTENDERS[name]
         ]
-        sets = [f"output_dir={run_dir}", f"seed={seed}", *data_sets(args), *sets, *args.set]
-        per_seed[seed] = []
-        for k in folds:
-            per_seed[seed].append(shared.finetune_fold(CONFIG, k, sets, run_dir))
-            logging.info("%s seed %d fold %d: valid UAR %.1f, test UAR %.1f", name, seed, k,
-                         per_seed[seed][-1]["valid_uar"], per_seed[seed][-1]["uar"])  # fmt: skip
+        sets = [
+            f"output_dir={run_dir}",
+            f"seed={seed}",
+            *shared.databases_under(CONFIG, args.db),
+            *sets,
+            *args.set,
+        ]
+        per_seed[seed] = [
+            shared.finetune_fold(CONFIG, k, sets, run_dir, f"{name} seed {seed}") for k in folds
+        ]
     return per_seed, time.process_time() - t0
 
 
@@ -216,7 +214,7 @@ def run_probe_row(
     for k in folds:
         result = run_probe(
             CONFIG, checkpoint=checkpoint, out=args.out / name, per_stream=True, pool="mean", fold=k,
-            overrides=data_sets(args), device="cpu",
+            overrides=shared.databases_under(CONFIG, args.db), device="cpu",
         )["folds"][0]  # fmt: skip
         records.append(
             {"fold": k, **scalar_metrics(result["test"]), "valid_uar": float(result["best_valid"])}

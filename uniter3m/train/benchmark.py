@@ -34,12 +34,22 @@ def clip_vectors(db: Path, ids: Sequence[str]) -> np.ndarray:
     return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in feats])
 
 
-def finetune_fold(config: str | Path, fold: int, overrides: Sequence[str], run_dir: Path) -> dict[str, Any]:
-    """Fine-tune fold `fold` of `config` (resuming a run folder that has it) and return its record."""
+def databases_under(config: str | Path, db: Path) -> list[str]:
+    """`data.<x>_db=...` overrides that move the config's databases (`db/ravdess_txt`, ...) under `db`, the
+    folder a benchmark's --db names."""
+    data = json.loads(Path(config).read_text())["data"]
+    return [f"data.{key}={db / Path(path).name}" for key, path in data.items() if key.endswith("_db")]
+
+
+def finetune_fold(
+    config: str | Path, fold: int, overrides: Sequence[str], run_dir: Path, label: str
+) -> dict[str, Any]:
+    """Fine-tune fold `fold` of `config` (resuming a run folder that has it), log its scores as `label`
+    ("VA seed 1") and return its record."""
     from uniter3m.train.finetune import run_finetune
 
     result = run_finetune(config, fold=fold, overrides=list(overrides), resume="auto")["folds"][0]
-    return {
+    record = {
         "fold": fold,
         **scalar_metrics(result["test"]),
         "test_cases": result.get("test_sets"),
@@ -48,6 +58,8 @@ def finetune_fold(config: str | Path, fold: int, overrides: Sequence[str], run_d
         "predictions": {p["id"]: (p["gold"], p["pred"]) for p in result["predictions"]},
         "best_dir": str(Path(result.get("best_dir") or next(run_dir.glob(f"fold{fold:02d}-*")) / "best")),
     }
+    logging.info("%s fold %d: valid UAR %.1f, test UAR %.1f", label, fold, record["valid_uar"], record["uar"])
+    return record
 
 
 def valid_score(fold_result: Mapping[str, Any]) -> float:
