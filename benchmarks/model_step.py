@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--contenders",
         default="ours,ours-compiled,ours-packed,hf,hf-compiled",
         help="comma-separated: ours, ours-compiled (whole model), ours-packed (ragged batch, packed rows), "
-        "hf, hf-compiled",
+        "ours-fused / ours-foreach (AdamW fused into one kernel / multi-tensor; ours = the library's "
+        "default, fused on CUDA only), hf, hf-compiled",
     )
     p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a CPU dry run)"
@@ -127,9 +128,13 @@ def timed(fn: Callable[[], object], reps: int, device: torch.device) -> list[flo
     return out
 
 
-def train_step_fn(model, inputs: dict, device: torch.device, dtype: torch.dtype, forward: Callable):
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+def train_step_fn(
+    model, inputs: dict, device: torch.device, dtype: torch.dtype, forward: Callable, fused: bool | None
+):
+    """One step with the library's AdamW (`fused` None: its default, fused on CUDA only)."""
+    from uniter3m.train.optim import build_optimizer
+
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.01, device=device, fused=fused)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
@@ -143,7 +148,9 @@ def train_step_fn(model, inputs: dict, device: torch.device, dtype: torch.dtype,
     return step
 
 
-def run_ours(cfg, args, device, dtype, compiled: bool = False, packed: bool = False) -> dict:
+def run_ours(
+    cfg, args, device, dtype, compiled: bool = False, packed: bool = False, fused: bool | None = None
+) -> dict:
     from uniter3m.model.uniter import UniterModel
 
     torch.manual_seed(0)
@@ -172,7 +179,8 @@ def run_ours(cfg, args, device, dtype, compiled: bool = False, packed: bool = Fa
             dims[name] = cfg.stream(name).feat_dim
     flops = matmul_flops(cfg, args.batch, lengths, dims)
     name = "uniter3m" + (" compiled" if compiled else "") + (" packed (ragged batch)" if packed else "")
-    return prepare(name, model, inputs, forward, flops, args, device, dtype)
+    name += {None: "", True: ", fused AdamW", False: ", foreach AdamW"}[fused]
+    return prepare(name, model, inputs, forward, flops, args, device, dtype, fused)
 
 
 def run_hf(cfg, args, device, dtype, seq: int, compiled: bool = False) -> dict:
@@ -210,9 +218,9 @@ def run_hf(cfg, args, device, dtype, seq: int, compiled: bool = False) -> dict:
     return prepare(name, model, inputs, forward, flops, args, device, dtype)
 
 
-def prepare(name, model, inputs, forward, flops, args, device, dtype) -> dict:
+def prepare(name, model, inputs, forward, flops, args, device, dtype, fused: bool | None = None) -> dict:
     """A contender: its warmed-up step function and what it computes."""
-    step = train_step_fn(model, inputs, device, dtype, forward)
+    step = train_step_fn(model, inputs, device, dtype, forward, fused)
     for _ in range(args.warmup):
         step()
     real = sum(int(v.sum()) for k, v in inputs.items() if k.endswith("mask") and v.dtype == torch.bool)
@@ -305,12 +313,16 @@ def build_contenders(cfg, args, device, dtype) -> list[dict]:
                 )
             )
             ours = ours or out[-1]
+        elif name in ("ours-fused", "ours-foreach"):
+            out.append(run_ours(cfg, args, device, dtype, fused=name == "ours-fused"))
+            ours = ours or out[-1]
         elif name in ("hf", "hf-compiled"):
             seq = (ours or run_ours(cfg, args, device, dtype))["seq_len"]
             out.append(run_hf(cfg, args, device, dtype, seq, compiled=name == "hf-compiled"))
         else:
             raise SystemExit(
-                f"unknown contender {name!r}; use ours, ours-compiled, ours-packed, hf, hf-compiled"
+                f"unknown contender {name!r}; use ours, ours-compiled, ours-packed, ours-fused, "
+                "ours-foreach, hf, hf-compiled"
             )
     return out
 

@@ -18,7 +18,7 @@ from uniter3m.ingest.text_db import TextDbSpec, build_text_db
 from uniter3m.model.config import UniterConfig
 from uniter3m.model.finetuning import load_finetuned
 from uniter3m.model.uniter import UniterModel
-from uniter3m.train.assembly import build_dataset, data_tokenizer
+from uniter3m.train.assembly import build_dataset, build_finetune_model, data_tokenizer
 from uniter3m.train.config import load_finetune_config
 from uniter3m.train.distributed import Backend, distributed_session
 from uniter3m.train.evaluate import evaluate_modalities
@@ -211,6 +211,65 @@ def test_prompt_inputs_and_verbaliser_restricted_argmax(special):
     assert out.logits.shape == (2, 2) and out.vocab_logits.shape == (2, special.vocab_size)
     assert torch.equal(out.logits, out.vocab_logits[:, [3407, 6517]])
     assert torch.equal(model.predictions(out), out.logits.argmax(-1))
+
+
+def test_prompt_classifier_marks_the_learned_vectors_places_before_its_words(special):
+    """soft_prompt 2: the template's first two ids are placeholders; the batch's soft_slots put vector 0
+    and 1 exactly there in every row, wherever the row's text ends, and -1 everywhere else."""
+    from uniter3m.tasks.base import TaskContext
+    from uniter3m.tasks.supervised import SupervisedTask
+
+    pad, mask_id = special.pad_id, special.mask_id
+    template = [pad, pad, 1045, 2572, mask_id, 1012]  # [v0] [v1] "i am [MASK] ."
+    task = SupervisedTask(
+        TaskContext(special=special), targets={}, classifier="prompt", prompt_ids=template, soft_prompt=2
+    )
+    ids = torch.tensor([[special.cls_id, 7, 8, special.sep_id], [special.cls_id, 9, special.sep_id, pad]])
+    inputs = task.backbone_inputs({"input_ids": ids, "txt_mask": ids != pad})
+    assert inputs["input_ids"][1].tolist() == [special.cls_id, 9, *template, special.sep_id, pad]
+    slots = inputs["soft_slots"].tolist()
+    assert slots[0] == [-1, -1, -1, 0, 1, -1, -1, -1, -1, -1]  # after [CLS] 7 8
+    assert slots[1] == [-1, -1, 0, 1, -1, -1, -1, -1, -1, -1]  # after [CLS] 9
+    assert inputs["prompt_positions"].tolist() == [7, 6]  # the mask, 2 words after the vectors
+    plain = SupervisedTask(
+        TaskContext(special=special), targets={}, classifier="prompt", prompt_ids=template[2:]
+    )
+    assert "soft_slots" not in plain.backbone_inputs({"input_ids": ids, "txt_mask": ids != pad})
+
+
+def test_prompt_finetuning_reads_and_trains_the_checkpoints_learned_prompt_vectors(dbs, tmp_path):
+    """A checkpoint holding 2 learned prompt vectors (what a prompt task with soft_prompt: 2 leaves): the
+    prompt classifier uses them by default and trains them (gradients reach them only if the batches
+    use them); the saved model scores again to the same figures; another count is refused; a checkpoint
+    without vectors gets fresh ones on request, as weights that start untrained."""
+    held = tiny_checkpoint(tmp_path / "held", soft_prompt_tokens=2)
+    start = UniterModel.from_pretrained(held).embeddings.soft_prompt.detach().clone()
+    assert start.abs().sum() > 0
+    prompt = {"model__classifier": "prompt", "data__modalities": "L", "top__epochs": 1}
+    cfg = finetune_config(dbs, held, tmp_path / "run", **prompt)
+    fold = run_finetune(cfg)["folds"][0]
+    best = load_finetuned(tmp_path / "run" / "fold00-split" / "best")
+    pad = SpecialTokens.from_dict(data_tokenizer(load_finetune_config(cfg).data)).pad_id
+    assert best.spec.soft_prompt == 2 and best.spec.prompt_ids[:2] == [pad, pad]
+    assert not torch.allclose(best.uniter.embeddings.soft_prompt, start)
+    again = evaluate_modalities(
+        load_finetune_config(cfg), str(tmp_path / "run" / "fold00-split" / "best"), ["L"]
+    )
+    assert again["rows"][0]["metrics"]["wa"] == pytest.approx(fold["test"]["wa"])
+
+    with pytest.raises(
+        ConfigError, match=r"model.soft_prompt is 3 but .*held holds 2 learned prompt vectors"
+    ):
+        run_finetune(finetune_config(dbs, held, tmp_path / "three", model__soft_prompt=3, **prompt))
+    with pytest.raises(ConfigError, match="set model.classifier 'prompt'"):
+        load_finetune_config(finetune_config(dbs, held, tmp_path / "lin", model__soft_prompt=2))
+
+    plain = tiny_checkpoint(tmp_path / "plain")
+    cfg = load_finetune_config(
+        finetune_config(dbs, plain, tmp_path / "fresh", model__soft_prompt=2, **prompt)
+    )
+    model = build_finetune_model(cfg, plan_protocol(cfg), {"face": 5, "speech": 4}, data_tokenizer(cfg.data))
+    assert model.spec.soft_prompt == 2 and "embeddings.soft_prompt" in model.new_backbone_weights
 
 
 def test_finetune_writes_logs_resolved_config_and_resumes_to_the_same_weights(dbs, tiny, tmp_path):

@@ -125,3 +125,17 @@ def add_prompt(
         out[b, : len(row)] = torch.tensor(row)
         mask[b, : len(row)] = True
     return out, mask, torch.tensor(positions, dtype=torch.long), truncated
+
+
+def soft_prompt_slots(
+    shape: Sequence[int], positions: torch.Tensor, mask_offset: int, count: int
+) -> torch.Tensor:
+    """(B, L) soft-prompt slots of rows built by `add_prompt` from a template whose first `count` ids are
+    placeholders for the learned prompt vectors: slot k at the template's k-th position, -1 elsewhere
+    (the model's `soft_slots`). `mask_offset` = the mask token's index in the template."""
+    slots = torch.full(tuple(shape), -1, dtype=torch.long)
+    rows = torch.arange(len(positions))
+    k = torch.arange(count)
+    start = positions - mask_offset
+    slots[rows[:, None], start[:, None] + k[None, :]] = k.expand(len(rows), -1)
+    return slots

@@ -71,7 +71,8 @@ class HeadSpec:
     classifier: str
     classes: list[str]
     dropout: float = 0.1
-    prompt_ids: list[int] | None = None
+    prompt_ids: list[int] | None = None  # the prompt classifier's template; its first soft_prompt ids are
+    soft_prompt: int = 0  # placeholders for the backbone's learned prompt vectors (embeddings.soft_prompt)
     verbalizer: dict[str, str] | None = None
     verbalizer_ids: list[int] | None = None
     protocol: str = ""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from uniter3m.data.prompts import add_prompt, label_word_ids, tokenize_template
+from uniter3m.data.prompts import add_prompt, label_word_ids, soft_prompt_slots, tokenize_template
 from uniter3m.errors import ConfigError, UserError
 from uniter3m.tasks.base import (
     Task,
@@ -179,12 +179,9 @@ class PromptTask(Task):
         targets[rows, positions] = words
         inputs = self.model_inputs(batch)
         inputs.update(input_ids=input_ids, attention_mask=txt_mask, prompt_targets=targets)
-        if self.soft_prompt:  # the template's first N ids: its start is N + the mask's offset before the mask
-            slots = torch.full(input_ids.shape, -1, dtype=torch.long)
-            start = positions - prompts[pick].index(self.special.mask_id)
-            k = torch.arange(self.soft_prompt)
-            slots[rows[:, None], start[:, None] + k[None, :]] = k.expand(len(rows), -1)
-            inputs["soft_slots"] = slots
+        if self.soft_prompt:  # the template's first N ids are the learned vectors' places
+            offset = prompts[pick].index(self.special.mask_id)
+            inputs["soft_slots"] = soft_prompt_slots(input_ids.shape, positions, offset, self.soft_prompt)
         inputs["prompt_index"] = flat_index(targets >= 0)
         inputs["prompt_truncated"] = torch.tensor(truncated)
         # the label words travel with the batch (copied with it, non-blocking): the step never

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from uniter3m.data.labels import lookup_targets
-from uniter3m.data.prompts import add_prompt
+from uniter3m.data.prompts import add_prompt, soft_prompt_slots
 from uniter3m.tasks.base import Task, TaskContext, TaskOutput, count, ratio
 
 _NOT_MODEL_KEYS = ("targets", "ids", "class_weights")
@@ -40,6 +40,7 @@ class SupervisedTask(Task):
         targets: Mapping[str, int | float],
         classifier: str = "linear",
         prompt_ids: Sequence[int] | None = None,
+        soft_prompt: int = 0,
         class_weights: Sequence[float] | None = None,
         max_len: int = 512,
         **common: Any,
@@ -49,6 +50,7 @@ class SupervisedTask(Task):
         self.classifier = classifier
         self.regression = classifier == "regression"
         self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
+        self.soft_prompt = int(soft_prompt)  # the template's first ids: learned vectors' places
         self.class_weights = (
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         )
@@ -76,6 +78,9 @@ class SupervisedTask(Task):
                 ctx_flags=batch.get("ctx_flags"),
             )
             inputs.update(input_ids=ids, attention_mask=mask, prompt_positions=positions)
+            if self.soft_prompt:
+                offset = self.prompt_ids.index(self.special.mask_id)
+                inputs["soft_slots"] = soft_prompt_slots(ids.shape, positions, offset, self.soft_prompt)
         return inputs
 
     #: entries of `prepare`'s dict that are not model inputs

@@ -49,6 +49,7 @@ from uniter3m.train.config import (
     BatchingConfig,
     DataConfig,
     FinetuneConfig,
+    FinetuneModelSection,
     OptimConfig,
     PretrainConfig,
     RunConfig,
@@ -342,6 +343,9 @@ def build_finetune_model(
     )
     check_vocab_size(base, special, str(source))
     check_lengths({"data": cfg.data}, base)  # at the start, not when the test split is scored
+    soft_prompt = soft_prompt_count(m, base.soft_prompt_tokens, str(source))
+    if soft_prompt != base.soft_prompt_tokens and soft_prompt:
+        overrides = deep_merge(overrides, {"soft_prompt_tokens": soft_prompt})
     if m.init:
         uniter, info = UniterModel.from_pretrained(m.init, output_loading_info=True, **overrides)
         new_weights = set(info["missing_keys"])
@@ -359,6 +363,8 @@ def build_finetune_model(
     )
     if spec.classifier == "prompt":
         spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special, meta)
+        spec.prompt_ids = [special.pad_id] * soft_prompt + spec.prompt_ids  # the learned vectors' places
+        spec.soft_prompt = soft_prompt
     model = FinetuneModel(uniter, spec)
     model.new_backbone_weights = new_weights
     model.tokenizer_record = tokenizer_record(meta)
@@ -371,6 +377,22 @@ def build_finetune_model(
     freeze(model, m.freeze)
     log.info("%s", describe_trainable(trainable_groups(model)))
     return model
+
+
+def soft_prompt_count(model: FinetuneModelSection, held: int, source: str) -> int:
+    """How many learned prompt vectors the prompt classifier puts before its words: `model.soft_prompt`,
+    by default the `held` ones of the checkpoint (pretrained by a prompt task). A checkpoint without
+    vectors gets fresh ones; one with another count is refused (its vectors were learned as a set)."""
+    if model.classifier != "prompt":
+        return 0
+    if model.soft_prompt is None or model.soft_prompt == held:
+        return held
+    if held and model.soft_prompt:
+        raise ConfigError(
+            f"model.soft_prompt is {model.soft_prompt} but {source} holds {held} learned prompt vectors "
+            f"(soft_prompt_tokens): give model.soft_prompt {held}, or leave it out"
+        )
+    return model.soft_prompt
 
 
 def prompt_spec(

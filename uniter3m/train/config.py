@@ -8,7 +8,7 @@ sections:
 
 | section | keys |
 |---|---|
-| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `per_stream`, `classifier`, `dropout`, `freeze`, `lora`, `prompt`, `verbalizer` |
+| `model` | `config` (a model config JSON) and/or `init` (a checkpoint dir), `overrides`; fine-tuning adds `head`, `per_stream`, `classifier`, `dropout`, `freeze`, `lora`, `prompt`, `soft_prompt`, `verbalizer` |
 | `optim` | `lr`, `head_lr`, `warmup_steps` or `warmup_ratio`, `final_lr_ratio`, `weight_decay`, `betas`, `eps`, `grad_clip` |
 | `batching` | `max_tokens`, `max_batch_size`, `pool_size`, `num_workers`, `val_max_tokens`, `val_max_batch_size`, `pad_multiple`, `packing`, `feature_dtype`, `prefetch` |
 | `data` (fine-tuning) / `datasets.NAME` (pretraining) | `txt_db`, one `<stream>_db` per frame stream (`face_db`, `speech_db`, ...), `modalities`, `max_txt_len`, `max_frames`, `normalize`, `missing`, `context` (dialogue context: `turns`, `max_context_tokens`, `speakers`, `speaker_column`, `position`); pretraining adds `valid` (the same db keys) |
@@ -378,6 +378,9 @@ class FinetuneModelSection(ModelSection):
     freeze: str = "none"
     lora: LoraSection | None = None  # low-rank adapters on the encoder (peft); the backbone is frozen
     prompt: str = "i am [MASK] ."
+    # learned prompt vectors before the prompt's words (prompt classifier); default: as many as model.init
+    # holds (a prompt task's soft_prompt: N in pretraining), none for a checkpoint without them
+    soft_prompt: int | None = Field(None, ge=0)
     verbalizer: dict[str, str] | None = None  # class name -> label word; default: the corpus table's
 
     @field_validator("freeze")
@@ -395,6 +398,10 @@ class FinetuneModelSection(ModelSection):
     def _classifier_fits_head(self) -> FinetuneModelSection:
         if self.head == "streams" and "classifier" not in self.model_fields_set:
             self.classifier = "mlp"
+        if self.soft_prompt and self.classifier != "prompt":
+            raise ValueError(
+                "model.soft_prompt stands before the prompt's words: set model.classifier 'prompt'"
+            )
         if self.classifier == "prompt" and (self.head != "cls" or self.per_stream):
             raise ValueError(
                 "the prompt classifier reads its mask token: leave model.head at 'cls' (no per_stream)"

@@ -99,6 +99,7 @@ def supervised_task(
         targets=plan.targets,
         classifier=model.spec.classifier,
         prompt_ids=model.spec.prompt_ids,
+        soft_prompt=model.spec.soft_prompt,
         class_weights=class_weights,
         max_len=model.config.max_position_embeddings,
         modality_sets=modality_sets,

@@ -293,6 +293,7 @@ class EmotionClassifier:
             targets={},
             classifier=self.model.spec.classifier,
             prompt_ids=self.model.spec.prompt_ids,
+            soft_prompt=self.model.spec.soft_prompt,
             max_len=self.model.config.max_position_embeddings,
         )
         collate = Collator(special, stream_table=self.stream_table)
