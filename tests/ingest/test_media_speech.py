@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from tests.support.media import make_video, read_wav
 from uniter3m.cli import main
 from uniter3m.data.store import DbReader
+from uniter3m.ingest.recordings import ordered_map
 
 pytest.importorskip("av", reason="PyAV is not installed: pip install 'uniter3m[media]'")
 pytest.importorskip("opensmile", reason="openSMILE is not installed: pip install 'uniter3m[speech]'")
@@ -120,6 +122,22 @@ def _manifest(tmp_path: Path, rows: str) -> Path:
     path = tmp_path / "m.csv"
     path.write_text("id,path,start,end\n" + rows)
     return path
+
+
+def _signal_handlers(_: int) -> tuple[str, str]:
+    return repr(signal.getsignal(signal.SIGTERM)), repr(signal.getsignal(signal.SIGINT))
+
+
+def test_pool_workers_die_on_sigterm_whatever_handler_the_parent_holds():
+    """`--workers N`: a forked worker used to inherit the CLI's SIGTERM handler, which raised inside a worker
+    waiting on the pool's task lock; it then outlived `pool.terminate()` and the build hung in `join`."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the CLI installs one
+    try:
+        with ordered_map(2) as mapper:
+            seen = set(mapper(_signal_handlers, range(4)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == {(repr(signal.SIG_DFL), repr(signal.SIG_IGN))}  # SIGTERM kills; Ctrl-C is the parent's
 
 
 @pytest.mark.parametrize(

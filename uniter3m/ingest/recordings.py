@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -193,6 +194,14 @@ def face_stage(task: media.FileTask, plan: FacePlan, extractor: Extractor | None
     return items
 
 
+def worker_signals() -> None:
+    """A pool worker dies on SIGTERM and leaves Ctrl-C to the parent. A forked worker inherits the CLI's
+    SIGTERM handler, which raises inside whatever the worker is doing; one waiting on the pool's task
+    lock then outlived `pool.terminate()` and `join` waited for it forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def ordered_map(workers: int) -> Iterator[Callable[[Callable[..., Any], Iterable[Any]], Iterator[Any]]]:
     """`map` in this process (workers <= 1) or over a pool of forked processes, results in order."""
@@ -202,7 +211,7 @@ def ordered_map(workers: int) -> Iterator[Callable[[Callable[..., Any], Iterable
         yield map
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=worker_signals)
     try:
         yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
     finally:
