@@ -595,7 +595,8 @@ def _in_mount_namespace(mounts: str, cases: dict[str, list[str]], look: list[Pat
 
 def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny_dbs, finetuned, tmp_path):
     ro, full, small, tiny = tmp_path / "ro", tmp_path / "full", tmp_path / "small", tmp_path / "tiny"
-    for folder in (ro, full, small, tiny):
+    tiny_ft = tmp_path / "tiny_ft"
+    for folder in (ro, full, small, tiny, tiny_ft):
         folder.mkdir()
     done = tmp_path / "done"  # a run that stopped at step 2, to be resumed in a read-only folder
     assert (
@@ -617,8 +618,10 @@ def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny
         cfg = pretrain_config(tiny_dbs, out, steps=4, ckpt_every=2)
         return ["pretrain", "--config", str(_write_config(cfg, tmp_path / name)), *flags]
 
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c", "d", "e"):
         (tmp_path / name).mkdir()
+    ft_root = finetuned.parents[2]  # the fixture's databases and tiny model, fine-tuned again below
+    ft_cfg = finetune_config(ft_root / "ft", ft_root / "tiny", tiny_ft / "run", top__epochs=1)
     cases = {
         "pretrain_read_only": pretrain(ro / "run", "a"),
         "resume_read_only": pretrain(done, "b", "--resume", "auto"),
@@ -626,6 +629,8 @@ def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny
         "build_full": ["build-feat-db", "--input", str(npz), "--format", "npz", "--out", str(small / "db")],
         "checkpoint_full": pretrain(full / "run", "c"),  # the weights fit, the trainer state does not
         "weights_full": pretrain(tiny / "run", "d"),  # the safetensors file does not fit
+        # the same in fine-tuning: best/ (4 MB) fits, the checkpoint's weights (safetensors' own writer) do not
+        "finetune_weights_full": ["finetune", "--config", str(_write_config(ft_cfg, tmp_path / "e"))],
         "evaluate_read_only": [
             "evaluate",
             "--checkpoint",
@@ -636,9 +641,9 @@ def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny
     mounts = (
         f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && mount --bind {done} {done} && "
         f"mount -o remount,bind,ro {done} && mount -t tmpfs -o size=6m tmpfs {full} && "
-        f"mount -t tmpfs -o size=256k tmpfs {small} && mount -t tmpfs -o size=2m tmpfs {tiny} && mount --bind {fold} {fold} && mount -o remount,bind,ro {fold}"
+        f"mount -t tmpfs -o size=256k tmpfs {small} && mount -t tmpfs -o size=2m tmpfs {tiny} && mount -t tmpfs -o size=6m tmpfs {tiny_ft} && mount --bind {fold} {fold} && mount -o remount,bind,ro {fold}"
     )
-    results = _in_mount_namespace(mounts, cases, [full, small, tiny])
+    results = _in_mount_namespace(mounts, cases, [full, small, tiny, tiny_ft])
     left = results.pop("left")
     assert not [p for p in left if ".tmp-" in p or ".building-" in p], (
         left
@@ -657,6 +662,10 @@ def test_14_full_disks_and_read_only_folders_are_one_line_and_leave_nothing(tiny
     assert (
         f"cannot write in {tiny / 'run' / 'checkpoints'}: the disk (or the quota) is full"
         in results["weights_full"][1]
+    )
+    assert (
+        f"cannot write in {tiny_ft / 'run' / 'fold00-split' / 'checkpoints'}: the disk (or the quota) is full"
+        in results["finetune_weights_full"][1]
     )
     assert f"cannot write in {fold}: it is on a read-only file system" in results["evaluate_read_only"][1]
     assert not list(ro.iterdir()) and not list(

@@ -125,10 +125,18 @@ def save_model(model: nn.Module, path: Path) -> None:
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(path)
         return
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as st_save
 
     path.mkdir(parents=True, exist_ok=True)
-    st_save(model, str(path / "model.safetensors"))
+    file = path / "model.safetensors"
+    try:
+        st_save(model, str(file))
+    except SafetensorError as err:  # its failed writes are no OSError: make them one, for the full-disk rule
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(file)) from err
 
 
 def load_model_weights(model: nn.Module, model_dir: str | os.PathLike) -> None:
