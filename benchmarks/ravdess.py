@@ -26,6 +26,10 @@ The table gives, per contender, the mean ± sample std over seeds (`uniter3m.eva
 fold-mean test UAR / WA, the fold-mean VALIDATION UAR (the selected C's or checkpoint's: choose settings on
 it, never on test) and the process CPU time. With VA and VA_cases, a second table scores each per modality
 set (V, A, VA) on the test actors. Results: <out>/results.json and <out>/table.md.
+
+Disk: every fold keeps its last 3 training checkpoints (about 165 MB for `tiny`), so 24 folds x 3 seeds fill
+about 12 GB per contender; `--set keep_last=1` keeps one (a finished fold needs none to resume: its
+metrics.json is kept). `--set optim.fused=true` (fused AdamW) shortens each step on the CPU too.
 """
 
 from __future__ import annotations
