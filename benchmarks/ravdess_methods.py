@@ -77,10 +77,10 @@ def pretrain_config(
     """The fold's pretraining run: the training actors' clips (per-actor text dbs), no labels used."""
 
     base = json.loads(CONFIG.read_text())
+    frames = {key: str(db / Path(base["data"][key]).name) for key in ("face_db", "speech_db")}
 
     def section(actors: Sequence[str]) -> dict[str, list[str]]:
         """One text db per actor, each beside the fine-tune config's face and speech dbs (under `db`)."""
-        frames = {key: str(db / Path(base["data"][key]).name) for key in ("face_db", "speech_db")}
         return {
             "txt_db": [str(db / f"ravdess_txt_actor{a}") for a in actors],
             **{key: [path] * len(actors) for key, path in frames.items()},

@@ -362,8 +362,9 @@ def build_finetune_model(
         per_stream=m.per_stream,
     )
     if spec.classifier == "prompt":
-        spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(cfg, plan, special, meta)
-        spec.prompt_ids = [special.pad_id] * soft_prompt + spec.prompt_ids  # the learned vectors' places
+        spec.prompt_ids, spec.verbalizer_ids, spec.verbalizer = prompt_spec(
+            cfg, plan, special, meta, soft_prompt
+        )
         spec.soft_prompt = soft_prompt
     model = FinetuneModel(uniter, spec)
     model.new_backbone_weights = new_weights
@@ -396,15 +397,21 @@ def soft_prompt_count(model: FinetuneModelSection, held: int, source: str) -> in
 
 
 def prompt_spec(
-    cfg: FinetuneConfig, plan: ProtocolPlan, special: SpecialTokens, meta: Mapping[str, Any]
+    cfg: FinetuneConfig,
+    plan: ProtocolPlan,
+    special: SpecialTokens,
+    meta: Mapping[str, Any],
+    soft_prompt: int,
 ) -> tuple[list[int], list[int], dict[str, str]]:
-    """Prompt ids, label word ids (class order) and the verbaliser, from the one prompt builder."""
+    """Prompt ids (after `soft_prompt` placeholders for the learned vectors, as the prompt task's
+    templates), label word ids (class order) and the verbaliser, from the one prompt builder."""
     candidates = [cfg.model.tokenizer, cfg.tokenizer, meta.get("name"), cfg.model.init]
     tokenizer = run_tokenizer(candidates, meta, needed_for="the prompt classifier (model.tokenizer)")
     verbalizer = cfg.model.verbalizer or default_verbalizer(plan.name, cfg.protocol.target)
     if not verbalizer:
         raise ConfigError(f"protocol {plan.name} has no default verbaliser: set model.verbalizer")
-    prompt_ids = tokenize_template(tokenizer, cfg.model.prompt, special.mask_id, "model.prompt")
+    prompt_ids = [special.pad_id] * soft_prompt
+    prompt_ids += tokenize_template(tokenizer, cfg.model.prompt, special.mask_id, "model.prompt")
     words = label_word_ids(
         tokenizer, verbalizer, special.unk_id, "model.verbalizer", classes=plan.label.classes
     )
