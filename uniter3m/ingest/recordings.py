@@ -204,13 +204,15 @@ def worker_signals() -> None:
 
 @contextmanager
 def ordered_map(workers: int) -> Iterator[Callable[[Callable[..., Any], Iterable[Any]], Iterator[Any]]]:
-    """`map` in this process (workers <= 1) or over a pool of forked processes, results in order."""
+    """`map` in this process (workers <= 1) or over a pool of worker processes, results in order."""
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if workers == 1:
         yield map
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # forkserver: workers fork from a clean one-thread server, never from this process, whose threads
+    # (torch, loggers) may hold a lock at the fork that the child would wait on forever
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers, initializer=worker_signals)
     try:
         yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
